@@ -1,0 +1,175 @@
+"""Checkpoints: atomic, marked complete, rotated; plain state a resume restores exactly.
+
+<output-dir>/checkpoint-<step>/ holds a Hugging Face model folder (config.json,
+model.safetensors, preprocessor_config.json), training_state.pt (optimizer, scheduler,
+scaler, step, RNG states, data position; loadable with weights_only=True) and, written
+last, COMPLETE.json listing every file and its size. It is built under a temporary name and
+renamed into place, so a folder named checkpoint-<step> is either complete or absent.
+"""
+
+import json
+import os
+import random
+import re
+import shutil
+
+import numpy as np
+import torch
+
+from vitfood.common import UserError
+
+MARKER = "COMPLETE.json"
+STATE = "training_state.pt"
+BEST = "best_checkpoint.json"
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+def _fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path, obj):
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as fh:
+        json.dump(obj, fh, indent=2)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def rng_state():
+    # lists and tensors only: torch.load(weights_only=True) refuses numpy arrays
+    np_state = np.random.get_state()
+    state = dict(python=[random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+                 numpy=dict(name=np_state[0], keys=torch.from_numpy(np_state[1].astype(np.int64)),
+                            pos=int(np_state[2]), has_gauss=int(np_state[3]), gauss=float(np_state[4])),
+                 torch=torch.get_rng_state())
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(output_dir, step, model, processor, training_state):
+    """Write checkpoint-<step> atomically and return its path."""
+    final = os.path.join(output_dir, f"checkpoint-{step}")
+    tmp = os.path.join(output_dir, f".tmp-checkpoint-{step}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    torch.save(training_state, os.path.join(tmp, STATE))
+    files = {}
+    for name in sorted(os.listdir(tmp)):
+        with open(os.path.join(tmp, name), "rb+") as fh:
+            os.fsync(fh.fileno())
+        files[name] = os.path.getsize(os.path.join(tmp, name))
+    write_json_atomic(os.path.join(tmp, MARKER), dict(step=step, files=files))
+    _fsync_dir(tmp)
+    _swap_in(tmp, final)
+    return final
+
+
+def _swap_in(tmp, final):
+    """Rename folder tmp to final; an existing final is moved aside first (os.replace refuses a non-empty target)."""
+    parent, name = os.path.split(final)
+    if os.path.exists(final):
+        old = os.path.join(parent, f".old-{name}-{os.getpid()}")
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(parent)
+
+
+def export(output_dir, model, processor):
+    """save_pretrained into <output-dir>/model, atomically; returns its path."""
+    final = os.path.join(output_dir, "model")
+    tmp = os.path.join(output_dir, f".tmp-model-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    _swap_in(tmp, final)
+    return final
+
+
+def is_complete(path):
+    """True when the folder's marker exists and every file it lists is there with its size."""
+    try:
+        with open(os.path.join(path, MARKER)) as fh:
+            files = json.load(fh)["files"]
+        return all(os.path.getsize(os.path.join(path, n)) == size for n, size in files.items())
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def complete_checkpoints(output_dir):
+    """[(step, path)] of the complete checkpoints, oldest first."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = []
+    for name in os.listdir(output_dir):
+        m = _NAME.match(name)
+        path = os.path.join(output_dir, name)
+        if m and is_complete(path):
+            found.append((int(m.group(1)), path))
+    return sorted(found)
+
+
+def cleanup(output_dir):
+    """Remove what a killed run left half-done; put back a checkpoint moved aside for a re-save."""
+    if not os.path.isdir(output_dir):
+        return
+    for name in os.listdir(output_dir):
+        path = os.path.join(output_dir, name)
+        m = re.match(r"^\.old-(checkpoint-\d+|model)-\d+$", name)
+        if m and not os.path.exists(os.path.join(output_dir, m.group(1))) and (m.group(1) == "model" or is_complete(path)):
+            os.replace(path, os.path.join(output_dir, m.group(1)))
+        elif name.startswith((".tmp-checkpoint-", ".trash-checkpoint-", ".old-", ".tmp-model-")):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def read_best(output_dir):
+    try:
+        with open(os.path.join(output_dir, BEST)) as fh:
+            return json.load(fh)
+    except (OSError, ValueError):
+        return None
+
+
+def rotate(output_dir, keep):
+    """Keep the newest `keep` complete checkpoints and the best one; delete the rest."""
+    best = read_best(output_dir)
+    best_step = best["step"] if best else None
+    ckpts = complete_checkpoints(output_dir)
+    for step, path in ckpts[:-keep] if keep else ckpts:
+        if step == best_step:
+            continue
+        trash = os.path.join(output_dir, f".trash-checkpoint-{step}-{os.getpid()}")
+        os.replace(path, trash)  # renamed first: a kill mid-delete never leaves a partial checkpoint-N
+        shutil.rmtree(trash)
+
+
+def load_state(path):
+    """The training state of a complete checkpoint; a clear error for anything else."""
+    if not os.path.isdir(path):
+        raise UserError(f"--resume {path}: no such checkpoint folder")
+    if not is_complete(path):
+        raise UserError(f"--resume {path}: not a complete vitfood checkpoint (no valid {MARKER}, or a file is missing or truncated)")
+    try:
+        return torch.load(os.path.join(path, STATE), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"--resume {path}: cannot read {STATE} ({str(e).splitlines()[0][:160]})")

@@ -1,0 +1,109 @@
+"""Small shared pieces: the user-facing error, device and precision choice, seeding, environment."""
+
+import contextlib
+import os
+import platform
+import random
+import re
+import subprocess
+import sys
+
+import numpy as np
+import torch
+
+
+class UserError(Exception):
+    """A problem with the user's input: printed as one line, exit status 2, no traceback."""
+
+
+def run_main(main):
+    """Run an entry point; a UserError becomes one line on stderr and exit status 2."""
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def pick_device(name="auto"):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def cpu_has_bf16_units():
+    """True when the CPU has native bf16 matrix instructions (AVX512-BF16 or AMX)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = fh.read()
+    except OSError:
+        return False
+    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
+
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_precision(precision, device):
+    """The one place precision is decided: 'auto' becomes fp16/bf16/fp32 for this device."""
+    if precision == "auto":
+        if device.type == "cuda":
+            return "fp16"
+        return "bf16" if cpu_has_bf16_units() else "fp32"
+    if precision == "fp16" and device.type == "cpu":
+        raise UserError("--precision fp16 is not supported on the CPU; use bf16 or fp32")
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError("--precision bf16: this GPU does not support bfloat16; use fp16 or fp32")
+    return precision
+
+
+def autocast(precision, device):
+    """Context manager for the forward pass: autocast for fp16/bf16, nothing for fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=DTYPES[precision])
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def default_num_workers():
+    """Leave the compute threads most of the cores: half the CPUs, at most 8, at least 1."""
+    return max(1, min(8, (os.cpu_count() or 2) // 2))
+
+
+def safe_name(text):
+    """A filesystem-safe single path component: 'google/vit-base' -> 'google_vit-base'."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._")
+    return name or "run"
+
+
+def git_commit():
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        out = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def env_info(device):
+    import datasets
+    import transformers
+    info = dict(python=platform.python_version(), torch=torch.__version__, transformers=transformers.__version__,
+                datasets=datasets.__version__, platform=platform.platform(), device=str(device),
+                cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(),
+                cpu_bf16_units=cpu_has_bf16_units(), git_commit=git_commit())
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+    return info

@@ -1,0 +1,200 @@
+"""One typed config for a run. Command-line flags are generated from its fields.
+
+Precedence, lowest first: field defaults, --preset, --config FILE, explicit flags.
+When a run is resumed, the run directory's train_config.json takes the place of the
+defaults, preset and config file, so `--resume auto --output-dir DIR` alone continues it.
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+
+from vitfood.common import UserError
+
+
+def _opt(default, help, choices=None):
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class Config:
+    # data
+    dataset: str = _opt("food101", "Hub dataset id, imagefolder folder, save_to_disk folder, or 'synthetic'")
+    train_split: str = _opt("train[:5000]", "split to train on; slices like 'train[:5000]' work")
+    eval_split: str | None = _opt(None, "existing split to evaluate on (e.g. 'validation'); unset: carve --test-size out of the train split")
+    test_size: float = _opt(0.2, "share of the train split held out for eval when --eval-split is unset (seeded)")
+    max_train_samples: int | None = _opt(None, "keep only the first N training images")
+    max_eval_samples: int | None = _opt(None, "keep only the first N eval images")
+    image_column: str = _opt("image", "name of the image column")
+    label_column: str = _opt("label", "name of the label column")
+    synthetic_size: int = _opt(2500, "images generated for --dataset synthetic (all in its 'train' split)")
+    synthetic_classes: int = _opt(10, "classes of --dataset synthetic")
+    synthetic_max_px: int = _opt(512, "longest side, in pixels, of the largest synthetic image")
+    # model
+    model: str = _opt("google/vit-base-patch16-224-in21k", "Hub id, local model folder, or a named config: vit-tiny, vit-small, vit-base, vit-micro")
+    image_size: int | None = _opt(None, "input resolution in px for the named configs (unset: their own, 224)")
+    attn: str = _opt("sdpa", "attention implementation", ["sdpa", "eager"])
+    compile: bool = _opt(False, "torch.compile the model (first steps are slow; compile time is reported)")
+    # schedule
+    max_steps: int | None = _opt(None, "optimizer steps to train; overrides --epochs")
+    epochs: float = _opt(4.0, "epochs to train, converted to optimizer steps")
+    batch_size: int = _opt(16, "images per micro-batch (per process)")
+    eval_batch_size: int | None = _opt(None, "images per eval batch (unset: 4x --batch-size)")
+    grad_accum_steps: int = _opt(1, "micro-batches per optimizer step")
+    lr: float = _opt(2e-4, "peak learning rate of AdamW")
+    weight_decay: float = _opt(0.0, "AdamW weight decay (never applied to biases and norm weights)")
+    warmup_steps: int = _opt(0, "linear warm-up steps, then linear decay to 0")
+    max_grad_norm: float = _opt(1.0, "clip the gradient norm to this (0: no clipping)")
+    precision: str = _opt("auto", "auto: fp16 on CUDA, bf16 on CPUs with bf16 matrix units, else fp32", ["auto", "fp32", "fp16", "bf16"])
+    # evaluation, checkpoints, logging
+    eval_steps: int = _opt(100, "evaluate every N optimizer steps (and at the end)")
+    save_steps: int = _opt(100, "save a checkpoint every N optimizer steps (and at the end)")
+    logging_steps: int = _opt(10, "log training scalars every N optimizer steps")
+    save_total_limit: int = _opt(2, "keep the newest N complete checkpoints (the best is kept in addition)")
+    export: str = _opt("last", "which weights go to <output-dir>/model at the end", ["last", "best"])
+    output_dir: str | None = _opt(None, "run directory (unset: runs/<timestamp>-<model>-<dataset>)")
+    overwrite_output_dir: bool = _opt(False, "allow a fresh run in a directory that already holds checkpoints")
+    resume: str | None = _opt(None, "'auto' (newest complete checkpoint of --output-dir, or start fresh) or a checkpoint path")
+    # machine
+    device: str = _opt("auto", "auto, cpu, cuda, cuda:N")
+    num_workers: int = _opt(-1, "DataLoader worker processes (-1: from the CPU count)")
+    seed: int = _opt(42, "seed for the split, initialisation, shuffling and augmentation")
+    preset: str | None = _opt(None, "start from a named preset", ["demo"])
+
+    def validate(self):
+        positive = ["batch_size", "grad_accum_steps", "eval_steps", "save_steps", "logging_steps",
+                    "save_total_limit", "synthetic_size", "synthetic_max_px"]
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise UserError(f"--{flag(name)} must be a positive integer, got {getattr(self, name)}")
+        for name in ["max_steps", "max_train_samples", "max_eval_samples", "image_size", "eval_batch_size"]:
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise UserError(f"--{flag(name)} must be a positive integer, got {value}")
+        if self.synthetic_classes < 2:
+            raise UserError(f"--synthetic-classes must be at least 2, got {self.synthetic_classes}")
+        if not self.epochs > 0:
+            raise UserError(f"--epochs must be positive, got {self.epochs}")
+        if not self.lr > 0:
+            raise UserError(f"--lr must be positive, got {self.lr}")
+        if self.weight_decay < 0 or self.warmup_steps < 0 or self.max_grad_norm < 0:
+            raise UserError("--weight-decay, --warmup-steps and --max-grad-norm must not be negative")
+        if not 0 < self.test_size < 1:
+            raise UserError(f"--test-size must be between 0 and 1, got {self.test_size}")
+        if self.num_workers < -1:
+            raise UserError(f"--num-workers must be -1 (auto) or at least 0, got {self.num_workers}")
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) is not None and getattr(self, f.name) not in choices:
+                raise UserError(f"--{flag(f.name)} must be one of {', '.join(choices)}, got {getattr(self, f.name)!r}")
+        return self
+
+
+PRESETS = {
+    # Offline demo: the generated Food-101-shaped set and ViT-Ti/16 at 112 px; a few minutes on 2 CPU cores.
+    "demo": dict(dataset="synthetic", train_split="train", model="vit-tiny", image_size=112,
+                 max_steps=400, batch_size=32, lr=1e-3, weight_decay=0.05, warmup_steps=40,
+                 eval_steps=100, save_steps=100, logging_steps=10),
+}
+
+
+def flag(name):
+    return name.replace("_", "-")
+
+
+def _base_type(tp):
+    """int | None -> int; the type a flag's string is parsed with."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        (tp,) = [a for a in typing.get_args(tp) if a is not type(None)]
+    return tp
+
+
+def _parse_none(tp):
+    def parse(text):
+        if text.lower() in ("none", "null", ""):
+            return None
+        return tp(text)
+    parse.__name__ = tp.__name__  # argparse names the type in its error messages
+    return parse
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="python -m vitfood.train", description=__doc__,
+                                argument_default=argparse.SUPPRESS,  # only flags actually given appear
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", help="JSON or YAML file of option values (flags override it)")
+    hints = typing.get_type_hints(Config)
+    for f in dataclasses.fields(Config):
+        tp = _base_type(hints[f.name])
+        kw = dict(help=f"{f.metadata['help']} (default: {f.default})")
+        if tp is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        else:
+            kw["type"] = _parse_none(tp) if f.default is None else tp
+            if f.metadata.get("choices"):
+                kw["choices"] = f.metadata["choices"]
+        p.add_argument("--" + flag(f.name), dest=f.name, **kw)
+    return p
+
+
+def _coerce(name, value, hints):
+    """Check a value from a config file against the field's type."""
+    tp = _base_type(hints[name])
+    if value is None and hints[name] is not tp:
+        return None
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise UserError(f"config file: '{name}' must be {tp.__name__}, got {value!r}")
+    return value
+
+
+def read_config_file(path):
+    if not os.path.isfile(path):
+        raise UserError(f"config file {path} does not exist")
+    with open(path) as fh:
+        text = fh.read()
+    try:
+        if path.endswith((".yaml", ".yml")):
+            import yaml
+            values = yaml.safe_load(text) or {}
+        else:
+            values = json.loads(text)
+    except Exception as e:
+        raise UserError(f"config file {path} is not valid {'YAML' if path.endswith(('.yaml', '.yml')) else 'JSON'}: {str(e).splitlines()[0]}")
+    if not isinstance(values, dict):
+        raise UserError(f"config file {path} must hold a mapping of option names to values")
+    hints = typing.get_type_hints(Config)
+    values = {k.replace("-", "_"): v for k, v in values.items()}
+    unknown = sorted(set(values) - set(hints))
+    if unknown:
+        raise UserError(f"config file {path}: unknown option(s) {', '.join(unknown)}")
+    return {k: _coerce(k, v, hints) for k, v in values.items()}
+
+
+def resolve(explicit, base=None):
+    """Config from explicit flags (a dict) over base values (a dict, e.g. a saved run's)."""
+    values = {}
+    if base is None:
+        preset = explicit.get("preset")
+        if preset is not None:
+            values.update(PRESETS[preset])
+        if explicit.get("config"):
+            values.update(read_config_file(explicit["config"]))
+            preset = values.get("preset", preset)
+            if preset is not None and preset not in PRESETS:
+                raise UserError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
+            if "preset" in values and "preset" not in explicit:  # a preset named in the file applies under the file
+                values = {**PRESETS[preset], **values}
+    else:
+        values.update(base)
+    values.update({k: v for k, v in explicit.items() if k != "config"})
+    return Config(**values).validate()
+
+
+def to_dict(cfg):
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,322 @@
+"""Data: loading a data set from the Hub or disk, the image transforms, and the DataLoaders.
+
+The loaders yield uint8 image batches (4x fewer bytes than float32 to copy between
+processes and to the device); `normalize` turns them into the model's float input on the
+device. Training augmentation draws from an RNG keyed on (seed, epoch, sample index), so a
+sample's crop does not depend on which worker made it or on where a run was resumed.
+"""
+
+import io
+import math
+import os
+import random
+import re
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image
+
+from vitfood import synthetic
+from vitfood.common import UserError
+
+Image.MAX_IMAGE_PIXELS = 178_956_970  # Pillow's own limit, stated so it cannot be lost
+warnings.simplefilter("error", Image.DecompressionBombWarning)  # refuse images past ~89 MP instead of warning
+
+
+# ---------------------------------------------------------------------------- loading
+
+def _is_path(name):
+    return name.startswith(("/", "./", "../", "~")) or os.path.exists(name)
+
+
+def _hub_error(kind, name, e):
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    why = "the Hugging Face Hub is offline (HF_HUB_OFFLINE=1)" if offline else \
+        "it is not a local path and the Hugging Face Hub is unreachable or has no such repository"
+    detail = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+    hint = "a local imagefolder or save_to_disk folder" if kind == "dataset" else "a local model folder"
+    return UserError(f"cannot load {kind} {name!r}: {why} ({detail}); pass {hint}, or try --preset demo")
+
+
+_SLICE = re.compile(r"^(?P<name>[\w.-]+)(\[(?P<start>-?\d*)(?P<pct1>%?):(?P<stop>-?\d*)(?P<pct2>%?)\])?$")
+
+
+def _take_split(splits, spec):
+    """`splits[spec]` for a local DatasetDict, with the Hub's 'train[:5000]' slice syntax."""
+    m = _SLICE.match(spec)
+    if not m:
+        raise UserError(f"cannot read split {spec!r}; use a name like 'train' or a slice like 'train[:5000]'")
+    if m["name"] not in splits:
+        raise UserError(f"split {m['name']!r} not found; the data set has: {', '.join(splits)}")
+    ds = splits[m["name"]]
+    if m.group(2):
+        n = len(ds)
+        bound = lambda v, pct: None if v in ("", "-") else (int(v) * n // 100 if pct else int(v))
+        ds = ds.select(range(n)[slice(bound(m["start"], m["pct1"]), bound(m["stop"], m["pct2"]))])
+    return ds
+
+
+def _load_local(path):
+    import datasets
+    if os.path.isfile(os.path.join(path, "dataset_dict.json")) or os.path.isfile(os.path.join(path, "state.json")):
+        loaded = datasets.load_from_disk(path)
+        return loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict({"train": loaded})
+    return datasets.load_dataset("imagefolder", data_dir=path)
+
+
+def load_splits(cfg, log=print):
+    """(train, eval) `datasets.Dataset`s and the class names, as the config asks."""
+    import datasets
+
+    name = cfg.dataset
+    if name == "synthetic":
+        name = synthetic.ensure(cfg.synthetic_size, cfg.synthetic_classes, cfg.synthetic_max_px, seed=0, log=log)
+    if _is_path(name):
+        path = os.path.expanduser(name)
+        if not os.path.isdir(path):
+            raise UserError(f"data set path {name} does not exist (or is not a folder)")
+        try:
+            splits = _load_local(path)
+        except UserError:
+            raise
+        except Exception as e:
+            raise UserError(f"cannot read data set folder {name}: {str(e).splitlines()[0][:200]}")
+        train = _take_split(splits, cfg.train_split)
+        evals = _take_split(splits, cfg.eval_split) if cfg.eval_split else None
+    else:
+        try:
+            train = datasets.load_dataset(name, split=cfg.train_split)
+            evals = datasets.load_dataset(name, split=cfg.eval_split) if cfg.eval_split else None
+        except Exception as e:  # the Hub raises many types: connection, not found, offline, gated
+            if isinstance(e, ValueError) and "split" in str(e).lower():
+                raise UserError(f"data set {name!r}: {str(e).splitlines()[0][:200]}")
+            raise _hub_error("dataset", name, e)
+
+    for ds, which in [(train, "train"), (evals, "eval")]:
+        if ds is None:
+            continue
+        for col in (cfg.image_column, cfg.label_column):
+            if col not in ds.column_names:
+                raise UserError(f"column {col!r} not found in the {which} split; columns: {', '.join(ds.column_names)}"
+                                f" (set --{'image' if col == cfg.image_column else 'label'}-column)")
+    label_feature = train.features[cfg.label_column]
+    if isinstance(label_feature, datasets.ClassLabel):
+        names = list(label_feature.names)
+    elif isinstance(label_feature, datasets.Value) and label_feature.dtype.startswith(("int", "uint")):
+        names = [str(i) for i in range(max(train[cfg.label_column], default=-1) + 1)]
+    else:
+        raise UserError(f"label column {cfg.label_column!r} must hold integers or a ClassLabel, found {label_feature}")
+
+    if evals is None:
+        if len(train) < 2:
+            raise UserError(f"the train split {cfg.train_split!r} has {len(train)} image(s): too few to carve an eval split")
+        parts = train.train_test_split(test_size=cfg.test_size, seed=cfg.seed)
+        train, evals = parts["train"], parts["test"]
+    if cfg.max_train_samples:
+        train = train.select(range(min(cfg.max_train_samples, len(train))))
+    if cfg.max_eval_samples:
+        evals = evals.select(range(min(cfg.max_eval_samples, len(evals))))
+    for ds, which in [(train, "train"), (evals, "eval")]:
+        if len(ds) == 0:
+            raise UserError(f"the {which} split is empty (dataset {cfg.dataset!r})")
+    return train, evals, names
+
+
+# ---------------------------------------------------------------------------- images
+
+def to_rgb(img):
+    """Any PIL image as 8-bit RGB: 16-bit, palette, alpha, grayscale and CMYK inputs included."""
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        # 16-bit data: scale to 8 bits first, or convert() clips it to almost white
+        a = np.asarray(img).astype(np.float32) / 257.0
+        img = Image.fromarray(np.clip(a + 0.5, 0, 255).astype(np.uint8), "L")
+    elif img.mode == "F":
+        img = Image.fromarray(np.clip(np.asarray(img), 0, 255).astype(np.uint8), "L")
+    elif img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def open_image(value):
+    """A PIL image from a `datasets.Image(decode=False)` cell ({'bytes', 'path'}), not yet decoded."""
+    if value.get("bytes") is not None:
+        return Image.open(io.BytesIO(value["bytes"]))
+    return Image.open(value["path"])
+
+
+def _draft(img, box, out_w, out_h):
+    """Let libjpeg decode at 1/2, 1/4 or 1/8 scale when the crop stays at least the output size."""
+    if img.format != "JPEG":
+        return img, box
+    w, h = img.size
+    x0, y0, x1, y1 = box
+    s = max(out_w / (x1 - x0), out_h / (y1 - y0))
+    if s >= 0.5:
+        return img, box
+    img.draft(None, (math.ceil(w * s), math.ceil(h * s)))
+    fx, fy = img.size[0] / w, img.size[1] / h
+    return img, (x0 * fx, y0 * fy, x1 * fx, y1 * fy)
+
+
+def to_uint8_tensor(img):
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def random_resized_crop_box(width, height, rng, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    """torchvision's RandomResizedCrop parameters, drawn from `rng` (a random.Random): (x0, y0, x1, y1)."""
+    area = width * height
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(log_lo, log_hi))
+        w = round(math.sqrt(target * aspect))
+        h = round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            x0 = rng.randint(0, width - w)
+            y0 = rng.randint(0, height - h)
+            return x0, y0, x0 + w, y0 + h
+    # fallback: the whole image's central crop within the ratio range
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, round(width / ratio[0])
+    elif in_ratio > ratio[1]:
+        w, h = round(height * ratio[1]), height
+    else:
+        w, h = width, height
+    x0, y0 = (width - w) // 2, (height - h) // 2
+    return x0, y0, x0 + w, y0 + h
+
+
+class TrainTransform:
+    """RandomResizedCrop to (height, width) + horizontal flip, as uint8 CHW."""
+
+    def __init__(self, *, height, width):
+        self.height, self.width = height, width
+
+    def __call__(self, img, rng):
+        box = random_resized_crop_box(*img.size, rng)
+        flip = rng.random() < 0.5
+        img, box = _draft(img, box, self.width, self.height)
+        img = to_rgb(img).resize((self.width, self.height), Image.BILINEAR, box=box)
+        if flip:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        return to_uint8_tensor(img)
+
+
+class EvalTransform:
+    """Resize (shortest edge, or exact height x width) then center crop, as uint8 CHW. No randomness."""
+
+    def __init__(self, *, resize, crop):
+        self.resize, self.crop = resize, crop  # resize: int (shortest edge) or (h, w); crop: (h, w)
+
+    def __call__(self, img, rng=None):
+        w, h = img.size
+        if isinstance(self.resize, int):
+            s = self.resize / min(w, h)
+            size = (max(1, round(w * s)), max(1, round(h * s)))
+        else:
+            size = (self.resize[1], self.resize[0])
+        ch, cw = self.crop
+        left, top = round((size[0] - cw) / 2), round((size[1] - ch) / 2)
+        box = (left / size[0] * w, top / size[1] * h, (left + cw) / size[0] * w, (top + ch) / size[1] * h)
+        img, box = _draft(img, box, cw, ch)
+        return to_uint8_tensor(to_rgb(img).resize((cw, ch), Image.BILINEAR, box=box))
+
+
+def transforms_for(processor):
+    """(train, eval) transforms and (mean, std) built from an image processor's own fields."""
+    size = dict(processor.size)
+    crop = getattr(processor, "crop_size", None)
+    crop = dict(crop) if crop else None
+    do_crop = getattr(processor, "do_center_crop", False) and crop
+    if "height" in size and "width" in size:
+        resize = (size["height"], size["width"])
+    elif "shortest_edge" in size:
+        edge = size["shortest_edge"]
+        crop_pct = getattr(processor, "crop_pct", None)
+        if crop_pct and edge < 384:  # ConvNeXt-style: resize to edge / crop_pct, then crop to edge
+            resize, crop, do_crop = int(edge / crop_pct), {"height": edge, "width": edge}, True
+        else:
+            resize = edge
+    else:
+        raise UserError(f"unsupported image processor size {size}")
+    if do_crop:
+        out = (crop["height"], crop["width"])
+    elif isinstance(resize, int):
+        out = (resize, resize)
+    else:
+        out = resize
+    if getattr(processor, "do_normalize", True):
+        mean, std = list(processor.image_mean), list(processor.image_std)
+    else:
+        mean, std = [0.0] * 3, [1.0] * 3
+    return TrainTransform(height=out[0], width=out[1]), EvalTransform(resize=resize, crop=out), (mean, std)
+
+
+def normalize(images, mean, std):
+    """uint8 NCHW batch -> float32 normalized, on the batch's device: (x/255 - mean) / std."""
+    mean = torch.tensor(mean, device=images.device).view(1, -1, 1, 1)
+    std = torch.tensor(std, device=images.device).view(1, -1, 1, 1)
+    return (images.float() / 255 - mean) / std
+
+
+# ---------------------------------------------------------------------------- datasets and loaders
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Per-index access to a `datasets.Dataset`: (uint8 image, label). Keys are (epoch, index) or index."""
+
+    def __init__(self, ds, image_column, label_column, transform, seed=0):
+        import datasets
+        self.ds = ds.select_columns([image_column]).cast_column(image_column, datasets.Image(decode=False))
+        self.image_column = image_column
+        self.labels = [int(v) for v in ds[label_column]]
+        self.transform, self.seed = transform, seed
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, key):
+        epoch, i = key if isinstance(key, tuple) else (0, key)
+        rng = random.Random(f"{self.seed}-{epoch}-{i}")  # string seeds hash with sha512: stable everywhere
+        img = open_image(self.ds[i][self.image_column])
+        return self.transform(img, rng), self.labels[i]
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Yields (epoch, index): a seeded permutation per epoch, startable at any position in it."""
+
+    def __init__(self, n, seed, shuffle=True):
+        self.n, self.seed, self.shuffle = n, seed, shuffle
+        self.epoch, self.start = 0, 0
+
+    def set_position(self, epoch, start):
+        self.epoch, self.start = epoch, start
+
+    def __iter__(self):
+        if self.shuffle:
+            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch))
+        else:
+            order = torch.arange(self.n)
+        return ((self.epoch, i) for i in order[self.start:].tolist())
+
+    def __len__(self):
+        return self.n - self.start
+
+
+def make_loader(dataset, batch_size, num_workers, device, sampler=None, seed=0):
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=num_workers,
+        pin_memory=device.type == "cuda", persistent_workers=num_workers > 0, drop_last=False,
+        generator=torch.Generator().manual_seed(seed),  # own generator: the global RNG is never touched
+        worker_init_fn=None, prefetch_factor=4 if num_workers > 0 else None)
+
+
+def label_counts(dataset, num_classes):
+    return np.bincount(np.asarray(dataset.labels, dtype=np.int64), minlength=num_classes)
+
+
+def check_labels(dataset, num_classes, which):
+    bad = [v for v in dataset.labels if not 0 <= v < num_classes]
+    if bad:
+        raise UserError(f"the {which} split has label {bad[0]} outside the {num_classes} classes (0..{num_classes - 1})")

@@ -1,0 +1,110 @@
+"""Model: a Hub or local image classifier with a new head, or a small ViT built offline; the optimizer."""
+
+import os
+
+import torch
+
+from vitfood.common import UserError
+
+# Named ViT shapes built from ViTConfig without any download. vit-tiny/small/base are the
+# ViT-Ti/S/B /16 shapes; vit-micro is for tests.
+NAMED = {
+    "vit-micro": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, patch_size=8, image_size=32),
+    "vit-tiny": dict(hidden_size=192, num_hidden_layers=12, num_attention_heads=3, intermediate_size=768, patch_size=16, image_size=224),
+    "vit-small": dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536, patch_size=16, image_size=224),
+    "vit-base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072, patch_size=16, image_size=224),
+}
+
+
+def build_model(cfg, class_names):
+    """(model, image_processor) with a classification head for `class_names`."""
+    from transformers import AutoImageProcessor, AutoModelForImageClassification, ViTConfig, \
+        ViTForImageClassification, ViTImageProcessor
+
+    id2label = {i: name for i, name in enumerate(class_names)}
+    label2id = {name: i for i, name in id2label.items()}
+    if cfg.model in NAMED:
+        shape = dict(NAMED[cfg.model])
+        if cfg.image_size:
+            if cfg.image_size % shape["patch_size"]:
+                raise UserError(f"--image-size {cfg.image_size} must be a multiple of the patch size {shape['patch_size']}")
+            shape["image_size"] = cfg.image_size
+        config = ViTConfig(**shape, num_labels=len(class_names), id2label=id2label, label2id=label2id)
+        config._attn_implementation = cfg.attn
+        model = ViTForImageClassification(config)
+        s = shape["image_size"]
+        processor = ViTImageProcessor(size={"height": s, "width": s}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+        return model, processor
+
+    if cfg.image_size:
+        raise UserError("--image-size applies only to the named configs (" + ", ".join(NAMED) + ")")
+    name = cfg.model
+    local = name.startswith(("/", "./", "../", "~")) or os.path.exists(name)
+    if local and not os.path.isdir(os.path.expanduser(name)):
+        raise UserError(f"model path {name} does not exist (or is not a folder)")
+    path = os.path.expanduser(name)
+    try:
+        processor = AutoImageProcessor.from_pretrained(path)
+        model = AutoModelForImageClassification.from_pretrained(
+            path, num_labels=len(class_names), id2label=id2label, label2id=label2id,
+            ignore_mismatched_sizes=True, attn_implementation=cfg.attn)
+    except UserError:
+        raise
+    except Exception as e:
+        if local:
+            raise UserError(f"cannot load model folder {name}: {str(e).strip().splitlines()[0][:200]}")
+        from vitfood.data import _hub_error
+        raise _hub_error("model", name, e)
+    return model, processor
+
+
+def make_optimizer(model, cfg, device):
+    """AdamW; no weight decay on 1-D tensors (biases, norm weights), whatever their names."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [dict(params=[p for p in params if p.ndim >= 2], weight_decay=cfg.weight_decay),
+              dict(params=[p for p in params if p.ndim < 2], weight_decay=0.0)]
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, fused=fused, foreach=None if fused else True)
+
+
+def make_scheduler(optimizer, warmup_steps, max_steps):
+    """Linear warm-up from 0, then linear decay to 0 at max_steps (the Trainer's default schedule)."""
+    def factor(step):
+        if step < warmup_steps:
+            return step / warmup_steps
+        return max(0.0, (max_steps - step) / max(1, max_steps - warmup_steps))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def vit_flops_per_image(config, training=True):
+    """Analytic matmul FLOPs (2 per multiply-add) of one image through a ViT; x3 for training."""
+    d, L, f = config.hidden_size, config.num_hidden_layers, config.intermediate_size
+    p, c = config.patch_size, config.num_channels
+    n = (config.image_size // p) ** 2 + 1  # patches + [CLS]
+    patch_embed = (n - 1) * d * c * p * p
+    per_layer = 4 * n * d * d + 2 * n * n * d + 2 * n * d * f  # qkv+out proj, scores+weighted sum, MLP
+    head = d * config.num_labels
+    forward = 2 * (patch_embed + L * per_layer + head)
+    return 3 * forward if training else forward
+
+
+def unwrap(model):
+    """The plain model behind torch.compile (and DDP) wrappers."""
+    model = getattr(model, "_orig_mod", model)
+    return getattr(model, "module", model)
+
+
+def load_weights(model, path):
+    """Load model.safetensors from a checkpoint folder; a clear error when it is another model."""
+    from safetensors.torch import load_file
+    try:
+        state = load_file(os.path.join(path, "model.safetensors"))
+    except Exception as e:
+        raise UserError(f"checkpoint {path}: cannot read model.safetensors ({str(e).splitlines()[0][:160]})")
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    wrong = [k for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or wrong:
+        what = f"missing {missing[0]}" if missing else f"{wrong[0]} has shape {tuple(state[wrong[0]].shape)}, expected {tuple(own[wrong[0]].shape)}"
+        raise UserError(f"checkpoint {path} is from another model or data set ({what})")
+    model.load_state_dict(state, strict=False)

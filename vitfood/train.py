@@ -1,0 +1,237 @@
+"""Fine-tune an image classifier with a plain PyTorch loop.
+
+    python -m vitfood.train --preset demo                    # offline demo: synthetic data, vit-tiny
+    python -m vitfood.train                                  # the Food-101 recipe of the HF guide
+    python -m vitfood.train --dataset ./my_images --model google/vit-base-patch16-224-in21k
+    python -m vitfood.train --resume auto --output-dir runs/my-run
+    tensorboard --logdir runs
+"""
+
+import datetime
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from vitfood import checkpoint
+from vitfood.common import (UserError, autocast, default_num_workers, env_info, pick_device,
+                            resolve_precision, run_main, safe_name, seed_everything)
+from vitfood.config import build_parser, resolve, to_dict
+from vitfood.data import EpochSampler, ImageDataset, check_labels, load_splits, make_loader, normalize, transforms_for
+from vitfood.evaluate import evaluate
+from vitfood.model import build_model, load_weights, make_optimizer, make_scheduler, unwrap
+
+
+def resolve_run(argv):
+    """(config, output_dir, checkpoint to resume from or None) from the command line."""
+    explicit = vars(build_parser().parse_args(argv))
+    resume = explicit.get("resume")
+    out = explicit.get("output_dir")
+    if resume not in (None, "auto"):
+        checkpoint.load_state(resume)  # fails fast, with one line, when it is not a complete checkpoint
+        out = out or os.path.dirname(os.path.abspath(resume))
+    saved = os.path.join(out, "train_config.json") if out else None
+    base = None
+    if resume and saved and os.path.isfile(saved):  # resuming: the run's own config, flags on top
+        with open(saved) as fh:
+            base = {k: v for k, v in json.load(fh).items() if k not in ("resume", "output_dir")}
+    cfg = resolve(explicit, base)
+    if out is None:
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        out = os.path.join("runs", f"{stamp}-{safe_name(cfg.model)}-{safe_name(cfg.dataset)}")
+    cfg.output_dir = out
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"--output-dir {out} exists and is not a folder")
+
+    ckpts = checkpoint.complete_checkpoints(out)
+    if resume == "auto":
+        if ckpts:
+            return cfg, out, ckpts[-1][1]
+        print(f"--resume auto: no complete checkpoint in {out}, starting fresh")
+        return cfg, out, None
+    if resume:
+        return cfg, out, resume
+    finished = os.path.isfile(os.path.join(out, "all_results.json"))
+    if (ckpts or finished) and not cfg.overwrite_output_dir:
+        what = "a finished run" if finished else f"{len(ckpts)} checkpoint(s)"
+        raise UserError(f"{out} already holds {what}; pass --resume auto to continue it, "
+                        "or --overwrite-output-dir to start over there")
+    return cfg, out, None
+
+
+def main(argv=None):
+    cfg, out, resume_from = resolve_run(argv)
+    device = pick_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    state = checkpoint.load_state(resume_from) if resume_from else None
+
+    # ---- data and model
+    seed_everything(cfg.seed)
+    train_ds, eval_ds, class_names = load_splits(cfg)
+    model, processor = build_model(cfg, class_names)
+    train_tf, eval_tf, (mean, std) = transforms_for(processor)
+    train_set = ImageDataset(train_ds, cfg.image_column, cfg.label_column, train_tf, seed=cfg.seed)
+    eval_set = ImageDataset(eval_ds, cfg.image_column, cfg.label_column, eval_tf)
+    check_labels(train_set, len(class_names), "train")
+    check_labels(eval_set, len(class_names), "eval")
+    workers = cfg.num_workers if cfg.num_workers >= 0 else default_num_workers()
+    sampler = EpochSampler(len(train_set), cfg.seed)
+    train_loader = make_loader(train_set, cfg.batch_size, workers, device, sampler, seed=cfg.seed)
+    eval_loader = make_loader(eval_set, cfg.eval_batch_size or 4 * cfg.batch_size, workers, device)
+    batches_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
+    accum = cfg.grad_accum_steps
+    max_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * batches_per_epoch / accum))
+
+    # ---- optimizer, precision, state
+    model.to(device)
+    optimizer = make_optimizer(model, cfg, device)
+    scheduler = make_scheduler(optimizer, cfg.warmup_steps, max_steps)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")  # loss scaling only for fp16
+    amp = autocast(precision, device)
+    step, best = 0, None
+    if state:
+        load_weights(model, resume_from)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        checkpoint.set_rng_state(state["rng"])
+        step, best = state["step"], state["best"]
+        if step >= max_steps:
+            print(f"{out}: the run already finished at step {step} (of {max_steps}); nothing to do")
+            return
+        print(f"resuming from {resume_from} at step {step}")
+    start_step = step
+    train_model = torch.compile(model) if cfg.compile else model
+
+    os.makedirs(out, exist_ok=True)
+    checkpoint.cleanup(out)
+    checkpoint.write_json_atomic(os.path.join(out, "train_config.json"), to_dict(cfg))
+    checkpoint.write_json_atomic(os.path.join(out, "env.json"), env_info(device))
+    from torch.utils.tensorboard import SummaryWriter
+    writer = SummaryWriter(out, purge_step=step if state else None)  # purge: curves don't double back on resume
+    if not state:
+        log_hparams(writer, cfg, precision, max_steps)
+    print(f"run: {out} | {len(train_set)} train / {len(eval_set)} eval images, {len(class_names)} classes | "
+          f"{cfg.model} on {device} in {precision}, {workers} workers | {max_steps} steps")
+
+    # ---- the loop: an endless stream of micro-batches, positioned by the step count
+    def micro_batches(first):
+        epoch, batch = divmod(first, batches_per_epoch)
+        while True:
+            sampler.set_position(epoch, batch * cfg.batch_size)
+            yield from train_loader
+            epoch, batch = epoch + 1, 0
+
+    stream = micro_batches(step * accum)
+    loss_sum = torch.zeros((), device=device)
+    norm_sum = torch.zeros((), device=device)
+    t_log, wait, paused, images_seen, images_total = time.perf_counter(), 0.0, 0.0, 0, 0
+    t_start = time.perf_counter()
+    metrics = None
+    pbar = tqdm(total=max_steps, initial=step, desc="train", dynamic_ncols=True)
+    while True:
+        last_step = step == max_steps
+        eval_now = step > start_step and (step % cfg.eval_steps == 0 or last_step)
+        save_now = step > start_step and (step % cfg.save_steps == 0 or last_step)
+        t_pause = time.perf_counter()
+        if eval_now:
+            metrics = evaluate(train_model, eval_loader, device, amp, mean, std)
+            for k in ("loss", "acc1", "acc5"):
+                writer.add_scalar(f"eval/{k}", metrics[k], step)
+            pbar.write(f"step {step}: eval loss {metrics['loss']:.4f} acc1 {metrics['acc1']:.4f} acc5 {metrics['acc5']:.4f}")
+        if save_now:
+            # "best" is judged only at saves that coincide with an eval
+            new_best = eval_now and (best is None or metrics["acc1"] > best["eval_accuracy"])
+            if new_best:
+                best = dict(step=step, eval_accuracy=metrics["acc1"], eval_loss=metrics["loss"])
+            checkpoint.save(out, step, unwrap(model), processor, dict(
+                step=step, best=best, metrics=metrics if eval_now else None,
+                data_position=dict(epoch=step * accum // batches_per_epoch, batch=step * accum % batches_per_epoch),
+                optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
+                rng=checkpoint.rng_state()))
+            if new_best:
+                checkpoint.write_json_atomic(os.path.join(out, checkpoint.BEST), best)
+            checkpoint.rotate(out, cfg.save_total_limit)
+        paused += time.perf_counter() - t_pause  # eval and save time is not training throughput
+        if last_step:
+            break
+
+        lr = scheduler.get_last_lr()[0]
+        for micro in range(accum):
+            t0 = time.perf_counter()
+            images, labels = next(stream)
+            wait += time.perf_counter() - t0
+            if step == 0 and micro == 0:
+                from torchvision.utils import make_grid
+                writer.add_image("train/augmented_images", make_grid(images[:16], nrow=4), 0)
+            images = normalize(images.to(device, non_blocking=True), mean, std)
+            labels = labels.to(device, non_blocking=True)
+            with amp:
+                logits = train_model(pixel_values=images).logits
+            loss = F.cross_entropy(logits.float(), labels) / accum
+            scaler.scale(loss).backward()
+            loss_sum += loss.detach()
+            images_seen += labels.shape[0]
+        scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+        norm_sum += torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
+        scaler.step(optimizer)  # skipped by the scaler when fp16 gradients hold inf/nan
+        scaler.update()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        pbar.update(1)
+
+        if step % cfg.logging_steps == 0 or step == max_steps:
+            n = cfg.logging_steps if step % cfg.logging_steps == 0 else step % cfg.logging_steps
+            train_loss, grad_norm = loss_sum.item() / n, norm_sum.item() / n  # .item() syncs with the device: only here
+            dt = max(1e-9, time.perf_counter() - t_log - paused)
+            writer.add_scalar("train/loss", train_loss, step)
+            writer.add_scalar("train/lr", lr, step)
+            writer.add_scalar("train/grad_norm", grad_norm, step)
+            writer.add_scalar("train/img_per_s", images_seen / dt, step)
+            writer.add_scalar("train/data_wait", min(1.0, wait / dt), step)
+            if scaler.is_enabled():
+                writer.add_scalar("amp/scale", scaler.get_scale(), step)
+            pbar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{images_seen / dt:.1f}")
+            images_total += images_seen
+            loss_sum.zero_()
+            norm_sum.zero_()
+            t_log, wait, paused, images_seen = time.perf_counter(), 0.0, 0.0, 0
+    pbar.close()
+    runtime = time.perf_counter() - t_start
+
+    # ---- export and report
+    final, export_step = metrics, step
+    if cfg.export == "best" and best and best["step"] != step:
+        load_weights(unwrap(model), os.path.join(out, f"checkpoint-{best['step']}"))
+        final, export_step = evaluate(train_model, eval_loader, device, amp, mean, std), best["step"]
+    model_dir = checkpoint.export(out, unwrap(model), processor)
+    results = dict(eval_loss=final["loss"], eval_accuracy=final["acc1"], eval_top5=final["acc5"],
+                   global_step=step, exported_step=export_step, train_runtime=round(runtime, 3),
+                   train_samples_per_second=round(images_total / runtime, 3))
+    checkpoint.write_json_atomic(os.path.join(out, "all_results.json"), results)
+    writer.close()
+    print(f"\ndone: {out}")
+    print(f"  eval_loss {results['eval_loss']:.4f}  eval_accuracy {results['eval_accuracy']:.4f}  "
+          f"eval_top5 {results['eval_top5']:.4f}  ({step} steps, {runtime:.0f} s)")
+    print(f"  model: {model_dir}")
+    print(f"  tensorboard --logdir {out}")
+    return results
+
+
+def log_hparams(writer, cfg, precision, max_steps):
+    """The hparams summary, written through the main writer (add_hparams would start a sub-run)."""
+    from torch.utils.tensorboard.summary import hparams
+    values = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in to_dict(cfg).items()}
+    values.update(resolved_precision=precision, total_steps=max_steps)
+    for summary in hparams(values, {"eval/acc1": 0.0, "eval/loss": 0.0, "eval/acc5": 0.0}):
+        writer.file_writer.add_summary(summary)
+
+
+if __name__ == "__main__":
+    run_main(main)
