@@ -97,7 +97,7 @@ class Config:
 PRESETS = {
     # Offline demo: the generated Food-101-shaped set and ViT-Ti/16 at 112 px; a few minutes on 2 CPU cores.
     "demo": dict(dataset="synthetic", train_split="train", model="vit-tiny", image_size=112,
-                 max_steps=400, batch_size=32, lr=1e-3, weight_decay=0.05, warmup_steps=40,
+                 max_steps=300, batch_size=32, lr=1e-3, weight_decay=0.05, warmup_steps=30,
                  eval_steps=100, save_steps=100, logging_steps=10),
 }
 
@@ -122,8 +122,13 @@ def _parse_none(tp):
     return parse
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage block; same exit path as every other input error
+        raise UserError(f"{message} (see --help)")
+
+
 def build_parser():
-    p = argparse.ArgumentParser(prog="python -m vitfood.train", description=__doc__,
+    p = _Parser(prog="python -m vitfood.train", description=__doc__,
                                 argument_default=argparse.SUPPRESS,  # only flags actually given appear
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", help="JSON or YAML file of option values (flags override it)")

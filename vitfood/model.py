@@ -9,7 +9,7 @@ from vitfood.common import UserError
 # Named ViT shapes built from ViTConfig without any download. vit-tiny/small/base are the
 # ViT-Ti/S/B /16 shapes; vit-micro is for tests.
 NAMED = {
-    "vit-micro": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, patch_size=8, image_size=32),
+    "vit-micro": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, patch_size=8, image_size=64),
     "vit-tiny": dict(hidden_size=192, num_hidden_layers=12, num_attention_heads=3, intermediate_size=768, patch_size=16, image_size=224),
     "vit-small": dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536, patch_size=16, image_size=224),
     "vit-base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072, patch_size=16, image_size=224),
@@ -95,16 +95,21 @@ def unwrap(model):
 
 
 def load_weights(model, path):
-    """Load model.safetensors from a checkpoint folder; a clear error when it is another model."""
-    from safetensors.torch import load_file
+    """Load a checkpoint folder's weights into `model`; a clear error when they are another model's."""
+    import transformers
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # we report problems ourselves, in one line
     try:
-        state = load_file(os.path.join(path, "model.safetensors"))
+        loaded, info = type(model).from_pretrained(path, output_loading_info=True)
     except Exception as e:
-        raise UserError(f"checkpoint {path}: cannot read model.safetensors ({str(e).splitlines()[0][:160]})")
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    wrong = [k for k in own if k in state and state[k].shape != own[k].shape]
+        raise UserError(f"checkpoint {path}: cannot load its weights ({str(e).strip().splitlines()[0][:160]})")
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    own, theirs = model.state_dict(), loaded.state_dict()
+    missing = info["missing_keys"] or sorted(set(own) ^ set(theirs))
+    wrong = [k for k in own if k in theirs and theirs[k].shape != own[k].shape]
     if missing or wrong:
-        what = f"missing {missing[0]}" if missing else f"{wrong[0]} has shape {tuple(state[wrong[0]].shape)}, expected {tuple(own[wrong[0]].shape)}"
+        what = f"{sorted(missing)[0]} differs" if missing else \
+            f"{wrong[0]} has shape {tuple(theirs[wrong[0]].shape)}, expected {tuple(own[wrong[0]].shape)}"
         raise UserError(f"checkpoint {path} is from another model or data set ({what})")
-    model.load_state_dict(state, strict=False)
+    model.load_state_dict(theirs)

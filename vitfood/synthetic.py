@@ -4,9 +4,11 @@ RGB JPEGs of varied sizes (long side up to `max_px`), an `image` column and a Cl
 `label` column with dish-like names, a `train` and a `validation` split, saved with
 `datasets.save_to_disk`, so it is read by exactly the code that reads a real data set.
 
-Each class is a set of stripe orientations (a flip-symmetric set, so horizontal flips keep
-the class) drawn in two random colours with pixel noise: the cue survives random crops, and
-the average colour says nothing about the class.
+Each class is a pair of complementary colours (a hue in 5 steps over 180 degrees, and which
+of the two is the light one), drawn as a random stripe or check pattern with jitter and pixel
+noise. The two colours cover half the image each, so every class averages to the same grey:
+the average colour says nothing, while every crop and flip keeps the cue. Past 10 classes,
+the pattern's orientation set is part of the class too.
 """
 
 import io
@@ -21,17 +23,17 @@ from PIL import Image
 
 from vitfood.common import UserError
 
-VERSION = 1  # bump when the images change, so old caches are not reused
+VERSION = 2  # bump when the images change, so old caches are not reused
 
 DISHES = ["apple_pie", "bibimbap", "caesar_salad", "dumplings", "falafel", "french_fries", "gyoza",
           "hummus", "lasagna", "miso_soup", "nachos", "paella", "pad_thai", "pho", "pizza", "ramen",
           "risotto", "samosa", "sashimi", "tacos", "tiramisu", "waffles"]
 
-# Flip-symmetric orientation atoms, in degrees; a class is a combination of atoms.
+# Flip-symmetric orientation atoms, in degrees; a pattern is a combination of atoms.
 ATOMS = [(0,), (90,), (30, 150), (45, 135), (60, 120)]
 COMBOS = [c for r in range(1, len(ATOMS) + 1) for c in itertools.combinations(range(len(ATOMS)), r)]
-STYLES = ["solid", "thin", "dotted", "soft"]  # renderings, used once the orientation sets run out
-MAX_CLASSES = len(COMBOS) * len(STYLES)
+COLOURS = 10  # 5 hues x which colour of the pair is light
+MAX_CLASSES = COLOURS * len(COMBOS)
 
 
 def class_names(num_classes):
@@ -40,46 +42,48 @@ def class_names(num_classes):
     return names
 
 
-def make_image(label, rng, max_px):
+def _hue_direction(deg):
+    """Unit-ish RGB direction of a hue, with zero mean (so +/- it stays around grey)."""
+    rgb = np.array([np.cos(np.deg2rad(deg - offset)) for offset in (0, 120, 240)], np.float32)
+    return rgb - rgb.mean()
+
+
+def make_image(label, rng, max_px, num_classes=COLOURS):
     """One RGB uint8 image of class `label`, drawn with the numpy Generator `rng`."""
-    combo = COMBOS[label % len(COMBOS)]
-    style = STYLES[label // len(COMBOS)]
+    colour, pattern = label % COLOURS, label // COLOURS
+    if num_classes <= COLOURS:  # the pattern is free: any orientation set
+        pattern = int(rng.integers(0, len(COMBOS)))
     w, h = (int(v) for v in rng.integers(max_px // 2, max_px + 1, size=2))
-    period = min(w, h) / rng.uniform(4, 9)
+    period = min(w, h) / rng.uniform(12, 24)  # a few stripes in every 16 px patch after cropping
     y, x = np.mgrid[0:h, 0:w].astype(np.float32)
     field = np.zeros((h, w), np.float32)
-    for atom in combo:
+    for atom in COMBOS[pattern]:
         for deg in ATOMS[atom]:
             t = np.deg2rad(deg)
             u = x * np.float32(np.cos(t)) + y * np.float32(np.sin(t))
             field += np.cos(u * np.float32(2 * np.pi / period) + np.float32(rng.uniform(0, 2 * np.pi)))
-    field /= sum(len(ATOMS[a]) for a in combo)
-    if style == "solid":
-        mask = (field > 0).astype(np.float32)
-    elif style == "thin":
-        mask = (field > 0.6).astype(np.float32)
-    elif style == "dotted":
-        mask = ((field > 0) & (np.cos(x * np.float32(2 * np.pi / period * 3.1)) > 0)).astype(np.float32)
-    else:
-        mask = 0.5 + 0.5 * field
-    fg, bg = rng.uniform(0, 255, size=(2, 3)).astype(np.float32)
-    img = mask[..., None] * fg + (1 - mask[..., None]) * bg
+    mask = (field > 0).astype(np.float32)[..., None]
+    hue = (colour % 5) * 36 + rng.uniform(-8, 8)
+    light = 1.0 if colour < 5 else -1.0
+    delta = rng.uniform(50, 90) * _hue_direction(hue) + light * rng.uniform(25, 50)
+    grey = 127.5 + rng.uniform(-15, 15)
+    img = grey + (2 * mask - 1) * delta  # colour A where mask, its complement elsewhere
     img += 20 * rng.standard_normal(size=(h, w, 1), dtype=np.float32)  # luminance noise
     img += 8 * rng.standard_normal(size=(h, w, 3), dtype=np.float32)   # chroma noise
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def _jpeg(seed, index, label, max_px):
+def _jpeg(seed, index, label, max_px, num_classes=COLOURS):
     rng = np.random.default_rng([seed, index])
     buf = io.BytesIO()
-    Image.fromarray(make_image(label, rng, max_px)).save(buf, format="JPEG", quality=90)
+    Image.fromarray(make_image(label, rng, max_px, num_classes)).save(buf, format="JPEG", quality=90)
     return {"bytes": buf.getvalue(), "path": None}
 
 
 def _split(seed, offset, n, num_classes, max_px):
     labels = [int(v) for v in np.random.default_rng([seed, offset, 7]).integers(0, num_classes, size=n)]
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # numpy and libjpeg release the GIL
-        images = list(pool.map(_jpeg, [seed] * n, range(offset, offset + n), labels, [max_px] * n))
+        images = list(pool.map(_jpeg, [seed] * n, range(offset, offset + n), labels, [max_px] * n, [num_classes] * n))
     return images, labels
 
 

@@ -16,6 +16,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+import transformers
 from tqdm import tqdm
 
 from vitfood import checkpoint
@@ -74,6 +75,7 @@ def main(argv=None):
     seed_everything(cfg.seed)
     train_ds, eval_ds, class_names = load_splits(cfg)
     model, processor = build_model(cfg, class_names)
+    transformers.utils.logging.disable_progress_bar()  # downloads are done; no bar per checkpoint write
     train_tf, eval_tf, (mean, std) = transforms_for(processor)
     train_set = ImageDataset(train_ds, cfg.image_column, cfg.label_column, train_tf, seed=cfg.seed)
     eval_set = ImageDataset(eval_ds, cfg.image_column, cfg.label_column, eval_tf)
@@ -169,20 +171,9 @@ def main(argv=None):
             if step == 0 and micro == 0:
                 from torchvision.utils import make_grid
                 writer.add_image("train/augmented_images", make_grid(images[:16], nrow=4), 0)
-            images = normalize(images.to(device, non_blocking=True), mean, std)
-            labels = labels.to(device, non_blocking=True)
-            with amp:
-                logits = train_model(pixel_values=images).logits
-            loss = F.cross_entropy(logits.float(), labels) / accum
-            scaler.scale(loss).backward()
-            loss_sum += loss.detach()
+            loss_sum += forward_backward(train_model, images, labels, amp, scaler, accum, mean, std)
             images_seen += labels.shape[0]
-        scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-        norm_sum += torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
-        scaler.step(optimizer)  # skipped by the scaler when fp16 gradients hold inf/nan
-        scaler.update()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        norm_sum += optimizer_step(model, optimizer, scaler, scheduler, cfg.max_grad_norm)
         step += 1
         pbar.update(1)
 
@@ -222,6 +213,29 @@ def main(argv=None):
     print(f"  model: {model_dir}")
     print(f"  tensorboard --logdir {out}")
     return results
+
+
+def forward_backward(model, images, labels, amp, scaler, accum, mean, std):
+    """One micro-batch: uint8 images to the device, forward under autocast, scaled backward. Returns the loss."""
+    device = next(model.parameters()).device
+    images = normalize(images.to(device, non_blocking=True), mean, std)
+    labels = labels.to(device, non_blocking=True)
+    with amp:
+        logits = model(pixel_values=images).logits
+    loss = F.cross_entropy(logits.float(), labels) / accum
+    scaler.scale(loss).backward()
+    return loss.detach()
+
+
+def optimizer_step(model, optimizer, scaler, scheduler, max_grad_norm):
+    """Unscale, clip, step (skipped by the scaler on inf/nan fp16 gradients), update, zero. Returns the grad norm."""
+    scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm or float("inf"))
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm
 
 
 def log_hparams(writer, cfg, precision, max_steps):
