@@ -1,0 +1,47 @@
+import json
+import math
+
+from conftest import TINY
+
+
+def test_flop_count_matches_a_hand_count():
+    from transformers import ViTConfig
+    from vitfood.model import vit_flops_per_image
+    cfg = ViTConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16,
+                    patch_size=4, image_size=8, num_labels=2)
+    # by hand, in multiply-adds: 4 patches of 4x4x3 pixels -> 8 dims; 5 tokens (4 + CLS) through one layer
+    patch = 4 * (4 * 4 * 3) * 8          # 1536
+    qkvo = 4 * (5 * 8 * 8)               # 1280
+    attention = 5 * 5 * 8 + 5 * 5 * 8    # scores + weighted values: 400
+    mlp = 5 * 8 * 16 + 5 * 16 * 8        # 1280
+    head = 8 * 2                         # CLS token only: 16
+    macs = patch + qkvo + attention + mlp + head
+    assert vit_flops_per_image(cfg, training=False) == 2 * macs == 9024
+    assert vit_flops_per_image(cfg, training=True) == 3 * 2 * macs
+
+
+def _numbers(obj):
+    if isinstance(obj, dict):
+        for v in obj.values():
+            yield from _numbers(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _numbers(v)
+    elif isinstance(obj, (int, float)) and not isinstance(obj, bool):
+        yield obj
+
+
+def test_quick_bench_reports_every_mode(capsys, tmp_path):
+    from vitfood.bench import main
+    out = tmp_path / "bench.json"
+    main([*TINY, "--quick", "--out", str(out), "--precisions", "fp32,bf16"])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    report = json.loads(last)
+    assert report == json.loads(out.read_text())
+    assert {"env", "config", "data", "model", "e2e", "eval", "matmul_peak_flops", "flops_per_image_train"} <= report.keys()
+    assert {r["precision"] for r in report["model"]} == {"fp32", "bf16"}
+    for row in report["model"]:
+        assert row["img_s"] > 0 and 0 < row["mfu"] < 1 and row["peak_mem_mb"] > 0
+    assert report["data"][0]["img_s"] > 0 and report["e2e"]["img_s"] > 0 and 0 <= report["e2e"]["data_wait"] <= 1
+    assert report["eval"]["img_s"] > 0 and report["eval"]["images"] > 0
+    assert all(math.isfinite(v) for v in _numbers(report))

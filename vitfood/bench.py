@@ -1,0 +1,334 @@
+"""Where does fine-tuning time go on this machine? Throughput of each part, measured with vitfood's own builders.
+
+    python -m vitfood.bench --preset demo --quick       # offline, under a minute on 2 CPU cores
+    python -m vitfood.bench --preset demo --modes model --batch-sizes 16,32,64 --precisions fp32,bf16
+    python -m vitfood.bench --model google/vit-base-patch16-224-in21k --dataset food101 --out bench.json
+
+Modes (all by default):
+  data   images/s of the training input pipeline alone (decode, augment, collate) per worker count
+  model  a full training step on tensors already on the device: images/s, ms/step, peak memory,
+         achieved FLOP/s and MFU against the dense matmul peak measured here, for the same dtype
+  e2e    the real step fed by the real loader: images/s and the share of time waiting for data
+  eval   inference images/s over the eval split
+Takes every vitfood.train option (--preset, --model, --dataset, --batch-size, ...). Warm-up is never
+timed, device work is synchronized before clocks are read, figures are medians over repeats.
+The table goes to stdout; its last line is one JSON document with every figure.
+"""
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import time
+
+import torch
+
+from vitfood.common import (UserError, autocast, default_num_workers, env_info, pick_device, resolve_precision,
+                            run_main, seed_everything)
+from vitfood.config import build_parser, resolve
+from vitfood.data import EpochSampler, ImageDataset, load_splits, make_loader, transforms_for
+from vitfood.evaluate import evaluate
+from vitfood.model import build_model, make_optimizer, make_scheduler, vit_flops_per_image
+from vitfood.train import forward_backward, optimizer_step
+
+MODES = ("data", "model", "e2e", "eval")
+
+
+def parse_args(argv=None):
+    p = build_parser()
+    p.prog, p.description = "python -m vitfood.bench", __doc__
+    g = p.add_argument_group("bench")
+    g.add_argument("--modes", default="all", help="comma list of data,model,e2e,eval, or all")
+    g.add_argument("--quick", action="store_true", help="few repeats, small sweep, no compile: under a minute")
+    g.add_argument("--batch-sizes", help="comma list for the model sweep (default: --batch-size; full: x1, x2, x4)")
+    g.add_argument("--precisions", help="comma list of fp32,fp16,bf16 (default: every one the device runs)")
+    g.add_argument("--compile-modes", help="comma list of off,on (default: off,on; --quick: off)")
+    g.add_argument("--attns", help="comma list of sdpa,eager (default: sdpa,eager; --quick: --attn)")
+    g.add_argument("--worker-counts", help="comma list of DataLoader worker counts for data mode")
+    g.add_argument("--steps", type=int, help="timed steps per repeat")
+    g.add_argument("--repeats", type=int, help="repeats; the median is reported")
+    g.add_argument("--out", help="also write the JSON document to this file")
+    g.add_argument("--profile", action="store_true", help="write a torch.profiler trace (Chrome/Perfetto JSON) of e2e steps")
+    args = vars(p.parse_args(argv))
+    bench = {k: args.pop(k, None) for k in ["modes", "quick", "batch_sizes", "precisions", "compile_modes", "attns",
+                                             "worker_counts", "steps", "repeats", "out", "profile"]}
+    args.pop("resume", None)
+    return resolve(args), argparse.Namespace(**bench)
+
+
+def _list(text, cast=str):
+    return [cast(v) for v in text.split(",") if v.strip()] if text else None
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device, steps, repeats, warmup):
+    """Median seconds per call of fn over `repeats` runs of `steps` calls, after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        sync(device)
+        times.append((time.perf_counter() - t0) / steps)
+    return statistics.median(times), times
+
+
+def matmul_peak(dtype, device, quick):
+    """Dense matmul FLOP/s measured here: the ceiling MFU is reported against."""
+    n = 4096 if device.type == "cuda" else (1024 if quick else 2048)
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    sec, _ = timed(lambda: torch.mm(a, b), device, steps=10 if device.type == "cuda" else 2, repeats=3, warmup=2)
+    return 2 * n ** 3 / sec
+
+
+def peak_memory_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS (Linux: KiB)
+
+
+def bench_model(cfg, names, device, precision, batch_size, compiled, attn, steps, repeats):
+    """One training step on synthetic uint8 tensors already on the device."""
+    seed_everything(cfg.seed)
+    c = dataclasses.replace(cfg, attn=attn)
+    model, processor = build_model(c, names)
+    model.to(device).train()
+    _, _, (mean, std) = transforms_for(processor)
+    size = model.config.image_size
+    opt = make_optimizer(model, c, device)
+    sched = make_scheduler(opt, 0, 10 ** 9)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    amp = autocast(precision, device)
+    step_model = torch.compile(model) if compiled else model
+    images = torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8, device=device)
+    labels = torch.randint(0, len(names), (batch_size,), device=device)
+
+    def step():
+        forward_backward(step_model, images, labels, amp, scaler, 1, mean, std)
+        optimizer_step(model, opt, scaler, sched, c.max_grad_norm)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    step()
+    sync(device)
+    first = time.perf_counter() - t0  # includes compilation when compiled
+    sec, times = timed(step, device, steps, repeats, warmup=2)
+    flops = vit_flops_per_image(model.config, training=True) * batch_size / sec if model.config.model_type == "vit" else None
+    return dict(img_s=batch_size / sec, ms_step=1000 * sec, spread_ms=[1000 * min(times), 1000 * max(times)],
+                first_step_s=first, peak_mem_mb=peak_memory_mb(device), flops=flops)
+
+
+def bench_data(train_set, batch_size, workers, device, steps, repeats):
+    sampler = EpochSampler(len(train_set), seed=0)
+    loader = make_loader(train_set, batch_size, workers, device, sampler)
+    need = steps * repeats + 2
+    it = iter(_endless(loader))
+    next(it), next(it)  # warm-up: worker start, first batches
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        n = sum(next(it)[0].shape[0] for _ in range(steps))
+        times.append(n / (time.perf_counter() - t0))
+    del it, loader
+    img_s = statistics.median(times)
+    return dict(img_s=img_s, img_s_per_core=img_s / max(1, workers), batches=need)
+
+
+def _endless(loader):
+    while True:
+        yield from loader
+
+
+def bench_e2e(cfg, train_set, names, device, precision, workers, steps, repeats, profile_dir=None):
+    """The real step fed by the real loader."""
+    seed_everything(cfg.seed)
+    model, processor = build_model(cfg, names)
+    model.to(device).train()
+    _, _, (mean, std) = transforms_for(processor)
+    opt = make_optimizer(model, cfg, device)
+    sched = make_scheduler(opt, 0, 10 ** 9)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    amp = autocast(precision, device)
+    step_model = torch.compile(model) if cfg.compile else model
+    loader = make_loader(train_set, cfg.batch_size, workers, device, EpochSampler(len(train_set), cfg.seed))
+    it = _endless(loader)
+    wait = [0.0]
+
+    def step():
+        t0 = time.perf_counter()
+        images, labels = next(it)
+        wait[0] += time.perf_counter() - t0
+        forward_backward(step_model, images, labels, amp, scaler, 1, mean, std)
+        optimizer_step(model, opt, scaler, sched, cfg.max_grad_norm)
+
+    for _ in range(3):
+        step()
+    sync(device)
+    wait[0] = 0.0
+    sec, times = timed(step, device, steps, repeats, warmup=0)
+    result = dict(img_s=cfg.batch_size / sec, ms_step=1000 * sec, spread_ms=[1000 * min(times), 1000 * max(times)],
+                  data_wait=wait[0] / (sum(times) * steps), workers=workers)
+    if profile_dir:
+        from torch.profiler import ProfilerActivity, profile
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=activities, record_shapes=False) as prof:
+            for _ in range(3):
+                step()
+            sync(device)
+        os.makedirs(profile_dir, exist_ok=True)
+        result["trace"] = os.path.join(profile_dir, "trace.json")
+        prof.export_chrome_trace(result["trace"])
+    return result
+
+
+def bench_eval(cfg, eval_set, names, device, precision, workers, max_images):
+    seed_everything(cfg.seed)
+    model, processor = build_model(cfg, names)
+    model.to(device)
+    _, _, (mean, std) = transforms_for(processor)
+    amp = autocast(precision, device)
+    subset = torch.utils.data.Subset(eval_set, range(min(len(eval_set), max_images)))
+    loader = make_loader(subset, cfg.eval_batch_size or 4 * cfg.batch_size, workers, device)
+    evaluate(model, loader, device, amp, mean, std, progress=False)  # warm-up: workers, kernels
+    times = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        n = evaluate(model, loader, device, amp, mean, std, progress=False)["samples"]
+        times.append(n / (time.perf_counter() - t0))
+    return dict(img_s=statistics.median(times), images=len(subset), batch_size=loader.batch_size, workers=workers)
+
+
+def main(argv=None):
+    cfg, b = parse_args(argv)
+    device = pick_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    modes = MODES if b.modes == "all" else tuple(_list(b.modes))
+    for m in modes:
+        if m not in MODES:
+            raise UserError(f"--modes: unknown mode {m!r}; use {', '.join(MODES)} or all")
+    quick = b.quick
+    steps = b.steps or (3 if quick else 10)
+    repeats = b.repeats or (2 if quick else 5)
+    cpu_precisions = ["fp32", "bf16"]
+    all_precisions = ["fp32", "fp16", "bf16"] if device.type == "cuda" else cpu_precisions
+    precisions = _list(b.precisions) or ([precision] if quick else all_precisions)
+    for p in precisions:
+        resolve_precision(p, device)  # refuses fp16 on the CPU, bf16 on old GPUs
+    batch_sizes = _list(b.batch_sizes, int) or ([cfg.batch_size] if quick else [cfg.batch_size * k for k in (1, 2, 4)])
+    compiles = [v == "on" for v in (_list(b.compile_modes) or (["off"] if quick else ["off", "on"]))]
+    attns = _list(b.attns) or ([cfg.attn] if quick else ["sdpa", "eager"])
+    workers = cfg.num_workers if cfg.num_workers >= 0 else default_num_workers()
+    worker_counts = _list(b.worker_counts, int) or sorted({0, workers, min(os.cpu_count() or 1, 2 * workers)} if not quick else {0, workers})
+
+    report = dict(env=env_info(device), config=dict(model=cfg.model, dataset=cfg.dataset, image_size=cfg.image_size,
+                  batch_size=cfg.batch_size, precision=precision, workers=workers, quick=quick, steps=steps,
+                  repeats=repeats), date=datetime.datetime.now().isoformat(timespec="seconds"))
+    env = report["env"]
+    print(f"vitfood.bench | {env['device']} | torch {env['torch']} | transformers {env['transformers']} | "
+          f"{env['cpu_count']} CPUs, {env['torch_threads']} threads | python {platform.python_version()}")
+    print(f"model {cfg.model} | dataset {cfg.dataset} | batch {cfg.batch_size} | precision {precision} | workers {workers}")
+
+    train_ds, eval_ds, names = load_splits(cfg)
+    model0, processor = build_model(cfg, names)
+    train_tf, eval_tf, _ = transforms_for(processor)
+    train_set = ImageDataset(train_ds, cfg.image_column, cfg.label_column, train_tf, seed=cfg.seed)
+    eval_set = ImageDataset(eval_ds, cfg.image_column, cfg.label_column, eval_tf)
+    report["flops_per_image_train"] = vit_flops_per_image(model0.config) if model0.config.model_type == "vit" else None
+    del model0
+
+    if "data" in modes:
+        print("\n[data] training input pipeline alone (decode + augment + collate, uint8 out)")
+        print(f"{'workers':>8} {'img/s':>10} {'img/s/core':>11}")
+        report["data"] = []
+        for w in worker_counts:
+            r = dict(workers=w, **bench_data(train_set, cfg.batch_size, w, device, steps * 2, repeats))
+            report["data"].append(r)
+            print(f"{w:>8} {r['img_s']:>10.1f} {r['img_s_per_core']:>11.1f}")
+
+    if "model" in modes:
+        print("\n[model] full training step on tensors already on the device")
+        peaks = {p: matmul_peak({"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[p], device, quick)
+                 for p in precisions}
+        report["matmul_peak_flops"] = peaks
+        print("matmul peak measured here: " + ", ".join(f"{p} {v / 1e12:.2f} TFLOP/s" for p, v in peaks.items()))
+        print(f"{'precision':>9} {'batch':>6} {'compile':>7} {'attn':>5} {'img/s':>9} {'ms/step':>9} "
+              f"{'TFLOP/s':>8} {'MFU':>6} {'peak MB':>8} {'1st step s':>10}")
+        report["model"] = []
+        for p in precisions:
+            for bs in batch_sizes:
+                for comp in compiles:
+                    for attn in attns:
+                        row = dict(precision=p, batch_size=bs, compile=comp, attn=attn)
+                        try:
+                            row.update(bench_model(cfg, names, device, p, bs, comp, attn, steps, repeats))
+                        except torch.OutOfMemoryError:
+                            row["error"] = "out of memory"
+                            print(f"{p:>9} {bs:>6} {str(comp):>7} {attn:>5}  out of memory: skipped")
+                            report["model"].append(row)
+                            if device.type == "cuda":
+                                torch.cuda.empty_cache()
+                            continue
+                        row["mfu"] = row["flops"] / peaks[p] if row["flops"] else None
+                        report["model"].append(row)
+                        print(f"{p:>9} {bs:>6} {str(comp):>7} {attn:>5} {row['img_s']:>9.1f} {row['ms_step']:>9.1f} "
+                              f"{(row['flops'] or 0) / 1e12:>8.3f} {(row['mfu'] or 0):>6.1%} {row['peak_mem_mb']:>8.0f} "
+                              f"{row['first_step_s']:>10.2f}")
+
+    profile_dir = None
+    if b.profile:
+        profile_dir = os.path.join("runs", f"bench-{datetime.datetime.now():%Y%m%d-%H%M%S}")
+    if "e2e" in modes:
+        print(f"\n[e2e] the real step fed by the real loader ({precision}, batch {cfg.batch_size}, {workers} workers)")
+        r = bench_e2e(cfg, train_set, names, device, precision, workers, steps, repeats, profile_dir)
+        report["e2e"] = r
+        print(f"img/s {r['img_s']:.1f} | ms/step {r['ms_step']:.1f} | data wait {r['data_wait']:.1%}")
+        ceiling = [m for m in report.get("model", []) if m.get("precision") == precision and
+                   m.get("batch_size") == cfg.batch_size and not m.get("compile") and m.get("attn") == cfg.attn and "img_s" in m]
+        if ceiling:
+            r["vs_compute_only"] = r["img_s"] / ceiling[0]["img_s"]
+            print(f"e2e / compute-only at the same precision and batch: {r['vs_compute_only']:.2f}")
+        if profile_dir:
+            print(f"profiler trace: {r['trace']} (open in chrome://tracing or ui.perfetto.dev)")
+
+    if "eval" in modes:
+        r = bench_eval(cfg, eval_set, names, device, precision, workers, max_images=64 if quick else 512)
+        report["eval"] = r
+        print(f"\n[eval] inference: {r['img_s']:.1f} img/s over {r['images']} images, batch {r['batch_size']}")
+
+    _check_finite(report)
+    text = json.dumps(report, default=float)
+    if b.out:
+        with open(b.out, "w") as fh:
+            fh.write(text + "\n")
+    print(text)
+    return report
+
+
+def _check_finite(obj):
+    """A figure that came out inf or nan is a measuring bug: say so rather than print it."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        raise RuntimeError("a benchmark figure is not finite")
+    if isinstance(obj, dict):
+        for v in obj.values():
+            _check_finite(v)
+    if isinstance(obj, list):
+        for v in obj:
+            _check_finite(v)
+
+
+if __name__ == "__main__":
+    run_main(main)
