@@ -9,7 +9,6 @@ from safetensors.torch import load_file
 
 from conftest import cli, train
 from vitfood import checkpoint
-from vitfood.common import UserError
 
 
 @pytest.fixture(scope="module")
@@ -198,3 +197,33 @@ def test_cli_error_has_no_traceback(tmp_path):
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "Traceback" not in r.stderr, r.stderr
     r = cli("--dataset", "food101", "--output-dir", tmp_path / "y")
     assert r.returncode == 2 and "Traceback" not in r.stderr and "food101" in r.stderr, r.stderr
+
+
+def test_export_best_and_resume_auto_on_a_fresh_dir(tmp_path, capsys):
+    out = tmp_path / "best"
+    results = train("--max-steps", 40, "--eval-steps", 10, "--save-steps", 10, "--lr", "5e-2",
+                    "--export", "best", "--resume", "auto", "--output-dir", out)
+    assert "no complete checkpoint" in capsys.readouterr().out
+    best = json.loads((out / checkpoint.BEST).read_text())
+    assert results["exported_step"] == best["step"] and results["eval_accuracy"] == pytest.approx(best["eval_accuracy"])
+    a = load_file(out / "model" / "model.safetensors")
+    b = load_file(out / f"checkpoint-{best['step']}" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert train("--resume", "auto", "--output-dir", out) is None  # finished: nothing to do
+    assert "already finished" in capsys.readouterr().out
+
+
+def test_trains_on_an_imagefolder_of_mixed_image_modes(tmp_path):
+    from PIL import Image
+    import numpy as np
+    rng = np.random.default_rng(0)
+    modes = ["L", "RGBA", "CMYK", "P", "LA", "RGB"]
+    for c in ("soup", "cake"):
+        (tmp_path / "imgs" / c).mkdir(parents=True)
+        for i, mode in enumerate(modes * 2):
+            img = Image.fromarray(rng.integers(0, 255, (40 + i, 50, 3), dtype=np.uint8)).convert(mode)
+            img.save(tmp_path / "imgs" / c / f"{i}.{'jpg' if mode in ('L', 'CMYK', 'RGB') else 'png'}")
+    results = train("--dataset", tmp_path / "imgs", "--max-steps", 3, "--batch-size", 4, "--output-dir", tmp_path / "run")
+    assert results["global_step"] == 3 and math.isfinite(results["eval_loss"])
+    cfg = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
+    assert sorted(cfg["id2label"].values()) == ["cake", "soup"]

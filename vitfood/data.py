@@ -309,11 +309,7 @@ def make_loader(dataset, batch_size, num_workers, device, sampler=None, seed=0):
         dataset, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=num_workers,
         pin_memory=device.type == "cuda", persistent_workers=num_workers > 0, drop_last=False,
         generator=torch.Generator().manual_seed(seed),  # own generator: the global RNG is never touched
-        worker_init_fn=None, prefetch_factor=4 if num_workers > 0 else None)
-
-
-def label_counts(dataset, num_classes):
-    return np.bincount(np.asarray(dataset.labels, dtype=np.int64), minlength=num_classes)
+        prefetch_factor=4 if num_workers > 0 else None)
 
 
 def check_labels(dataset, num_classes, which):

@@ -11,7 +11,6 @@ import datetime
 import json
 import math
 import os
-import sys
 import time
 
 import torch
