@@ -37,7 +37,7 @@ class Config:
     # model
     model: str = _opt("google/vit-base-patch16-224-in21k", "Hub id, local model folder, or a named config: vit-tiny, vit-small, vit-base, vit-micro")
     image_size: int | None = _opt(None, "input resolution in px for the named configs (unset: their own, 224)")
-    attn: str = _opt("sdpa", "attention implementation", ["sdpa", "eager"])
+    attn: str = _opt("auto", "attention implementation; auto: sdpa on CUDA, eager on the CPU (faster there, measured in bench/README.md)", ["auto", "sdpa", "eager"])
     compile: bool = _opt(False, "torch.compile the model (first steps are slow; compile time is reported)")
     # schedule
     max_steps: int | None = _opt(None, "optimizer steps to train; overrides --epochs")

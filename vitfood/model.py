@@ -16,8 +16,15 @@ NAMED = {
 }
 
 
-def build_model(cfg, class_names):
-    """(model, image_processor) with a classification head for `class_names`."""
+def resolve_attn(attn, device):
+    if attn != "auto":
+        return attn
+    return "sdpa" if device is not None and torch.device(device).type == "cuda" else "eager"
+
+
+def build_model(cfg, class_names, device=None):
+    """(model, image_processor) with a classification head for `class_names`; `device` resolves --attn auto."""
+    attn = resolve_attn(cfg.attn, device)
     from transformers import AutoImageProcessor, AutoModelForImageClassification, ViTConfig, \
         ViTForImageClassification, ViTImageProcessor
 
@@ -30,7 +37,7 @@ def build_model(cfg, class_names):
                 raise UserError(f"--image-size {cfg.image_size} must be a multiple of the patch size {shape['patch_size']}")
             shape["image_size"] = cfg.image_size
         config = ViTConfig(**shape, num_labels=len(class_names), id2label=id2label, label2id=label2id)
-        config._attn_implementation = cfg.attn
+        config._attn_implementation = attn
         model = ViTForImageClassification(config)
         s = shape["image_size"]
         processor = ViTImageProcessor(size={"height": s, "width": s}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
@@ -47,7 +54,7 @@ def build_model(cfg, class_names):
         processor = AutoImageProcessor.from_pretrained(path)
         model = AutoModelForImageClassification.from_pretrained(
             path, num_labels=len(class_names), id2label=id2label, label2id=label2id,
-            ignore_mismatched_sizes=True, attn_implementation=cfg.attn)
+            ignore_mismatched_sizes=True, attn_implementation=attn)
     except UserError:
         raise
     except Exception as e:

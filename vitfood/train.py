@@ -73,7 +73,7 @@ def main(argv=None):
     # ---- data and model
     seed_everything(cfg.seed)
     train_ds, eval_ds, class_names = load_splits(cfg)
-    model, processor = build_model(cfg, class_names)
+    model, processor = build_model(cfg, class_names, device)
     transformers.utils.logging.disable_progress_bar()  # downloads are done; no bar per checkpoint write
     train_tf, eval_tf, (mean, std) = transforms_for(processor)
     train_set = ImageDataset(train_ds, cfg.image_column, cfg.label_column, train_tf, seed=cfg.seed)
@@ -118,7 +118,8 @@ def main(argv=None):
     if not state:
         log_hparams(writer, cfg, precision, max_steps)
     print(f"run: {out} | {len(train_set)} train / {len(eval_set)} eval images, {len(class_names)} classes | "
-          f"{cfg.model} on {device} in {precision}, {workers} workers | {max_steps} steps")
+          f"{cfg.model} on {device} in {precision}, {model.config._attn_implementation} attention, {workers} workers | "
+          f"{max_steps} steps")
 
     # ---- the loop: an endless stream of micro-batches, positioned by the step count
     def micro_batches(first):
