@@ -304,18 +304,12 @@ class EpochSampler(torch.utils.data.Sampler):
         return self.n - self.start
 
 
-def _worker_init(worker_id):
-    # Workers yield the cores to the compute threads: on a small CPU an equal-priority worker
-    # preempts an OpenMP thread and stalls the whole step at its next barrier.
-    os.nice(int(os.environ.get("VITFOOD_WORKER_NICE", "10")))
-
-
 def make_loader(dataset, batch_size, num_workers, device, sampler=None, seed=0):
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=num_workers,
         pin_memory=device.type == "cuda", persistent_workers=num_workers > 0, drop_last=False,
         generator=torch.Generator().manual_seed(seed),  # own generator: the global RNG is never touched
-        worker_init_fn=_worker_init, prefetch_factor=4 if num_workers > 0 else None)
+        prefetch_factor=4 if num_workers > 0 else None)
 
 
 def check_labels(dataset, num_classes, which):
