@@ -31,10 +31,11 @@ def _numbers(obj):
         yield obj
 
 
-def test_quick_bench_reports_every_mode(capsys, tmp_path):
+def test_quick_bench_reports_every_mode(capsys, tmp_path, monkeypatch):
     from vitfood.bench import main
+    monkeypatch.chdir(tmp_path)
     out = tmp_path / "bench.json"
-    main([*TINY, "--quick", "--out", str(out), "--precisions", "fp32,bf16"])
+    main([*TINY, "--quick", "--out", str(out), "--precisions", "fp32,bf16", "--profile"])
     last = capsys.readouterr().out.strip().splitlines()[-1]
     report = json.loads(last)
     assert report == json.loads(out.read_text())
@@ -45,3 +46,5 @@ def test_quick_bench_reports_every_mode(capsys, tmp_path):
     assert report["data"][0]["img_s"] > 0 and report["e2e"]["img_s"] > 0 and 0 <= report["e2e"]["data_wait"] <= 1
     assert report["eval"]["img_s"] > 0 and report["eval"]["images"] > 0
     assert all(math.isfinite(v) for v in _numbers(report))
+    trace = json.loads(open(report["e2e"]["trace"]).read())  # Chrome/Perfetto trace format
+    assert trace["traceEvents"]
