@@ -119,8 +119,8 @@ def test_fp16_scaler_skips_a_step_with_inf_gradient():
     before = [p.detach().clone() for p in model.parameters()]
     forward_backward(model, images, labels, amp, scaler, 1, [0.5] * 3, [0.5] * 3)
     next(model.parameters()).grad[0, 0] = float("inf")
-    norm = optimizer_step(model, opt, scaler, sched, 1.0)
-    assert not math.isfinite(norm.item()) and scaler.get_scale() == 512.0
+    norm, stepped = optimizer_step(model, opt, scaler, sched, 1.0)
+    assert not stepped and not math.isfinite(norm.item()) and scaler.get_scale() == 512.0
     assert all(torch.equal(p, q) for p, q in zip(before, model.parameters()))  # skipped
     forward_backward(model, images, labels, amp, scaler, 1, [0.5] * 3, [0.5] * 3)
     optimizer_step(model, opt, scaler, sched, 1.0)

@@ -175,7 +175,7 @@ def bench_e2e(cfg, train_set, names, device, precision, workers, steps, repeats,
     loader = make_loader(train_set, cfg.batch_size, workers, device, EpochSampler(len(train_set), cfg.seed))
     it = _endless(loader)
     wait = [0.0]
-    fixed = [t.to(device) for t in next(it)]
+    fixed = [t.to(device) for t in next(it)[:2]]
 
     def train_on(images, labels):
         forward_backward(step_model, images, labels, amp, scaler, 1, mean, std)
@@ -183,7 +183,7 @@ def bench_e2e(cfg, train_set, names, device, precision, workers, steps, repeats,
 
     def e2e_step():
         t0 = time.perf_counter()
-        images, labels = next(it)
+        images, labels, _ = next(it)
         wait[0] += time.perf_counter() - t0
         train_on(images, labels)
 

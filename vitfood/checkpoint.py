@@ -7,11 +7,13 @@ last, COMPLETE.json listing every file and its size. It is built under a tempora
 renamed into place, so a folder named checkpoint-<step> is either complete or absent.
 """
 
+import errno
 import json
 import os
 import random
 import re
 import shutil
+import signal
 
 import numpy as np
 import torch
@@ -22,6 +24,24 @@ MARKER = "COMPLETE.json"
 STATE = "training_state.pt"
 BEST = "best_checkpoint.json"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+_reached = {}
+
+
+def fault_point(name):
+    """Test hook for the few-millisecond windows of a save. VITFOOD_FAULT=<name>[:<n>] SIGKILLs this
+    process the n-th time (default 1st) it reaches <name>; VITFOOD_FAULT=enospc:<name> fails there as a full disk."""
+    spec = os.environ.get("VITFOOD_FAULT", "")
+    if not spec:
+        return
+    parts = spec.split(":")
+    if parts[0] == "enospc" and parts[1:] == [name]:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    if parts[0] == name:
+        _reached[name] = _reached.get(name, 0) + 1
+        if _reached[name] == int(parts[1] if len(parts) > 1 else 1):
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _fsync_dir(path):
@@ -68,18 +88,30 @@ def save(output_dir, step, model, processor, training_state):
     final = os.path.join(output_dir, f"checkpoint-{step}")
     tmp = os.path.join(output_dir, f".tmp-checkpoint-{step}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    processor.save_pretrained(tmp)
-    torch.save(training_state, os.path.join(tmp, STATE))
+    try:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        fault_point("weights_written")
+        torch.save(training_state, os.path.join(tmp, STATE))
+        _seal(tmp, step)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # never leave a partial folder behind, even on a full disk
+        raise
+    _swap_in(tmp, final)
+    fault_point("renamed")
+    return final
+
+
+def _seal(tmp, step):
+    """fsync every file, then write the marker that makes the folder a complete checkpoint."""
     files = {}
     for name in sorted(os.listdir(tmp)):
         with open(os.path.join(tmp, name), "rb+") as fh:
             os.fsync(fh.fileno())
         files[name] = os.path.getsize(os.path.join(tmp, name))
+    fault_point("marker")
     write_json_atomic(os.path.join(tmp, MARKER), dict(step=step, files=files))
     _fsync_dir(tmp)
-    _swap_in(tmp, final)
-    return final
 
 
 def _swap_in(tmp, final):
@@ -88,6 +120,7 @@ def _swap_in(tmp, final):
     if os.path.exists(final):
         old = os.path.join(parent, f".old-{name}-{os.getpid()}")
         os.replace(final, old)
+        fault_point("swapping")
         os.replace(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
     else:
@@ -160,6 +193,7 @@ def rotate(output_dir, keep):
             continue
         trash = os.path.join(output_dir, f".trash-checkpoint-{step}-{os.getpid()}")
         os.replace(path, trash)  # renamed first: a kill mid-delete never leaves a partial checkpoint-N
+        fault_point("rotating")
         shutil.rmtree(trash)
 
 

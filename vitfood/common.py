@@ -21,8 +21,17 @@ def run_main(main):
     try:
         main()
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        # raised in a DataLoader worker, the message carries the worker's traceback: keep its last line
+        line = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        line = re.sub(r"^[\w.]*Error: ", "", line)
+        print(f"error: {line}", file=sys.stderr)
         sys.exit(2)
+    except RuntimeError as e:
+        if "DataLoader worker" not in str(e):
+            raise
+        print(f"error: {str(e).strip().splitlines()[0]} (killed for memory? try fewer --num-workers "
+              "or a smaller --batch-size; resume with --resume auto)", file=sys.stderr)
+        sys.exit(1)
 
 
 def pick_device(name="auto"):

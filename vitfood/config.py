@@ -34,9 +34,11 @@ class Config:
     synthetic_size: int = _opt(2500, "images generated for --dataset synthetic (all in its 'train' split)")
     synthetic_classes: int = _opt(10, "classes of --dataset synthetic")
     synthetic_max_px: int = _opt(512, "longest side, in pixels, of the largest synthetic image")
+    bad_images: str = _opt("skip", "an image that cannot be decoded: skip it (counted, with a warning) or stop with an error", ["skip", "error"])
     # model
     model: str = _opt("google/vit-base-patch16-224-in21k", "Hub id, local model folder, or a named config: vit-tiny, vit-small, vit-base, vit-micro")
     image_size: int | None = _opt(None, "input resolution in px for the named configs (unset: their own, 224)")
+    trust_remote_code: bool = _opt(False, "let a Hub model run its own code (off: nothing from a repository is executed)")
     attn: str = _opt("auto", "attention implementation; auto: sdpa on CUDA, eager on the CPU (faster there, measured in bench/README.md)", ["auto", "sdpa", "eager"])
     compile: bool = _opt(False, "torch.compile the model (first steps are slow; compile time is reported)")
     # schedule
@@ -49,6 +51,7 @@ class Config:
     weight_decay: float = _opt(0.0, "AdamW weight decay (never applied to biases and norm weights)")
     warmup_steps: int = _opt(0, "linear warm-up steps, then linear decay to 0")
     max_grad_norm: float = _opt(1.0, "clip the gradient norm to this (0: no clipping)")
+    max_nonfinite_steps: int = _opt(25, "stop after this many consecutive steps with non-finite loss or gradients (each is skipped)")
     precision: str = _opt("auto", "auto: fp16 on CUDA, bf16 on CPUs with bf16 matrix units, else fp32", ["auto", "fp32", "fp16", "bf16"])
     # evaluation, checkpoints, logging
     eval_steps: int = _opt(100, "evaluate every N optimizer steps (and at the end)")
@@ -66,7 +69,7 @@ class Config:
     preset: str | None = _opt(None, "start from a named preset", ["demo"])
 
     def validate(self):
-        positive = ["batch_size", "grad_accum_steps", "eval_steps", "save_steps", "logging_steps",
+        positive = ["batch_size", "grad_accum_steps", "eval_steps", "save_steps", "logging_steps", "max_nonfinite_steps",
                     "save_total_limit", "synthetic_size", "synthetic_max_px"]
         for name in positive:
             if getattr(self, name) < 1:
@@ -85,6 +88,9 @@ class Config:
             raise UserError("--weight-decay, --warmup-steps and --max-grad-norm must not be negative")
         if not 0 < self.test_size < 1:
             raise UserError(f"--test-size must be between 0 and 1, got {self.test_size}")
+        if self.export == "best" and self.save_steps % self.eval_steps:
+            raise UserError(f"--export best needs evals at the saves: --save-steps ({self.save_steps}) must be a "
+                            f"multiple of --eval-steps ({self.eval_steps})")
         if self.num_workers < -1:
             raise UserError(f"--num-workers must be -1 (auto) or at least 0, got {self.num_workers}")
         for f in dataclasses.fields(self):

@@ -11,6 +11,7 @@ import math
 import os
 import random
 import re
+import signal
 import warnings
 
 import numpy as np
@@ -263,15 +264,28 @@ def normalize(images, mean, std):
 
 # ---------------------------------------------------------------------------- datasets and loaders
 
-class ImageDataset(torch.utils.data.Dataset):
-    """Per-index access to a `datasets.Dataset`: (uint8 image, label). Keys are (epoch, index) or index."""
+class BadImageError(UserError):
+    """An image that cannot be decoded, with --bad-images error."""
 
-    def __init__(self, ds, image_column, label_column, transform, seed=0):
+
+# What a damaged, truncated, non-image or oversized file raises while it is opened or decoded.
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError,
+                 Image.DecompressionBombWarning)
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Per-index access to a `datasets.Dataset`: (uint8 image, label). Keys are (epoch, index) or index.
+
+    An image that fails to decode gives None (skipped and counted by `collate`), or raises
+    BadImageError naming it when `skip_bad` is off.
+    """
+
+    def __init__(self, ds, image_column, label_column, transform, seed=0, skip_bad=True):
         import datasets
         self.ds = ds.select_columns([image_column]).cast_column(image_column, datasets.Image(decode=False))
         self.image_column = image_column
         self.labels = [int(v) for v in ds[label_column]]
-        self.transform, self.seed = transform, seed
+        self.transform, self.seed, self.skip_bad = transform, seed, skip_bad
 
     def __len__(self):
         return len(self.labels)
@@ -279,8 +293,32 @@ class ImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, key):
         epoch, i = key if isinstance(key, tuple) else (0, key)
         rng = random.Random(f"{self.seed}-{epoch}-{i}")  # string seeds hash with sha512: stable everywhere
-        img = open_image(self.ds[i][self.image_column])
-        return self.transform(img, rng), self.labels[i]
+        cell = self.ds[i][self.image_column]
+        try:
+            image = self.transform(open_image(cell), rng)
+        except DECODE_ERRORS as e:
+            if self.skip_bad:
+                return None
+            where = cell.get("path") or "embedded bytes"
+            raise BadImageError(f"image {i} ({where}) cannot be decoded: {type(e).__name__}: {e}"
+                                " (--bad-images skip skips and counts such images)") from None
+        return image, self.labels[i]
+
+
+def collate(samples):
+    """Stack (image, label) pairs; damaged images (None) are dropped and counted: (images, labels, skipped)."""
+    good = [s for s in samples if s is not None]
+    if not good:
+        raise BadImageError(f"all {len(samples)} images of a batch failed to decode; is the data set damaged?")
+    images = torch.stack([img for img, _ in good])
+    labels = torch.tensor([label for _, label in good], dtype=torch.int64)
+    return images, labels, len(samples) - len(good)
+
+
+def _worker_init(worker_id):
+    # Ctrl-C reaches the whole process group: workers ignore it so the main process can
+    # finish its step and save; they end when it closes them.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -306,13 +344,15 @@ class EpochSampler(torch.utils.data.Sampler):
 
 def make_loader(dataset, batch_size, num_workers, device, sampler=None, seed=0):
     return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=num_workers,
+        dataset, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=num_workers, collate_fn=collate,
         pin_memory=device.type == "cuda", persistent_workers=num_workers > 0, drop_last=False,
         generator=torch.Generator().manual_seed(seed),  # own generator: the global RNG is never touched
-        prefetch_factor=4 if num_workers > 0 else None)
+        worker_init_fn=_worker_init, prefetch_factor=4 if num_workers > 0 else None)
 
 
 def check_labels(dataset, num_classes, which):
+    if num_classes < 2:
+        raise UserError(f"the data set has {num_classes} class(es); a classifier needs at least 2")
     bad = [v for v in dataset.labels if not 0 <= v < num_classes]
     if bad:
         raise UserError(f"the {which} split has label {bad[0]} outside the {num_classes} classes (0..{num_classes - 1})")

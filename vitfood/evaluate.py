@@ -15,8 +15,8 @@ def evaluate(model, loader, device, amp, mean, std, progress=True):
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct1 = torch.zeros((), dtype=torch.int64, device=device)
     correct5 = torch.zeros((), dtype=torch.int64, device=device)
-    n = 0
-    for images, labels in tqdm(loader, desc="eval", leave=False, disable=not progress, dynamic_ncols=True):
+    n = skipped = 0
+    for images, labels, bad in tqdm(loader, desc="eval", leave=False, disable=not progress, dynamic_ncols=True):
         images = normalize(images.to(device, non_blocking=True), mean, std)
         labels = labels.to(device, non_blocking=True)
         with amp:
@@ -28,6 +28,7 @@ def evaluate(model, loader, device, amp, mean, std, progress=True):
         correct1 += hits[:, 0].sum()
         correct5 += hits.any(dim=-1).sum()
         n += labels.numel()
+        skipped += bad
     model.train(was_training)
     # one host-device sync, at the end
-    return dict(loss=loss_sum.item() / n, acc1=correct1.item() / n, acc5=correct5.item() / n, samples=n)
+    return dict(loss=loss_sum.item() / n, acc1=correct1.item() / n, acc5=correct5.item() / n, samples=n, skipped=skipped)

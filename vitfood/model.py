@@ -51,10 +51,10 @@ def build_model(cfg, class_names, device=None):
         raise UserError(f"model path {name} does not exist (or is not a folder)")
     path = os.path.expanduser(name)
     try:
-        processor = AutoImageProcessor.from_pretrained(path)
+        processor = AutoImageProcessor.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
         model = AutoModelForImageClassification.from_pretrained(
             path, num_labels=len(class_names), id2label=id2label, label2id=label2id,
-            ignore_mismatched_sizes=True, attn_implementation=attn)
+            ignore_mismatched_sizes=True, attn_implementation=attn, trust_remote_code=cfg.trust_remote_code)
     except UserError:
         raise
     except Exception as e:

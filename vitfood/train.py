@@ -11,6 +11,8 @@ import datetime
 import json
 import math
 import os
+import signal
+import sys
 import time
 
 import torch
@@ -25,6 +27,8 @@ from vitfood.config import build_parser, resolve, to_dict
 from vitfood.data import EpochSampler, ImageDataset, check_labels, load_splits, make_loader, normalize, transforms_for
 from vitfood.evaluate import evaluate
 from vitfood.model import build_model, load_weights, make_optimizer, make_scheduler, unwrap
+
+EXIT_STOPPED = 75  # stopped by SIGTERM/SIGINT after saving a checkpoint (sysexits' EX_TEMPFAIL: run it again)
 
 
 def resolve_run(argv):
@@ -76,8 +80,9 @@ def main(argv=None):
     model, processor = build_model(cfg, class_names, device)
     transformers.utils.logging.disable_progress_bar()  # downloads are done; no bar per checkpoint write
     train_tf, eval_tf, (mean, std) = transforms_for(processor)
-    train_set = ImageDataset(train_ds, cfg.image_column, cfg.label_column, train_tf, seed=cfg.seed)
-    eval_set = ImageDataset(eval_ds, cfg.image_column, cfg.label_column, eval_tf)
+    skip_bad = cfg.bad_images == "skip"
+    train_set = ImageDataset(train_ds, cfg.image_column, cfg.label_column, train_tf, seed=cfg.seed, skip_bad=skip_bad)
+    eval_set = ImageDataset(eval_ds, cfg.image_column, cfg.label_column, eval_tf, skip_bad=skip_bad)
     check_labels(train_set, len(class_names), "train")
     check_labels(eval_set, len(class_names), "eval")
     workers = cfg.num_workers if cfg.num_workers >= 0 else default_num_workers()
@@ -129,17 +134,31 @@ def main(argv=None):
             yield from train_loader
             epoch, batch = epoch + 1, 0
 
+    # SIGTERM (preemption) or Ctrl-C: finish the step, save, exit with EXIT_STOPPED; a second one exits at once
+    stop = []
+
+    def request_stop(signum, frame):
+        if stop:
+            os._exit(130)  # checkpoints are only ever renamed into place: nothing on disk is left half-valid
+        stop.append(signal.Signals(signum).name)
+        tqdm.write(f"{stop[0]}: finishing this step, then saving a checkpoint and exiting (again to exit at once)")
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+
     stream = micro_batches(step * accum)
     loss_sum = torch.zeros((), device=device)
     norm_sum = torch.zeros((), device=device)
     t_log, wait, paused, images_seen, images_total = time.perf_counter(), 0.0, 0.0, 0, 0
+    skipped_images, bad_steps, first_bad = 0, 0, None
     t_start = time.perf_counter()
     metrics = None
     pbar = tqdm(total=max_steps, initial=step, desc="train", dynamic_ncols=True)
     while True:
         last_step = step == max_steps
+        stopping = bool(stop) and not last_step
         eval_now = step > start_step and (step % cfg.eval_steps == 0 or last_step)
-        save_now = step > start_step and (step % cfg.save_steps == 0 or last_step)
+        save_now = step > start_step and (step % cfg.save_steps == 0 or last_step or stopping)
         t_pause = time.perf_counter()
         if eval_now:
             metrics = evaluate(train_model, eval_loader, device, amp, mean, std)
@@ -151,31 +170,47 @@ def main(argv=None):
             new_best = eval_now and (best is None or metrics["acc1"] > best["eval_accuracy"])
             if new_best:
                 best = dict(step=step, eval_accuracy=metrics["acc1"], eval_loss=metrics["loss"])
-            checkpoint.save(out, step, unwrap(model), processor, dict(
-                step=step, best=best, metrics=metrics if eval_now else None,
-                data_position=dict(epoch=step * accum // batches_per_epoch, batch=step * accum % batches_per_epoch),
-                optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
-                rng=checkpoint.rng_state()))
-            if new_best:
-                checkpoint.write_json_atomic(os.path.join(out, checkpoint.BEST), best)
-            checkpoint.rotate(out, cfg.save_total_limit)
+            try:
+                checkpoint.save(out, step, unwrap(model), processor, dict(
+                    step=step, best=best, metrics=metrics if eval_now else None,
+                    data_position=dict(epoch=step * accum // batches_per_epoch, batch=step * accum % batches_per_epoch),
+                    optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
+                    rng=checkpoint.rng_state()))
+                if new_best:
+                    checkpoint.write_json_atomic(os.path.join(out, checkpoint.BEST), best)
+                checkpoint.rotate(out, cfg.save_total_limit)
+            except OSError as e:
+                raise UserError(f"cannot write checkpoint-{step} in {out}: {e.strerror or e}; "
+                                "the complete checkpoints already there are intact") from None
         paused += time.perf_counter() - t_pause  # eval and save time is not training throughput
-        if last_step:
+        if last_step or stopping:
             break
 
         lr = scheduler.get_last_lr()[0]
         for micro in range(accum):
             t0 = time.perf_counter()
-            images, labels = next(stream)
+            images, labels, skipped = next(stream)
             wait += time.perf_counter() - t0
+            skipped_images += skipped
             if step == 0 and micro == 0:
                 from torchvision.utils import make_grid
                 writer.add_image("train/augmented_images", make_grid(images[:16], nrow=4), 0)
             loss_sum += forward_backward(train_model, images, labels, amp, scaler, accum, mean, std)
             images_seen += labels.shape[0]
-        norm_sum += optimizer_step(model, optimizer, scaler, scheduler, cfg.max_grad_norm)
+        norm, finite = optimizer_step(model, optimizer, scaler, scheduler, cfg.max_grad_norm)
         step += 1
         pbar.update(1)
+        if finite:
+            norm_sum += norm
+            bad_steps = 0
+        else:  # the step was skipped: weights never take a nan
+            bad_steps, first_bad = bad_steps + 1, first_bad if bad_steps else step
+            writer.add_scalar("train/skipped_step", 1, step)
+            if bad_steps >= cfg.max_nonfinite_steps:
+                last_good = checkpoint.complete_checkpoints(out)
+                raise UserError(f"loss or gradients not finite for {bad_steps} consecutive steps ({first_bad} to {step}); "
+                                f"stopped. Last good checkpoint: {last_good[-1][1] if last_good else 'none'}; "
+                                "try a lower --lr or --precision fp32")
 
         if step % cfg.logging_steps == 0 or step == max_steps:
             n = cfg.logging_steps if step % cfg.logging_steps == 0 else step % cfg.logging_steps
@@ -188,6 +223,8 @@ def main(argv=None):
             writer.add_scalar("train/data_wait", min(1.0, wait / dt), step)
             if scaler.is_enabled():
                 writer.add_scalar("amp/scale", scaler.get_scale(), step)
+            if skipped_images:
+                writer.add_scalar("data/skipped_images", skipped_images, step)
             pbar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{images_seen / dt:.1f}")
             images_total += images_seen
             loss_sum.zero_()
@@ -195,6 +232,13 @@ def main(argv=None):
             t_log, wait, paused, images_seen = time.perf_counter(), 0.0, 0.0, 0
     pbar.close()
     runtime = time.perf_counter() - t_start
+    if skipped_images:
+        print(f"warning: {skipped_images} damaged image(s) could not be decoded and were skipped (--bad-images error to stop instead)")
+    if stopping:
+        writer.close()
+        print(f"stopped by {stop[0]} at step {step}: saved {os.path.join(out, f'checkpoint-{step}')}; "
+              f"continue with --resume auto --output-dir {out}")
+        sys.exit(EXIT_STOPPED)
 
     # ---- export and report
     final, export_step = metrics, step
@@ -228,14 +272,20 @@ def forward_backward(model, images, labels, amp, scaler, accum, mean, std):
 
 
 def optimizer_step(model, optimizer, scaler, scheduler, max_grad_norm):
-    """Unscale, clip, step (skipped by the scaler on inf/nan fp16 gradients), update, zero. Returns the grad norm."""
+    """Unscale, clip, step, update, zero. Returns (grad norm, whether the step was taken).
+
+    A step whose gradients are not finite is skipped in every precision, as the GradScaler does
+    for fp16, so the weights never take a nan.
+    """
     scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm or float("inf"))
-    scaler.step(optimizer)
-    scaler.update()
+    finite = bool(torch.isfinite(norm))  # one host-device sync a step (the fp16 GradScaler makes one too)
+    if finite:
+        scaler.step(optimizer)
+    scaler.update()  # fp16: lowers the scale after an overflow
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return norm
+    return norm, finite
 
 
 def log_hparams(writer, cfg, precision, max_steps):
