@@ -31,17 +31,21 @@ _reached = {}
 
 def fault_point(name):
     """Test hook for the few-millisecond windows of a save. VITFOOD_FAULT=<name>[:<n>] SIGKILLs this
-    process the n-th time (default 1st) it reaches <name>; VITFOOD_FAULT=enospc:<name> fails there as a full disk."""
+    process the n-th time (default 1st) it reaches <name>; VITFOOD_FAULT=enospc:<name>[:<n>] fails there
+    as a full disk instead."""
     spec = os.environ.get("VITFOOD_FAULT", "")
     if not spec:
         return
     parts = spec.split(":")
-    if parts[0] == "enospc" and parts[1:] == [name]:
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    if parts[0] == name:
-        _reached[name] = _reached.get(name, 0) + 1
-        if _reached[name] == int(parts[1] if len(parts) > 1 else 1):
-            os.kill(os.getpid(), signal.SIGKILL)
+    disk_full = parts[0] == "enospc"
+    parts = parts[1:] if disk_full else parts
+    if parts[0] != name:
+        return
+    _reached[name] = _reached.get(name, 0) + 1
+    if _reached[name] == int(parts[1] if len(parts) > 1 else 1):
+        if disk_full:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _fsync_dir(path):

@@ -16,11 +16,19 @@ class UserError(Exception):
     """A problem with the user's input: printed as one line, exit status 2, no traceback."""
 
 
+def _close_progress_bars():
+    """End any open tqdm bar, so an error starts on a line of its own."""
+    from tqdm import tqdm
+    for bar in list(getattr(tqdm, "_instances", [])):
+        bar.close()
+
+
 def run_main(main):
     """Run an entry point; a UserError becomes one line on stderr and exit status 2."""
     try:
         main()
     except UserError as e:
+        _close_progress_bars()
         # raised in a DataLoader worker, the message carries the worker's traceback: keep its last line
         line = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         line = re.sub(r"^[\w.]*Error: ", "", line)
@@ -29,6 +37,7 @@ def run_main(main):
     except RuntimeError as e:
         if "DataLoader worker" not in str(e):
             raise
+        _close_progress_bars()
         print(f"error: {str(e).strip().splitlines()[0]} (killed for memory? try fewer --num-workers "
               "or a smaller --batch-size; resume with --resume auto)", file=sys.stderr)
         sys.exit(1)

@@ -316,9 +316,10 @@ def collate(samples):
 
 
 def _worker_init(worker_id):
-    # Ctrl-C reaches the whole process group: workers ignore it so the main process can
-    # finish its step and save; they end when it closes them.
+    # Ctrl-C and a scheduler's SIGTERM reach the whole process group: workers ignore them so the
+    # main process can finish its step and save; they end when it closes the loader (or dies).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class EpochSampler(torch.utils.data.Sampler):

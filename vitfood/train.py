@@ -52,6 +52,7 @@ def resolve_run(argv):
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"--output-dir {out} exists and is not a folder")
 
+    checkpoint.cleanup(out)  # what a killed run left: temporary folders, a checkpoint moved aside for a re-save
     ckpts = checkpoint.complete_checkpoints(out)
     if resume == "auto":
         if ckpts:
@@ -99,23 +100,24 @@ def main(argv=None):
     scheduler = make_scheduler(optimizer, cfg.warmup_steps, max_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")  # loss scaling only for fp16
     amp = autocast(precision, device)
-    step, best = 0, None
+    step, best, metrics = 0, None, None
     if state:
         load_weights(model, resume_from)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         checkpoint.set_rng_state(state["rng"])
-        step, best = state["step"], state["best"]
-        if step >= max_steps:
+        step, best, metrics = state["step"], state["best"], state["metrics"]
+        if step >= max_steps and os.path.isfile(os.path.join(out, "all_results.json")):
             print(f"{out}: the run already finished at step {step} (of {max_steps}); nothing to do")
             return
+        if best:  # a kill between a save and this file would leave it naming an older best
+            checkpoint.write_json_atomic(os.path.join(out, checkpoint.BEST), best)
         print(f"resuming from {resume_from} at step {step}")
     start_step = step
     train_model = torch.compile(model) if cfg.compile else model
 
     os.makedirs(out, exist_ok=True)
-    checkpoint.cleanup(out)
     checkpoint.write_json_atomic(os.path.join(out, "train_config.json"), to_dict(cfg))
     checkpoint.write_json_atomic(os.path.join(out, "env.json"), env_info(device))
     from torch.utils.tensorboard import SummaryWriter
@@ -152,7 +154,6 @@ def main(argv=None):
     t_log, wait, paused, images_seen, images_total = time.perf_counter(), 0.0, 0.0, 0, 0
     skipped_images, bad_steps, first_bad = 0, 0, None
     t_start = time.perf_counter()
-    metrics = None
     pbar = tqdm(total=max_steps, initial=step, desc="train", dynamic_ncols=True)
     while True:
         last_step = step == max_steps

@@ -1,0 +1,183 @@
+"""Crash safety: real training processes killed anywhere, preempted, out of disk; then resumed to the end."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import TINY, train
+from vitfood import checkpoint
+
+# 240 synthetic images -> 192 train = 12 micro-batches an epoch; checkpoints every 5 steps, 2 workers
+RUN = [*TINY, "--max-steps", "30", "--eval-steps", "10", "--save-steps", "5", "--num-workers", "2",
+       "--logging-steps", "5"]
+
+
+def start(out, *extra, env=None):
+    cmd = [sys.executable, "-m", "vitfood.train", *RUN, "--output-dir", str(out), "--resume", "auto", *extra]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONUNBUFFERED": "1", **(env or {})},
+                            start_new_session=True)
+
+
+def wait_for_training(proc, timeout=120):
+    """Block until the run prints its 'run:' line (set-up done, the loop starts)."""
+    deadline = time.time() + timeout
+    for line in proc.stdout:
+        if line.startswith("run:") or time.time() > deadline:
+            return True
+    return False
+
+
+def finish(out, *extra, tries=6):
+    """Rerun with --resume auto until the run is complete; returns the last process."""
+    for _ in range(tries):
+        p = start(out, *extra)
+        p.communicate(timeout=300)
+        if p.returncode == 0 and (out / "all_results.json").exists():
+            return p
+    raise AssertionError(f"run in {out} did not complete: {p.returncode}")
+
+
+def weights(out):
+    return load_file(out / "model" / "model.safetensors")
+
+
+def same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "run"
+    p = start(out)
+    p.communicate(timeout=300)
+    assert p.returncode == 0
+    return weights(out)
+
+
+def _only_complete_checkpoints(out):
+    names = [n for n in os.listdir(out) if n.startswith("checkpoint-")]
+    assert all(checkpoint.is_complete(out / n) for n in names), names
+
+
+@pytest.mark.parametrize("point", ["weights_written:2", "rotating:1", "renamed:6",  # the last: before the export
+                                   pytest.param("marker:3", marks=pytest.mark.slow),
+                                   pytest.param("renamed:2", marks=pytest.mark.slow),
+                                   pytest.param("weights_written:6", marks=pytest.mark.slow)])
+def test_kill_inside_a_save_window_then_resume_is_exact(tmp_path, reference, point):
+    out = tmp_path / "run"
+    p = start(out, env={"VITFOOD_FAULT": point})
+    p.communicate(timeout=300)
+    assert p.returncode == -signal.SIGKILL
+    _only_complete_checkpoints(out)
+    finish(out)
+    assert same(weights(out), reference)
+    assert not [n for n in os.listdir(out) if n.startswith(".")]
+
+
+def test_kill_while_swapping_a_resaved_checkpoint(tmp_path, reference):
+    out = tmp_path / "run"
+    finish(out, "--save-total-limit", "10")
+    # an explicit resume from step 20 re-saves step 25 over the existing one; die between the two renames
+    p = subprocess.run([sys.executable, "-m", "vitfood.train", "--resume", str(out / "checkpoint-20")],
+                       env={**os.environ, "VITFOOD_FAULT": "swapping"}, capture_output=True, text=True, timeout=300)
+    assert p.returncode == -signal.SIGKILL
+    assert not (out / "checkpoint-25").exists() and any(n.startswith(".old-checkpoint-25") for n in os.listdir(out))
+    p = subprocess.run([sys.executable, "-m", "vitfood.train", "--resume", "auto", "--output-dir", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and checkpoint.is_complete(out / "checkpoint-25")  # put back, then found finished
+    assert same(weights(out), reference)
+
+
+def _kill_at_random_times(tmp_path, reference, trials, seed):
+    rng = random.Random(seed)
+    for trial in range(trials):
+        out = tmp_path / f"run{trial}"
+        for _ in range(rng.randint(1, 3)):  # one to three kills in a trial
+            p = start(out)
+            if wait_for_training(p):
+                time.sleep(rng.uniform(0.0, 2.5))
+            os.killpg(p.pid, signal.SIGKILL)
+            p.communicate(timeout=60)
+            _only_complete_checkpoints(out)
+        finish(out)
+        assert same(weights(out), reference), f"trial {trial}"
+
+
+def test_kill_at_random_moments_then_resume_is_exact(tmp_path, reference):
+    _kill_at_random_times(tmp_path, reference, trials=2, seed=0)
+
+
+@pytest.mark.slow
+def test_kill_at_twenty_random_moments(tmp_path, reference):
+    _kill_at_random_times(tmp_path, reference, trials=20, seed=1)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_preemption_saves_and_resumes_exactly(tmp_path, reference, sig):
+    out = tmp_path / "run"
+    p = start(out)
+    assert wait_for_training(p)
+    time.sleep(0.4)
+    os.killpg(p.pid, sig)  # the whole group, as a terminal's Ctrl-C or a scheduler would
+    stdout, stderr = p.communicate(timeout=120)
+    if p.returncode == 0:
+        pytest.skip("the run finished before the signal arrived")
+    assert p.returncode == 75, stderr[-2000:]
+    saved = [s for s, _ in checkpoint.complete_checkpoints(out)]
+    assert f"saved {out / f'checkpoint-{saved[-1]}'}" in stdout
+    assert "Traceback" not in stderr
+    finish(out)
+    assert same(weights(out), reference)
+
+
+def test_second_ctrl_c_exits_at_once_without_harm(tmp_path):
+    out = tmp_path / "run"
+    p = start(out, "--max-steps", "100000", "--save-steps", "3")
+    assert wait_for_training(p)
+    time.sleep(2.0)
+    os.killpg(p.pid, signal.SIGINT)
+    os.killpg(p.pid, signal.SIGINT)
+    p.communicate(timeout=60)
+    assert p.returncode in (130, 75)
+    _only_complete_checkpoints(out)
+    newest = checkpoint.complete_checkpoints(out)[-1][1]
+    assert checkpoint.load_state(newest)["step"] > 0
+
+
+def test_disk_full_while_saving_keeps_earlier_checkpoints(tmp_path, monkeypatch, capsys):
+    from vitfood.common import run_main
+    out = tmp_path / "run"
+    monkeypatch.setenv("VITFOOD_FAULT", "enospc:weights_written:3")
+    with pytest.raises(SystemExit) as e:
+        run_main(lambda: train("--max-steps", 30, "--save-steps", 5, "--eval-steps", 5, "--output-dir", out))
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar
+    assert e.value.code == 2 and err.startswith("error: ") and "No space left on device" in err and "checkpoint-15" in err
+    assert [s for s, _ in checkpoint.complete_checkpoints(out)] == [5, 10]
+    assert not [n for n in os.listdir(out) if n.startswith(".")]
+    monkeypatch.delenv("VITFOOD_FAULT")
+    results = train("--resume", "auto", "--output-dir", out)
+    assert results["global_step"] == 30
+
+
+def test_nonfinite_loss_stops_with_the_step_and_keeps_good_checkpoints(tmp_path, capsys):
+    from vitfood.common import run_main
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit):
+        run_main(lambda: train("--max-steps", 40, "--lr", "1e30", "--max-grad-norm", "0", "--save-steps", 2,
+                               "--eval-steps", 2, "--max-nonfinite-steps", 3, "--output-dir", out))
+    err = capsys.readouterr().err
+    assert "not finite for 3 consecutive steps" in err and "Last good checkpoint" in err
+    for _, path in checkpoint.complete_checkpoints(out):
+        state = load_file(os.path.join(path, "model.safetensors"))
+        assert all(torch.isfinite(t).all() for t in state.values())
+    with open(out / "train_config.json") as fh:
+        assert json.load(fh)["max_nonfinite_steps"] == 3
