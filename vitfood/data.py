@@ -316,10 +316,10 @@ def collate(samples):
 
 
 def _worker_init(worker_id):
-    # Ctrl-C and a scheduler's SIGTERM reach the whole process group: workers ignore them so the
-    # main process can finish its step and save; they end when it closes the loader (or dies).
+    # Ctrl-C goes to the terminal's whole process group: workers leave it (and ignore SIGINT) so the
+    # main process can finish its step and save. SIGTERM keeps its default: the loader's shutdown uses it.
+    os.setpgrp()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class EpochSampler(torch.utils.data.Sampler):

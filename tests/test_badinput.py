@@ -1,0 +1,125 @@
+"""Hostile input: damaged images, bad labels, bad configs and checkpoints. One clear line, or a counted skip."""
+
+import io
+import os
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import train
+from vitfood import checkpoint
+from vitfood.common import run_main
+
+
+def _error(capsys, *args):
+    with pytest.raises(SystemExit) as e:
+        run_main(lambda: train(*args))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err[-1].startswith("error: ") and not any("Traceback" in l for l in err), err
+    return err[-1]
+
+
+@pytest.fixture(scope="module")
+def damaged_folder(tmp_path_factory):
+    """An imagefolder of two classes where some files are damaged and some are odd but valid."""
+    root = tmp_path_factory.mktemp("damaged") / "imgs"
+    rng = np.random.default_rng(0)
+    for c in ("curry", "salad"):
+        (root / c).mkdir(parents=True)
+        for i in range(10):
+            Image.fromarray(rng.integers(0, 255, (60, 80, 3), dtype=np.uint8)).save(root / c / f"ok{i}.jpg")
+    good = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (200, 200, 3), dtype=np.uint8)).save(good, format="JPEG")
+    (root / "curry" / "truncated.jpg").write_bytes(good.getvalue()[: len(good.getvalue()) // 3])
+    (root / "curry" / "empty.jpg").write_bytes(b"")
+    (root / "salad" / "notes.jpg").write_bytes(b"this is not an image\n" * 20)
+    Image.new("1", (15_000, 13_000)).save(root / "salad" / "bomb.png")  # 195 MP: past Pillow's bomb limit
+    # odd but valid: a 16-bit PNG and a 1x1 image
+    Image.fromarray((rng.integers(0, 65535, (40, 40))).astype(np.uint16)).save(root / "salad" / "deep16.png")
+    Image.new("RGB", (1, 1), (200, 10, 10)).save(root / "curry" / "tiny.png")
+    return root
+
+
+def test_damaged_images_are_skipped_and_counted(damaged_folder, tmp_path, capsys):
+    results = train("--dataset", damaged_folder, "--max-steps", 6, "--batch-size", 4, "--test-size", 0.25,
+                    "--output-dir", tmp_path / "run")
+    out = capsys.readouterr().out
+    assert results["global_step"] == 6
+    assert "damaged image(s) could not be decoded and were skipped" in out
+
+
+def test_damaged_images_are_an_error_on_request(damaged_folder, tmp_path, capsys):
+    err = _error(capsys, "--dataset", damaged_folder, "--max-steps", 30, "--batch-size", 4, "--bad-images", "error",
+                 "--num-workers", 2, "--output-dir", tmp_path / "run")
+    assert "cannot be decoded" in err and any(n in err for n in ("truncated.jpg", "empty.jpg", "notes.jpg", "bomb.png"))
+
+
+def _saved(tmp_path, train_labels, eval_labels, feature=None):
+    import datasets
+    img = Image.new("RGB", (16, 16))
+    features = datasets.Features({"image": datasets.Image(), "label": feature or datasets.Value("int64")})
+    dd = datasets.DatasetDict({
+        "train": datasets.Dataset.from_dict({"image": [img] * len(train_labels), "label": train_labels}, features=features),
+        "validation": datasets.Dataset.from_dict({"image": [img] * len(eval_labels), "label": eval_labels}, features=features)})
+    path = tmp_path / f"saved{len(os.listdir(tmp_path))}"
+    dd.save_to_disk(str(path))
+    return path
+
+
+def test_bad_labels(tmp_path, capsys):
+    import datasets
+    path = _saved(tmp_path, [0, 1, 0, 1], [0, 3])
+    assert "label 3 outside the 2 classes" in _error(capsys, "--dataset", path, "--eval-split", "validation")
+    path = _saved(tmp_path, ["a", "b"], ["a"], datasets.Value("string"))
+    assert "must hold integers or a ClassLabel" in _error(capsys, "--dataset", path, "--eval-split", "validation")
+    path = _saved(tmp_path, [0, 0, 0], [0])
+    assert "at least 2" in _error(capsys, "--dataset", path, "--eval-split", "validation")
+
+
+def test_eval_split_smaller_than_a_batch_works(tmp_path):
+    path = _saved(tmp_path, [0, 1] * 8, [1])
+    results = train("--dataset", path, "--eval-split", "validation", "--max-steps", 2, "--output-dir", tmp_path / "run")
+    assert results["global_step"] == 2 and results["eval_accuracy"] in (0.0, 1.0)
+
+
+def test_nonsense_values(capsys, tmp_path):
+    assert "--lr must be positive" in _error(capsys, "--lr", "0")
+    assert "--save-steps (30) must be a multiple of --eval-steps (20)" in _error(
+        capsys, "--export", "best", "--save-steps", "30", "--eval-steps", "20")
+    assert "invalid choice" in _error(capsys, "--preset", "nope")
+    assert "--epochs must be positive" in _error(capsys, "--epochs", "-1")
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fin") / "run"
+    train("--max-steps", 4, "--save-steps", 2, "--eval-steps", 2, "--output-dir", out)
+    return out
+
+
+def test_bad_checkpoints_passed_to_resume(finished, tmp_path, capsys):
+    other = tmp_path / "other"
+    shutil.copytree(finished / "checkpoint-4", other / "checkpoint-4")
+    # another model: the same checkpoint resumed with a different resolution
+    err = _error(capsys, "--resume", other / "checkpoint-4", "--image-size", "32", "--max-steps", 8)
+    assert "from another model" in err
+    (other / "checkpoint-4" / "model.safetensors").write_bytes(b"\0" * os.path.getsize(other / "checkpoint-4" / "model.safetensors"))
+    assert "cannot load its weights" in _error(capsys, "--resume", other / "checkpoint-4", "--max-steps", 8)
+    os.remove(other / "checkpoint-4" / "training_state.pt")
+    assert "not a complete vitfood checkpoint" in _error(capsys, "--resume", other / "checkpoint-4")
+    assert not checkpoint.complete_checkpoints(other)  # and --resume auto would never pick it
+
+
+def test_paths_never_escape_the_runs_folder(tmp_path, monkeypatch):
+    from vitfood.train import resolve_run
+    monkeypatch.chdir(tmp_path)
+    _, out, _ = resolve_run(["--dataset", "../../etc/passwd", "--model", "../../../root/.ssh"])
+    assert os.path.dirname(out) == "runs" and ".." not in out
+
+
+def test_state_loads_without_pickle_code(finished):
+    import torch
+    state = torch.load(finished / "checkpoint-4" / "training_state.pt", weights_only=True)  # raises on pickled code
+    assert state["step"] == 4
