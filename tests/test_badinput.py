@@ -123,3 +123,28 @@ def test_state_loads_without_pickle_code(finished):
     import torch
     state = torch.load(finished / "checkpoint-4" / "training_state.pt", weights_only=True)  # raises on pickled code
     assert state["step"] == 4
+
+
+def test_more_nonsense_values(capsys, tmp_path):
+    assert "--seed must be between" in _error(capsys, "--seed", "-1")
+    assert "finite" in _error(capsys, "--max-grad-norm", "nan")
+    assert "finite" in _error(capsys, "--epochs", "inf")
+    assert "cannot hold out" in _error(capsys, "--test-size", "0.999", "--output-dir", tmp_path / "t")
+
+
+def test_a_second_run_in_the_same_directory_is_refused(finished, capsys):
+    import fcntl
+    held = checkpoint._locks.pop(os.path.realpath(finished), None)  # this process's own run released it
+    if held:
+        held.close()
+    with open(finished / "run.lock", "w") as fh:  # as another process holding the run would
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert "another vitfood process" in _error(capsys, "--resume", "auto", "--output-dir", finished)
+
+
+def test_overwrite_output_dir_starts_clean(finished, tmp_path):
+    out = tmp_path / "over"
+    shutil.copytree(finished, out)
+    results = train("--max-steps", 2, "--save-steps", 1, "--eval-steps", 1, "--output-dir", out, "--overwrite-output-dir")
+    assert results["global_step"] == 2
+    assert [s for s, _ in checkpoint.complete_checkpoints(out)] == [1, 2]  # the old step-4 checkpoint is gone

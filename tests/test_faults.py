@@ -182,3 +182,16 @@ def test_nonfinite_loss_stops_with_the_step_and_keeps_good_checkpoints(tmp_path,
         assert all(torch.isfinite(t).all() for t in state.values())
     with open(out / "train_config.json") as fh:
         assert json.load(fh)["max_nonfinite_steps"] == 3
+
+
+def test_a_killed_loader_worker_is_a_clear_error_not_a_hang(tmp_path):
+    out = tmp_path / "run"
+    p = start(out, "--max-steps", "100000")
+    assert wait_for_training(p)
+    time.sleep(0.5)
+    children = [int(c) for c in open(f"/proc/{p.pid}/task/{p.pid}/children").read().split()]
+    os.kill(children[0], signal.SIGKILL)  # as the kernel's OOM killer would
+    _, stderr = p.communicate(timeout=120)
+    last = stderr.strip().splitlines()[-1]
+    assert p.returncode == 1 and last.startswith("error: DataLoader worker") and "Traceback" not in stderr, stderr[-1500:]
+    _only_complete_checkpoints(out)

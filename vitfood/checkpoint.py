@@ -139,6 +139,9 @@ def export(output_dir, model, processor):
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     processor.save_pretrained(tmp)
+    for name in os.listdir(tmp):
+        with open(os.path.join(tmp, name), "rb+") as fh:
+            os.fsync(fh.fileno())
     _swap_in(tmp, final)
     return final
 
@@ -175,8 +178,40 @@ def cleanup(output_dir):
         m = re.match(r"^\.old-(checkpoint-\d+|model)-\d+$", name)
         if m and not os.path.exists(os.path.join(output_dir, m.group(1))) and (m.group(1) == "model" or is_complete(path)):
             os.replace(path, os.path.join(output_dir, m.group(1)))
-        elif name.startswith((".tmp-checkpoint-", ".trash-checkpoint-", ".old-", ".tmp-model-")):
+        elif name.startswith((".tmp-checkpoint-", ".trash-", ".old-", ".tmp-model-")):
             shutil.rmtree(path, ignore_errors=True)
+        elif ".json.tmp-" in name:
+            os.remove(path)
+
+
+_locks = {}
+
+
+def lock(output_dir):
+    """Hold an exclusive lock on an existing run directory for this process's life; refuse a second run there."""
+    import fcntl
+    key = os.path.realpath(output_dir)
+    if key in _locks or not os.path.isdir(output_dir):
+        return
+    fh = open(os.path.join(output_dir, "run.lock"), "w")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.close()
+        raise UserError(f"another vitfood process is running in {output_dir}; wait for it or use another --output-dir")
+    _locks[key] = fh
+
+
+def clear_run(output_dir):
+    """--overwrite-output-dir: remove a previous run's checkpoints, exported model, results and events."""
+    for name in os.listdir(output_dir):
+        path = os.path.join(output_dir, name)
+        if _NAME.match(name) or name == "model":
+            trash = os.path.join(output_dir, f".trash-{name}-{os.getpid()}")
+            os.replace(path, trash)
+            shutil.rmtree(trash)
+        elif name in (BEST, "all_results.json") or name.startswith("events.out.tfevents."):
+            os.remove(path)
 
 
 def read_best(output_dir):

@@ -34,6 +34,11 @@ def run_main(main):
         line = re.sub(r"^[\w.]*Error: ", "", line)
         print(f"error: {line}", file=sys.stderr)
         sys.exit(2)
+    except OSError as e:  # an output directory that is unwritable or full, outside a checkpoint save
+        _close_progress_bars()
+        where = f": {e.filename}" if getattr(e, "filename", None) else ""
+        print(f"error: {e.strerror or e}{where}", file=sys.stderr)
+        sys.exit(2)
     except RuntimeError as e:
         if "DataLoader worker" not in str(e):
             raise

@@ -8,6 +8,7 @@ defaults, preset and config file, so `--resume auto --output-dir DIR` alone cont
 import argparse
 import dataclasses
 import json
+import math
 import os
 import types
 import typing
@@ -80,6 +81,11 @@ class Config:
                 raise UserError(f"--{flag(name)} must be a positive integer, got {value}")
         if self.synthetic_classes < 2:
             raise UserError(f"--synthetic-classes must be at least 2, got {self.synthetic_classes}")
+        for name in ("epochs", "lr", "weight_decay", "max_grad_norm", "test_size"):
+            if not math.isfinite(getattr(self, name)):
+                raise UserError(f"--{flag(name)} must be a finite number, got {getattr(self, name)}")
+        if not 0 <= self.seed < 2 ** 32:
+            raise UserError(f"--seed must be between 0 and 2**32 - 1, got {self.seed}")
         if not self.epochs > 0:
             raise UserError(f"--epochs must be positive, got {self.epochs}")
         if not self.lr > 0:

@@ -112,7 +112,10 @@ def load_splits(cfg, log=print):
     if evals is None:
         if len(train) < 2:
             raise UserError(f"the train split {cfg.train_split!r} has {len(train)} image(s): too few to carve an eval split")
-        parts = train.train_test_split(test_size=cfg.test_size, seed=cfg.seed)
+        try:
+            parts = train.train_test_split(test_size=cfg.test_size, seed=cfg.seed)
+        except ValueError as e:
+            raise UserError(f"cannot hold out --test-size {cfg.test_size} of {len(train)} images: {e}")
         train, evals = parts["train"], parts["test"]
     if cfg.max_train_samples:
         train = train.select(range(min(cfg.max_train_samples, len(train))))

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from vitfood import checkpoint
 from vitfood.common import (UserError, autocast, default_num_workers, env_info, pick_device,
                             resolve_precision, run_main, safe_name, seed_everything)
-from vitfood.config import build_parser, resolve, to_dict
+from vitfood.config import build_parser, read_config_file, resolve, to_dict
 from vitfood.data import EpochSampler, ImageDataset, check_labels, load_splits, make_loader, normalize, transforms_for
 from vitfood.evaluate import evaluate
 from vitfood.model import build_model, load_weights, make_optimizer, make_scheduler, unwrap
@@ -39,11 +39,11 @@ def resolve_run(argv):
     if resume not in (None, "auto"):
         checkpoint.load_state(resume)  # fails fast, with one line, when it is not a complete checkpoint
         out = out or os.path.dirname(os.path.abspath(resume))
-    saved = os.path.join(out, "train_config.json") if out else None
+    run_dir = os.path.dirname(os.path.abspath(resume)) if resume not in (None, "auto") else out
+    saved = os.path.join(run_dir, "train_config.json") if run_dir else None
     base = None
     if resume and saved and os.path.isfile(saved):  # resuming: the run's own config, flags on top
-        with open(saved) as fh:
-            base = {k: v for k, v in json.load(fh).items() if k not in ("resume", "output_dir")}
+        base = {k: v for k, v in read_config_file(saved).items() if k not in ("resume", "output_dir")}
     cfg = resolve(explicit, base)
     if out is None:
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -52,6 +52,7 @@ def resolve_run(argv):
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"--output-dir {out} exists and is not a folder")
 
+    checkpoint.lock(out)  # one run per directory, held until this process ends
     checkpoint.cleanup(out)  # what a killed run left: temporary folders, a checkpoint moved aside for a re-save
     ckpts = checkpoint.complete_checkpoints(out)
     if resume == "auto":
@@ -105,7 +106,8 @@ def main(argv=None):
         load_weights(model, resume_from)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
+        if scaler.is_enabled() and state["scaler"]:  # empty when the run was not fp16
+            scaler.load_state_dict(state["scaler"])
         checkpoint.set_rng_state(state["rng"])
         step, best, metrics = state["step"], state["best"], state["metrics"]
         if step >= max_steps and os.path.isfile(os.path.join(out, "all_results.json")):
@@ -115,9 +117,13 @@ def main(argv=None):
             checkpoint.write_json_atomic(os.path.join(out, checkpoint.BEST), best)
         print(f"resuming from {resume_from} at step {step}")
     start_step = step
+    model.train()  # from_pretrained returns a model in eval mode: dropout, drop-path and BatchNorm need this
     train_model = torch.compile(model) if cfg.compile else model
 
     os.makedirs(out, exist_ok=True)
+    checkpoint.lock(out)
+    if cfg.overwrite_output_dir and not state:
+        checkpoint.clear_run(out)  # the user asked: the old run's checkpoints would outrank the new ones
     checkpoint.write_json_atomic(os.path.join(out, "train_config.json"), to_dict(cfg))
     checkpoint.write_json_atomic(os.path.join(out, "env.json"), env_info(device))
     from torch.utils.tensorboard import SummaryWriter
@@ -152,11 +158,11 @@ def main(argv=None):
     loss_sum = torch.zeros((), device=device)
     norm_sum = torch.zeros((), device=device)
     t_log, wait, paused, images_seen, images_total = time.perf_counter(), 0.0, 0.0, 0, 0
-    skipped_images, bad_steps, first_bad = 0, 0, None
+    skipped_images, bad_steps, first_bad, last_log = 0, 0, None, step
     t_start = time.perf_counter()
     pbar = tqdm(total=max_steps, initial=step, desc="train", dynamic_ncols=True)
     while True:
-        last_step = step == max_steps
+        last_step = step >= max_steps
         stopping = bool(stop) and not last_step
         eval_now = step > start_step and (step % cfg.eval_steps == 0 or last_step)
         save_now = step > start_step and (step % cfg.save_steps == 0 or last_step or stopping)
@@ -214,7 +220,7 @@ def main(argv=None):
                                 "try a lower --lr or --precision fp32")
 
         if step % cfg.logging_steps == 0 or step == max_steps:
-            n = cfg.logging_steps if step % cfg.logging_steps == 0 else step % cfg.logging_steps
+            n, last_log = step - last_log, step
             train_loss, grad_norm = loss_sum.item() / n, norm_sum.item() / n  # .item() syncs with the device: only here
             dt = max(1e-9, time.perf_counter() - t_log - paused)
             writer.add_scalar("train/loss", train_loss, step)
@@ -237,8 +243,8 @@ def main(argv=None):
         print(f"warning: {skipped_images} damaged image(s) could not be decoded and were skipped (--bad-images error to stop instead)")
     if stopping:
         writer.close()
-        print(f"stopped by {stop[0]} at step {step}: saved {os.path.join(out, f'checkpoint-{step}')}; "
-              f"continue with --resume auto --output-dir {out}")
+        saved = f"saved {os.path.join(out, f'checkpoint-{step}')}" if step > start_step else "no step taken, nothing to save"
+        print(f"stopped by {stop[0]} at step {step}: {saved}; continue with --resume auto --output-dir {out}")
         sys.exit(EXIT_STOPPED)
 
     # ---- export and report
