@@ -149,20 +149,6 @@ def open_image(value):
     return Image.open(value["path"])
 
 
-def _draft(img, box, out_w, out_h):
-    """Let libjpeg decode at 1/2, 1/4 or 1/8 scale when the crop stays at least the output size."""
-    if img.format != "JPEG":
-        return img, box
-    w, h = img.size
-    x0, y0, x1, y1 = box
-    s = max(out_w / (x1 - x0), out_h / (y1 - y0))
-    if s >= 0.5:
-        return img, box
-    img.draft(None, (math.ceil(w * s), math.ceil(h * s)))
-    fx, fy = img.size[0] / w, img.size[1] / h
-    return img, (x0 * fx, y0 * fy, x1 * fx, y1 * fy)
-
-
 def to_uint8_tensor(img):
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
 
@@ -201,7 +187,6 @@ class TrainTransform:
     def __call__(self, img, rng):
         box = random_resized_crop_box(*img.size, rng)
         flip = rng.random() < 0.5
-        img, box = _draft(img, box, self.width, self.height)
         img = to_rgb(img).resize((self.width, self.height), Image.BILINEAR, box=box)
         if flip:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
@@ -224,7 +209,6 @@ class EvalTransform:
         ch, cw = self.crop
         left, top = round((size[0] - cw) / 2), round((size[1] - ch) / 2)
         box = (left / size[0] * w, top / size[1] * h, (left + cw) / size[0] * w, (top + ch) / size[1] * h)
-        img, box = _draft(img, box, cw, ch)
         return to_uint8_tensor(to_rgb(img).resize((cw, ch), Image.BILINEAR, box=box))
 
 

@@ -8,7 +8,6 @@
 """
 
 import datetime
-import json
 import math
 import os
 import signal
