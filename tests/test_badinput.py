@@ -102,9 +102,14 @@ def finished(tmp_path_factory):
 def test_bad_checkpoints_passed_to_resume(finished, tmp_path, capsys):
     other = tmp_path / "other"
     shutil.copytree(finished / "checkpoint-4", other / "checkpoint-4")
-    # another model: the same checkpoint resumed with a different resolution
-    err = _error(capsys, "--resume", other / "checkpoint-4", "--image-size", "32", "--max-steps", 8)
+    # another model: the checkpoint without its run's config, resumed at another resolution
+    err = _error(capsys, "--resume", other / "checkpoint-4", *("--image-size", "32", "--max-steps", 8))
     assert "from another model" in err
+    # with its run's config there, changing what decides the weights or data order is refused
+    shutil.copy(finished / "train_config.json", other / "train_config.json")
+    assert "--batch-size differs from the run being resumed" in _error(
+        capsys, "--resume", other / "checkpoint-4", "--batch-size", "8")
+    os.remove(other / "train_config.json")
     (other / "checkpoint-4" / "model.safetensors").write_bytes(b"\0" * os.path.getsize(other / "checkpoint-4" / "model.safetensors"))
     assert "cannot load its weights" in _error(capsys, "--resume", other / "checkpoint-4", "--max-steps", 8)
     os.remove(other / "checkpoint-4" / "training_state.pt")

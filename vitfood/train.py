@@ -27,6 +27,9 @@ from vitfood.data import EpochSampler, ImageDataset, check_labels, load_splits, 
 from vitfood.evaluate import evaluate
 from vitfood.model import build_model, load_weights, make_optimizer, make_scheduler, unwrap
 
+FIXED_ON_RESUME = ("dataset", "train_split", "eval_split", "test_size", "max_train_samples", "max_eval_samples",
+                   "image_column", "label_column", "synthetic_size", "synthetic_classes", "synthetic_max_px",
+                   "model", "image_size", "batch_size", "grad_accum_steps", "seed")
 EXIT_STOPPED = 75  # stopped by SIGTERM/SIGINT after saving a checkpoint (sysexits' EX_TEMPFAIL: run it again)
 
 
@@ -44,6 +47,11 @@ def resolve_run(argv):
     if resume and saved and os.path.isfile(saved):  # resuming: the run's own config, flags on top
         base = {k: v for k, v in read_config_file(saved).items() if k not in ("resume", "output_dir")}
     cfg = resolve(explicit, base)
+    if base:  # what decides the data order and the weights cannot change under a resumed run
+        changed = [k for k in FIXED_ON_RESUME if k in base and getattr(cfg, k) != base[k]]
+        if changed:
+            raise UserError(f"--{changed[0].replace('_', '-')} differs from the run being resumed "
+                            f"({base[changed[0]]!r}); drop the flag, or start a new run in another --output-dir")
     if out is None:
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         out = os.path.join("runs", f"{stamp}-{safe_name(cfg.model)}-{safe_name(cfg.dataset)}")
