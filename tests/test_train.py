@@ -227,3 +227,12 @@ def test_trains_on_an_imagefolder_of_mixed_image_modes(tmp_path):
     assert results["global_step"] == 3 and math.isfinite(results["eval_loss"])
     cfg = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
     assert sorted(cfg["id2label"].values()) == ["cake", "soup"]
+
+
+def test_console_entry_point(tmp_path):
+    import subprocess
+    import sys
+    exe = os.path.join(os.path.dirname(sys.executable), "vitfood-train")
+    r = subprocess.run([exe, "--preset", "demo", "--precision", "fp16", "--output-dir", tmp_path / "x"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip() == "error: --precision fp16 is not supported on the CPU; use bf16 or fp32"

@@ -348,5 +348,10 @@ def _check_finite(obj):
             _check_finite(v)
 
 
-if __name__ == "__main__":
+def cli():
+    """Console entry point (`vitfood-train`, `vitfood-bench`), the same as `python -m`."""
     run_main(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -311,5 +311,10 @@ def log_hparams(writer, cfg, precision, max_steps):
         writer.file_writer.add_summary(summary)
 
 
-if __name__ == "__main__":
+def cli():
+    """Console entry point (`vitfood-train`, `vitfood-bench`), the same as `python -m`."""
     run_main(main)
+
+
+if __name__ == "__main__":
+    cli()
