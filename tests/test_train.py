@@ -236,3 +236,22 @@ def test_console_entry_point(tmp_path):
     r = subprocess.run([exe, "--preset", "demo", "--precision", "fp16", "--output-dir", tmp_path / "x"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.strip() == "error: --precision fp16 is not supported on the CPU; use bf16 or fp32"
+
+
+def test_predict_on_a_run_model_and_a_checkpoint(tiny_run, tmp_path, capsys):
+    from PIL import Image
+    from vitfood.predict import main as predict_main
+    from vitfood.synthetic import class_names
+    Image.new("RGB", (70, 50), (200, 20, 20)).save(tmp_path / "a.png")
+    Image.new("L", (30, 90), 128).save(tmp_path / "b.jpg")
+    (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
+    out, _ = tiny_run
+    for model in (out / "model", out / "checkpoint-200"):
+        predict_main(["--model", str(model), "--json", "--top-k", "3", str(tmp_path)])
+        captured = capsys.readouterr()
+        rows = [json.loads(line) for line in captured.out.splitlines()]
+        assert [os.path.basename(r["file"]) for r in rows] == ["a.png", "b.jpg", "broken.jpg"]
+        for r in rows[:2]:
+            assert len(r["predictions"]) == 3 and {p["label"] for p in r["predictions"]} <= set(class_names(4))
+            assert r["predictions"][0]["score"] >= r["predictions"][-1]["score"]
+        assert "error" in rows[2] and "broken.jpg" in captured.err

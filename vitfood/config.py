@@ -134,13 +134,13 @@ def _parse_none(tp):
     return parse
 
 
-class _Parser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
     def error(self, message):  # one line, no usage block; same exit path as every other input error
         raise UserError(f"{message} (see --help)")
 
 
 def build_parser():
-    p = _Parser(prog="python -m vitfood.train", description=__doc__,
+    p = OneLineParser(prog="python -m vitfood.train", description=__doc__,
                                 argument_default=argparse.SUPPRESS,  # only flags actually given appear
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", help="JSON or YAML file of option values (flags override it)")

@@ -1,0 +1,123 @@
+"""Classify images with a trained model: top-k labels and probabilities for each image.
+
+    python -m vitfood.predict --model runs/<run>/model photo.jpg more_photos/
+    python -m vitfood.predict --model runs/<run>/checkpoint-300 --json --top-k 3 dish.png
+    python -m vitfood.predict --model google/vit-base-patch16-224 photo.jpg
+
+--model takes a run's exported model/ folder, any checkpoint-<step>/ folder or a Hub model id.
+Images go through the eval transform of training, batched, on the best available device. A file
+that cannot be read gets its own error line; the others are still classified.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+from vitfood.common import UserError, autocast, pick_device, resolve_precision, run_main
+from vitfood.config import OneLineParser
+from vitfood.data import DECODE_ERRORS, normalize, transforms_for
+
+EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def find_images(paths):
+    """Files named, and image files under folders named, in a stable order."""
+    found = []
+    for path in paths:
+        if os.path.isdir(path):
+            for root, _, names in sorted(os.walk(path)):
+                found += [os.path.join(root, n) for n in sorted(names) if n.lower().endswith(EXTENSIONS)]
+        else:
+            found.append(path)
+    return found
+
+
+def load(model_path, device):
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+    local = os.path.exists(model_path) or model_path.startswith(("/", "./", "../", "~"))
+    if local and not os.path.isdir(os.path.expanduser(model_path)):
+        raise UserError(f"model path {model_path} does not exist (or is not a folder)")
+    try:
+        processor = AutoImageProcessor.from_pretrained(model_path)
+        model = AutoModelForImageClassification.from_pretrained(model_path)
+    except Exception as e:
+        if local:
+            raise UserError(f"cannot load model folder {model_path}: {str(e).strip().splitlines()[0][:200]}")
+        from vitfood.data import _hub_error
+        raise _hub_error("model", model_path, e)
+    return model.to(device).eval(), processor
+
+
+@torch.inference_mode()
+def predict(model, processor, files, device, precision, top_k=5, batch_size=32):
+    """Yield one dict per file: {'file', 'predictions': [{'label', 'score'}...]} or {'file', 'error'}."""
+    from PIL import Image
+    _, eval_tf, (mean, std) = transforms_for(processor)
+    amp = autocast(precision, device)
+    k = min(top_k, model.config.num_labels)
+    for start in range(0, len(files), batch_size):
+        batch, names, results = [], [], {}
+        for f in files[start:start + batch_size]:
+            try:
+                with Image.open(f) as img:
+                    batch.append(eval_tf(img))
+                names.append(f)
+            except (*DECODE_ERRORS, FileNotFoundError) as e:
+                results[f] = dict(file=f, error=f"{type(e).__name__}: {e}")
+        if batch:
+            with amp:
+                logits = model(pixel_values=normalize(torch.stack(batch).to(device), mean, std)).logits
+            probs = logits.float().softmax(-1)
+            scores, ids = probs.topk(k, dim=-1)
+            for f, s, i in zip(names, scores.tolist(), ids.tolist()):
+                results[f] = dict(file=f, predictions=[dict(label=model.config.id2label[j], score=round(p, 6))
+                                                       for p, j in zip(s, i)])
+        for f in files[start:start + batch_size]:
+            yield results[f]
+
+
+def main(argv=None):
+    p = OneLineParser(prog="python -m vitfood.predict", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="model/ or checkpoint-<step>/ folder, or a Hub model id")
+    p.add_argument("images", nargs="+", help="image files or folders")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true", help="one JSON object per image, one per line")
+    a = p.parse_args(argv)
+    if a.top_k < 1 or a.batch_size < 1:
+        raise UserError("--top-k and --batch-size must be positive")
+    device = pick_device(a.device)
+    precision = resolve_precision(a.precision, device)
+    files = find_images(a.images)
+    if not files:
+        raise UserError("no image files found in " + ", ".join(a.images))
+    model, processor = load(a.model, device)
+    failed = 0
+    for r in predict(model, processor, files, device, precision, a.top_k, a.batch_size):
+        if "error" in r:
+            failed += 1
+            print(f"error: {r['file']}: {r['error']}", file=sys.stderr)
+            if a.json:
+                print(json.dumps(r))
+        elif a.json:
+            print(json.dumps(r))
+        else:
+            best = "  ".join(f"{p['label']} {p['score']:.3f}" for p in r["predictions"])
+            print(f"{r['file']}: {best}")
+    if failed == len(files):
+        sys.exit(1)
+
+
+def cli():
+    """Console entry point `vitfood-predict`, the same as `python -m vitfood.predict`."""
+    run_main(main)
+
+
+if __name__ == "__main__":
+    cli()
