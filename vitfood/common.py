@@ -44,8 +44,9 @@ def run_main(main):
             raise
         _close_progress_bars()
         print(f"error: {str(e).strip().splitlines()[0]} (killed for memory? try fewer --num-workers "
-              "or a smaller --batch-size; resume with --resume auto)", file=sys.stderr)
-        sys.exit(1)
+              "or a smaller --batch-size; resume with --resume auto)", file=sys.stderr, flush=True)
+        # leave now: interpreter teardown with a dead worker prints multiprocessing tracebacks, or hangs
+        os._exit(1)
 
 
 def pick_device(name="auto"):
