@@ -27,7 +27,8 @@ warnings.simplefilter("error", Image.DecompressionBombWarning)  # refuse images 
 
 # ---------------------------------------------------------------------------- loading
 
-def _is_path(name):
+def is_path(name):
+    """A local path (as opposed to a Hub id): it exists, or it is spelled like a path."""
     return name.startswith(("/", "./", "../", "~")) or os.path.exists(name)
 
 
@@ -73,7 +74,7 @@ def load_splits(cfg, log=print):
     name = cfg.dataset
     if name == "synthetic":
         name = synthetic.ensure(cfg.synthetic_size, cfg.synthetic_classes, cfg.synthetic_max_px, seed=0, log=log)
-    if _is_path(name):
+    if is_path(name):
         path = os.path.expanduser(name)
         if not os.path.isdir(path):
             raise UserError(f"data set path {name} does not exist (or is not a folder)")

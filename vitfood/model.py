@@ -5,6 +5,7 @@ import os
 import torch
 
 from vitfood.common import UserError
+from vitfood.data import _hub_error, is_path
 
 # Named ViT shapes built from ViTConfig without any download. vit-tiny/small/base are the
 # ViT-Ti/S/B /16 shapes; vit-micro is for tests.
@@ -46,7 +47,7 @@ def build_model(cfg, class_names, device=None):
     if cfg.image_size:
         raise UserError("--image-size applies only to the named configs (" + ", ".join(NAMED) + ")")
     name = cfg.model
-    local = name.startswith(("/", "./", "../", "~")) or os.path.exists(name)
+    local = is_path(name)
     if local and not os.path.isdir(os.path.expanduser(name)):
         raise UserError(f"model path {name} does not exist (or is not a folder)")
     path = os.path.expanduser(name)
@@ -60,7 +61,6 @@ def build_model(cfg, class_names, device=None):
     except Exception as e:
         if local:
             raise UserError(f"cannot load model folder {name}: {str(e).strip().splitlines()[0][:200]}")
-        from vitfood.data import _hub_error
         raise _hub_error("model", name, e)
     return model, processor
 

@@ -18,7 +18,7 @@ import torch
 
 from vitfood.common import UserError, autocast, pick_device, resolve_precision, run_main
 from vitfood.config import OneLineParser
-from vitfood.data import DECODE_ERRORS, normalize, transforms_for
+from vitfood.data import DECODE_ERRORS, _hub_error, is_path, normalize, transforms_for
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -37,7 +37,7 @@ def find_images(paths):
 
 def load(model_path, device):
     from transformers import AutoImageProcessor, AutoModelForImageClassification
-    local = os.path.exists(model_path) or model_path.startswith(("/", "./", "../", "~"))
+    local = is_path(model_path)
     if local and not os.path.isdir(os.path.expanduser(model_path)):
         raise UserError(f"model path {model_path} does not exist (or is not a folder)")
     try:
@@ -46,7 +46,6 @@ def load(model_path, device):
     except Exception as e:
         if local:
             raise UserError(f"cannot load model folder {model_path}: {str(e).strip().splitlines()[0][:200]}")
-        from vitfood.data import _hub_error
         raise _hub_error("model", model_path, e)
     return model.to(device).eval(), processor
 
