@@ -103,18 +103,23 @@ def peak_memory_mb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS (Linux: KiB)
 
 
-def bench_model(cfg, names, device, precision, batch_size, compiled, attn, steps, repeats):
-    """One training step on synthetic uint8 tensors already on the device."""
+def _training_setup(cfg, names, device, precision):
+    """The model, optimizer, scheduler, scaler and autocast exactly as vitfood.train builds them."""
     seed_everything(cfg.seed)
-    c = dataclasses.replace(cfg, attn=attn)
-    model, processor = build_model(c, names, device)
+    model, processor = build_model(cfg, names, device)
     model.to(device).train()
     _, _, (mean, std) = transforms_for(processor)
-    size = model.config.image_size
-    opt = make_optimizer(model, c, device)
-    sched = make_scheduler(opt, 0, 10 ** 9)
+    opt = make_optimizer(model, cfg, device)
+    sched = make_scheduler(opt, 0, 10 ** 9)  # a flat learning rate: timing only
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    amp = autocast(precision, device)
+    return model, (mean, std), opt, sched, scaler, autocast(precision, device)
+
+
+def bench_model(cfg, names, device, precision, batch_size, compiled, attn, steps, repeats):
+    """One training step on synthetic uint8 tensors already on the device."""
+    c = dataclasses.replace(cfg, attn=attn)
+    model, (mean, std), opt, sched, scaler, amp = _training_setup(c, names, device, precision)
+    size = model.config.image_size
     step_model = torch.compile(model) if compiled else model
     images = torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8, device=device)
     labels = torch.randint(0, len(names), (batch_size,), device=device)
@@ -163,14 +168,7 @@ def bench_e2e(cfg, train_set, names, device, precision, workers, steps, repeats,
     Blocks of e2e steps and compute-only steps alternate, so machine noise hits both alike and
     their ratio is measured side by side, not across runs.
     """
-    seed_everything(cfg.seed)
-    model, processor = build_model(cfg, names, device)
-    model.to(device).train()
-    _, _, (mean, std) = transforms_for(processor)
-    opt = make_optimizer(model, cfg, device)
-    sched = make_scheduler(opt, 0, 10 ** 9)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    amp = autocast(precision, device)
+    model, (mean, std), opt, sched, scaler, amp = _training_setup(cfg, names, device, precision)
     step_model = torch.compile(model) if cfg.compile else model
     loader = make_loader(train_set, cfg.batch_size, workers, device, EpochSampler(len(train_set), cfg.seed))
     it = _endless(loader)
