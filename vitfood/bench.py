@@ -218,14 +218,13 @@ def bench_eval(cfg, eval_set, names, device, precision, workers, max_images):
     model, processor = build_model(cfg, names, device)
     model.to(device)
     _, _, (mean, std) = transforms_for(processor)
-    amp = autocast(precision, device)
     subset = torch.utils.data.Subset(eval_set, range(min(len(eval_set), max_images)))
-    loader = make_loader(subset, cfg.eval_batch_size or 4 * cfg.batch_size, workers, device)
-    evaluate(model, loader, device, amp, mean, std, progress=False)  # warm-up: workers, kernels
+    loader = make_loader(subset, cfg.eval_bs, workers, device)
+    evaluate(model, loader, device, precision, mean, std, progress=False)  # warm-up: workers, kernels
     times = []
     for _ in range(2):
         t0 = time.perf_counter()
-        n = evaluate(model, loader, device, amp, mean, std, progress=False)["samples"]
+        n = evaluate(model, loader, device, precision, mean, std, progress=False)["samples"]
         times.append(n / (time.perf_counter() - t0))
     return dict(img_s=statistics.median(times), images=len(subset), batch_size=loader.batch_size, workers=workers)
 

@@ -5,13 +5,15 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from vitfood.data import normalize
+from vitfood.model import for_inference
 
 
 @torch.inference_mode()
-def evaluate(model, loader, device, amp, mean, std, progress=True):
+def evaluate(model, loader, device, precision, mean, std, progress=True):
     """Metrics summed over every sample of `loader` (no sample dropped or repeated)."""
     was_training = model.training
     model.eval()
+    net, amp = for_inference(model, precision, device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct1 = torch.zeros((), dtype=torch.int64, device=device)
     correct5 = torch.zeros((), dtype=torch.int64, device=device)
@@ -20,7 +22,7 @@ def evaluate(model, loader, device, amp, mean, std, progress=True):
         images = normalize(images.to(device, non_blocking=True), mean, std)
         labels = labels.to(device, non_blocking=True)
         with amp:
-            logits = model(pixel_values=images).logits
+            logits = net(pixel_values=images).logits
         logits = logits.float()
         loss_sum += F.cross_entropy(logits, labels, reduction="sum")
         top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices

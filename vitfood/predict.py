@@ -16,9 +16,10 @@ import sys
 
 import torch
 
-from vitfood.common import UserError, autocast, pick_device, resolve_precision, run_main
+from vitfood.common import UserError, pick_device, resolve_precision, run_main
 from vitfood.config import OneLineParser
 from vitfood.data import DECODE_ERRORS, _hub_error, is_path, normalize, transforms_for
+from vitfood.model import for_inference
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -55,7 +56,7 @@ def predict(model, processor, files, device, precision, top_k=5, batch_size=32):
     """Yield one dict per file: {'file', 'predictions': [{'label', 'score'}...]} or {'file', 'error'}."""
     from PIL import Image
     _, eval_tf, (mean, std) = transforms_for(processor)
-    amp = autocast(precision, device)
+    model, amp = for_inference(model, precision, device, keep=False)
     k = min(top_k, model.config.num_labels)
     for start in range(0, len(files), batch_size):
         batch, names, results = [], [], {}

@@ -97,7 +97,7 @@ def main(argv=None):
     workers = cfg.num_workers if cfg.num_workers >= 0 else default_num_workers()
     sampler = EpochSampler(len(train_set), cfg.seed)
     train_loader = make_loader(train_set, cfg.batch_size, workers, device, sampler, seed=cfg.seed)
-    eval_loader = make_loader(eval_set, cfg.eval_batch_size or 4 * cfg.batch_size, workers, device)
+    eval_loader = make_loader(eval_set, cfg.eval_bs, workers, device)
     batches_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
     accum = cfg.grad_accum_steps
     max_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * batches_per_epoch / accum))
@@ -175,7 +175,7 @@ def main(argv=None):
         save_now = step > start_step and (step % cfg.save_steps == 0 or last_step or stopping)
         t_pause = time.perf_counter()
         if eval_now:
-            metrics = evaluate(train_model, eval_loader, device, amp, mean, std)
+            metrics = evaluate(train_model, eval_loader, device, precision, mean, std)
             for k in ("loss", "acc1", "acc5"):
                 writer.add_scalar(f"eval/{k}", metrics[k], step)
             pbar.write(f"step {step}: eval loss {metrics['loss']:.4f} acc1 {metrics['acc1']:.4f} acc5 {metrics['acc5']:.4f}")
@@ -258,7 +258,7 @@ def main(argv=None):
     final, export_step = metrics, step
     if cfg.export == "best" and best and best["step"] != step:
         load_weights(unwrap(model), os.path.join(out, f"checkpoint-{best['step']}"))
-        final, export_step = evaluate(train_model, eval_loader, device, amp, mean, std), best["step"]
+        final, export_step = evaluate(train_model, eval_loader, device, precision, mean, std), best["step"]
     model_dir = checkpoint.export(out, unwrap(model), processor)
     results = dict(eval_loss=final["loss"], eval_accuracy=final["acc1"], eval_top5=final["acc5"],
                    global_step=step, exported_step=export_step, train_runtime=round(runtime, 3),
