@@ -107,8 +107,9 @@ def test_bad_checkpoints_passed_to_resume(finished, tmp_path, capsys):
     assert "from another model" in err
     # with its run's config there, changing what decides the weights or data order is refused
     shutil.copy(finished / "train_config.json", other / "train_config.json")
-    assert "--batch-size differs from the run being resumed" in _error(
-        capsys, "--resume", other / "checkpoint-4", "--batch-size", "8")
+    assert "--seed differs from the run being resumed" in _error(
+        capsys, "--resume", other / "checkpoint-4", "--seed", "8")
+    assert "global batch of 16" in _error(capsys, "--resume", other / "checkpoint-4", "--batch-size", "8")
     os.remove(other / "train_config.json")
     (other / "checkpoint-4" / "model.safetensors").write_bytes(b"\0" * os.path.getsize(other / "checkpoint-4" / "model.safetensors"))
     assert "cannot load its weights" in _error(capsys, "--resume", other / "checkpoint-4", "--max-steps", 8)
@@ -118,9 +119,9 @@ def test_bad_checkpoints_passed_to_resume(finished, tmp_path, capsys):
 
 
 def test_paths_never_escape_the_runs_folder(tmp_path, monkeypatch):
-    from vitfood.train import resolve_run
+    from vitfood.train import parse_run
     monkeypatch.chdir(tmp_path)
-    _, out, _ = resolve_run(["--dataset", "../../etc/passwd", "--model", "../../../root/.ssh"])
+    _, out, _ = parse_run(["--dataset", "../../etc/passwd", "--model", "../../../root/.ssh"])
     assert os.path.dirname(out) == "runs" and ".." not in out
 
 

@@ -9,7 +9,7 @@ from PIL import Image
 
 from vitfood import synthetic
 from vitfood.config import Config
-from vitfood.data import (EpochSampler, EvalTransform, ImageDataset, TrainTransform, load_splits, normalize,
+from vitfood.data import (EpochBatchSampler, EvalTransform, ImageDataset, TrainTransform, load_splits, normalize,
                           to_rgb, transforms_for)
 
 
@@ -80,12 +80,25 @@ def test_synthetic_is_not_trivial_by_average_colour():
 
 
 def test_sampler_resumes_mid_epoch_and_changes_order_per_epoch():
-    s = EpochSampler(50, seed=3)
+    s = EpochBatchSampler(50, seed=3, batch_size=4)
     full = list(s)
-    s.set_position(0, 17)
-    assert list(s) == full[17:]
+    assert [len(b) for b in full] == [4] * 12 + [2]
+    s.set_position(0, 5)
+    assert list(s) == full[5:]
     s.set_position(1, 0)
-    assert sorted(i for _, i in s) == list(range(50)) and list(s) != full
+    assert sorted(i for b in s for _, i in b) == list(range(50)) and list(s) != full
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_sharded_batches_are_the_single_process_global_batches(world):
+    # 50 samples, 4 per rank: the last global batch is short and, for 3 ranks, leaves a rank empty
+    single = list(EpochBatchSampler(50, seed=3, batch_size=4 * world))
+    ranks = [list(EpochBatchSampler(50, seed=3, batch_size=4, rank=r, world=world)) for r in range(world)]
+    assert all(len(r) == len(single) for r in ranks)
+    for k, batch in enumerate(single):
+        assert sum((r[k] for r in ranks), []) == batch  # rank parts, in rank order, are the global batch
+    assert sorted(len(r[-1]) for r in ranks) == sorted(len(single[-1]) // world + (r < len(single[-1]) % world)
+                                                        for r in range(world))
 
 
 def _jpeg_folder(root, classes=("a", "b"), per_class=3, size=(40, 30)):

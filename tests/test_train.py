@@ -117,12 +117,12 @@ def test_fp16_scaler_skips_a_step_with_inf_gradient():
     amp = autocast("fp16", torch.device("cpu"))
     images, labels = torch.randint(0, 255, (4, 3, 4, 4), dtype=torch.uint8), torch.tensor([0, 1, 2, 0])
     before = [p.detach().clone() for p in model.parameters()]
-    forward_backward(model, images, labels, amp, scaler, 1, [0.5] * 3, [0.5] * 3)
+    forward_backward(model, images, labels, amp, scaler, [0.5] * 3, [0.5] * 3, labels.numel())
     next(model.parameters()).grad[0, 0] = float("inf")
     norm, stepped = optimizer_step(model, opt, scaler, sched, 1.0)
     assert not stepped and not math.isfinite(norm.item()) and scaler.get_scale() == 512.0
     assert all(torch.equal(p, q) for p, q in zip(before, model.parameters()))  # skipped
-    forward_backward(model, images, labels, amp, scaler, 1, [0.5] * 3, [0.5] * 3)
+    forward_backward(model, images, labels, amp, scaler, [0.5] * 3, [0.5] * 3, labels.numel())
     optimizer_step(model, opt, scaler, sched, 1.0)
     assert not all(torch.equal(p, q) for p, q in zip(before, model.parameters()))  # a finite step applies
 
@@ -186,8 +186,8 @@ def test_run_directory_contents_and_names(tiny_run, tmp_path, monkeypatch):
     for name in ("config.json", "model.safetensors", "preprocessor_config.json", "training_state.pt", checkpoint.MARKER):
         assert (out / "checkpoint-200" / name).is_file()
     monkeypatch.chdir(tmp_path)
-    from vitfood.train import resolve_run
-    cfg, run_dir, _ = resolve_run(["--model", "google/vit-base-patch16-224-in21k", "--dataset", "ethz/food101"])
+    from vitfood.train import parse_run
+    cfg, run_dir, _ = parse_run(["--model", "google/vit-base-patch16-224-in21k", "--dataset", "ethz/food101"])
     parts = os.path.normpath(run_dir).split(os.sep)
     assert parts[0] == "runs" and len(parts) == 2 and parts[1].endswith("google_vit-base-patch16-224-in21k-ethz_food101")
 

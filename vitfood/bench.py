@@ -31,7 +31,7 @@ import torch
 from vitfood.common import (UserError, autocast, default_num_workers, env_info, pick_device, resolve_precision,
                             run_main, seed_everything)
 from vitfood.config import build_parser, resolve
-from vitfood.data import EpochSampler, ImageDataset, load_splits, make_loader, normalize, transforms_for
+from vitfood.data import EpochBatchSampler, ImageDataset, load_splits, make_loader, normalize, transforms_for
 from vitfood.evaluate import evaluate
 from vitfood.model import build_model, make_optimizer, make_scheduler, resolve_attn, vit_flops_per_image
 from vitfood.train import forward_backward, optimizer_step
@@ -125,7 +125,7 @@ def bench_model(cfg, names, device, precision, batch_size, compiled, attn, steps
     labels = torch.randint(0, len(names), (batch_size,), device=device)
 
     def step():
-        forward_backward(step_model, images, labels, amp, scaler, 1, mean, std)
+        forward_backward(step_model, images, labels, amp, scaler, mean, std, labels.numel())
         optimizer_step(model, opt, scaler, sched, c.max_grad_norm)
 
     if device.type == "cuda":
@@ -142,8 +142,7 @@ def bench_model(cfg, names, device, precision, batch_size, compiled, attn, steps
 
 def bench_data(train_set, batch_size, workers, device, steps, repeats, mean, std):
     """Loader images/s, counting the uint8 -> normalized float conversion the step does on the device."""
-    sampler = EpochSampler(len(train_set), seed=0)
-    loader = make_loader(train_set, batch_size, workers, device, sampler)
+    loader = make_loader(train_set, batch_size, workers, device, EpochBatchSampler(len(train_set), 0, batch_size))
     need = steps * repeats + 2
     it = iter(_endless(loader))
     next(it), next(it)  # warm-up: worker start, first batches
@@ -170,13 +169,13 @@ def bench_e2e(cfg, train_set, names, device, precision, workers, steps, repeats,
     """
     model, (mean, std), opt, sched, scaler, amp = _training_setup(cfg, names, device, precision)
     step_model = torch.compile(model) if cfg.compile else model
-    loader = make_loader(train_set, cfg.batch_size, workers, device, EpochSampler(len(train_set), cfg.seed))
+    loader = make_loader(train_set, cfg.batch_size, workers, device, EpochBatchSampler(len(train_set), cfg.seed, cfg.batch_size))
     it = _endless(loader)
     wait = [0.0]
     fixed = [t.to(device) for t in next(it)[:2]]
 
     def train_on(images, labels):
-        forward_backward(step_model, images, labels, amp, scaler, 1, mean, std)
+        forward_backward(step_model, images, labels, amp, scaler, mean, std, labels.numel())
         optimizer_step(model, opt, scaler, sched, cfg.max_grad_norm)
 
     def e2e_step():

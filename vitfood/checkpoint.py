@@ -30,21 +30,23 @@ _reached = {}
 
 
 def fault_point(name):
-    """Test hook for the few-millisecond windows of a save. VITFOOD_FAULT=<name>[:<n>] SIGKILLs this
-    process the n-th time (default 1st) it reaches <name>; VITFOOD_FAULT=enospc:<name>[:<n>] fails there
-    as a full disk instead."""
+    """Test hook for the few-millisecond windows of a save, and for a failing rank. VITFOOD_FAULT=<name>[:<n>]
+    SIGKILLs this process the n-th time (default 1st) it reaches <name>; VITFOOD_FAULT=enospc:<name>[:<n>]
+    fails there as a full disk, error:<name>[:<n>] with an error. VITFOOD_FAULT_RANK=<r>: only on rank r."""
     spec = os.environ.get("VITFOOD_FAULT", "")
-    if not spec:
+    if not spec or os.environ.get("VITFOOD_FAULT_RANK", os.environ.get("RANK", "0")) != os.environ.get("RANK", "0"):
         return
     parts = spec.split(":")
-    disk_full = parts[0] == "enospc"
-    parts = parts[1:] if disk_full else parts
+    kind = parts[0] if parts[0] in ("enospc", "error") else "kill"
+    parts = parts[1:] if kind != "kill" else parts
     if parts[0] != name:
         return
     _reached[name] = _reached.get(name, 0) + 1
     if _reached[name] == int(parts[1] if len(parts) > 1 else 1):
-        if disk_full:
+        if kind == "enospc":
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        if kind == "error":
+            raise UserError(f"fault injected at {name} (VITFOOD_FAULT)")
         os.kill(os.getpid(), signal.SIGKILL)
 
 

@@ -5,8 +5,10 @@ import os
 import platform
 import random
 import re
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import torch
@@ -32,7 +34,7 @@ def run_main(main):
         # raised in a DataLoader worker, the message carries the worker's traceback: keep its last line
         line = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         line = re.sub(r"^[\w.]*Error: ", "", line)
-        print(f"error: {line}", file=sys.stderr)
+        print(f"error: {_rank_prefix()}{line}", file=sys.stderr)
         sys.exit(2)
     except OSError as e:  # an output directory that is unwritable or full, outside a checkpoint save
         _close_progress_bars()
@@ -40,6 +42,16 @@ def run_main(main):
         print(f"error: {e.strerror or e}{where}", file=sys.stderr)
         sys.exit(2)
     except RuntimeError as e:
+        lost = isinstance(e, torch.distributed.DistError) or any(
+            w in str(e) for w in ("Connection closed", "Connection reset", "gloo", "NCCL", "timed out", "Timed out"))
+        if torch.distributed.is_initialized() and lost:
+            # a collective failed: another rank died (its own message is above) or timed out
+            _close_progress_bars()
+            print(f"error: {_rank_prefix()}lost contact with the other processes of the job "
+                  f"({str(e).strip().splitlines()[0][:160]})", file=sys.stderr, flush=True)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)  # torchrun's SIGTERM now ends this process at once
+            time.sleep(3)  # let the failed rank exit first, so that torchrun names it as the root cause
+            os._exit(1)
         if "DataLoader worker" not in str(e):
             raise
         _close_progress_bars()
@@ -47,6 +59,11 @@ def run_main(main):
               "or a smaller --batch-size; resume with --resume auto)", file=sys.stderr, flush=True)
         # leave now: interpreter teardown with a dead worker prints multiprocessing tracebacks, or hangs
         os._exit(1)
+
+
+def _rank_prefix():
+    """'[rank N] ' under torchrun with several processes, so a failing rank names itself."""
+    return f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
 
 
 def pick_device(name="auto"):

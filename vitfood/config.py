@@ -65,7 +65,8 @@ class Config:
     resume: str | None = _opt(None, "'auto' (newest complete checkpoint of --output-dir, or start fresh) or a checkpoint path")
     # machine
     device: str = _opt("auto", "auto, cpu, cuda, cuda:N")
-    num_workers: int = _opt(-1, "DataLoader worker processes (-1: from the CPU count)")
+    num_workers: int = _opt(-1, "DataLoader worker processes per training process (-1: from the CPU count)")
+    dist_timeout: int = _opt(600, "under torchrun: seconds a rank waits for the others before the job fails")
     seed: int = _opt(42, "seed for the split, initialisation, shuffling and augmentation")
     preset: str | None = _opt(None, "start from a named preset", ["demo"])
 
@@ -76,7 +77,7 @@ class Config:
 
     def validate(self):
         positive = ["batch_size", "grad_accum_steps", "eval_steps", "save_steps", "logging_steps", "max_nonfinite_steps",
-                    "save_total_limit", "synthetic_size", "synthetic_max_px"]
+                    "save_total_limit", "synthetic_size", "synthetic_max_px", "dist_timeout"]
         for name in positive:
             if getattr(self, name) < 1:
                 raise UserError(f"--{flag(name)} must be a positive integer, got {getattr(self, name)}")

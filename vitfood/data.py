@@ -6,6 +6,7 @@ device. Training augmentation draws from an RNG keyed on (seed, epoch, sample in
 sample's crop does not depend on which worker made it or on where a run was resumed.
 """
 
+import functools
 import io
 import math
 import os
@@ -184,6 +185,7 @@ class TrainTransform:
 
     def __init__(self, *, height, width):
         self.height, self.width = height, width
+        self.size = (height, width)
 
     def __call__(self, img, rng):
         box = random_resized_crop_box(*img.size, rng)
@@ -199,6 +201,7 @@ class EvalTransform:
 
     def __init__(self, *, resize, crop):
         self.resize, self.crop = resize, crop  # resize: int (shortest edge) or (h, w); crop: (h, w)
+        self.size = tuple(crop)
 
     def __call__(self, img, rng=None):
         w, h = img.size
@@ -293,8 +296,13 @@ class ImageDataset(torch.utils.data.Dataset):
         return image, self.labels[i]
 
 
-def collate(samples):
-    """Stack (image, label) pairs; damaged images (None) are dropped and counted: (images, labels, skipped)."""
+def collate(samples, size=None):
+    """Stack (image, label) pairs; damaged images (None) are dropped and counted: (images, labels, skipped).
+
+    An empty list (a rank's share of an epoch's last, short global batch) gives an empty batch of `size`.
+    """
+    if not samples:
+        return torch.empty((0, 3, *size), dtype=torch.uint8), torch.empty(0, dtype=torch.int64), 0
     good = [s for s in samples if s is not None]
     if not good:
         raise BadImageError(f"all {len(samples)} images of a batch failed to decode; is the data set damaged?")
@@ -310,31 +318,53 @@ def _worker_init(worker_id):
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-class EpochSampler(torch.utils.data.Sampler):
-    """Yields (epoch, index): a seeded permutation per epoch, startable at any position in it."""
+class EpochBatchSampler(torch.utils.data.Sampler):
+    """This rank's share of each global batch, as lists of (epoch, index) keys, from any position on.
 
-    def __init__(self, n, seed, shuffle=True):
+    Global batch k of an epoch is positions [k*G, (k+1)*G) of a permutation seeded by (seed, epoch),
+    G = batch_size * world: the same global batches for any number of processes. Rank r takes the
+    r-th of `world` contiguous parts: batch_size each, near-equal in an epoch's last, short batch,
+    where a part may even be empty. Every sample is seen once per epoch, none is padded or dropped.
+    """
+
+    def __init__(self, n, seed, batch_size, rank=0, world=1, shuffle=True):
         self.n, self.seed, self.shuffle = n, seed, shuffle
-        self.epoch, self.start = 0, 0
+        self.rank, self.world, self.global_batch = rank, world, batch_size * world
+        self.batches_per_epoch = math.ceil(n / self.global_batch)
+        self.epoch, self.batch = 0, 0
 
-    def set_position(self, epoch, start):
-        self.epoch, self.start = epoch, start
+    def set_position(self, epoch, batch):
+        self.epoch, self.batch = epoch, batch
+
+    def global_size(self, batch):
+        """Samples in global batch `batch` of an epoch, over all ranks."""
+        return min(self.global_batch, self.n - batch * self.global_batch)
 
     def __iter__(self):
         if self.shuffle:
             order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch))
         else:
             order = torch.arange(self.n)
-        return ((self.epoch, i) for i in order[self.start:].tolist())
+        for k in range(self.batch, self.batches_per_epoch):
+            m = self.global_size(k)
+            start = k * self.global_batch + self.rank * (m // self.world) + min(self.rank, m % self.world)
+            size = m // self.world + (self.rank < m % self.world)
+            yield [(self.epoch, i) for i in order[start:start + size].tolist()]
 
     def __len__(self):
-        return self.n - self.start
+        return self.batches_per_epoch - self.batch
 
 
 def make_loader(dataset, batch_size, num_workers, device, sampler=None, seed=0):
+    """Batches of `batch_size` in order or over `sampler`; an EpochBatchSampler makes the batches itself."""
+    if isinstance(sampler, EpochBatchSampler):
+        batching = dict(batch_sampler=sampler)
+    else:
+        batching = dict(batch_size=batch_size, sampler=sampler, drop_last=False)
+    size = getattr(getattr(dataset, "transform", None), "size", None)
     return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=num_workers, collate_fn=collate,
-        pin_memory=device.type == "cuda", persistent_workers=num_workers > 0, drop_last=False,
+        dataset, **batching, num_workers=num_workers, collate_fn=functools.partial(collate, size=size),
+        pin_memory=device.type == "cuda", persistent_workers=num_workers > 0,
         generator=torch.Generator().manual_seed(seed),  # own generator: the global RNG is never touched
         worker_init_fn=_worker_init, prefetch_factor=4 if num_workers > 0 else None)
 

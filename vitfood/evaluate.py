@@ -4,13 +4,14 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from vitfood import dist
 from vitfood.data import normalize
 from vitfood.model import for_inference
 
 
 @torch.inference_mode()
 def evaluate(model, loader, device, precision, mean, std, progress=True):
-    """Metrics summed over every sample of `loader` (no sample dropped or repeated)."""
+    """Metrics summed over every sample of `loader` (no sample dropped or repeated), and over ranks."""
     was_training = model.training
     model.eval()
     net, amp = for_inference(model, precision, device)
@@ -32,5 +33,9 @@ def evaluate(model, loader, device, precision, mean, std, progress=True):
         n += labels.numel()
         skipped += bad
     model.train(was_training)
-    # one host-device sync, at the end
-    return dict(loss=loss_sum.item() / n, acc1=correct1.item() / n, acc5=correct5.item() / n, samples=n, skipped=skipped)
+    # under torchrun each rank saw its own part of the split: add the sums over ranks (one sync, at the end)
+    counts = torch.tensor([n, skipped], dtype=torch.float64, device=device)
+    sums = dist.all_sum(torch.cat([loss_sum.view(1), correct1.double().view(1), correct5.double().view(1), counts]))
+    loss_sum, correct1, correct5, n, skipped = sums.tolist()
+    d = max(n, 1)
+    return dict(loss=loss_sum / d, acc1=correct1 / d, acc5=correct5 / d, samples=int(n), skipped=int(skipped))

@@ -103,13 +103,15 @@ def unwrap(model):
 
 
 def for_inference(model, precision, device, keep=True):
-    """(model, context) to run inference with. In bf16 the weights themselves are cast (on a copy when
-    `keep`, so training keeps its fp32 weights): no gradients or optimizer need fp32 masters, and
-    autocast re-casting every weight and activation on every call cost about 20% of forward time on
-    the CPU (bench/README.md). fp16 keeps autocast, whose fp32 islands guard against overflow."""
+    """(model, context) to run inference with: the plain model (no DDP, whose forward may communicate; no
+    compile). In bf16 the weights themselves are cast (on a copy when `keep`, so training keeps its fp32
+    weights): no gradients or optimizer need fp32 masters, and autocast re-casting every weight and
+    activation on every call cost about 20% of forward time on the CPU (bench/README.md). fp16 keeps
+    autocast, whose fp32 islands guard against overflow."""
+    model = unwrap(model)
     if precision != "bf16":
         return model, autocast(precision, device)
-    net = copy.deepcopy(unwrap(model)) if keep else unwrap(model)
+    net = copy.deepcopy(model) if keep else model
     return net.to(torch.bfloat16).eval(), autocast("fp32", device)
 
 

@@ -1,0 +1,76 @@
+"""torchrun support: one process per device, PyTorch's DistributedDataParallel, rank 0 writes.
+
+Without torchrun (no WORLD_SIZE in the environment) everything here is a no-op for one process.
+"""
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+from vitfood.common import UserError, pick_device
+
+
+def setup(device_name, timeout_s):
+    """(rank, world size, device). Joins the process group when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, pick_device(device_name)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device_name == "auto":
+        device_name = "cuda" if torch.cuda.is_available() else "cpu"
+    if device_name == "cuda":
+        device_name = f"cuda:{local_rank}"  # one process per GPU
+    device = pick_device(device_name)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    # a timeout, so that a rank that died or hangs ends the job instead of blocking the others forever
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(seconds=timeout_s),
+                            device_id=device if device.type == "cuda" else None)
+    return rank, world, device
+
+
+def active():
+    return dist.is_available() and dist.is_initialized()
+
+
+def barrier():
+    if active():
+        dist.barrier()
+
+
+def all_sum(tensor):
+    """Sum over ranks, in place; returns the tensor."""
+    if active():
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def any_rank(flag, device):
+    """True on every rank when `flag` is true on any: all ranks stop at the same step."""
+    if not active():
+        return bool(flag)
+    return bool(all_sum(torch.tensor([int(bool(flag))], device=device)).item())
+
+
+def same_on_all(value, what):
+    """Refuse to go on when ranks disagree on `value` (launched with different flags or data)."""
+    if not active():
+        return
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    if any(v != values[0] for v in values):
+        raise UserError(f"ranks disagree on {what}: {values}; launch every process with the same flags and data")
+
+
+def close():
+    if active():
+        dist.destroy_process_group()
+
+
+class NullWriter:
+    """Stands in for the SummaryWriter on ranks other than 0: TensorBoard gets one event stream."""
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
