@@ -22,6 +22,14 @@ def cache_dir(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, cache_dir):
+    """One short training run shared by the tests that only read its outputs: (run dir, all_results)."""
+    out = tmp_path_factory.mktemp("run") / "tiny"
+    results = train("--max-steps", 200, "--eval-steps", 40, "--save-steps", 40, "--lr", "5e-3", "--output-dir", out)
+    return out, results
+
+
 def train(*args):
     """Run vitfood.train in this process; returns all_results (or None)."""
     from vitfood.train import main

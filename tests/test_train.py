@@ -11,14 +11,6 @@ from conftest import cli, train
 from vitfood import checkpoint
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """One short training run shared by the tests that only read its outputs."""
-    out = tmp_path_factory.mktemp("run") / "tiny"
-    results = train("--max-steps", 200, "--eval-steps", 40, "--save-steps", 40, "--lr", "5e-3", "--output-dir", out)
-    return out, results
-
-
 def _events(out):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     ea = EventAccumulator(str(out), size_guidance={"scalars": 0, "images": 0, "tensors": 0})

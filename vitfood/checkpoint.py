@@ -134,13 +134,17 @@ def _swap_in(tmp, final):
     _fsync_dir(parent)
 
 
-def export(output_dir, model, processor):
-    """save_pretrained into <output-dir>/model, atomically; returns its path."""
+def export(output_dir, model, processor, card=None):
+    """save_pretrained into <output-dir>/model, with the model card `card` as README.md, atomically;
+    returns its path."""
     final = os.path.join(output_dir, "model")
     tmp = os.path.join(output_dir, f".tmp-model-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     processor.save_pretrained(tmp)
+    if card:
+        with open(os.path.join(tmp, "README.md"), "w") as fh:
+            fh.write(card)
     for name in os.listdir(tmp):
         with open(os.path.join(tmp, name), "rb+") as fh:
             os.fsync(fh.fileno())

@@ -54,12 +54,18 @@ def any_rank(flag, device):
     return bool(all_sum(torch.tensor([int(bool(flag))], device=device)).item())
 
 
+def gather(obj):
+    """[obj of rank 0, obj of rank 1, ...] on every rank (pickled: for small things)."""
+    if not active():
+        return [obj]
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, obj)
+    return values
+
+
 def same_on_all(value, what):
     """Refuse to go on when ranks disagree on `value` (launched with different flags or data)."""
-    if not active():
-        return
-    values = [None] * dist.get_world_size()
-    dist.all_gather_object(values, value)
+    values = gather(value)
     if any(v != values[0] for v in values):
         raise UserError(f"ranks disagree on {what}: {values}; launch every process with the same flags and data")
 

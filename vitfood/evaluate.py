@@ -1,26 +1,48 @@
-"""Evaluation: loss, top-1 and top-5 accuracy over a whole split, in inference mode."""
+"""Evaluate a trained model in depth: loss, top-1/top-5, per-class precision/recall/F1, a confusion
+matrix and the most confident mistakes.
 
+    python -m vitfood.evaluate --model runs/<run>/model                 # on the eval split that run used
+    python -m vitfood.evaluate --model runs/<run>/checkpoint-300 --tensorboard runs/<run>/eval
+    python -m vitfood.evaluate --model google/vit-base-patch16-224 --dataset ./photos --split train
+
+Writes eval_results.json, per_class.csv, confusion_matrix.png and mistakes.png to --output-dir.
+"""
+
+import argparse
+import json
+import os
+
+import numpy as np
 import torch
 import torch.nn.functional as F
+import transformers
 from tqdm import tqdm
 
-from vitfood import dist
-from vitfood.data import normalize
+from vitfood import checkpoint, dist, report
+from vitfood.common import UserError, default_num_workers, pick_device, resolve_precision, run_main, safe_name
+from vitfood.config import OneLineParser, read_config_file, resolve
+from vitfood.data import ImageDataset, is_path, load_splits, make_loader, normalize, transforms_for
 from vitfood.model import for_inference
 
 
 @torch.inference_mode()
-def evaluate(model, loader, device, precision, mean, std, progress=True):
-    """Metrics summed over every sample of `loader` (no sample dropped or repeated), and over ranks."""
+def evaluate(model, loader, device, precision, mean, std, progress=True, num_classes=None, mistakes=0):
+    """Metrics summed over every sample of `loader` (no sample dropped or repeated), and over ranks.
+
+    With `num_classes`, also the [true, predicted] count matrix; with `mistakes`, that many of the most
+    confident misclassified images (uint8, as the model saw them) with their labels.
+    """
     was_training = model.training
     model.eval()
     net, amp = for_inference(model, precision, device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct1 = torch.zeros((), dtype=torch.int64, device=device)
     correct5 = torch.zeros((), dtype=torch.int64, device=device)
+    confusion = torch.zeros((num_classes or 1, num_classes or 1), dtype=torch.int64, device=device)
+    worst = []
     n = skipped = 0
-    for images, labels, bad in tqdm(loader, desc="eval", leave=False, disable=not progress, dynamic_ncols=True):
-        images = normalize(images.to(device, non_blocking=True), mean, std)
+    for raw, labels, bad in tqdm(loader, desc="eval", leave=False, disable=not progress, dynamic_ncols=True):
+        images = normalize(raw.to(device, non_blocking=True), mean, std)
         labels = labels.to(device, non_blocking=True)
         with amp:
             logits = net(pixel_values=images).logits
@@ -30,6 +52,14 @@ def evaluate(model, loader, device, precision, mean, std, progress=True):
         hits = top == labels[:, None]
         correct1 += hits[:, 0].sum()
         correct5 += hits.any(dim=-1).sum()
+        if num_classes:
+            confusion.index_put_((labels, top[:, 0]), torch.ones_like(labels), accumulate=True)
+        if mistakes:  # keep the most confident wrong answers seen so far (a sync per batch, only here)
+            conf = logits.softmax(-1).max(-1).values.cpu()
+            for i in (~hits[:, 0]).nonzero().flatten().tolist():
+                worst.append(dict(confidence=conf[i].item(), true=labels[i].item(), pred=top[i, 0].item(),
+                                  image=raw[i].clone()))
+            worst = sorted(worst, key=lambda m: -m["confidence"])[:mistakes]
         n += labels.numel()
         skipped += bad
     model.train(was_training)
@@ -38,4 +68,112 @@ def evaluate(model, loader, device, precision, mean, std, progress=True):
     sums = dist.all_sum(torch.cat([loss_sum.view(1), correct1.double().view(1), correct5.double().view(1), counts]))
     loss_sum, correct1, correct5, n, skipped = sums.tolist()
     d = max(n, 1)
-    return dict(loss=loss_sum / d, acc1=correct1 / d, acc5=correct5 / d, samples=int(n), skipped=int(skipped))
+    result = dict(loss=loss_sum / d, acc1=correct1 / d, acc5=correct5 / d, samples=int(n), skipped=int(skipped))
+    if num_classes:
+        result["confusion"] = dist.all_sum(confusion).tolist()
+    if mistakes:
+        gathered = [m for part in dist.gather(worst) for m in part]
+        result["mistakes"] = sorted(gathered, key=lambda m: -m["confidence"])[:mistakes]
+    return result
+
+
+def _model_run_config(model_path):
+    """The train_config.json of the run a model/ or checkpoint-<step>/ folder belongs to, or None."""
+    path = os.path.join(os.path.dirname(os.path.abspath(os.path.expanduser(model_path))), "train_config.json")
+    return path if os.path.isfile(path) else None
+
+
+def main(argv=None):
+    from vitfood.predict import load
+
+    p = OneLineParser(prog="python -m vitfood.evaluate", description=__doc__,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="a run's model/ or checkpoint-<step>/ folder, or a Hub model id")
+    p.add_argument("--dataset", help="data set (Hub id, folder, or 'synthetic'); unset: the eval split of the "
+                                     "model's own training run")
+    p.add_argument("--split", help="split to evaluate, with --dataset (default: validation, else test)")
+    p.add_argument("--image-column", default="image")
+    p.add_argument("--label-column", default="label")
+    p.add_argument("--batch-size", type=int, help="images per batch (unset: the run's eval batch, else 32)")
+    p.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"], help="unset: the run's, else auto")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--num-workers", type=int, default=-1)
+    p.add_argument("--mistakes", type=int, default=16, help="most confident mistakes to draw")
+    p.add_argument("--output-dir", help="where the results go (unset: eval-<model folder> beside it)")
+    p.add_argument("--tensorboard", metavar="DIR", help="also log the results as a TensorBoard run in DIR")
+    a = p.parse_args(argv)
+    if a.batch_size is not None and a.batch_size < 1 or a.mistakes < 0:
+        raise UserError("--batch-size must be positive and --mistakes not negative")
+
+    saved = _model_run_config(a.model) if is_path(a.model) else None
+    if a.dataset:
+        split = a.split or "validation"
+        cfg = resolve(dict(dataset=a.dataset, train_split=split, eval_split=split, image_column=a.image_column,
+                           label_column=a.label_column, model=a.model))
+    elif saved:
+        cfg = resolve({}, {k: v for k, v in read_config_file(saved).items() if k not in ("resume", "output_dir")})
+        if a.split:
+            raise UserError("--split needs --dataset; without it the run's own eval split is used")
+    else:
+        raise UserError(f"{a.model} is not inside a vitfood run (no train_config.json beside it): "
+                        "pass --dataset and --split")
+    device = pick_device(a.device)
+    precision = resolve_precision(a.precision or (cfg.precision if saved and not a.dataset else "auto"), device)
+    batch_size = a.batch_size or (cfg.eval_bs if saved and not a.dataset else 32)
+    _, eval_ds, names = load_splits(cfg, log=lambda *args: None)  # data first: a wrong split fails fast
+    transformers.utils.logging.disable_progress_bar()
+    model, processor = load(a.model, device)
+    model_names = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    _, eval_tf, (mean, std) = transforms_for(processor)
+    eval_set = ImageDataset(eval_ds, cfg.image_column, cfg.label_column, eval_tf)
+    if names != model_names:
+        if sorted(names) != sorted(model_names):
+            raise UserError(f"the model's {len(model_names)} labels ({', '.join(model_names[:5])}, ...) are not "
+                            f"the data set's {len(names)} classes ({', '.join(names[:5])}, ...)")
+        eval_set.labels = [model_names.index(names[v]) for v in eval_set.labels]  # same classes, other order
+    workers = a.num_workers if a.num_workers >= 0 else default_num_workers()
+    loader = make_loader(eval_set, batch_size, workers, device)
+    r = evaluate(model, loader, device, precision, mean, std, num_classes=len(model_names), mistakes=a.mistakes)
+
+    model_dir = os.path.abspath(os.path.expanduser(a.model))
+    out = a.output_dir or (os.path.join(os.path.dirname(model_dir), f"eval-{os.path.basename(model_dir)}")
+                           if is_path(a.model) else f"eval-{safe_name(a.model)}")
+    os.makedirs(out, exist_ok=True)
+    rows = report.per_class(r["confusion"], model_names)
+    report.write_csv(os.path.join(out, "per_class.csv"), rows)
+    confusion_png = report.confusion_image(r["confusion"], model_names)
+    mistakes_png = report.mistakes_image(r["mistakes"], model_names)
+    confusion_png.save(os.path.join(out, "confusion_matrix.png"))
+    mistakes_png.save(os.path.join(out, "mistakes.png"))
+    results = dict(model=a.model, dataset=cfg.dataset, split=cfg.eval_split or f"{cfg.train_split} (held out)",
+                   precision=precision, batch_size=batch_size, eval_loss=r["loss"], eval_accuracy=r["acc1"],
+                   eval_top5=r["acc5"], eval_samples=r["samples"], correct=round(r["acc1"] * r["samples"]),
+                   skipped_images=r["skipped"], per_class=rows, confusion_matrix=r["confusion"])
+    checkpoint.write_json_atomic(os.path.join(out, "eval_results.json"), results)
+    if a.tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+        state = os.path.join(a.model, "training_state.pt")
+        step = torch.load(state, weights_only=True)["step"] if os.path.isfile(state) else 0
+        with SummaryWriter(a.tensorboard) as w:
+            for k in ("loss", "acc1", "acc5"):
+                w.add_scalar(f"eval/{k}", r[k], step)
+            w.add_image("eval/confusion_matrix", np.asarray(confusion_png), step, dataformats="HWC")
+            w.add_image("eval/mistakes", np.asarray(mistakes_png), step, dataformats="HWC")
+            w.add_text("eval/per_class", "\n".join(["| class | precision | recall | f1 | support |", "|---|---|---|---|---|"] +
+                       [f"| {x['label']} | {x['precision']:.3f} | {x['recall']:.3f} | {x['f1']:.3f} | {x['support']} |"
+                        for x in rows]), step)
+    print(f"{a.model} on {cfg.dataset} ({results['split']}, {r['samples']} images, {precision}): "
+          f"loss {r['loss']:.4f}  top-1 {r['acc1']:.4f}  top-5 {r['acc5']:.4f}")
+    worst = sorted(rows, key=lambda x: x["f1"])[:3]
+    print("lowest F1: " + ", ".join(f"{x['label']} {x['f1']:.3f}" for x in worst))
+    print(f"results: {out}/ (eval_results.json, per_class.csv, confusion_matrix.png, mistakes.png)")
+    print(json.dumps(dict(eval_loss=r["loss"], eval_accuracy=r["acc1"], eval_top5=r["acc5"], samples=r["samples"])))
+    return results
+
+
+def cli():
+    run_main(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -15,12 +15,13 @@ import signal
 import sys
 import time
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import transformers
 from tqdm import tqdm
 
-from vitfood import checkpoint, dist
+from vitfood import checkpoint, dist, report
 from vitfood.common import (UserError, autocast, default_num_workers, env_info, resolve_precision, run_main,
                             safe_name, seed_everything)
 from vitfood.config import build_parser, read_config_file, resolve, to_dict
@@ -130,7 +131,7 @@ def main(argv=None):
     scheduler = make_scheduler(optimizer, cfg.warmup_steps, max_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")  # loss scaling only for fp16
     amp = autocast(precision, device)
-    step, best, metrics = 0, None, None
+    step, best, metrics, history = 0, None, None, []
     if state:
         load_weights(model, resume_from)
         optimizer.load_state_dict(state["optimizer"])
@@ -138,7 +139,7 @@ def main(argv=None):
         if scaler.is_enabled() and state["scaler"]:  # empty when the run was not fp16
             scaler.load_state_dict(state["scaler"])
         checkpoint.set_rng_state(state["rng"])
-        step, best, metrics = state["step"], state["best"], state["metrics"]
+        step, best, metrics, history = state["step"], state["best"], state["metrics"], state.get("history", [])
         if step >= max_steps and os.path.isfile(os.path.join(out, "all_results.json")):
             say(f"{out}: the run already finished at step {step} (of {max_steps}); nothing to do")
             return
@@ -196,7 +197,7 @@ def main(argv=None):
     loss_sum = torch.zeros((), device=device)
     norm_sum = torch.zeros((), device=device)
     t_log, wait, paused, images_seen, images_total = time.perf_counter(), 0.0, 0.0, 0, 0
-    skipped_images, bad_steps, first_bad, last_log = 0, 0, None, step
+    skipped_images, bad_steps, first_bad, last_log, train_loss = 0, 0, None, step, None
     t_start = time.perf_counter()
     pbar = tqdm(total=max_steps, initial=step, desc="train", dynamic_ncols=True, disable=not main_rank)
     while True:
@@ -206,9 +207,17 @@ def main(argv=None):
         save_now = step > start_step and (step % cfg.save_steps == 0 or last_step or stopping)
         t_pause = time.perf_counter()
         if eval_now:
-            metrics = evaluate(train_model, eval_loader, device, precision, mean, std, progress=main_rank)
+            metrics = evaluate(train_model, eval_loader, device, precision, mean, std, progress=main_rank,
+                               num_classes=len(class_names), mistakes=8)
             for k in ("loss", "acc1", "acc5"):
                 writer.add_scalar(f"eval/{k}", metrics[k], step)
+            if main_rank:
+                writer.add_image("eval/confusion_matrix", np.asarray(report.confusion_image(
+                    metrics.pop("confusion"), class_names)), step, dataformats="HWC")
+                writer.add_image("eval/mistakes", np.asarray(report.mistakes_image(
+                    metrics.pop("mistakes"), class_names)), step, dataformats="HWC")
+            metrics = {k: metrics[k] for k in ("loss", "acc1", "acc5", "samples", "skipped")}
+            history.append(dict(step=step, train_loss=train_loss, **metrics))
             if main_rank:
                 pbar.write(f"step {step}: eval loss {metrics['loss']:.4f} acc1 {metrics['acc1']:.4f} "
                            f"acc5 {metrics['acc5']:.4f}")
@@ -219,7 +228,7 @@ def main(argv=None):
                 best = dict(step=step, eval_accuracy=metrics["acc1"], eval_loss=metrics["loss"])
             if main_rank:  # the other ranks' state follows from the step: nothing of theirs to save
                 save(out, step, model, processor, dict(
-                    step=step, best=best, metrics=metrics if eval_now else None, global_batch=global_batch,
+                    step=step, best=best, metrics=metrics if eval_now else None, history=history, global_batch=global_batch,
                     world_size=world, data_position=dict(epoch=step * accum // batches_per_epoch,
                                                          batch=step * accum % batches_per_epoch),
                     optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
@@ -269,6 +278,7 @@ def main(argv=None):
             totals = dist.all_sum(torch.stack([loss_sum / world, norm_sum / world,
                                                torch.tensor(float(images_seen), device=device)]))
             train_loss, grad_norm, images_seen = (totals[0] / n).item(), (totals[1] / n).item(), int(totals[2].item())
+            train_loss = round(train_loss, 6)
             dt = max(1e-9, time.perf_counter() - t_log - paused)
             writer.add_scalar("train/loss", train_loss, step)
             writer.add_scalar("train/lr", lr, step)
@@ -302,11 +312,16 @@ def main(argv=None):
     if cfg.export == "best" and best and best["step"] != step:
         load_weights(model, os.path.join(out, f"checkpoint-{best['step']}"))
         final, export_step = evaluate(train_model, eval_loader, device, precision, mean, std), best["step"]
+    for k in ("loss", "acc1", "acc5"):  # the metrics of the exported model, beside the hparams (HPARAMS view)
+        writer.add_scalar(f"final/{k}", final[k], step)
     results = dict(eval_loss=final["loss"], eval_accuracy=final["acc1"], eval_top5=final["acc5"],
                    global_step=step, exported_step=export_step, train_runtime=round(runtime, 3),
                    train_samples_per_second=round(images_total / runtime, 3))
     if main_rank:
-        model_dir = checkpoint.export(out, model, processor)
+        env = env_info(device)
+        card = report.model_card(cfg, results, history, dict(train=len(train_set), eval=len(eval_set)), class_names,
+                                 precision, world, {k: env[k] for k in ("torch", "transformers", "datasets")})
+        model_dir = checkpoint.export(out, model, processor, card)
         checkpoint.write_json_atomic(os.path.join(out, "all_results.json"), results)
         writer.close()
         print(f"\ndone: {out}")
@@ -371,7 +386,8 @@ def log_hparams(writer, cfg, precision, max_steps, world=1):
     values = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in to_dict(cfg).items()}
     values.update(resolved_precision=precision, total_steps=max_steps, world_size=world,
                   global_batch=cfg.batch_size * world * cfg.grad_accum_steps)
-    for summary in hparams(values, {"eval/acc1": 0.0, "eval/loss": 0.0, "eval/acc5": 0.0}):
+    metrics = {f"{group}/{k}": 0.0 for group in ("final", "eval") for k in ("acc1", "loss", "acc5")}
+    for summary in hparams(values, metrics):
         writer.file_writer.add_summary(summary)
 
 

@@ -1,0 +1,157 @@
+"""Using a trained model: evaluate in depth, predict, the model card, and TensorBoard over HTTP."""
+
+import csv
+import json
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import TINY, cli
+from vitfood import report
+
+
+def _eval_images(tmp_path):
+    """The tiny run's eval split written out as files, in split order, and their labels."""
+    import datasets
+
+    from vitfood.config import build_parser, resolve
+    from vitfood.data import load_splits
+    cfg = resolve(vars(build_parser().parse_args(TINY)))
+    _, eval_ds, _ = load_splits(cfg, log=lambda *a: None)
+    files, labels = [], []
+    for i, row in enumerate(eval_ds.cast_column("image", datasets.Image(decode=False))):
+        path = tmp_path / f"{i:04d}.jpg"
+        path.write_bytes(row["image"]["bytes"])  # the very bytes training read: the same decode
+        files.append(str(path))
+        labels.append(row["label"])
+    return files, labels
+
+
+def test_evaluate_and_predict_count_what_training_counted(tiny_run, tmp_path):
+    from vitfood.evaluate import main as evaluate_main
+    from vitfood.predict import load, predict
+    out, results = tiny_run
+    r = evaluate_main(["--model", str(out / "model"), "--output-dir", str(tmp_path / "ev")])
+    samples = r["eval_samples"]
+    correct = round(results["eval_accuracy"] * samples)
+    assert r["correct"] == correct and r["eval_loss"] == pytest.approx(results["eval_loss"], abs=1e-6)
+    assert r["precision"] == "fp32"  # the run's own precision and eval batch size
+    # checkpoint-200 is the same weights as model/ (exported at the last step)
+    r200 = evaluate_main(["--model", str(out / "checkpoint-200"), "--output-dir", str(tmp_path / "ev200")])
+    assert r200["correct"] == correct
+
+    files, labels = _eval_images(tmp_path)
+    assert len(files) == samples
+    model, processor = load(str(out / "model"), torch.device("cpu"))
+    preds = list(predict(model, processor, files, torch.device("cpu"), "fp32", top_k=1, batch_size=r["batch_size"]))
+    label_of = {name: i for i, name in model.config.id2label.items()}
+    assert sum(label_of[p["predictions"][0]["label"]] == y for p, y in zip(preds, labels)) == correct
+
+
+def test_evaluate_writes_real_images_and_tables(tiny_run, tmp_path):
+    out, _ = tiny_run
+    r = cli("--model", out / "model", "--output-dir", tmp_path / "ev", "--mistakes", "6", module="vitfood.evaluate")
+    assert r.returncode == 0, r.stderr
+    assert "top-1" in r.stdout and json.loads(r.stdout.strip().splitlines()[-1])["samples"] > 0
+    ev = tmp_path / "ev"
+    results = json.loads((ev / "eval_results.json").read_text())
+    rows = list(csv.DictReader(open(ev / "per_class.csv")))
+    assert [row["label"] for row in rows] == [x["label"] for x in results["per_class"]] and len(rows) == 4
+    assert sum(int(row["support"]) for row in rows) == results["eval_samples"]
+    m = results["confusion_matrix"]
+    assert sum(map(sum, m)) == results["eval_samples"] and sum(m[i][i] for i in range(4)) == results["correct"]
+    with Image.open(ev / "confusion_matrix.png") as img:
+        assert img.format == "PNG" and img.size == (report.LABEL_W + 4 * report.cell_size(4),) * 2
+        assert len(np.unique(np.asarray(img.convert("L")))) > 3  # drawn, not blank
+    with Image.open(ev / "mistakes.png") as img:
+        wrong = results["eval_samples"] - results["correct"]
+        tiles = min(6, wrong)
+        if tiles:  # 4 per row, each a 64 px image under a 28 px caption, 4 px apart
+            assert img.size == (min(4, tiles) * 68, -(-tiles // 4) * 96), img.size
+
+
+def test_evaluate_refuses_bad_input_in_one_line(tiny_run, tmp_path):
+    out, _ = tiny_run
+    (tmp_path / "lonely").mkdir()
+    for args in (["--model", tmp_path / "lonely"],                        # not a model folder
+                 ["--model", out / "model", "--split", "test"],           # --split without --dataset
+                 ["--model", out / "model", "--dataset", tmp_path / "no-such-folder"],
+                 ["--model", out / "model", "--batch-size", "0"]):
+        r = cli(*args, module="vitfood.evaluate")
+        last = r.stderr.strip().splitlines()[-1]
+        assert r.returncode == 2 and last.startswith("error: ") and "Traceback" not in r.stderr, r.stderr
+
+
+def test_model_card(tiny_run):
+    out, results = tiny_run
+    card = (out / "model" / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: transformers\n") and "pipeline_tag: image-classification" in card
+    assert f"value: {results['eval_accuracy']:.4f}" in card
+    assert re.search(r"\n- \d+ training images, \d+ evaluation images, 4 classes\n", card)
+    history = [line for line in card.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert [int(line.split("|")[1]) for line in history] == [40, 80, 120, 160, 200]
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url, data=None):
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"} if data else {})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return r.read()
+
+
+def test_tensorboard_serves_the_run(tiny_run):
+    out, results = tiny_run
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([sys.executable, "-m", "tensorboard.main", "--logdir", str(out), "--host", "127.0.0.1",
+                               "--port", str(port), "--reload_interval", "0"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                runs = json.loads(_get(f"{base}/data/runs"))
+                if runs:
+                    break
+            except OSError:
+                pass
+            assert server.poll() is None and time.time() < deadline, server.stderr.read().decode()[-2000:]
+            time.sleep(0.5)
+        run = runs[0]
+        q = urllib.parse.urlencode
+        loss = json.loads(_get(f"{base}/data/plugin/scalars/scalars?{q(dict(run=run, tag='train/loss'))}"))
+        assert [step for _, step, _ in loss][-1] == 200 and loss[-1][2] < loss[0][2]
+        acc = json.loads(_get(f"{base}/data/plugin/scalars/scalars?{q(dict(run=run, tag='eval/acc1'))}"))
+        assert acc[-1][2] == pytest.approx(results["eval_accuracy"], abs=1e-6)
+        for tag in ("eval/confusion_matrix", "eval/mistakes", "train/augmented_images"):
+            images = json.loads(_get(f"{base}/data/plugin/images/images?{q(dict(run=run, tag=tag, sample=0))}"))
+            assert images, tag
+            png = _get(f"{base}/data/plugin/images/individualImage?{images[-1]['query']}")
+            assert png[:8] == b"\x89PNG\r\n\x1a\n"
+        confusion_steps = [im["step"] for im in json.loads(_get(
+            f"{base}/data/plugin/images/images?{q(dict(run=run, tag='eval/confusion_matrix', sample=0))}"))]
+        assert confusion_steps[-1] == 200  # one per eval; TensorBoard may thin older ones
+        experiment = json.loads(_get(f"{base}/data/plugin/hparams/experiment",
+                                     json.dumps({"experimentName": ""}).encode()))
+        hparams = {h["name"] for h in experiment["hparamInfos"]}
+        metrics = {m["name"]["tag"] for m in experiment["metricInfos"]}
+        assert {"lr", "batch_size", "global_batch", "world_size"} <= hparams and "final/acc1" in metrics
+        final = json.loads(_get(f"{base}/data/plugin/scalars/scalars?{q(dict(run=run, tag='final/acc1'))}"))
+        assert final[-1][2] == pytest.approx(results["eval_accuracy"], abs=1e-6)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
