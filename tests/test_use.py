@@ -81,6 +81,8 @@ def test_evaluate_writes_real_images_and_tables(tiny_run, tmp_path):
 
 def test_evaluate_refuses_bad_input_in_one_line(tiny_run, tmp_path):
     out, _ = tiny_run
+    from vitfood.evaluate import main as evaluate_main
+    assert evaluate_main(["--model", str(out / "model"), "--mistakes", "0", "--output-dir", str(tmp_path / "ev")])
     (tmp_path / "lonely").mkdir()
     for args in (["--model", tmp_path / "lonely"],                        # not a model folder
                  ["--model", out / "model", "--split", "test"],           # --split without --dataset

@@ -116,6 +116,7 @@ def autocast(precision, device):
 
 
 def seed_everything(seed):
+    seed %= 2 ** 32  # numpy's limit; derived seeds (per rank, per step) may pass it
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)

@@ -304,6 +304,8 @@ def collate(samples, size=None):
     if not samples:
         return torch.empty((0, 3, *size), dtype=torch.uint8), torch.empty(0, dtype=torch.int64), 0
     good = [s for s in samples if s is not None]
+    if not good and len(samples) == 1:  # one damaged image as a rank's whole share: skipped like any other
+        return torch.empty((0, 3, *size), dtype=torch.uint8), torch.empty(0, dtype=torch.int64), 1
     if not good:
         raise BadImageError(f"all {len(samples)} images of a batch failed to decode; is the data set damaged?")
     images = torch.stack([img for img, _ in good])

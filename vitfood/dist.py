@@ -18,6 +18,9 @@ def setup(device_name, timeout_s):
     if world == 1:
         return 0, 1, pick_device(device_name)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device_name.startswith("cuda:"):
+        raise UserError(f"--device {device_name}: under torchrun each process takes the GPU of its local rank; "
+                        "pass --device cuda (or auto), and CUDA_VISIBLE_DEVICES to choose GPUs")
     if device_name == "auto":
         device_name = "cuda" if torch.cuda.is_available() else "cpu"
     if device_name == "cuda":
@@ -38,6 +41,28 @@ def active():
 def barrier():
     if active():
         dist.barrier()
+
+
+_patient = []
+
+
+def wait_for_rank0():
+    """A barrier with no practical time limit, for the ranks that wait while rank 0 downloads the data
+    and model (Food-101 is 5 GB: longer than --dist-timeout). A rank 0 that fails ends the job anyway."""
+    if not active():
+        return
+    if not _patient:
+        _patient.append(dist.new_group(backend="gloo", timeout=datetime.timedelta(days=7)))
+    dist.barrier(group=_patient[0])
+
+
+def from_rank0(obj):
+    """Rank 0's value of `obj` on every rank."""
+    if not active():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def all_sum(tensor):

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from vitfood import checkpoint, dist, report
 from vitfood.common import UserError, default_num_workers, pick_device, resolve_precision, run_main, safe_name
 from vitfood.config import OneLineParser, read_config_file, resolve
-from vitfood.data import ImageDataset, is_path, load_splits, make_loader, normalize, transforms_for
+from vitfood.data import ImageDataset, check_labels, is_path, load_splits, make_loader, normalize, transforms_for
 from vitfood.model import for_inference
 
 
@@ -71,9 +71,8 @@ def evaluate(model, loader, device, precision, mean, std, progress=True, num_cla
     result = dict(loss=loss_sum / d, acc1=correct1 / d, acc5=correct5 / d, samples=int(n), skipped=int(skipped))
     if num_classes:
         result["confusion"] = dist.all_sum(confusion).tolist()
-    if mistakes:
-        gathered = [m for part in dist.gather(worst) for m in part]
-        result["mistakes"] = sorted(gathered, key=lambda m: -m["confidence"])[:mistakes]
+    gathered = [m for part in dist.gather(worst) for m in part] if mistakes else []
+    result["mistakes"] = sorted(gathered, key=lambda m: -m["confidence"])[:mistakes]
     return result
 
 
@@ -91,7 +90,7 @@ def main(argv=None):
     p.add_argument("--model", required=True, help="a run's model/ or checkpoint-<step>/ folder, or a Hub model id")
     p.add_argument("--dataset", help="data set (Hub id, folder, or 'synthetic'); unset: the eval split of the "
                                      "model's own training run")
-    p.add_argument("--split", help="split to evaluate, with --dataset (default: validation, else test)")
+    p.add_argument("--split", help="split to evaluate, with --dataset (default: validation)")
     p.add_argument("--image-column", default="image")
     p.add_argument("--label-column", default="label")
     p.add_argument("--batch-size", type=int, help="images per batch (unset: the run's eval batch, else 32)")
@@ -118,7 +117,10 @@ def main(argv=None):
         raise UserError(f"{a.model} is not inside a vitfood run (no train_config.json beside it): "
                         "pass --dataset and --split")
     device = pick_device(a.device)
-    precision = resolve_precision(a.precision or (cfg.precision if saved and not a.dataset else "auto"), device)
+    precision = a.precision or (cfg.precision if saved and not a.dataset else "auto")
+    if a.precision is None and precision == "fp16" and device.type == "cpu":
+        precision = "auto"  # the run's fp16 was for its GPU
+    precision = resolve_precision(precision, device)
     batch_size = a.batch_size or (cfg.eval_bs if saved and not a.dataset else 32)
     _, eval_ds, names = load_splits(cfg, log=lambda *args: None)  # data first: a wrong split fails fast
     transformers.utils.logging.disable_progress_bar()
@@ -126,6 +128,7 @@ def main(argv=None):
     model_names = [model.config.id2label[i] for i in range(model.config.num_labels)]
     _, eval_tf, (mean, std) = transforms_for(processor)
     eval_set = ImageDataset(eval_ds, cfg.image_column, cfg.label_column, eval_tf)
+    check_labels(eval_set, len(names), "eval")
     if names != model_names:
         if sorted(names) != sorted(model_names):
             raise UserError(f"the model's {len(model_names)} labels ({', '.join(model_names[:5])}, ...) are not "

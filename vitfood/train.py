@@ -89,6 +89,7 @@ def open_run(cfg, out, resume, main=True):
 def main(argv=None):
     cfg, out, resume = parse_run(argv)
     rank, world, device = dist.setup(cfg.device, cfg.dist_timeout)
+    out = cfg.output_dir = dist.from_rank0(out)  # a default name holds a timestamp: rank 0's for all
     main_rank = rank == 0  # rank 0 alone writes checkpoints, TensorBoard events, the model and the console
     say = print if main_rank else (lambda *args, **kwargs: None)
     resume_from = open_run(cfg, out, resume, main_rank)
@@ -97,17 +98,20 @@ def main(argv=None):
     global_batch = cfg.batch_size * world  # per micro-step; x grad_accum_steps per optimizer step
     if state and state.get("global_batch", global_batch) != global_batch:
         g, procs = state["global_batch"], state.get("world_size", 1)
+        keep = f"pass --batch-size {g // world}" if g % world == 0 else "that cannot be split evenly"
         raise UserError(f"the run being resumed used a global batch of {g} ({procs} process(es) x --batch-size "
-                        f"{g // procs}); keep it: with {world} process(es), pass --batch-size {g / world:g}")
+                        f"{g // procs}); keep it: with {world} process(es), {keep}")
 
     # ---- data and model (rank 0 first: it downloads or generates, the others then read its cache)
     seed_everything(cfg.seed)
     if not main_rank:
-        dist.barrier()
+        dist.wait_for_rank0()
     train_ds, eval_ds, class_names = load_splits(cfg)
     model, processor = build_model(cfg, class_names, device)
     if main_rank:
-        dist.barrier()
+        dist.wait_for_rank0()
+    if world > 1:  # same initial weights everywhere (above); from here, each rank its own dropout masks
+        seed_everything(cfg.seed + 7919 * rank)
     dist.same_on_all((len(train_ds), len(eval_ds), class_names), "the data set")
     transformers.utils.logging.disable_progress_bar()  # downloads are done; no bar per checkpoint write
     train_tf, eval_tf, (mean, std) = transforms_for(processor)
@@ -138,7 +142,11 @@ def main(argv=None):
         scheduler.load_state_dict(state["scheduler"])
         if scaler.is_enabled() and state["scaler"]:  # empty when the run was not fp16
             scaler.load_state_dict(state["scaler"])
-        checkpoint.set_rng_state(state["rng"])
+        ranks = state.get("rng_ranks") or [state["rng"]]
+        if len(ranks) == world:  # each rank its own stream: exact
+            checkpoint.set_rng_state(ranks[rank])
+        else:  # another world size: fresh per-rank streams (matters only for dropout / drop-path)
+            seed_everything(cfg.seed + 7919 * rank + 104729 * state["step"])
         step, best, metrics, history = state["step"], state["best"], state["metrics"], state.get("history", [])
         if step >= max_steps and os.path.isfile(os.path.join(out, "all_results.json")):
             say(f"{out}: the run already finished at step {step} (of {max_steps}); nothing to do")
@@ -222,6 +230,7 @@ def main(argv=None):
                 pbar.write(f"step {step}: eval loss {metrics['loss']:.4f} acc1 {metrics['acc1']:.4f} "
                            f"acc5 {metrics['acc5']:.4f}")
         if save_now:
+            rng_ranks = dist.gather(checkpoint.rng_state())  # every rank's RNG (dropout), saved by rank 0
             # "best" is judged only at saves that coincide with an eval
             new_best = eval_now and (best is None or metrics["acc1"] > best["eval_accuracy"])
             if new_best:
@@ -232,7 +241,7 @@ def main(argv=None):
                     world_size=world, data_position=dict(epoch=step * accum // batches_per_epoch,
                                                          batch=step * accum % batches_per_epoch),
                     optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
-                    rng=checkpoint.rng_state()), new_best, cfg.save_total_limit)
+                    rng=rng_ranks[0], rng_ranks=rng_ranks), new_best, cfg.save_total_limit)
             dist.barrier()  # no rank goes on (or reads a checkpoint) before it is complete
         paused += time.perf_counter() - t_pause  # eval and save time is not training throughput
         if last_step or stopping:
