@@ -155,6 +155,17 @@ def to_uint8_tensor(img):
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
+def crop_resize(img, box, size):
+    """The `box` (x0, y0, x1, y1) of a PIL image resized to `size` (h, w), bilinear with antialias, as
+    uint8 CHW. A whole-pixel box is cropped by PIL and resized by torchvision's uint8 kernel: about 2x
+    PIL's resize on one core, within 0.1/255 of it (bench/README.md). Fractional boxes stay in PIL."""
+    if not all(float(v).is_integer() for v in box):
+        return to_uint8_tensor(to_rgb(img).resize((size[1], size[0]), Image.BILINEAR, box=box))
+    from torchvision.transforms.v2.functional import resize
+    x = to_uint8_tensor(to_rgb(img).crop(tuple(map(int, box))))
+    return resize(x, list(size), antialias=True)
+
+
 def random_resized_crop_box(width, height, rng, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
     """torchvision's RandomResizedCrop parameters, drawn from `rng` (a random.Random): (x0, y0, x1, y1)."""
     area = width * height
@@ -190,10 +201,8 @@ class TrainTransform:
     def __call__(self, img, rng):
         box = random_resized_crop_box(*img.size, rng)
         flip = rng.random() < 0.5
-        img = to_rgb(img).resize((self.width, self.height), Image.BILINEAR, box=box)
-        if flip:
-            img = img.transpose(Image.FLIP_LEFT_RIGHT)
-        return to_uint8_tensor(img)
+        x = crop_resize(img, box, self.size)
+        return x.flip(-1) if flip else x
 
 
 class EvalTransform:
@@ -213,7 +222,7 @@ class EvalTransform:
         ch, cw = self.crop
         left, top = round((size[0] - cw) / 2), round((size[1] - ch) / 2)
         box = (left / size[0] * w, top / size[1] * h, (left + cw) / size[0] * w, (top + ch) / size[1] * h)
-        return to_uint8_tensor(to_rgb(img).resize((cw, ch), Image.BILINEAR, box=box))
+        return crop_resize(img, box, (ch, cw))
 
 
 def transforms_for(processor):
@@ -247,10 +256,12 @@ def transforms_for(processor):
 
 
 def normalize(images, mean, std):
-    """uint8 NCHW batch -> float32 normalized, on the batch's device: (x/255 - mean) / std."""
-    mean = torch.tensor(mean, device=images.device).view(1, -1, 1, 1)
-    std = torch.tensor(std, device=images.device).view(1, -1, 1, 1)
-    return (images.float() / 255 - mean) / std
+    """uint8 NCHW batch -> float32 normalized, on the batch's device: (x/255 - mean) / std, as one
+    multiply-add in place (4x faster on a CPU core than the four-pass expression)."""
+    mean, std = torch.tensor(mean, dtype=torch.float64), torch.tensor(std, dtype=torch.float64)
+    scale = (1 / (255 * std)).float().view(1, -1, 1, 1).to(images.device)
+    shift = (-mean / std).float().view(1, -1, 1, 1).to(images.device)
+    return images.float().mul_(scale).add_(shift)
 
 
 # ---------------------------------------------------------------------------- datasets and loaders
