@@ -124,7 +124,7 @@ def main(argv=None):
     batch_size = a.batch_size or (cfg.eval_bs if saved and not a.dataset else 32)
     _, eval_ds, names = load_splits(cfg, log=lambda *args: None)  # data first: a wrong split fails fast
     transformers.utils.logging.disable_progress_bar()
-    model, processor = load(a.model, device)
+    model, processor = load(a.model, device, cfg.attn if saved and not a.dataset else "auto")
     model_names = [model.config.id2label[i] for i in range(model.config.num_labels)]
     _, eval_tf, (mean, std) = transforms_for(processor)
     eval_set = ImageDataset(eval_ds, cfg.image_column, cfg.label_column, eval_tf)

@@ -19,7 +19,7 @@ import torch
 from vitfood.common import UserError, pick_device, resolve_precision, run_main
 from vitfood.config import OneLineParser
 from vitfood.data import DECODE_ERRORS, _hub_error, is_path, normalize, transforms_for
-from vitfood.model import for_inference
+from vitfood.model import for_inference, resolve_attn
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -36,14 +36,16 @@ def find_images(paths):
     return found
 
 
-def load(model_path, device):
+def load(model_path, device, attn="auto"):
+    """(model in eval mode on `device`, processor), with the attention training uses by default there."""
     from transformers import AutoImageProcessor, AutoModelForImageClassification
     local = is_path(model_path)
     if local and not os.path.isdir(os.path.expanduser(model_path)):
         raise UserError(f"model path {model_path} does not exist (or is not a folder)")
     try:
         processor = AutoImageProcessor.from_pretrained(model_path)
-        model = AutoModelForImageClassification.from_pretrained(model_path)
+        model = AutoModelForImageClassification.from_pretrained(model_path,
+                                                                attn_implementation=resolve_attn(attn, device))
     except Exception as e:
         if local:
             raise UserError(f"cannot load model folder {model_path}: {str(e).strip().splitlines()[0][:200]}")
