@@ -39,7 +39,7 @@ def run_main(main):
     except OSError as e:  # an output directory that is unwritable or full, outside a checkpoint save
         _close_progress_bars()
         where = f": {e.filename}" if getattr(e, "filename", None) else ""
-        print(f"error: {e.strerror or e}{where}", file=sys.stderr)
+        print(f"error: {_rank_prefix()}{e.strerror or e}{where}", file=sys.stderr)
         sys.exit(2)
     except RuntimeError as e:
         lost = isinstance(e, torch.distributed.DistError) or any(

@@ -311,14 +311,13 @@ def collate(samples, size=None):
     """Stack (image, label) pairs; damaged images (None) are dropped and counted: (images, labels, skipped).
 
     An empty list (a rank's share of an epoch's last, short global batch) gives an empty batch of `size`.
+    A batch where every image is damaged stops the run, unless it is a one-image share.
     """
-    if not samples:
-        return torch.empty((0, 3, *size), dtype=torch.uint8), torch.empty(0, dtype=torch.int64), 0
     good = [s for s in samples if s is not None]
-    if not good and len(samples) == 1:  # one damaged image as a rank's whole share: skipped like any other
-        return torch.empty((0, 3, *size), dtype=torch.uint8), torch.empty(0, dtype=torch.int64), 1
-    if not good:
+    if not good and len(samples) > 1:
         raise BadImageError(f"all {len(samples)} images of a batch failed to decode; is the data set damaged?")
+    if not good:  # an empty share, or one damaged image as a rank's whole share (skipped like any other)
+        return torch.empty((0, 3, *size), dtype=torch.uint8), torch.empty(0, dtype=torch.int64), len(samples)
     images = torch.stack([img for img, _ in good])
     labels = torch.tensor([label for _, label in good], dtype=torch.int64)
     return images, labels, len(samples) - len(good)

@@ -27,8 +27,7 @@ def resolve_attn(attn, device):
 def build_model(cfg, class_names, device=None):
     """(model, image_processor) with a classification head for `class_names`; `device` resolves --attn auto."""
     attn = resolve_attn(cfg.attn, device)
-    from transformers import AutoImageProcessor, AutoModelForImageClassification, ViTConfig, \
-        ViTForImageClassification, ViTImageProcessor
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
 
     id2label = {i: name for i, name in enumerate(class_names)}
     label2id = {name: i for i, name in id2label.items()}
@@ -47,16 +46,21 @@ def build_model(cfg, class_names, device=None):
 
     if cfg.image_size:
         raise UserError("--image-size applies only to the named configs (" + ", ".join(NAMED) + ")")
-    name = cfg.model
+    return from_pretrained(cfg.model, attn, trust_remote_code=cfg.trust_remote_code, num_labels=len(class_names),
+                           id2label=id2label, label2id=label2id, ignore_mismatched_sizes=True)
+
+
+def from_pretrained(name, attn, trust_remote_code=False, **model_kwargs):
+    """(model, image_processor) from a Hub id or a local folder; one clear line when it cannot be loaded."""
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
     local = is_path(name)
-    if local and not os.path.isdir(os.path.expanduser(name)):
-        raise UserError(f"model path {name} does not exist (or is not a folder)")
     path = os.path.expanduser(name)
+    if local and not os.path.isdir(path):
+        raise UserError(f"model path {name} does not exist (or is not a folder)")
     try:
-        processor = AutoImageProcessor.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+        processor = AutoImageProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
         model = AutoModelForImageClassification.from_pretrained(
-            path, num_labels=len(class_names), id2label=id2label, label2id=label2id,
-            ignore_mismatched_sizes=True, attn_implementation=attn, trust_remote_code=cfg.trust_remote_code)
+            path, attn_implementation=attn, trust_remote_code=trust_remote_code, **model_kwargs)
     except UserError:
         raise
     except Exception as e:

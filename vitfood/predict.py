@@ -18,8 +18,8 @@ import torch
 
 from vitfood.common import UserError, pick_device, resolve_precision, run_main
 from vitfood.config import OneLineParser
-from vitfood.data import DECODE_ERRORS, _hub_error, is_path, normalize, transforms_for
-from vitfood.model import for_inference, resolve_attn
+from vitfood.data import DECODE_ERRORS, normalize, transforms_for
+from vitfood.model import for_inference, from_pretrained, resolve_attn
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -38,18 +38,7 @@ def find_images(paths):
 
 def load(model_path, device, attn="auto"):
     """(model in eval mode on `device`, processor), with the attention training uses by default there."""
-    from transformers import AutoImageProcessor, AutoModelForImageClassification
-    local = is_path(model_path)
-    if local and not os.path.isdir(os.path.expanduser(model_path)):
-        raise UserError(f"model path {model_path} does not exist (or is not a folder)")
-    try:
-        processor = AutoImageProcessor.from_pretrained(model_path)
-        model = AutoModelForImageClassification.from_pretrained(model_path,
-                                                                attn_implementation=resolve_attn(attn, device))
-    except Exception as e:
-        if local:
-            raise UserError(f"cannot load model folder {model_path}: {str(e).strip().splitlines()[0][:200]}")
-        raise _hub_error("model", model_path, e)
+    model, processor = from_pretrained(model_path, resolve_attn(attn, device))
     return model.to(device).eval(), processor
 
 
@@ -83,7 +72,7 @@ def predict(model, processor, files, device, precision, top_k=5, batch_size=32):
 
 def main(argv=None):
     p = OneLineParser(prog="python -m vitfood.predict", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="model/ or checkpoint-<step>/ folder, or a Hub model id")
     p.add_argument("images", nargs="+", help="image files or folders")
     p.add_argument("--top-k", type=int, default=5)
