@@ -25,8 +25,17 @@ def _close_progress_bars():
         bar.close()
 
 
+def _quiet_unraisable(args, default=sys.unraisablehook):
+    # PyTorch's SIGCHLD handler raises "DataLoader worker ... is killed" wherever Python happens to be;
+    # inside a finalizer or callback that exception cannot propagate and would print a traceback. The
+    # loader raises it again at its next batch, where run_main turns it into one line.
+    if not (isinstance(args.exc_value, RuntimeError) and "DataLoader worker" in str(args.exc_value)):
+        default(args)
+
+
 def run_main(main):
     """Run an entry point; a UserError becomes one line on stderr and exit status 2."""
+    sys.unraisablehook = _quiet_unraisable
     try:
         main()
     except UserError as e:
