@@ -80,7 +80,7 @@ def test_synthetic_is_not_trivial_by_average_colour():
 
 
 def test_sampler_resumes_mid_epoch_and_changes_order_per_epoch():
-    s = EpochBatchSampler(50, seed=3, batch_size=4)
+    s = EpochBatchSampler(50, seed=3, global_batch=4)
     full = list(s)
     assert [len(b) for b in full] == [4] * 12 + [2]
     s.set_position(0, 5)
@@ -92,8 +92,8 @@ def test_sampler_resumes_mid_epoch_and_changes_order_per_epoch():
 @pytest.mark.parametrize("world", [2, 3])
 def test_sharded_batches_are_the_single_process_global_batches(world):
     # 50 samples, 4 per rank: the last global batch is short and, for 3 ranks, leaves a rank empty
-    single = list(EpochBatchSampler(50, seed=3, batch_size=4 * world))
-    ranks = [list(EpochBatchSampler(50, seed=3, batch_size=4, rank=r, world=world)) for r in range(world)]
+    single = list(EpochBatchSampler(50, seed=3, global_batch=4 * world))
+    ranks = [list(EpochBatchSampler(50, seed=3, global_batch=4 * world, rank=r, world=world)) for r in range(world)]
     assert all(len(r) == len(single) for r in ranks)
     for k, batch in enumerate(single):
         assert sum((r[k] for r in ranks), []) == batch  # rank parts, in rank order, are the global batch

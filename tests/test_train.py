@@ -48,8 +48,7 @@ def test_rotation_never_deletes_the_best(tmp_path):
     for step in (10, 20, 30, 40, 50):
         checkpoint.save(tmp_path, step, model, processor, {"step": step})
     (tmp_path / "checkpoint-60").mkdir()  # incomplete: no marker; never counted, never picked
-    checkpoint.write_json_atomic(tmp_path / checkpoint.BEST, {"step": 20})
-    checkpoint.rotate(tmp_path, keep=2)
+    checkpoint.rotate(tmp_path, keep=2, best_step=20)
     assert [s for s, _ in checkpoint.complete_checkpoints(tmp_path)] == [20, 40, 50]
 
 
@@ -98,7 +97,7 @@ def test_resume_mid_epoch_is_bit_identical(tmp_path):
 def test_fp16_scaler_skips_a_step_with_inf_gradient():
     from vitfood.common import autocast
     from vitfood.model import make_scheduler
-    from vitfood.train import forward_backward, optimizer_step
+    from vitfood.steps import forward_backward, optimizer_step
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 3))
     model.forward_orig = model.forward

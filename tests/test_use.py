@@ -38,7 +38,8 @@ def _eval_images(tmp_path):
 
 def test_evaluate_and_predict_count_what_training_counted(tiny_run, tmp_path):
     from vitfood.evaluate import main as evaluate_main
-    from vitfood.predict import load, predict
+    from vitfood.model import load_for_inference as load
+    from vitfood.predict import predict
     out, results = tiny_run
     r = evaluate_main(["--model", str(out / "model"), "--output-dir", str(tmp_path / "ev")])
     samples = r["eval_samples"]

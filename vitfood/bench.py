@@ -28,13 +28,12 @@ import time
 
 import torch
 
-from vitfood.common import (UserError, autocast, default_num_workers, env_info, pick_device, resolve_precision,
+from vitfood.common import (DTYPES, UserError, env_info, mixed_precision, num_workers, pick_device, resolve_precision,
                             run_main, seed_everything)
 from vitfood.config import build_parser, resolve
-from vitfood.data import EpochBatchSampler, ImageDataset, load_splits, make_loader, normalize, transforms_for
-from vitfood.evaluate import evaluate
+from vitfood.data import EpochBatchSampler, build_data, load_splits, make_loader, normalize, transforms_for
 from vitfood.model import build_model, make_optimizer, make_scheduler, resolve_attn, vit_flops_per_image
-from vitfood.train import forward_backward, optimizer_step
+from vitfood.steps import eval_pass, forward_backward, optimizer_step
 
 MODES = ("data", "model", "e2e", "eval")
 
@@ -86,14 +85,17 @@ def timed(fn, device, steps, repeats, warmup):
 
 
 def matmul_peak(dtype, device, quick):
-    """Dense matmul FLOP/s measured here, the best over a few square sizes: the ceiling MFU is reported against."""
+    """Dense matmul FLOP/s measured here: the ceiling MFU is reported against. The best repeat over a few
+    sizes, through F.linear (x @ W.T, the kernel a model's layers call: on a CPU without bf16 units, bf16
+    torch.mm takes a far slower path than bf16 linear, and would make MFU exceed 100%)."""
     sizes = (4096, 8192) if device.type == "cuda" else ((1024, 2048) if quick else (1024, 2048, 4096))
     best = 0.0
     for n in sizes:
-        a = torch.randn(n, n, device=device).to(dtype)
-        b = torch.randn(n, n, device=device).to(dtype)
-        sec, _ = timed(lambda: torch.mm(a, b), device, steps=10 if device.type == "cuda" else 1, repeats=3, warmup=1)
-        best = max(best, 2 * n ** 3 / sec)
+        x = torch.randn(n, n, device=device).to(dtype)
+        w = torch.randn(n, n, device=device).to(dtype)
+        _, times = timed(lambda: torch.nn.functional.linear(x, w), device, steps=10 if device.type == "cuda" else 1,
+                         repeats=3 if quick else 5, warmup=2)
+        best = max(best, 2 * n ** 3 / min(times))
     return best
 
 
@@ -111,8 +113,8 @@ def _training_setup(cfg, names, device, precision):
     _, _, (mean, std) = transforms_for(processor)
     opt = make_optimizer(model, cfg, device)
     sched = make_scheduler(opt, 0, 10 ** 9)  # a flat learning rate: timing only
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    return model, (mean, std), opt, sched, scaler, autocast(precision, device)
+    amp, scaler = mixed_precision(precision, device)
+    return model, (mean, std), opt, sched, scaler, amp
 
 
 def bench_model(cfg, names, device, precision, batch_size, compiled, attn, steps, repeats):
@@ -219,11 +221,11 @@ def bench_eval(cfg, eval_set, names, device, precision, workers, max_images):
     _, _, (mean, std) = transforms_for(processor)
     subset = torch.utils.data.Subset(eval_set, range(min(len(eval_set), max_images)))
     loader = make_loader(subset, cfg.eval_bs, workers, device)
-    evaluate(model, loader, device, precision, mean, std, progress=False)  # warm-up: workers, kernels
+    eval_pass(model, loader, device, precision, mean, std, progress=False)  # warm-up: workers, kernels
     times = []
     for _ in range(2):
         t0 = time.perf_counter()
-        n = evaluate(model, loader, device, precision, mean, std, progress=False)["samples"]
+        n = eval_pass(model, loader, device, precision, mean, std, progress=False)["samples"]
         times.append(n / (time.perf_counter() - t0))
     return dict(img_s=statistics.median(times), images=len(subset), batch_size=loader.batch_size, workers=workers)
 
@@ -247,7 +249,7 @@ def main(argv=None):
     batch_sizes = _list(b.batch_sizes, int) or ([cfg.batch_size] if quick else [cfg.batch_size * k for k in (1, 2, 4)])
     compiles = [v == "on" for v in (_list(b.compile_modes) or (["off"] if quick else ["off", "on"]))]
     attns = _list(b.attns) or ([resolve_attn(cfg.attn, device)] if quick else ["sdpa", "eager"])
-    workers = cfg.num_workers if cfg.num_workers >= 0 else default_num_workers()
+    workers = num_workers(cfg.num_workers)
     worker_counts = _list(b.worker_counts, int) or sorted({0, workers, min(os.cpu_count() or 1, 2 * workers)} if not quick else {0, workers})
 
     report = dict(env=env_info(device), config=dict(model=cfg.model, dataset=cfg.dataset, image_size=cfg.image_size,
@@ -261,8 +263,8 @@ def main(argv=None):
     train_ds, eval_ds, names = load_splits(cfg)
     model0, processor = build_model(cfg, names, device)
     train_tf, eval_tf, (mean, std) = transforms_for(processor)
-    train_set = ImageDataset(train_ds, cfg.image_column, cfg.label_column, train_tf, seed=cfg.seed)
-    eval_set = ImageDataset(eval_ds, cfg.image_column, cfg.label_column, eval_tf)
+    data = build_data(cfg, train_ds, eval_ds, (train_tf, eval_tf), len(names), device, workers, cfg.batch_size)
+    train_set, eval_set = data.train_set, data.eval_set
     report["flops_per_image_train"] = vit_flops_per_image(model0.config) if model0.config.model_type == "vit" else None
     del model0
 
@@ -277,8 +279,7 @@ def main(argv=None):
 
     if "model" in modes:
         print("\n[model] full training step on tensors already on the device")
-        peaks = {p: matmul_peak({"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[p], device, quick)
-                 for p in precisions}
+        peaks = {p: matmul_peak(DTYPES[p], device, quick) for p in precisions}
         report["matmul_peak_flops"] = peaks
         print("matmul peak measured here: " + ", ".join(f"{p} {v / 1e12:.2f} TFLOP/s" for p, v in peaks.items()))
         print(f"{'precision':>9} {'batch':>6} {'compile':>7} {'attn':>5} {'img/s':>9} {'ms/step':>9} "
@@ -345,7 +346,7 @@ def _check_finite(obj):
 
 
 def cli():
-    """Console entry point (`vitfood-train`, `vitfood-bench`), the same as `python -m`."""
+    """Console entry point `vitfood-bench`, the same as `python -m vitfood.bench`."""
     run_main(main)
 
 

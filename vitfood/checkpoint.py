@@ -18,7 +18,7 @@ import signal
 import numpy as np
 import torch
 
-from vitfood.common import UserError
+from vitfood.common import UserError, first_line, seed_everything
 
 MARKER = "COMPLETE.json"
 STATE = "training_state.pt"
@@ -87,6 +87,22 @@ def set_rng_state(state):
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def restore(path, state, model, optimizer, scheduler, scaler, rank=0, world=1, seed=0):
+    """Put a run back as it was at checkpoint `path` (whose training state is `state`): the weights,
+    optimizer, scheduler, scaler and this rank's random streams."""
+    from vitfood.model import load_weights
+    load_weights(model, path)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if scaler.is_enabled() and state["scaler"]:  # empty when the run was not fp16
+        scaler.load_state_dict(state["scaler"])
+    ranks = state.get("rng_ranks") or [state["rng"]]
+    if len(ranks) == world:  # each rank its own stream: exact
+        set_rng_state(ranks[rank])
+    else:  # another world size: fresh per-rank streams (matters only for dropout / drop-path)
+        seed_everything(seed + 7919 * rank + 104729 * state["step"])
 
 
 def save(output_dir, step, model, processor, training_state):
@@ -194,10 +210,10 @@ _locks = {}
 
 
 def lock(output_dir):
-    """Hold an exclusive lock on an existing run directory for this process's life; refuse a second run there."""
+    """Hold an exclusive lock on a run directory for this process's life; refuse a second run there."""
     import fcntl
     key = os.path.realpath(output_dir)
-    if key in _locks or not os.path.isdir(output_dir):
+    if key in _locks:
         return
     fh = open(os.path.join(output_dir, "run.lock"), "w")
     try:
@@ -220,18 +236,8 @@ def clear_run(output_dir):
             os.remove(path)
 
 
-def read_best(output_dir):
-    try:
-        with open(os.path.join(output_dir, BEST)) as fh:
-            return json.load(fh)
-    except (OSError, ValueError):
-        return None
-
-
-def rotate(output_dir, keep):
-    """Keep the newest `keep` complete checkpoints and the best one; delete the rest."""
-    best = read_best(output_dir)
-    best_step = best["step"] if best else None
+def rotate(output_dir, keep, best_step=None):
+    """Keep the newest `keep` complete checkpoints and checkpoint-<best_step>; delete the rest."""
     ckpts = complete_checkpoints(output_dir)
     for step, path in ckpts[:-keep] if keep else ckpts:
         if step == best_step:
@@ -240,6 +246,60 @@ def rotate(output_dir, keep):
         os.replace(path, trash)  # renamed first: a kill mid-delete never leaves a partial checkpoint-N
         fault_point("rotating")
         shutil.rmtree(trash)
+
+
+class Checkpoints:
+    """The checkpoint policy of a run directory, in one place: the lock, atomic saves, the best
+    checkpoint (judged at saves that coincide with an eval, by top-1 accuracy) and its record, and
+    rotation to the newest `keep` plus the best. Only the writing rank (`main`) touches the disk."""
+
+    def __init__(self, out, keep, main=True):
+        self.out, self.keep, self.main = out, keep, main
+        self.best = None  # dict(step, eval_accuracy, eval_loss)
+        self._created = False
+
+    def open(self):
+        """Create and lock the directory for this process's life (a second run there is refused), and
+        clear what a killed run left half-done."""
+        if self.main:
+            self._created = not os.path.exists(self.out)
+            os.makedirs(self.out, exist_ok=True)
+            lock(self.out)
+            cleanup(self.out)
+
+    def discard_if_unused(self):
+        """Remove the directory when this run created it and failed before writing anything into it."""
+        if self._created and set(os.listdir(self.out)) <= {"run.lock"}:
+            shutil.rmtree(self.out, ignore_errors=True)
+
+    def latest(self):
+        """Path of the newest complete checkpoint, or None."""
+        found = complete_checkpoints(self.out)
+        return found[-1][1] if found else None
+
+    def restore_best(self, best):
+        """On resume: the best as of the checkpoint, its record rewritten (a kill between a save and the
+        record's update would leave it naming an older best)."""
+        self.best = best
+        if best and self.main:
+            write_json_atomic(os.path.join(self.out, BEST), best)
+
+    def save(self, step, model, processor, state, metrics=None):
+        """Write checkpoint-<step> holding `state` and the best record, then rotate. `metrics`: the eval at
+        this step, if there was one. A disk that refuses becomes one clear line."""
+        new_best = metrics is not None and (self.best is None or metrics["acc1"] > self.best["eval_accuracy"])
+        if new_best:
+            self.best = dict(step=step, eval_accuracy=metrics["acc1"], eval_loss=metrics["loss"])
+        if not self.main:
+            return
+        try:
+            save(self.out, step, model, processor, dict(state, best=self.best))
+            if new_best:
+                write_json_atomic(os.path.join(self.out, BEST), self.best)
+            rotate(self.out, self.keep, self.best and self.best["step"])
+        except OSError as e:
+            raise UserError(f"cannot write checkpoint-{step} in {self.out}: {e.strerror or e}; "
+                            "the complete checkpoints already there are intact") from None
 
 
 def load_state(path):
@@ -251,4 +311,4 @@ def load_state(path):
     try:
         return torch.load(os.path.join(path, STATE), map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"--resume {path}: cannot read {STATE} ({str(e).splitlines()[0][:160]})")
+        raise UserError(f"--resume {path}: cannot read {STATE} ({first_line(e, 160)})")

@@ -1,4 +1,4 @@
-"""Small shared pieces: the user-facing error, device and precision choice, seeding, environment."""
+"""Small shared pieces: the user-facing error, device, precision and worker choice, seeding, environment."""
 
 import contextlib
 import os
@@ -16,6 +16,18 @@ import torch
 
 class UserError(Exception):
     """A problem with the user's input: printed as one line, exit status 2, no traceback."""
+
+
+def first_line(e, limit=200):
+    """An exception's message as a short quote: its first line, cut at a sentence or word end past `limit`."""
+    text = next((line.strip() for line in str(e).splitlines() if line.strip()), "") or type(e).__name__
+    if len(text) <= limit:
+        return text
+    cut = text[:limit]
+    end = cut.rfind(". ")
+    if end > limit // 3:
+        return cut[:end + 1]
+    return cut[:cut.rfind(" ")].rstrip(",;:") + " ..." if " " in cut else cut + " ..."
 
 
 def _close_progress_bars():
@@ -57,14 +69,14 @@ def run_main(main):
             # a collective failed: another rank died (its own message is above) or timed out
             _close_progress_bars()
             print(f"error: {_rank_prefix()}lost contact with the other processes of the job "
-                  f"({str(e).strip().splitlines()[0][:160]})", file=sys.stderr, flush=True)
+                  f"({first_line(e, 160)})", file=sys.stderr, flush=True)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)  # torchrun's SIGTERM now ends this process at once
             time.sleep(3)  # let the failed rank exit first, so that torchrun names it as the root cause
             os._exit(1)
         if "DataLoader worker" not in str(e):
             raise
         _close_progress_bars()
-        print(f"error: {str(e).strip().splitlines()[0]} (killed for memory? try fewer --num-workers "
+        print(f"error: {first_line(e, 400)} (killed for memory? try fewer --num-workers "
               "or a smaller --batch-size; resume with --resume auto)", file=sys.stderr, flush=True)
         # leave now: interpreter teardown with a dead worker prints multiprocessing tracebacks, or hangs
         os._exit(1)
@@ -104,8 +116,11 @@ def cpu_has_bf16_units():
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def resolve_precision(precision, device):
-    """The one place precision is decided: 'auto' becomes fp16/bf16/fp32 for this device."""
+def resolve_precision(precision, device, inherited=False):
+    """The one place precision is decided: 'auto' becomes fp16/bf16/fp32 for this device. An `inherited`
+    precision (a training run's, reused by evaluate) that this device cannot run is chosen afresh."""
+    if inherited and precision == "fp16" and device.type == "cpu":
+        precision = "auto"  # the run's fp16 was for its GPU
     if precision == "auto":
         if device.type == "cuda":
             return "fp16"
@@ -124,6 +139,11 @@ def autocast(precision, device):
     return torch.autocast(device.type, dtype=DTYPES[precision])
 
 
+def mixed_precision(precision, device):
+    """(autocast context, GradScaler) for a resolved precision: loss scaling only for fp16."""
+    return autocast(precision, device), torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+
 def seed_everything(seed):
     seed %= 2 ** 32  # numpy's limit; derived seeds (per rank, per step) may pass it
     random.seed(seed)
@@ -131,9 +151,9 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-def default_num_workers():
-    """Leave the compute threads most of the cores: half the CPUs, at most 8, at least 1."""
-    return max(1, min(8, (os.cpu_count() or 2) // 2))
+def num_workers(requested=-1):
+    """DataLoader workers: as requested, or for -1 half the CPUs (the compute threads keep the rest), 1 to 8."""
+    return requested if requested >= 0 else max(1, min(8, (os.cpu_count() or 2) // 2))
 
 
 def safe_name(text):

@@ -14,7 +14,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 
-from vitfood.common import UserError
+from vitfood.common import UserError, first_line
 
 
 def _opt(default, help, choices=None):
@@ -188,7 +188,7 @@ def read_config_file(path):
         else:
             values = json.loads(text)
     except Exception as e:
-        raise UserError(f"config file {path} is not valid {'YAML' if path.endswith(('.yaml', '.yml')) else 'JSON'}: {str(e).splitlines()[0]}")
+        raise UserError(f"config file {path} is not valid {'YAML' if path.endswith(('.yaml', '.yml')) else 'JSON'}: {first_line(e)}")
     if not isinstance(values, dict):
         raise UserError(f"config file {path} must hold a mapping of option names to values")
     hints = typing.get_type_hints(Config)

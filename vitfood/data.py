@@ -14,33 +14,21 @@ import random
 import re
 import signal
 import warnings
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from PIL import Image
 
 from vitfood import synthetic
-from vitfood.common import UserError
+from vitfood.common import UserError, first_line
+from vitfood.hub import hub_error, is_path
 
 Image.MAX_IMAGE_PIXELS = 178_956_970  # Pillow's own limit, stated so it cannot be lost
 warnings.simplefilter("error", Image.DecompressionBombWarning)  # refuse images past ~89 MP instead of warning
 
 
 # ---------------------------------------------------------------------------- loading
-
-def is_path(name):
-    """A local path (as opposed to a Hub id): it exists, or it is spelled like a path."""
-    return name.startswith(("/", "./", "../", "~")) or os.path.exists(name)
-
-
-def _hub_error(kind, name, e):
-    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-    why = "the Hugging Face Hub is offline (HF_HUB_OFFLINE=1)" if offline else \
-        "it is not a local path and the Hugging Face Hub is unreachable or has no such repository"
-    detail = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-    hint = "a local imagefolder or save_to_disk folder" if kind == "dataset" else "a local model folder"
-    return UserError(f"cannot load {kind} {name!r}: {why} ({detail}); pass {hint}, or try --preset demo")
-
 
 _SLICE = re.compile(r"^(?P<name>[\w.-]+)(\[(?P<start>-?\d*)(?P<pct1>%?):(?P<stop>-?\d*)(?P<pct2>%?)\])?$")
 
@@ -84,7 +72,7 @@ def load_splits(cfg, log=print):
         except UserError:
             raise
         except Exception as e:
-            raise UserError(f"cannot read data set folder {name}: {str(e).splitlines()[0][:200]}")
+            raise UserError(f"cannot read data set folder {name}: {first_line(e)}")
         train = _take_split(splits, cfg.train_split)
         evals = _take_split(splits, cfg.eval_split) if cfg.eval_split else None
     else:
@@ -93,8 +81,8 @@ def load_splits(cfg, log=print):
             evals = datasets.load_dataset(name, split=cfg.eval_split) if cfg.eval_split else None
         except Exception as e:  # the Hub raises many types: connection, not found, offline, gated
             if isinstance(e, ValueError) and "split" in str(e).lower():
-                raise UserError(f"data set {name!r}: {str(e).splitlines()[0][:200]}")
-            raise _hub_error("dataset", name, e)
+                raise UserError(f"data set {name!r}: {first_line(e)}")
+            raise hub_error("dataset", name, e)
 
     for ds, which in [(train, "train"), (evals, "eval")]:
         if ds is None:
@@ -282,11 +270,13 @@ class ImageDataset(torch.utils.data.Dataset):
     BadImageError naming it when `skip_bad` is off.
     """
 
-    def __init__(self, ds, image_column, label_column, transform, seed=0, skip_bad=True):
+    def __init__(self, ds, image_column, label_column, transform, seed=0, skip_bad=True, relabel=None):
         import datasets
         self.ds = ds.select_columns([image_column]).cast_column(image_column, datasets.Image(decode=False))
         self.image_column = image_column
         self.labels = [int(v) for v in ds[label_column]]
+        if relabel:  # the data set's class i is the model's class relabel[i]
+            self.labels = [relabel[v] if 0 <= v < len(relabel) else v for v in self.labels]
         self.transform, self.seed, self.skip_bad = transform, seed, skip_bad
 
     def __len__(self):
@@ -334,14 +324,15 @@ class EpochBatchSampler(torch.utils.data.Sampler):
     """This rank's share of each global batch, as lists of (epoch, index) keys, from any position on.
 
     Global batch k of an epoch is positions [k*G, (k+1)*G) of a permutation seeded by (seed, epoch),
-    G = batch_size * world: the same global batches for any number of processes. Rank r takes the
-    r-th of `world` contiguous parts: batch_size each, near-equal in an epoch's last, short batch,
-    where a part may even be empty. Every sample is seen once per epoch, none is padded or dropped.
+    G = `global_batch` (--batch-size x processes): the same global batches for any number of processes.
+    Rank r takes the r-th of `world` contiguous parts: G / world each, near-equal in an epoch's last,
+    short batch, where a part may even be empty. Every sample is seen once per epoch, none is padded
+    or dropped.
     """
 
-    def __init__(self, n, seed, batch_size, rank=0, world=1, shuffle=True):
+    def __init__(self, n, seed, global_batch, rank=0, world=1, shuffle=True):
         self.n, self.seed, self.shuffle = n, seed, shuffle
-        self.rank, self.world, self.global_batch = rank, world, batch_size * world
+        self.rank, self.world, self.global_batch = rank, world, global_batch
         self.batches_per_epoch = math.ceil(n / self.global_batch)
         self.epoch, self.batch = 0, 0
 
@@ -351,6 +342,10 @@ class EpochBatchSampler(torch.utils.data.Sampler):
     def global_size(self, batch):
         """Samples in global batch `batch` of an epoch, over all ranks."""
         return min(self.global_batch, self.n - batch * self.global_batch)
+
+    def samples_in(self, first, count):
+        """Samples in `count` global batches from global batch `first` on (counted across epochs)."""
+        return sum(self.global_size((first + j) % self.batches_per_epoch) for j in range(count))
 
     def __iter__(self):
         if self.shuffle:
@@ -379,6 +374,36 @@ def make_loader(dataset, batch_size, num_workers, device, sampler=None, seed=0):
         pin_memory=device.type == "cuda", persistent_workers=num_workers > 0,
         generator=torch.Generator().manual_seed(seed),  # own generator: the global RNG is never touched
         worker_init_fn=_worker_init, prefetch_factor=4 if num_workers > 0 else None)
+
+
+class Data(NamedTuple):
+    """What a run reads: the image sets, the training sampler and the loaders (train parts None for eval only)."""
+    train_set: ImageDataset | None
+    eval_set: ImageDataset
+    sampler: EpochBatchSampler | None
+    train_loader: torch.utils.data.DataLoader | None
+    eval_loader: torch.utils.data.DataLoader
+
+
+def build_data(cfg, train_ds, eval_ds, transforms, num_classes, device, workers, global_batch=None, rank=0, world=1,
+               eval_batch=None, relabel=None):
+    """The data sets and loaders of a run, as train, bench and evaluate all read them.
+
+    Training (when `train_ds` is given) gets rank `rank`'s share of each global batch of `global_batch`
+    images; eval takes every `world`-th image from `rank` on, so the sums over ranks cover the split once.
+    """
+    train_tf, eval_tf = transforms
+    skip_bad = cfg.bad_images == "skip"
+    train_set = sampler = train_loader = None
+    if train_ds is not None:
+        train_set = ImageDataset(train_ds, cfg.image_column, cfg.label_column, train_tf, seed=cfg.seed, skip_bad=skip_bad)
+        check_labels(train_set, num_classes, "train")
+        sampler = EpochBatchSampler(len(train_set), cfg.seed, global_batch, rank, world)
+        train_loader = make_loader(train_set, cfg.batch_size, workers, device, sampler, seed=cfg.seed)
+    eval_set = ImageDataset(eval_ds, cfg.image_column, cfg.label_column, eval_tf, skip_bad=skip_bad, relabel=relabel)
+    check_labels(eval_set, num_classes, "eval")
+    eval_loader = make_loader(eval_set, eval_batch or cfg.eval_bs, workers, device, range(rank, len(eval_set), world))
+    return Data(train_set, eval_set, sampler, train_loader, eval_loader)
 
 
 def check_labels(dataset, num_classes, which):

@@ -5,6 +5,7 @@ Without torchrun (no WORLD_SIZE in the environment) everything here is a no-op f
 
 import datetime
 import os
+import signal
 
 import torch
 import torch.distributed as dist
@@ -100,8 +101,21 @@ def close():
         dist.destroy_process_group()
 
 
-class NullWriter:
-    """Stands in for the SummaryWriter on ranks other than 0: TensorBoard gets one event stream."""
+class Stopper:
+    """SIGTERM (preemption) or Ctrl-C asks the run to stop: it finishes its step, saves and exits with
+    EXIT_STOPPED. A second signal exits at once. `requested()` is true on every rank as soon as any rank
+    got a signal, so all ranks stop at the same step."""
 
-    def __getattr__(self, name):
-        return lambda *args, **kwargs: None
+    def __init__(self, device, say=print):
+        self.device, self.say, self.signal = device, say, None
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.signal:
+            os._exit(130)  # checkpoints are only ever renamed into place: nothing on disk is left half-valid
+        self.signal = signal.Signals(signum).name
+        self.say(f"{self.signal}: finishing this step, then saving a checkpoint and exiting (again to exit at once)")
+
+    def requested(self):
+        return any_rank(self.signal, self.device)

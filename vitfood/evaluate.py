@@ -14,66 +14,15 @@ import os
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import transformers
-from tqdm import tqdm
 
-from vitfood import checkpoint, dist, report
-from vitfood.common import UserError, default_num_workers, pick_device, resolve_precision, run_main, safe_name
+from vitfood import checkpoint, report
+from vitfood.common import UserError, num_workers, pick_device, resolve_precision, run_main, safe_name
 from vitfood.config import OneLineParser, read_config_file, resolve
-from vitfood.data import ImageDataset, check_labels, is_path, load_splits, make_loader, normalize, transforms_for
-from vitfood.model import for_inference
-
-
-@torch.inference_mode()
-def evaluate(model, loader, device, precision, mean, std, progress=True, num_classes=None, mistakes=0):
-    """Metrics summed over every sample of `loader` (no sample dropped or repeated), and over ranks.
-
-    With `num_classes`, also the [true, predicted] count matrix; with `mistakes`, that many of the most
-    confident misclassified images (uint8, as the model saw them) with their labels.
-    """
-    was_training = model.training
-    model.eval()
-    net, amp = for_inference(model, precision, device)
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    correct1 = torch.zeros((), dtype=torch.int64, device=device)
-    correct5 = torch.zeros((), dtype=torch.int64, device=device)
-    confusion = torch.zeros((num_classes or 1, num_classes or 1), dtype=torch.int64, device=device)
-    worst = []
-    n = skipped = 0
-    for raw, labels, bad in tqdm(loader, desc="eval", leave=False, disable=not progress, dynamic_ncols=True):
-        images = normalize(raw.to(device, non_blocking=True), mean, std)
-        labels = labels.to(device, non_blocking=True)
-        with amp:
-            logits = net(pixel_values=images).logits
-        logits = logits.float()
-        loss_sum += F.cross_entropy(logits, labels, reduction="sum")
-        top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
-        hits = top == labels[:, None]
-        correct1 += hits[:, 0].sum()
-        correct5 += hits.any(dim=-1).sum()
-        if num_classes:
-            confusion.index_put_((labels, top[:, 0]), torch.ones_like(labels), accumulate=True)
-        if mistakes:  # keep the most confident wrong answers seen so far (a sync per batch, only here)
-            conf = logits.softmax(-1).max(-1).values.cpu()
-            for i in (~hits[:, 0]).nonzero().flatten().tolist():
-                worst.append(dict(confidence=conf[i].item(), true=labels[i].item(), pred=top[i, 0].item(),
-                                  image=raw[i].clone()))
-            worst = sorted(worst, key=lambda m: -m["confidence"])[:mistakes]
-        n += labels.numel()
-        skipped += bad
-    model.train(was_training)
-    # under torchrun each rank saw its own part of the split: add the sums over ranks (one sync, at the end)
-    counts = torch.tensor([n, skipped], dtype=torch.float64, device=device)
-    sums = dist.all_sum(torch.cat([loss_sum.view(1), correct1.double().view(1), correct5.double().view(1), counts]))
-    loss_sum, correct1, correct5, n, skipped = sums.tolist()
-    d = max(n, 1)
-    result = dict(loss=loss_sum / d, acc1=correct1 / d, acc5=correct5 / d, samples=int(n), skipped=int(skipped))
-    if num_classes:
-        result["confusion"] = dist.all_sum(confusion).tolist()
-    gathered = [m for part in dist.gather(worst) for m in part] if mistakes else []
-    result["mistakes"] = sorted(gathered, key=lambda m: -m["confidence"])[:mistakes]
-    return result
+from vitfood.data import build_data, load_splits, transforms_for
+from vitfood.hub import is_path
+from vitfood.model import load_for_inference
+from vitfood.steps import eval_pass
 
 
 def _model_run_config(model_path):
@@ -83,8 +32,6 @@ def _model_run_config(model_path):
 
 
 def main(argv=None):
-    from vitfood.predict import load
-
     p = OneLineParser(prog="python -m vitfood.evaluate", description=__doc__,
                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="a run's model/ or checkpoint-<step>/ folder, or a Hub model id")
@@ -117,26 +64,22 @@ def main(argv=None):
         raise UserError(f"{a.model} is not inside a vitfood run (no train_config.json beside it): "
                         "pass --dataset and --split")
     device = pick_device(a.device)
-    precision = a.precision or (cfg.precision if saved and not a.dataset else "auto")
-    if a.precision is None and precision == "fp16" and device.type == "cpu":
-        precision = "auto"  # the run's fp16 was for its GPU
-    precision = resolve_precision(precision, device)
-    batch_size = a.batch_size or (cfg.eval_bs if saved and not a.dataset else 32)
+    own_run = saved and not a.dataset  # the run's own eval split: its precision, eval batch and attention
+    precision = resolve_precision(a.precision or (cfg.precision if own_run else "auto"), device,
+                                  inherited=a.precision is None)
+    batch_size = a.batch_size or (cfg.eval_bs if own_run else 32)
     _, eval_ds, names = load_splits(cfg, log=lambda *args: None)  # data first: a wrong split fails fast
     transformers.utils.logging.disable_progress_bar()
-    model, processor = load(a.model, device, cfg.attn if saved and not a.dataset else "auto")
+    model, processor = load_for_inference(a.model, device, cfg.attn if own_run else "auto")
     model_names = [model.config.id2label[i] for i in range(model.config.num_labels)]
-    _, eval_tf, (mean, std) = transforms_for(processor)
-    eval_set = ImageDataset(eval_ds, cfg.image_column, cfg.label_column, eval_tf)
-    check_labels(eval_set, len(names), "eval")
-    if names != model_names:
-        if sorted(names) != sorted(model_names):
-            raise UserError(f"the model's {len(model_names)} labels ({', '.join(model_names[:5])}, ...) are not "
-                            f"the data set's {len(names)} classes ({', '.join(names[:5])}, ...)")
-        eval_set.labels = [model_names.index(names[v]) for v in eval_set.labels]  # same classes, other order
-    workers = a.num_workers if a.num_workers >= 0 else default_num_workers()
-    loader = make_loader(eval_set, batch_size, workers, device)
-    r = evaluate(model, loader, device, precision, mean, std, num_classes=len(model_names), mistakes=a.mistakes)
+    if names != model_names and sorted(names) != sorted(model_names):
+        raise UserError(f"the model's {len(model_names)} labels ({', '.join(model_names[:5])}, ...) are not "
+                        f"the data set's {len(names)} classes ({', '.join(names[:5])}, ...)")
+    train_tf, eval_tf, (mean, std) = transforms_for(processor)
+    data = build_data(cfg, None, eval_ds, (train_tf, eval_tf), len(names), device, num_workers(a.num_workers),
+                      eval_batch=batch_size, relabel=[model_names.index(n) for n in names])  # same classes, any order
+    r = eval_pass(model, data.eval_loader, device, precision, mean, std, num_classes=len(model_names),
+                  mistakes=a.mistakes)
 
     model_dir = os.path.abspath(os.path.expanduser(a.model))
     out = a.output_dir or (os.path.join(os.path.dirname(model_dir), f"eval-{os.path.basename(model_dir)}")

@@ -5,8 +5,8 @@ import os
 
 import torch
 
-from vitfood.common import UserError, autocast
-from vitfood.data import _hub_error, is_path
+from vitfood.common import UserError, autocast, first_line
+from vitfood.hub import hub_error, is_path
 
 # Named ViT shapes built from ViTConfig without any download. vit-tiny/small/base are the
 # ViT-Ti/S/B /16 shapes; vit-micro is for tests.
@@ -65,9 +65,15 @@ def from_pretrained(name, attn, trust_remote_code=False, **model_kwargs):
         raise
     except Exception as e:
         if local:
-            raise UserError(f"cannot load model folder {name}: {str(e).strip().splitlines()[0][:200]}")
-        raise _hub_error("model", name, e)
+            raise UserError(f"cannot load model folder {name}: {first_line(e)}")
+        raise hub_error("model", name, e)
     return model, processor
+
+
+def load_for_inference(name, device, attn="auto"):
+    """(model in eval mode on `device`, processor), with the attention training uses by default there."""
+    model, processor = from_pretrained(name, resolve_attn(attn, device))
+    return model.to(device).eval(), processor
 
 
 def make_optimizer(model, cfg, device):
@@ -127,7 +133,7 @@ def load_weights(model, path):
     try:
         loaded, info = type(model).from_pretrained(path, output_loading_info=True)
     except Exception as e:
-        raise UserError(f"checkpoint {path}: cannot load its weights ({str(e).strip().splitlines()[0][:160]})")
+        raise UserError(f"checkpoint {path}: cannot load its weights ({first_line(e, 160)})")
     finally:
         transformers.logging.set_verbosity(verbosity)
     own, theirs = model.state_dict(), loaded.state_dict()

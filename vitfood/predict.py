@@ -19,7 +19,7 @@ import torch
 from vitfood.common import UserError, pick_device, resolve_precision, run_main
 from vitfood.config import OneLineParser
 from vitfood.data import DECODE_ERRORS, normalize, transforms_for
-from vitfood.model import for_inference, from_pretrained, resolve_attn
+from vitfood.model import for_inference, load_for_inference
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -34,12 +34,6 @@ def find_images(paths):
         else:
             found.append(path)
     return found
-
-
-def load(model_path, device, attn="auto"):
-    """(model in eval mode on `device`, processor), with the attention training uses by default there."""
-    model, processor = from_pretrained(model_path, resolve_attn(attn, device))
-    return model.to(device).eval(), processor
 
 
 @torch.inference_mode()
@@ -88,7 +82,7 @@ def main(argv=None):
     files = find_images(a.images)
     if not files:
         raise UserError("no image files found in " + ", ".join(a.images))
-    model, processor = load(a.model, device)
+    model, processor = load_for_inference(a.model, device)
     failed = 0
     for r in predict(model, processor, files, device, precision, a.top_k, a.batch_size):
         if "error" in r:

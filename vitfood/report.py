@@ -7,6 +7,8 @@ import json
 import numpy as np
 from PIL import Image, ImageDraw
 
+from vitfood.hub import is_path
+
 LABEL_W = 150  # room for class names beside and above the matrix
 
 
@@ -87,9 +89,8 @@ def mistakes_image(mistakes, names, columns=4):
     return grid
 
 
-def model_card(cfg, results, history, sizes, names, precision, world, versions):
+def model_card(cfg, results, history, sizes, names, precision, world, step_batch, versions):
     """README.md for the exported model, in the Hugging Face model-card format (YAML front matter)."""
-    from vitfood.data import is_path
     hub_model = not is_path(cfg.model) and "/" in cfg.model
     hub_data = not is_path(cfg.dataset) and cfg.dataset != "synthetic"
     acc = results["eval_accuracy"]
@@ -104,7 +105,6 @@ def model_card(cfg, results, history, sizes, names, precision, world, versions):
              "    dataset:", f"      name: {json.dumps(cfg.dataset)}", f"      type: {json.dumps(cfg.dataset)}",
              f"      split: {json.dumps(cfg.eval_split or f'{cfg.train_split} (held-out {cfg.test_size:g})')}",
              "    metrics:", "    - type: accuracy", f"      value: {acc:.4f}", "      name: top-1 accuracy", "---", ""]
-    batch = cfg.batch_size * world * cfg.grad_accum_steps
     lines = [
         f"# {cfg.output_dir.rstrip('/').split('/')[-1]}", "",
         f"An image classifier fine-tuned from `{cfg.model}` on `{cfg.dataset}` with "
@@ -119,7 +119,7 @@ def model_card(cfg, results, history, sizes, names, precision, world, versions):
         "## Training hyperparameters", "",
         f"- learning rate {cfg.lr:g} (AdamW, weight decay {cfg.weight_decay:g}, linear warmup {cfg.warmup_steps} "
         "steps then linear decay)",
-        f"- global batch {batch} ({world} process(es) x batch {cfg.batch_size} x accumulation {cfg.grad_accum_steps})",
+        f"- global batch {step_batch} ({world} process(es) x batch {cfg.batch_size} x accumulation {cfg.grad_accum_steps})",
         f"- {results['global_step']} optimizer steps, image size {cfg.image_size or 'the processor default'}, "
         f"precision {precision}, gradient clipping {cfg.max_grad_norm:g}, seed {cfg.seed}",
         "- augmentation: random resized crop (scale 0.08-1) and horizontal flip; eval: resize and center crop", "",
