@@ -47,7 +47,7 @@ def test_damaged_images_are_skipped_and_counted(damaged_folder, tmp_path, capsys
                     "--output-dir", tmp_path / "run")
     out = capsys.readouterr().out
     assert results["global_step"] == 6
-    assert "damaged image(s) could not be decoded and were skipped" in out
+    assert "damaged training file(s)" in out and "encounters) could not be decoded and were skipped" in out
 
 
 def test_damaged_images_are_an_error_on_request(damaged_folder, tmp_path, capsys):
@@ -139,13 +139,20 @@ def test_more_nonsense_values(capsys, tmp_path):
 
 
 def test_a_second_run_in_the_same_directory_is_refused(finished, capsys):
-    import fcntl
+    import subprocess
+    import sys
     held = checkpoint._locks.pop(os.path.realpath(finished), None)  # this process's own run released it
     if held:
         held.close()
-    with open(finished / "run.lock", "w") as fh:  # as another process holding the run would
-        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); "
+                               "fcntl.lockf(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(120)",
+                               str(finished / "run.lock")], stdout=subprocess.PIPE, text=True)
+    try:  # another live process holds the run, as a second vitfood would
+        assert holder.stdout.readline().strip() == "held"
         assert "another vitfood process" in _error(capsys, "--resume", "auto", "--output-dir", finished)
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def test_overwrite_output_dir_starts_clean(finished, tmp_path):
@@ -154,3 +161,52 @@ def test_overwrite_output_dir_starts_clean(finished, tmp_path):
     results = train("--max-steps", 2, "--save-steps", 1, "--eval-steps", 1, "--output-dir", out, "--overwrite-output-dir")
     assert results["global_step"] == 2
     assert [s for s, _ in checkpoint.complete_checkpoints(out)] == [1, 2]  # the old step-4 checkpoint is gone
+
+
+@pytest.fixture(scope="module")
+def split_folder(tmp_path_factory):
+    """An imagefolder with train/ and validation/ splits; two damaged files in each split."""
+    root = tmp_path_factory.mktemp("splits") / "imgs"
+    rng = np.random.default_rng(1)
+    for split, n in (("train", 12), ("validation", 9)):
+        for c in ("curry", "salad"):
+            (root / split / c).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(root / split / c / f"ok{i}.jpg")
+    good = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (120, 120, 3), dtype=np.uint8)).save(good, format="JPEG")
+    for split in ("train", "validation"):
+        (root / split / "curry" / "truncated.jpg").write_bytes(good.getvalue()[: len(good.getvalue()) // 3])
+        (root / split / "salad" / "notes.jpg").write_bytes(b"this is not an image\n" * 20)
+    return root
+
+
+def test_damaged_files_are_counted_once_and_eval_skips_are_reported(split_folder, tmp_path, capsys):
+    import json
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out = tmp_path / "run"
+    # 26 train images at batch 4: 7 batches an epoch; 20 steps see each damaged file 2 or 3 times
+    results = train("--dataset", split_folder, "--eval-split", "validation", "--max-steps", 20, "--batch-size", 4,
+                    "--eval-steps", 10, "--save-steps", 10, "--output-dir", out)
+    printed = capsys.readouterr().out
+    encounters = results["damaged_train_encounters"]
+    assert results["damaged_train_files"] == 2 and encounters > 2
+    assert f"2 damaged training file(s) ({encounters} encounters)" in printed
+    assert results["damaged_eval_files"] == 2 and "2 of the 20 eval images could not be decoded" in printed
+    ea = EventAccumulator(str(out))
+    ea.Reload()
+    assert [(e.step, e.value) for e in ea.Scalars("data/damaged_eval_files")] == [(10, 2), (20, 2)]
+    assert ea.Scalars("data/damaged_train_files")[-1].value == 2
+    from vitfood.evaluate import main as evaluate_main
+    r = evaluate_main(["--model", str(out / "model"), "--output-dir", str(tmp_path / "ev")])
+    assert r["skipped_images"] == 2 and r["eval_samples"] == 18
+    assert json.loads((tmp_path / "ev" / "eval_results.json").read_text())["skipped_images"] == 2
+    assert "2 of the 20 eval images could not be decoded" in capsys.readouterr().out
+
+
+def test_a_single_class_folder_is_named(tmp_path, capsys):
+    (tmp_path / "imgs" / "soup").mkdir(parents=True)
+    for i in range(4):
+        Image.new("RGB", (20, 20), (i * 40, 0, 0)).save(tmp_path / "imgs" / "soup" / f"{i}.jpg")
+    err = _error(capsys, "--dataset", tmp_path / "imgs", "--output-dir", tmp_path / "run")
+    assert "at least 2 classes" in err and "1 class folder ('soup')" in err

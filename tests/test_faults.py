@@ -195,3 +195,45 @@ def test_a_killed_loader_worker_is_a_clear_error_not_a_hang(tmp_path):
     last = stderr.strip().splitlines()[-1]
     assert p.returncode == 1 and last.startswith("error: DataLoader worker") and "Traceback" not in stderr, stderr[-1500:]
     _only_complete_checkpoints(out)
+
+
+def _alive(pid):
+    try:
+        return "zombie" not in open(f"/proc/{pid}/status").read()
+    except FileNotFoundError:
+        return False
+
+
+def _restart_right_after_kill_9(tmp_path, reference, trials):
+    """A scheduler restarts a job the moment its main process is SIGKILLed (OOM killer, node drain): with
+    the default worker count, the restart is never refused by the dying run's loader workers."""
+    out = tmp_path / "run"
+    for trial in range(trials):
+        p = start(out, "--num-workers", "-1")
+        if not wait_for_training(p):
+            break  # the run had already finished
+        time.sleep(0.3 + 0.05 * (trial % 10))
+        workers = [int(c) for c in open(f"/proc/{p.pid}/task/{p.pid}/children").read().split()]
+        os.kill(p.pid, signal.SIGKILL)  # the main process only, as the kernel's OOM killer does
+        p.wait(timeout=60)  # the main process, not its output pipes, which its workers hold open
+        time.sleep(0.1)
+        alive = [w for w in workers if _alive(w)]
+        again = start(out, "--num-workers", "-1")
+        started = wait_for_training(again)
+        os.killpg(again.pid, signal.SIGKILL)
+        _, err = again.communicate(timeout=60)
+        p.communicate(timeout=60)
+        assert started or again.returncode == 0, err[-2000:]  # not refused ("another vitfood process")
+        assert workers and not alive, alive  # the workers died with their process, not seconds later
+        _only_complete_checkpoints(out)
+    finish(out)  # restarted so often, the run still ends where an uninterrupted one does
+    assert same(weights(out), reference)
+
+
+def test_restart_right_after_kill_9_is_not_refused(tmp_path, reference):
+    _restart_right_after_kill_9(tmp_path, reference, trials=2)
+
+
+@pytest.mark.slow
+def test_restart_right_after_kill_9_twenty_times(tmp_path, reference):
+    _restart_right_after_kill_9(tmp_path, reference, trials=20)

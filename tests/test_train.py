@@ -186,7 +186,7 @@ def test_run_directory_contents_and_names(tiny_run, tmp_path, monkeypatch):
 def test_cli_error_has_no_traceback(tmp_path):
     r = cli("--preset", "demo", "--precision", "fp16", "--output-dir", tmp_path / "x")
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "Traceback" not in r.stderr, r.stderr
-    r = cli("--dataset", "food101", "--output-dir", tmp_path / "y")
+    r = cli("--dataset", "food101", "--model", "vit-micro", "--output-dir", tmp_path / "y")
     assert r.returncode == 2 and "Traceback" not in r.stderr and "food101" in r.stderr, r.stderr
 
 
@@ -246,3 +246,25 @@ def test_predict_on_a_run_model_and_a_checkpoint(tiny_run, tmp_path, capsys):
             assert len(r["predictions"]) == 3 and {p["label"] for p in r["predictions"]} <= set(class_names(4))
             assert r["predictions"][0]["score"] >= r["predictions"][-1]["score"]
         assert "error" in rows[2] and "broken.jpg" in captured.err
+
+
+def test_resume_auto_without_output_dir_continues_the_newest_matching_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    train("--max-steps", 4, "--save-steps", 2, "--eval-steps", 2)  # runs/<timestamp>-vit-micro-synthetic
+    (tmp_path / "runs" / "other").mkdir()  # another model's run: never chosen
+    (tmp_path / "runs" / "other" / "train_config.json").write_text('{"model": "vit-tiny", "dataset": "synthetic"}')
+    (first,) = [p for p in (tmp_path / "runs").iterdir() if p.name != "other"]
+    capsys.readouterr()
+    results = train("--resume", "auto", "--max-steps", 6)
+    printed = capsys.readouterr().out
+    assert f"continuing {os.path.join('runs', first.name)}" in printed and "resuming from" in printed
+    assert results["global_step"] == 6 and results["segments"] == 2
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == sorted([first.name, "other"])  # no new run
+    first_segment = torch.load(first / "checkpoint-4" / "training_state.pt", weights_only=True)["elapsed"]
+    assert first_segment["segments"] == 1 and first_segment["images"] == 4 * 16
+    # all_results covers both segments: all the time and every image, not only the last part's
+    assert results["train_runtime"] > first_segment["train_runtime"]
+    assert results["train_samples_per_second"] == pytest.approx(6 * 16 / results["train_runtime"], rel=1e-3)
+    shutil.rmtree(tmp_path / "runs")
+    train("--resume", "auto", "--max-steps", 2)
+    assert "no earlier run of vit-micro on synthetic under runs/; starting a new one" in capsys.readouterr().out

@@ -30,9 +30,10 @@ import torch
 
 from vitfood.common import (DTYPES, UserError, env_info, mixed_precision, num_workers, pick_device, resolve_precision,
                             run_main, seed_everything)
+from vitfood import hub
 from vitfood.config import build_parser, resolve
-from vitfood.data import EpochBatchSampler, build_data, load_splits, make_loader, normalize, transforms_for
-from vitfood.model import build_model, make_optimizer, make_scheduler, resolve_attn, vit_flops_per_image
+from vitfood.data import EpochBatchSampler, build_data, hub_dataset, load_splits, make_loader, normalize, transforms_for
+from vitfood.model import build_model, hub_model, make_optimizer, make_scheduler, resolve_attn, vit_flops_per_image
 from vitfood.steps import eval_pass, forward_backward, optimizer_step
 
 MODES = ("data", "model", "e2e", "eval")
@@ -260,6 +261,7 @@ def main(argv=None):
           f"{env['cpu_count']} CPUs, {env['torch_threads']} threads | python {platform.python_version()}")
     print(f"model {cfg.model} | dataset {cfg.dataset} | batch {cfg.batch_size} | precision {precision} | workers {workers}")
 
+    hub.prepare(hub_dataset(cfg.dataset), hub_model(cfg.model), cfg.trust_remote_code)
     train_ds, eval_ds, names = load_splits(cfg)
     model0, processor = build_model(cfg, names, device)
     train_tf, eval_tf, (mean, std) = transforms_for(processor)

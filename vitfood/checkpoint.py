@@ -210,16 +210,22 @@ _locks = {}
 
 
 def lock(output_dir):
-    """Hold an exclusive lock on a run directory for this process's life; refuse a second run there."""
+    """Hold an exclusive lock on a run directory for this process's life; refuse a second run there.
+
+    A POSIX record lock (fcntl), not flock: forked children such as DataLoader workers do not inherit it,
+    so a restart right after a kill -9 of the main process is not refused by workers still exiting, and
+    the kernel drops it the moment the process dies."""
     import fcntl
     key = os.path.realpath(output_dir)
-    if key in _locks:
+    if key in _locks:  # this process holds it already (closing a second handle would drop the lock)
         return
-    fh = open(os.path.join(output_dir, "run.lock"), "w")
+    fh = open(os.path.join(output_dir, "run.lock"), "a+")
     try:
-        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        fcntl.lockf(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
         fh.close()
+        if e.errno not in (errno.EACCES, errno.EAGAIN):
+            raise
         raise UserError(f"another vitfood process is running in {output_dir}; wait for it or use another --output-dir")
     _locks[key] = fh
 

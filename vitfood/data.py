@@ -6,6 +6,7 @@ device. Training augmentation draws from an RNG keyed on (seed, epoch, sample in
 sample's crop does not depend on which worker made it or on where a run was resumed.
 """
 
+import ctypes
 import functools
 import io
 import math
@@ -56,6 +57,22 @@ def _load_local(path):
     return datasets.load_dataset("imagefolder", data_dir=path)
 
 
+def hub_dataset(name):
+    """`name` when it is a Hub data set id, else None (a local folder or the synthetic set)."""
+    return None if name == "synthetic" or is_path(name) else name
+
+
+def _refuse_single_class_folder(path, splits):
+    """An imagefolder with fewer than two class folders has no label column at all: say why, in its terms."""
+    if any(os.path.isfile(os.path.join(path, f)) for f in ("dataset_dict.json", "state.json")):
+        return  # a save_to_disk folder: its columns are what they are
+    roots = [os.path.join(path, s) for s in splits if os.path.isdir(os.path.join(path, s))] or [path]
+    classes = sorted({d for root in roots for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))})
+    if len(classes) < 2:
+        holds = f"1 class folder ({classes[0]!r})" if classes else "no class folders (images must sit in one subfolder per class)"
+        raise UserError(f"a classifier needs at least 2 classes, and the image folder {path} holds {holds}")
+
+
 def load_splits(cfg, log=print):
     """(train, eval) `datasets.Dataset`s and the class names, as the config asks."""
     import datasets
@@ -75,6 +92,8 @@ def load_splits(cfg, log=print):
             raise UserError(f"cannot read data set folder {name}: {first_line(e)}")
         train = _take_split(splits, cfg.train_split)
         evals = _take_split(splits, cfg.eval_split) if cfg.eval_split else None
+        if cfg.label_column not in train.column_names and cfg.label_column == "label":
+            _refuse_single_class_folder(path, splits)
     else:
         try:
             train = datasets.load_dataset(name, split=cfg.train_split)
@@ -266,7 +285,7 @@ DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.Decompression
 class ImageDataset(torch.utils.data.Dataset):
     """Per-index access to a `datasets.Dataset`: (uint8 image, label). Keys are (epoch, index) or index.
 
-    An image that fails to decode gives None (skipped and counted by `collate`), or raises
+    An image that fails to decode gives (None, index) (skipped and reported by `collate`), or raises
     BadImageError naming it when `skip_bad` is off.
     """
 
@@ -290,7 +309,7 @@ class ImageDataset(torch.utils.data.Dataset):
             image = self.transform(open_image(cell), rng)
         except DECODE_ERRORS as e:
             if self.skip_bad:
-                return None
+                return None, i
             where = cell.get("path") or "embedded bytes"
             raise BadImageError(f"image {i} ({where}) cannot be decoded: {type(e).__name__}: {e}"
                                 " (--bad-images skip skips and counts such images)") from None
@@ -298,26 +317,35 @@ class ImageDataset(torch.utils.data.Dataset):
 
 
 def collate(samples, size=None):
-    """Stack (image, label) pairs; damaged images (None) are dropped and counted: (images, labels, skipped).
+    """Stack (image, label) pairs; damaged images, (None, index), are dropped: (images, labels, their indices).
 
     An empty list (a rank's share of an epoch's last, short global batch) gives an empty batch of `size`.
     A batch where every image is damaged stops the run, unless it is a one-image share.
     """
-    good = [s for s in samples if s is not None]
+    good = [s for s in samples if s[0] is not None]
+    bad = [i for image, i in samples if image is None]
     if not good and len(samples) > 1:
         raise BadImageError(f"all {len(samples)} images of a batch failed to decode; is the data set damaged?")
     if not good:  # an empty share, or one damaged image as a rank's whole share (skipped like any other)
-        return torch.empty((0, 3, *size), dtype=torch.uint8), torch.empty(0, dtype=torch.int64), len(samples)
+        return torch.empty((0, 3, *size), dtype=torch.uint8), torch.empty(0, dtype=torch.int64), bad
     images = torch.stack([img for img, _ in good])
     labels = torch.tensor([label for _, label in good], dtype=torch.int64)
-    return images, labels, len(samples) - len(good)
+    return images, labels, bad
 
 
-def _worker_init(worker_id):
+def _worker_init(worker_id, parent=None):
     # Ctrl-C goes to the terminal's whole process group: workers leave it (and ignore SIGINT) so the
     # main process can finish its step and save. SIGTERM keeps its default: the loader's shutdown uses it.
     os.setpgrp()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A worker dies with its process (kill -9, OOM killer) instead of living on for seconds: Linux's
+    # parent-death signal. The parent may have died already, before the signal was armed.
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux
+        return
+    if parent is not None and os.getppid() != parent:
+        os._exit(0)
 
 
 class EpochBatchSampler(torch.utils.data.Sampler):
@@ -373,7 +401,8 @@ def make_loader(dataset, batch_size, num_workers, device, sampler=None, seed=0):
         dataset, **batching, num_workers=num_workers, collate_fn=functools.partial(collate, size=size),
         pin_memory=device.type == "cuda", persistent_workers=num_workers > 0,
         generator=torch.Generator().manual_seed(seed),  # own generator: the global RNG is never touched
-        worker_init_fn=_worker_init, prefetch_factor=4 if num_workers > 0 else None)
+        worker_init_fn=functools.partial(_worker_init, parent=os.getpid()),
+        prefetch_factor=4 if num_workers > 0 else None)
 
 
 class Data(NamedTuple):
@@ -404,6 +433,11 @@ def build_data(cfg, train_ds, eval_ds, transforms, num_classes, device, workers,
     check_labels(eval_set, num_classes, "eval")
     eval_loader = make_loader(eval_set, eval_batch or cfg.eval_bs, workers, device, range(rank, len(eval_set), world))
     return Data(train_set, eval_set, sampler, train_loader, eval_loader)
+
+
+def eval_skip_warning(skipped, total):
+    return (f"warning: {skipped} of the {total} eval images could not be decoded and were skipped: "
+            f"the eval covers {total - skipped} (--bad-images error to stop instead)")
 
 
 def check_labels(dataset, num_classes, which):

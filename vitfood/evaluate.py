@@ -16,12 +16,12 @@ import numpy as np
 import torch
 import transformers
 
-from vitfood import checkpoint, report
+from vitfood import checkpoint, hub, report
 from vitfood.common import UserError, num_workers, pick_device, resolve_precision, run_main, safe_name
 from vitfood.config import OneLineParser, read_config_file, resolve
-from vitfood.data import build_data, load_splits, transforms_for
+from vitfood.data import build_data, eval_skip_warning, hub_dataset, load_splits, transforms_for
 from vitfood.hub import is_path
-from vitfood.model import load_for_inference
+from vitfood.model import hub_model, load_for_inference
 from vitfood.steps import eval_pass
 
 
@@ -68,7 +68,8 @@ def main(argv=None):
     precision = resolve_precision(a.precision or (cfg.precision if own_run else "auto"), device,
                                   inherited=a.precision is None)
     batch_size = a.batch_size or (cfg.eval_bs if own_run else 32)
-    _, eval_ds, names = load_splits(cfg, log=lambda *args: None)  # data first: a wrong split fails fast
+    hub.prepare(hub_dataset(cfg.dataset), hub_model(a.model))  # before the data: a missing model fails fast
+    _, eval_ds, names = load_splits(cfg, log=lambda *args: None)  # then data: a wrong split fails fast
     transformers.utils.logging.disable_progress_bar()
     model, processor = load_for_inference(a.model, device, cfg.attn if own_run else "auto")
     model_names = [model.config.id2label[i] for i in range(model.config.num_labels)]
@@ -108,6 +109,8 @@ def main(argv=None):
             w.add_text("eval/per_class", "\n".join(["| class | precision | recall | f1 | support |", "|---|---|---|---|---|"] +
                        [f"| {x['label']} | {x['precision']:.3f} | {x['recall']:.3f} | {x['f1']:.3f} | {x['support']} |"
                         for x in rows]), step)
+    if r["skipped"]:
+        print(eval_skip_warning(r["skipped"], len(data.eval_set)))
     print(f"{a.model} on {cfg.dataset} ({results['split']}, {r['samples']} images, {precision}): "
           f"loss {r['loss']:.4f}  top-1 {r['acc1']:.4f}  top-5 {r['acc5']:.4f}")
     worst = sorted(rows, key=lambda x: x["f1"])[:3]

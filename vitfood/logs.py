@@ -54,17 +54,19 @@ class RunLog:
         if not self.main:
             return
         self.scalars(step, {f"eval/{k}": metrics[k] for k in ("loss", "acc1", "acc5")})
+        if metrics["skipped"]:
+            self.scalars(step, {"data/damaged_eval_files": metrics["skipped"]})
         self.image("eval/confusion_matrix", report.confusion_image(metrics["confusion"], class_names), step)
         self.image("eval/mistakes", report.mistakes_image(metrics["mistakes"], class_names), step)
         self.say(f"step {step}: eval loss {metrics['loss']:.4f} acc1 {metrics['acc1']:.4f} acc5 {metrics['acc5']:.4f}")
 
-    def train(self, step, loss, lr, grad_norm, img_s, data_wait, scale=None, skipped_images=0):
+    def train(self, step, loss, lr, grad_norm, img_s, data_wait, scale=None, damaged_files=0):
         values = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm, "train/img_per_s": img_s,
                   "train/data_wait": data_wait}
         if scale is not None:
             values["amp/scale"] = scale
-        if skipped_images:
-            values["data/skipped_images"] = skipped_images
+        if damaged_files:
+            values["data/damaged_train_files"] = damaged_files
         self.scalars(step, values)
         self.pbar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{img_s:.1f}")
 
@@ -78,18 +80,30 @@ class RunLog:
 
 
 class Meter:
-    """Images and data-wait time of the current logging window; eval and save time is left out."""
+    """The run's running figures: images/s and data wait of the current logging window (eval and save time
+    left out), and, over every segment of a resumed run, training time, images and damaged files."""
 
-    def __init__(self):
-        self.total = 0
+    def __init__(self, before=None):
+        before = before or {}  # the record of the checkpoint resumed from
+        self.runtime_before, self.images_before = before.get("train_runtime", 0.0), before.get("images", 0)
+        self.segments = before.get("segments", 0) + 1
+        self.damaged = set(before.get("damaged_files", ()))  # indices of training images that failed to decode
+        self.encounters = before.get("damaged_encounters", 0)
+        self.segment_start, self.segment_images = time.perf_counter(), 0
         self.reset()
 
     def reset(self):
         self.start, self.images, self.wait, self.paused = time.perf_counter(), 0, 0.0, 0.0
 
-    def fetched(self, images, wait):
+    def fetched(self, images, wait, damaged=()):
         self.images += images
         self.wait += wait
+        self.damaged.update(damaged)
+        self.encounters += len(damaged)
+
+    def stepped(self, images):
+        """An optimizer step over `images` images (over all ranks)."""
+        self.segment_images += images
 
     def pause(self, seconds):
         self.paused += seconds
@@ -99,6 +113,11 @@ class Meter:
         ranks); then a new window starts."""
         dt = max(1e-9, time.perf_counter() - self.start - self.paused)
         rates = images / dt, min(1.0, self.wait / dt)
-        self.total += images
         self.reset()
         return rates
+
+    def record(self, damaged, encounters):
+        """The whole run so far, for a checkpoint and the results; `damaged`, `encounters`: over all ranks."""
+        runtime = self.runtime_before + time.perf_counter() - self.segment_start
+        return dict(train_runtime=runtime, images=self.images_before + self.segment_images, segments=self.segments,
+                    damaged_files=sorted(damaged), damaged_encounters=encounters)

@@ -18,6 +18,11 @@ NAMED = {
 }
 
 
+def hub_model(name):
+    """`name` when it is a Hub model id, else None (a local folder or a named config)."""
+    return None if name in NAMED or is_path(name) else name
+
+
 def resolve_attn(attn, device):
     if attn != "auto":
         return attn

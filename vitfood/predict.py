@@ -16,10 +16,11 @@ import sys
 
 import torch
 
+from vitfood import hub
 from vitfood.common import UserError, pick_device, resolve_precision, run_main
 from vitfood.config import OneLineParser
 from vitfood.data import DECODE_ERRORS, normalize, transforms_for
-from vitfood.model import for_inference, load_for_inference
+from vitfood.model import for_inference, hub_model, load_for_inference
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -82,6 +83,7 @@ def main(argv=None):
     files = find_images(a.images)
     if not files:
         raise UserError("no image files found in " + ", ".join(a.images))
+    hub.prepare(model=hub_model(a.model))
     model, processor = load_for_inference(a.model, device)
     failed = 0
     for r in predict(model, processor, files, device, precision, a.top_k, a.batch_size):

@@ -98,7 +98,7 @@ def eval_pass(model, loader, device, precision, mean, std, progress=True, num_cl
                                   image=raw[i].clone()))
             worst = sorted(worst, key=lambda m: -m["confidence"])[:mistakes]
         n += labels.numel()
-        skipped += bad
+        skipped += len(bad)  # each image is met once in a pass: files, not encounters
     model.train(was_training)
     # under torchrun each rank saw its own part of the split: add the sums over ranks (one sync, at the end)
     counts = torch.tensor([n, skipped], dtype=torch.float64, device=device)

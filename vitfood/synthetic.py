@@ -105,7 +105,7 @@ def ensure(size, num_classes=10, max_px=512, seed=0, log=print):
         return path
     os.makedirs(root, exist_ok=True)
     n_val = max(num_classes, size // 10)
-    log(f"generating the synthetic data set ({size} train + {n_val} validation images) in {path}")
+    log(f"generating the synthetic data set in {path}: {size} images in its 'train' split, {n_val} in 'validation'")
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=class_names(num_classes))})
     splits = {}
     for name, offset, n in [("train", 0, size), ("validation", size, n_val)]:

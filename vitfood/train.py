@@ -20,13 +20,13 @@ from dataclasses import dataclass, field
 import torch
 import transformers
 
-from vitfood import checkpoint, dist, report
+from vitfood import checkpoint, dist, hub, report
 from vitfood.common import (UserError, env_info, mixed_precision, num_workers, resolve_precision, run_main, safe_name,
                             seed_everything)
 from vitfood.config import build_parser, read_config_file, resolve, to_dict
-from vitfood.data import Data, build_data, load_splits, transforms_for
+from vitfood.data import Data, build_data, eval_skip_warning, hub_dataset, load_splits, transforms_for
 from vitfood.logs import Meter, RunLog
-from vitfood.model import build_model, load_weights, make_optimizer, make_scheduler
+from vitfood.model import build_model, hub_model, load_weights, make_optimizer, make_scheduler
 from vitfood.steps import NonFiniteStreak, eval_pass, forward_backward, optimizer_step
 
 FIXED_ON_RESUME = ("dataset", "train_split", "eval_split", "test_size", "max_train_samples", "max_eval_samples",
@@ -40,6 +40,8 @@ def parse_run(argv):
     explicit = vars(build_parser().parse_args(argv))
     resume = explicit.get("resume")
     out = explicit.get("output_dir")
+    if resume == "auto" and out is None:  # the user's last run of this model and data set, never a silent fresh start
+        out = newest_run(resolve(explicit))
     if resume not in (None, "auto"):
         checkpoint.load_state(resume)  # fails fast, with one line, when it is not a complete checkpoint
         out = out or os.path.dirname(os.path.abspath(resume))
@@ -61,6 +63,27 @@ def parse_run(argv):
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"--output-dir {out} exists and is not a folder")
     return cfg, out, resume
+
+
+def newest_run(cfg, root="runs"):
+    """The newest run directory under `root` made with cfg's model and data set, or None (saying so)."""
+    found = []
+    for name in os.listdir(root) if os.path.isdir(root) else ():
+        path = os.path.join(root, name, "train_config.json")
+        try:
+            saved = read_config_file(path)
+        except UserError:
+            continue  # not a run directory, or not one this version can read
+        if saved.get("model") == cfg.model and saved.get("dataset") == cfg.dataset:
+            found.append((os.path.getmtime(path), os.path.join(root, name)))
+    what = f"{cfg.model} on {cfg.dataset}"
+    if not found:
+        print(f"--resume auto without --output-dir: no earlier run of {what} under {root}/; starting a new one")
+        return None
+    out = max(found)[1]
+    print(f"--resume auto without --output-dir: continuing {out}, the newest run of {what} under {root}/ "
+          "(pass --output-dir to choose another)")
+    return out
 
 
 def open_run(cfg, checkpoints, resume, main=True):
@@ -117,6 +140,7 @@ class Run:
     step: int = 0
     metrics: dict | None = None  # the latest eval
     history: list = field(default_factory=list)  # every eval: step, train_loss, metrics
+    before: dict | None = None  # training time, images and damaged files of the segments before this one
     ddp: torch.nn.Module | None = None  # the model as DDP sees it (the model itself for one process)
     train_model: torch.nn.Module | None = None  # what the step calls: ddp, compiled with --compile
     log: RunLog | None = None
@@ -135,8 +159,8 @@ def main(argv=None):
         r = setup(cfg, resume, rank, world, device, checkpoints)
         if r is None:
             return None  # the run had already finished
-        stats = train_loop(r)
-        return finish(r, **stats)
+        stopped, meter = train_loop(r)
+        return finish(r, stopped, meter)
     except BaseException:
         checkpoints.discard_if_unused()  # a run that failed before writing anything leaves no empty folder
         raise
@@ -154,6 +178,7 @@ def setup(cfg, resume, rank, world, device, checkpoints):
     check_global_batch(state, global_batch, world)
 
     # ---- data and model (rank 0 first: it downloads or generates, the others then read its cache)
+    hub.prepare(hub_dataset(cfg.dataset), hub_model(cfg.model), cfg.trust_remote_code)  # fails fast, before the data
     seed_everything(cfg.seed)
     if not main_rank:
         dist.wait_for_rank0()
@@ -183,6 +208,7 @@ def setup(cfg, resume, rank, world, device, checkpoints):
     if state:
         checkpoint.restore(resume_from, state, model, optimizer, scheduler, scaler, rank, world, cfg.seed)
         r.step, r.metrics, r.history = state["step"], state["metrics"], state.get("history", [])
+        r.before = state.get("elapsed")
         if r.step >= max_steps and os.path.isfile(os.path.join(cfg.output_dir, "all_results.json")):
             say(f"{cfg.output_dir}: the run already finished at step {r.step} (of {max_steps}); nothing to do")
             return None
@@ -205,9 +231,10 @@ def setup(cfg, resume, rank, world, device, checkpoints):
     if not state:
         r.log.hparams(hparams(cfg, precision, max_steps, world, global_batch * cfg.grad_accum_steps),
                       [f"{group}/{k}" for group in ("final", "eval") for k in ("acc1", "loss", "acc5")])
-    say(f"run: {out} | {len(data.train_set)} train / {len(data.eval_set)} eval images, {len(class_names)} classes | "
-        f"{cfg.model} on {device} in {precision}, {model.config._attn_implementation} attention, {workers} workers | "
-        f"{max_steps} steps")
+    held_out = "" if cfg.eval_split else f" (held out of split {cfg.train_split!r}: --test-size {cfg.test_size:g})"
+    say(f"run: {out} | {len(data.train_set)} train / {len(data.eval_set)} eval images{held_out}, "
+        f"{len(class_names)} classes | {cfg.model} on {device} in {precision}, {model.config._attn_implementation} "
+        f"attention, {workers} worker{'s' * (workers != 1)} | {max_steps} steps")
     say(f"batch: {global_batch * cfg.grad_accum_steps} images per optimizer step = {world} process(es) x --batch-size "
         f"{cfg.batch_size} x --grad-accum-steps {cfg.grad_accum_steps}; --lr applies to the mean loss over them "
         "(not scaled by processes)")
@@ -224,31 +251,31 @@ def micro_batches(data, first):
 
 
 def train_loop(r):
-    """Optimizer steps from r.step to r.max_steps, or until a stop signal. Returns the loop's figures."""
+    """Optimizer steps from r.step to r.max_steps, or until a stop signal. Returns (stop signal or None, Meter)."""
     cfg, log, accum = r.cfg, r.log, r.cfg.grad_accum_steps
     stopper = dist.Stopper(r.device, log.say)
     stream = micro_batches(r.data, r.step * accum)
-    meter, streak = Meter(), NonFiniteStreak(cfg.max_nonfinite_steps)
+    meter, streak = Meter(r.before), NonFiniteStreak(cfg.max_nonfinite_steps)
     loss_sum, norm_sum = torch.zeros((), device=r.device), torch.zeros((), device=r.device)
-    last_log, train_loss, skipped_images, stopped = r.step, None, 0, None
-    t_start = time.perf_counter()
+    last_log, train_loss, stopped = r.step, None, None
     while r.step < r.max_steps:
         # fetch and step: the loss is summed over samples and divided by the step's global sample count, so
         # the gradient is the mean over the whole global batch, however it is split in micro-batches and ranks
         lr = r.scheduler.get_last_lr()[0]
-        divisor = r.data.sampler.samples_in(r.step * accum, accum) / r.world  # DDP averages over ranks
+        step_samples = r.data.sampler.samples_in(r.step * accum, accum)
         for micro in range(accum):
             t0 = time.perf_counter()
-            images, labels, skipped = next(stream)
-            meter.fetched(labels.shape[0], time.perf_counter() - t0)
-            skipped_images += skipped
+            images, labels, damaged = next(stream)
+            meter.fetched(labels.shape[0], time.perf_counter() - t0, damaged)
             if r.step == 0 and micro == 0:
                 log.augmented(images)
             sync = r.world == 1 or micro == accum - 1  # all-reduce gradients once, on the last micro-batch
-            with contextlib.nullcontext() if sync else r.ddp.no_sync():
-                loss_sum += forward_backward(r.train_model, images, labels, r.amp, r.scaler, r.mean, r.std, divisor)
+            with contextlib.nullcontext() if sync else r.ddp.no_sync():  # DDP averages over ranks: / world
+                loss_sum += forward_backward(r.train_model, images, labels, r.amp, r.scaler, r.mean, r.std,
+                                             step_samples / r.world)
         norm, finite = optimizer_step(r.model, r.optimizer, r.scaler, r.scheduler, cfg.max_grad_norm)
         r.step += 1
+        meter.stepped(step_samples)
         checkpoint.fault_point("step")
         log.stepped()
         if finite:
@@ -261,12 +288,13 @@ def train_loop(r):
 
         if r.step % cfg.logging_steps == 0 or last_step:  # log: sums over ranks; .item() syncs, only here
             n, last_log = r.step - last_log, r.step
-            totals = dist.all_sum(torch.stack([loss_sum / r.world, norm_sum / r.world,
-                                               torch.tensor(float(meter.images), device=r.device)]))
+            counts = torch.tensor([meter.images, len(meter.damaged)], dtype=torch.float32, device=r.device)
+            totals = dist.all_sum(torch.cat([torch.stack([loss_sum, norm_sum]) / r.world, counts]))
             train_loss = round((totals[0] / n).item(), 6)
             img_s, wait = meter.window(int(totals[2].item()))
+            damaged = len(damaged_files(meter)[0]) if totals[3].item() else 0  # a gather only when there are any
             log.train(r.step, train_loss, lr, (totals[1] / n).item(), img_s, wait,
-                      r.scaler.get_scale() if r.scaler.is_enabled() else None, skipped_images)
+                      r.scaler.get_scale() if r.scaler.is_enabled() else None, damaged)
             loss_sum.zero_()
             norm_sum.zero_()
         t_pause = time.perf_counter()
@@ -278,15 +306,20 @@ def train_loop(r):
             r.metrics = {k: metrics[k] for k in ("loss", "acc1", "acc5", "samples", "skipped")}
             r.history.append(dict(step=r.step, train_loss=train_loss, **r.metrics))
         if r.step % cfg.save_steps == 0 or last_step or stopped:  # save
-            save(r, evaluated)
+            save(r, evaluated, meter)
         meter.pause(time.perf_counter() - t_pause)  # eval and save time is not training throughput
         if stopped:
             break
-    return dict(stopped=stopped, runtime=time.perf_counter() - t_start, images=meter.total,
-                skipped_images=skipped_images)
+    return stopped, meter
 
 
-def save(r, evaluated):
+def damaged_files(meter):
+    """(distinct training images that failed to decode, times they were met), over all ranks."""
+    parts = dist.gather((meter.damaged, meter.encounters))
+    return set().union(*(d for d, _ in parts)), sum(e for _, e in parts)
+
+
+def save(r, evaluated, meter):
     """checkpoint-<step>, with every rank's RNG state (dropout); no rank goes on before it is complete."""
     rng_ranks = dist.gather(checkpoint.rng_state())
     position = r.step * r.cfg.grad_accum_steps
@@ -295,18 +328,22 @@ def save(r, evaluated):
                  global_batch=r.global_batch, world_size=r.world,
                  data_position=dict(epoch=position // per_epoch, batch=position % per_epoch),
                  optimizer=r.optimizer.state_dict(), scheduler=r.scheduler.state_dict(), scaler=r.scaler.state_dict(),
-                 rng=rng_ranks[0], rng_ranks=rng_ranks)
+                 rng=rng_ranks[0], rng_ranks=rng_ranks, elapsed=meter.record(*damaged_files(meter)))
     r.checkpoints.save(r.step, r.model, r.processor, state, r.metrics if evaluated else None)
     dist.barrier()
 
 
-def finish(r, stopped, runtime, images, skipped_images):
+def finish(r, stopped, meter):
     """Export the model and write the results; or, after a stop signal, say how to continue and exit 75."""
     cfg, out, log = r.cfg, r.cfg.output_dir, r.log
     log.pbar.close()
-    if skipped_images:
-        print(f"warning: {skipped_images} damaged image(s) could not be decoded and were skipped "
-              f"{f'on rank {r.rank} ' if r.world > 1 else ''}(--bad-images error to stop instead)")
+    elapsed = meter.record(*damaged_files(meter))
+    bad_train, bad_eval = len(elapsed["damaged_files"]), (r.metrics or {}).get("skipped", 0)
+    if bad_train:
+        log.say(f"warning: {bad_train} damaged training file(s) ({elapsed['damaged_encounters']} encounters) could "
+                "not be decoded and were skipped (--bad-images error to stop instead)")
+    if bad_eval:
+        log.say(eval_skip_warning(bad_eval, len(r.data.eval_set)))
     if stopped:
         log.close()
         log.say(f"stopped by {stopped} at step {r.step}: saved {os.path.join(out, f'checkpoint-{r.step}')}; "
@@ -319,9 +356,12 @@ def finish(r, stopped, runtime, images, skipped_images):
         load_weights(r.model, os.path.join(out, f"checkpoint-{best['step']}"))
         final = eval_pass(r.train_model, r.data.eval_loader, r.device, r.precision, r.mean, r.std, progress=r.main)
         export_step = best["step"]
+    runtime = elapsed["train_runtime"]
     results = dict(eval_loss=final["loss"], eval_accuracy=final["acc1"], eval_top5=final["acc5"],
                    global_step=r.step, exported_step=export_step, train_runtime=round(runtime, 3),
-                   train_samples_per_second=round(images / runtime, 3))
+                   train_samples_per_second=round(elapsed["images"] / runtime, 3), segments=elapsed["segments"],
+                   damaged_train_files=bad_train, damaged_train_encounters=elapsed["damaged_encounters"],
+                   damaged_eval_files=final["skipped"])
     if r.main:
         log.scalars(r.step, {f"final/{k}": final[k] for k in ("loss", "acc1", "acc5")})  # beside the hparams
         env = env_info(r.device)
@@ -331,8 +371,9 @@ def finish(r, stopped, runtime, images, skipped_images):
         model_dir = checkpoint.export(out, r.model, r.processor, card)
         checkpoint.write_json_atomic(os.path.join(out, "all_results.json"), results)
         print(f"\ndone: {out}")
+        segments = f" in {elapsed['segments']} segments" if elapsed["segments"] > 1 else ""
         print(f"  eval_loss {results['eval_loss']:.4f}  eval_accuracy {results['eval_accuracy']:.4f}  "
-              f"eval_top5 {results['eval_top5']:.4f}  ({r.step} steps, {runtime:.0f} s)")
+              f"eval_top5 {results['eval_top5']:.4f}  ({r.step} steps, {runtime:.0f} s{segments})")
         print(f"  model: {model_dir}")
         print(f"  tensorboard --logdir {out}")
     log.close()

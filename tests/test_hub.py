@@ -1,0 +1,90 @@
+"""Without the Hub: a network that is down fails slowly, so vitfood must fail fast, in one line, before any
+heavy work; a cached Hub model still works. The "Hub" here is a local server that accepts connections and
+never answers (what a dead route or a black-holed proxy does), or nothing at all (HF_HUB_OFFLINE=1)."""
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from conftest import TINY
+
+
+@pytest.fixture(scope="module")
+def silent_hub():
+    """http://127.0.0.1:<port>: accepts every connection, never answers."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(64)
+    held = []
+
+    def accept():
+        while True:
+            try:
+                held.append(server.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    server.close()
+
+
+def run(*args, module="vitfood.train", env=None):
+    """(seconds, CompletedProcess) of a vitfood command with the Hub reachable as `env` says."""
+    environ = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    t0 = time.perf_counter()
+    p = subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True, timeout=120,
+                       env={**environ, "PYTHONWARNINGS": "ignore", **(env or {})})
+    return time.perf_counter() - t0, p
+
+
+def one_error_line(p):
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), p.stderr[-3000:]
+    return lines[0]
+
+
+def test_a_silent_hub_fails_fast_in_one_line(silent_hub, tmp_path):
+    hub = {"HF_ENDPOINT": silent_hub, "HF_HOME": str(tmp_path / "hf")}
+    seconds, p = run("--dataset", "food101", "--model", "vit-micro", "--output-dir", tmp_path / "a", env=hub)
+    line = one_error_line(p)
+    assert seconds < 10 and "dataset 'food101'" in line and "unreachable" in line, (seconds, line)
+    # a local data set with a Hub model: the model is found missing before the data set is generated
+    cache = tmp_path / "vitfood-cache"
+    seconds, p = run("--dataset", "synthetic", "--model", "google/vit-base-patch16-224-in21k",
+                     "--output-dir", tmp_path / "b", env={**hub, "VITFOOD_CACHE": str(cache)})
+    line = one_error_line(p)
+    assert seconds < 10 and "model 'google/vit-base-patch16-224-in21k'" in line and "unreachable" in line
+    assert not cache.exists() or not os.listdir(cache), "the data set was prepared before the model was checked"
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # no empty run folders left behind
+    for module in ("vitfood.predict", "vitfood.evaluate"):
+        seconds, p = run("--model", "google/vit-base-patch16-224", *(["x.jpg"] if module == "vitfood.predict" else
+                         ["--dataset", "food101"]), module=module, env=hub)
+        assert seconds < 10 and "unreachable" in one_error_line(p), module
+
+
+def test_offline_mode_stays_instant(tmp_path):
+    seconds, p = run("--dataset", "food101", "--output-dir", tmp_path / "a",
+                     env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+    line = one_error_line(p)
+    assert "HF_HUB_OFFLINE=1" in line and seconds < 10
+
+
+def test_a_cached_hub_model_trains_while_the_hub_is_silent(silent_hub, tmp_path):
+    from vitfood.config import Config
+    from vitfood.model import build_model
+    model, processor = build_model(Config(model="vit-micro"), ["a", "b", "c", "d"])
+    revision = "0" * 40  # the Hub cache's layout: refs/main names a snapshot folder
+    repo = tmp_path / "hf" / "hub" / "models--vitfood-test--vit-micro"
+    model.save_pretrained(repo / "snapshots" / revision)
+    processor.save_pretrained(repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    seconds, p = run(*TINY, "--model", "vitfood-test/vit-micro", "--max-steps", 2, "--eval-steps", 2,
+                     "--output-dir", tmp_path / "run", env={"HF_ENDPOINT": silent_hub, "HF_HOME": str(tmp_path / "hf")})
+    assert p.returncode == 0 and (tmp_path / "run" / "model" / "model.safetensors").is_file(), p.stderr[-3000:]
