@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -176,7 +177,10 @@ def test_nonfinite_loss_stops_with_the_step_and_keeps_good_checkpoints(tmp_path,
         run_main(lambda: train("--max-steps", 40, "--lr", "1e30", "--max-grad-norm", "0", "--save-steps", 2,
                                "--eval-steps", 2, "--max-nonfinite-steps", 3, "--output-dir", out))
     err = capsys.readouterr().err
-    assert "not finite for 3 consecutive steps" in err and "Last good checkpoint" in err
+    # counted on the device and read at logging steps (every 5): the run stops at the first one after 3 in a row
+    streak = re.search(r"not finite for (\d+) consecutive steps \((\d+) to 5\)", err)
+    assert streak and int(streak[1]) >= 3 and int(streak[2]) == 6 - int(streak[1]), err[-500:]
+    assert "Last good checkpoint" in err
     for _, path in checkpoint.complete_checkpoints(out):
         state = load_file(os.path.join(path, "model.safetensors"))
         assert all(torch.isfinite(t).all() for t in state.values())
@@ -237,3 +241,41 @@ def test_restart_right_after_kill_9_is_not_refused(tmp_path, reference):
 @pytest.mark.slow
 def test_restart_right_after_kill_9_twenty_times(tmp_path, reference):
     _restart_right_after_kill_9(tmp_path, reference, trials=20)
+
+
+def test_a_save_returns_before_its_write_and_keeps_the_weights_of_its_step(tmp_path, monkeypatch):
+    from vitfood.config import Config
+    from vitfood.model import build_model, load_weights
+    model, processor = build_model(Config(model="vit-micro"), ["a", "b"])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    saver = checkpoint.Checkpoints(tmp_path, keep=2)
+    saver.open()
+    monkeypatch.setenv("VITFOOD_FAULT", "delay:weights_written")
+    monkeypatch.setenv("VITFOOD_FAULT_DELAY", "1.5")
+    saver.save(7, model, processor, {"step": 7, "numbers": torch.arange(3)})
+    assert saver.writing() and not (tmp_path / "checkpoint-7").exists()  # the write goes on in the background
+    with torch.no_grad():  # training goes on meanwhile
+        for p in model.parameters():
+            p.add_(1.0)
+    saver.wait()
+    assert checkpoint.is_complete(tmp_path / "checkpoint-7")
+    fresh, _ = build_model(Config(model="vit-micro"), ["a", "b"])
+    load_weights(fresh, tmp_path / "checkpoint-7")
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in before.items())  # not the weights changed after
+    assert checkpoint.load_state(tmp_path / "checkpoint-7")["numbers"].tolist() == [0, 1, 2]
+
+
+def test_kill_while_a_background_write_is_in_flight_then_resume_is_exact(tmp_path, reference):
+    out = tmp_path / "run"
+    p = start(out, env={"VITFOOD_FAULT": "delay:weights_written:2", "VITFOOD_FAULT_DELAY": "2"})
+    deadline = time.time() + 120
+    while not any(n.startswith(".tmp-checkpoint-10-") for n in (os.listdir(out) if out.exists() else ())):
+        assert time.time() < deadline and p.poll() is None
+        time.sleep(0.02)
+    time.sleep(0.5)  # the loop trains on while the write of checkpoint-10 waits
+    os.killpg(p.pid, signal.SIGKILL)
+    p.communicate(timeout=60)
+    _only_complete_checkpoints(out)
+    assert [s for s, _ in checkpoint.complete_checkpoints(out)] == [5]
+    finish(out)
+    assert same(weights(out), reference)

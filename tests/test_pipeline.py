@@ -36,8 +36,8 @@ def _jpeg(seed, size=512):
     return buf.getvalue()
 
 
-def test_fast_path_matches_plain_pil_at_the_same_crop():
-    tf = TrainTransform(height=224, width=224)
+def test_full_scale_path_matches_plain_pil_at_the_same_crop():
+    tf = TrainTransform(height=224, width=224, fast=False)
     for seed in range(40):
         data = _jpeg(seed)
         # the crop and flip our transform will draw, replayed from the same seed
@@ -50,3 +50,21 @@ def test_fast_path_matches_plain_pil_at_the_same_crop():
             plain = plain.transpose(Image.FLIP_LEFT_RIGHT)
         diff = (fast - to_uint8_tensor(plain).float()).abs().mean().item()
         assert diff <= 2.0, (seed, box, diff)  # mean absolute difference in 0-255 units: at most 2/255
+
+
+def test_reduced_scale_decoding_is_used_when_the_crop_allows_and_stays_close():
+    """A crop downscaled 2x or more decodes at 1/2 (or less) scale; the result stays near the full decode."""
+    data = _jpeg(3, size=512)
+    full, fast = TrainTransform(height=112, width=112, fast=False), TrainTransform(height=112, width=112)
+    scaled, diffs = 0, []
+    for seed in range(60):
+        box = random_resized_crop_box(512, 512, random.Random(seed))
+        a = full(Image.open(io.BytesIO(data)), random.Random(seed)).float()
+        b = fast(Image.open(io.BytesIO(data)), random.Random(seed)).float()
+        assert a.shape == b.shape == (3, 112, 112)
+        if min(box[2] - box[0], box[3] - box[1]) >= 2 * 112:
+            scaled += 1
+            diffs.append((a - b).abs().mean().item())
+        else:
+            assert torch.equal(a, b)  # nothing to gain: the very same path
+    assert scaled >= 10 and np.mean(diffs) < 8.0, (scaled, diffs)  # a different resampling, not another image

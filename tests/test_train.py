@@ -43,7 +43,7 @@ def test_rotation_keeps_newest_two_plus_best(tiny_run):
 def test_rotation_never_deletes_the_best(tmp_path):
     from transformers import ViTImageProcessor
     model = torch.nn.Linear(2, 2)
-    model.save_pretrained = lambda path: (os.makedirs(path, exist_ok=True), torch.save({}, os.path.join(path, "w.pt")))
+    model.save_pretrained = lambda path, state_dict=None: (os.makedirs(path, exist_ok=True), torch.save({}, os.path.join(path, "w.pt")))
     processor = ViTImageProcessor()
     for step in (10, 20, 30, 40, 50):
         checkpoint.save(tmp_path, step, model, processor, {"step": step})
@@ -102,7 +102,7 @@ def test_fp16_scaler_skips_a_step_with_inf_gradient():
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 3))
     model.forward_orig = model.forward
     model.forward = lambda pixel_values: type("Out", (), {"logits": model.forward_orig(pixel_values)})
-    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)  # as make_optimizer builds it
     sched = make_scheduler(opt, 0, 10)
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     amp = autocast("fp16", torch.device("cpu"))

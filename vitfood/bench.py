@@ -112,7 +112,7 @@ def _training_setup(cfg, names, device, precision):
     model, processor = build_model(cfg, names, device)
     model.to(device).train()
     _, _, (mean, std) = transforms_for(processor)
-    opt = make_optimizer(model, cfg, device)
+    opt = make_optimizer(model, cfg)
     sched = make_scheduler(opt, 0, 10 ** 9)  # a flat learning rate: timing only
     amp, scaler = mixed_precision(precision, device)
     return model, (mean, std), opt, sched, scaler, amp

@@ -14,6 +14,8 @@ import random
 import re
 import shutil
 import signal
+import threading
+import time
 
 import numpy as np
 import torch
@@ -30,14 +32,15 @@ _reached = {}
 
 
 def fault_point(name):
-    """Test hook for the few-millisecond windows of a save, and for a failing rank. VITFOOD_FAULT=<name>[:<n>]
-    SIGKILLs this process the n-th time (default 1st) it reaches <name>; VITFOOD_FAULT=enospc:<name>[:<n>]
-    fails there as a full disk, error:<name>[:<n>] with an error. VITFOOD_FAULT_RANK=<r>: only on rank r."""
+    """Test hook for the windows of a save, and for a failing rank. VITFOOD_FAULT=<name>[:<n>] SIGKILLs this
+    process the n-th time (default 1st) it reaches <name>; VITFOOD_FAULT=enospc:<name>[:<n>] fails there as a
+    full disk, error:<name>[:<n>] with an error, delay:<name>[:<n>] sleeps VITFOOD_FAULT_DELAY seconds (2) there.
+    VITFOOD_FAULT_RANK=<r>: only on rank r."""
     spec = os.environ.get("VITFOOD_FAULT", "")
     if not spec or os.environ.get("VITFOOD_FAULT_RANK", os.environ.get("RANK", "0")) != os.environ.get("RANK", "0"):
         return
     parts = spec.split(":")
-    kind = parts[0] if parts[0] in ("enospc", "error") else "kill"
+    kind = parts[0] if parts[0] in ("enospc", "error", "delay") else "kill"
     parts = parts[1:] if kind != "kill" else parts
     if parts[0] != name:
         return
@@ -47,6 +50,9 @@ def fault_point(name):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         if kind == "error":
             raise UserError(f"fault injected at {name} (VITFOOD_FAULT)")
+        if kind == "delay":
+            time.sleep(float(os.environ.get("VITFOOD_FAULT_DELAY", "2")))
+            return
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -105,13 +111,14 @@ def restore(path, state, model, optimizer, scheduler, scaler, rank=0, world=1, s
         seed_everything(seed + 7919 * rank + 104729 * state["step"])
 
 
-def save(output_dir, step, model, processor, training_state):
-    """Write checkpoint-<step> atomically and return its path."""
+def save(output_dir, step, model, processor, training_state, weights=None):
+    """Write checkpoint-<step> atomically and return its path. `weights`: the model's state dict to write
+    (a snapshot), instead of the model's current one."""
     final = os.path.join(output_dir, f"checkpoint-{step}")
     tmp = os.path.join(output_dir, f".tmp-checkpoint-{step}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=weights)
         processor.save_pretrained(tmp)
         fault_point("weights_written")
         torch.save(training_state, os.path.join(tmp, STATE))
@@ -254,15 +261,38 @@ def rotate(output_dir, keep, best_step=None):
         shutil.rmtree(trash)
 
 
+def snapshot(obj, buffers, key=()):
+    """A copy of `obj` (nested dicts, lists, tuples, tensors) that later training cannot change: tensors are
+    copied into host buffers kept in `buffers` and reused from save to save (pinned when they come from a
+    GPU, where the copies are only enqueued: wait on an event before reading them)."""
+    if isinstance(obj, torch.Tensor):
+        buf = buffers.get(key)
+        if buf is None or buf.shape != obj.shape or buf.dtype != obj.dtype:
+            buf = buffers[key] = torch.empty(obj.shape, dtype=obj.dtype, pin_memory=obj.is_cuda)
+        return buf.copy_(obj.detach(), non_blocking=obj.is_cuda)
+    if isinstance(obj, dict):
+        return {k: snapshot(v, buffers, key + (k,)) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(snapshot(v, buffers, key + (i,)) for i, v in enumerate(obj))
+    return obj
+
+
 class Checkpoints:
-    """The checkpoint policy of a run directory, in one place: the lock, atomic saves, the best
-    checkpoint (judged at saves that coincide with an eval, by top-1 accuracy) and its record, and
-    rotation to the newest `keep` plus the best. Only the writing rank (`main`) touches the disk."""
+    """The checkpoint policy of a run directory, in one place: the lock, saves written in the background,
+    the best checkpoint (judged at saves that coincide with an eval, by top-1 accuracy) and its record,
+    and rotation to the newest `keep` plus the best. Only the writing rank (`main`) touches the disk.
+
+    A save pauses the loop only to copy the weights and the training state to host memory; a thread then
+    writes, fsyncs, seals and renames the checkpoint and rotates. At most one write is in flight: the next
+    save, `wait()` and the end of the run wait for it. A failed write stops the run at the next `check()`."""
 
     def __init__(self, out, keep, main=True):
         self.out, self.keep, self.main = out, keep, main
         self.best = None  # dict(step, eval_accuracy, eval_loss)
         self._created = False
+        self._buffers = {}  # host copies, reused from save to save (about 3x the weights with AdamW)
+        self._writer = None  # the thread writing the latest save
+        self._failure = None  # (step, exception) of a failed write
 
     def open(self):
         """Create and lock the directory for this process's life (a second run there is refused), and
@@ -275,6 +305,7 @@ class Checkpoints:
 
     def discard_if_unused(self):
         """Remove the directory when this run created it and failed before writing anything into it."""
+        self.wait(raise_failure=False)
         if self._created and set(os.listdir(self.out)) <= {"run.lock"}:
             shutil.rmtree(self.out, ignore_errors=True)
 
@@ -291,21 +322,61 @@ class Checkpoints:
             write_json_atomic(os.path.join(self.out, BEST), best)
 
     def save(self, step, model, processor, state, metrics=None):
-        """Write checkpoint-<step> holding `state` and the best record, then rotate. `metrics`: the eval at
-        this step, if there was one. A disk that refuses becomes one clear line."""
+        """Start writing checkpoint-<step> holding the model's weights, `state` and the best record, as they
+        are now. `metrics`: the eval at this step, if there was one."""
+        self.wait()  # at most one write in flight (and its buffers are free again)
         new_best = metrics is not None and (self.best is None or metrics["acc1"] > self.best["eval_accuracy"])
         if new_best:
             self.best = dict(step=step, eval_accuracy=metrics["acc1"], eval_loss=metrics["loss"])
         if not self.main:
             return
+        fault_point("snapshot")
+        weights = snapshot(model.state_dict(), self._buffers, ("model",))
+        state = snapshot(dict(state, best=self.best), self._buffers, ("state",))
+        copied = None
+        if next(model.parameters()).is_cuda:  # the copies are enqueued on the stream: the writer waits for them
+            copied = torch.cuda.Event()
+            copied.record()
+        self._writer = threading.Thread(target=self._write, name=f"vitfood-save-{step}", daemon=False,
+                                        args=(step, model, processor, weights, state, dict(self.best or {}), new_best,
+                                              copied))
+        self._writer.start()
+
+    def _write(self, step, model, processor, weights, state, best, new_best, copied):
         try:
-            save(self.out, step, model, processor, dict(state, best=self.best))
+            if copied:
+                copied.synchronize()  # the copies to host memory are done
+            save(self.out, step, model, processor, state, weights)
             if new_best:
-                write_json_atomic(os.path.join(self.out, BEST), self.best)
-            rotate(self.out, self.keep, self.best and self.best["step"])
-        except OSError as e:
-            raise UserError(f"cannot write checkpoint-{step} in {self.out}: {e.strerror or e}; "
+                write_json_atomic(os.path.join(self.out, BEST), best)
+            rotate(self.out, self.keep, best.get("step"))
+        except BaseException as e:  # a full disk raises OSError, or RuntimeError from torch.save, or SafetensorError
+            self._failure = (step, e)
+
+    def writing(self):
+        return self._writer is not None and self._writer.is_alive()
+
+    def wait(self, raise_failure=True):
+        """Block until the write in flight is complete; then raise its failure, if any."""
+        if self._writer is not None:
+            self._writer.join()
+            self._writer = None
+        if raise_failure:
+            self.check()
+
+    def check(self):
+        """Raise, as one clear line, the failure of a background write (the loop calls this every step)."""
+        if self._failure:
+            (step, e), self._failure = self._failure, None
+            raise UserError(f"cannot write checkpoint-{step} in {self.out}: {write_error(e)}; "
                             "the complete checkpoints already there are intact") from None
+
+
+def write_error(e):
+    """What a failed write says, in a few words."""
+    if isinstance(e, OSError):
+        return e.strerror or str(e)
+    return first_line(e, 160)
 
 
 def load_state(path):

@@ -35,6 +35,7 @@ class Config:
     synthetic_size: int = _opt(2500, "images generated for --dataset synthetic (all in its 'train' split)")
     synthetic_classes: int = _opt(10, "classes of --dataset synthetic")
     synthetic_max_px: int = _opt(512, "longest side, in pixels, of the largest synthetic image")
+    fast_decode: bool = _opt(True, "decode a JPEG at 1/2, 1/4 or 1/8 scale (libjpeg DCT scaling) when its crop is downscaled by that much anyway; faster, same accuracy (bench/README.md)")
     bad_images: str = _opt("skip", "an image that cannot be decoded: skip it (counted, with a warning) or stop with an error", ["skip", "error"])
     # model
     model: str = _opt("google/vit-base-patch16-224-in21k", "Hub id, local model folder, or a named config: vit-tiny, vit-small, vit-base, vit-micro")
@@ -221,3 +222,9 @@ def resolve(explicit, base=None):
 
 def to_dict(cfg):
     return dataclasses.asdict(cfg)
+
+
+def run_config_path(model_path):
+    """The train_config.json of the run a model/ or checkpoint-<step>/ folder belongs to, or None."""
+    path = os.path.join(os.path.dirname(os.path.abspath(os.path.expanduser(model_path))), "train_config.json")
+    return path if os.path.isfile(path) else None

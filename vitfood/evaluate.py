@@ -18,17 +18,11 @@ import transformers
 
 from vitfood import checkpoint, hub, report
 from vitfood.common import UserError, num_workers, pick_device, resolve_precision, run_main, safe_name
-from vitfood.config import OneLineParser, read_config_file, resolve
+from vitfood.config import OneLineParser, read_config_file, resolve, run_config_path
 from vitfood.data import build_data, eval_skip_warning, hub_dataset, load_splits, transforms_for
 from vitfood.hub import is_path
 from vitfood.model import hub_model, load_for_inference
 from vitfood.steps import eval_pass
-
-
-def _model_run_config(model_path):
-    """The train_config.json of the run a model/ or checkpoint-<step>/ folder belongs to, or None."""
-    path = os.path.join(os.path.dirname(os.path.abspath(os.path.expanduser(model_path))), "train_config.json")
-    return path if os.path.isfile(path) else None
 
 
 def main(argv=None):
@@ -51,7 +45,7 @@ def main(argv=None):
     if a.batch_size is not None and a.batch_size < 1 or a.mistakes < 0:
         raise UserError("--batch-size must be positive and --mistakes not negative")
 
-    saved = _model_run_config(a.model) if is_path(a.model) else None
+    saved = run_config_path(a.model) if is_path(a.model) else None
     if a.dataset:
         split = a.split or "validation"
         cfg = resolve(dict(dataset=a.dataset, train_split=split, eval_split=split, image_column=a.image_column,
@@ -76,7 +70,7 @@ def main(argv=None):
     if names != model_names and sorted(names) != sorted(model_names):
         raise UserError(f"the model's {len(model_names)} labels ({', '.join(model_names[:5])}, ...) are not "
                         f"the data set's {len(names)} classes ({', '.join(names[:5])}, ...)")
-    train_tf, eval_tf, (mean, std) = transforms_for(processor)
+    train_tf, eval_tf, (mean, std) = transforms_for(processor, cfg.fast_decode)
     data = build_data(cfg, None, eval_ds, (train_tf, eval_tf), len(names), device, num_workers(a.num_workers),
                       eval_batch=batch_size, relabel=[model_names.index(n) for n in names])  # same classes, any order
     r = eval_pass(model, data.eval_loader, device, precision, mean, std, num_classes=len(model_names),

@@ -60,11 +60,13 @@ class RunLog:
         self.image("eval/mistakes", report.mistakes_image(metrics["mistakes"], class_names), step)
         self.say(f"step {step}: eval loss {metrics['loss']:.4f} acc1 {metrics['acc1']:.4f} acc5 {metrics['acc5']:.4f}")
 
-    def train(self, step, loss, lr, grad_norm, img_s, data_wait, scale=None, damaged_files=0):
+    def train(self, step, loss, lr, grad_norm, img_s, data_wait, scale=None, damaged_files=0, skipped_steps=0):
         values = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm, "train/img_per_s": img_s,
                   "train/data_wait": data_wait}
         if scale is not None:
             values["amp/scale"] = scale
+        if skipped_steps:  # a running count: steps skipped for non-finite loss or gradients so far
+            values["train/skipped_steps"] = skipped_steps
         if damaged_files:
             values["data/damaged_train_files"] = damaged_files
         self.scalars(step, values)

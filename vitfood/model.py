@@ -81,13 +81,14 @@ def load_for_inference(name, device, attn="auto"):
     return model.to(device).eval(), processor
 
 
-def make_optimizer(model, cfg, device):
-    """AdamW; no weight decay on 1-D tensors (biases, norm weights), whatever their names."""
+def make_optimizer(model, cfg):
+    """Fused AdamW, on CPU and CUDA alike: it skips a non-finite step on the device (steps.optimizer_step),
+    and on the CPU it measured 7x faster than the foreach kernels (bench/README.md). No weight decay on
+    1-D tensors (biases, norm weights), whatever their names."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [dict(params=[p for p in params if p.ndim >= 2], weight_decay=cfg.weight_decay),
               dict(params=[p for p in params if p.ndim < 2], weight_decay=0.0)]
-    fused = device.type == "cuda"
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, fused=fused, foreach=None if fused else True)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, fused=True)
 
 
 def make_scheduler(optimizer, warmup_steps, max_steps):

@@ -18,8 +18,9 @@ import torch
 
 from vitfood import hub
 from vitfood.common import UserError, pick_device, resolve_precision, run_main
-from vitfood.config import OneLineParser
+from vitfood.config import OneLineParser, read_config_file, run_config_path
 from vitfood.data import DECODE_ERRORS, normalize, transforms_for
+from vitfood.hub import is_path
 from vitfood.model import for_inference, hub_model, load_for_inference
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -38,10 +39,11 @@ def find_images(paths):
 
 
 @torch.inference_mode()
-def predict(model, processor, files, device, precision, top_k=5, batch_size=32):
-    """Yield one dict per file: {'file', 'predictions': [{'label', 'score'}...]} or {'file', 'error'}."""
+def predict(model, processor, files, device, precision, top_k=5, batch_size=32, fast_decode=True):
+    """Yield one dict per file: {'file', 'predictions': [{'label', 'score'}...]} or {'file', 'error'}.
+    `fast_decode` as the training run had it, so that its eval transform is reproduced exactly."""
     from PIL import Image
-    _, eval_tf, (mean, std) = transforms_for(processor)
+    _, eval_tf, (mean, std) = transforms_for(processor, fast_decode)
     model, amp = for_inference(model, precision, device, keep=False)
     k = min(top_k, model.config.num_labels)
     for start in range(0, len(files), batch_size):
@@ -85,8 +87,10 @@ def main(argv=None):
         raise UserError("no image files found in " + ", ".join(a.images))
     hub.prepare(model=hub_model(a.model))
     model, processor = load_for_inference(a.model, device)
+    saved = run_config_path(a.model) if is_path(a.model) else None
+    fast_decode = read_config_file(saved).get("fast_decode", True) if saved else True
     failed = 0
-    for r in predict(model, processor, files, device, precision, a.top_k, a.batch_size):
+    for r in predict(model, processor, files, device, precision, a.top_k, a.batch_size, fast_decode):
         if "error" in r:
             failed += 1
             print(f"error: {r['file']}: {r['error']}", file=sys.stderr)

@@ -29,37 +29,54 @@ def forward_backward(model, images, labels, amp, scaler, mean, std, divisor):
 
 
 def optimizer_step(model, optimizer, scaler, scheduler, max_grad_norm):
-    """Unscale, clip, step, update, zero. Returns (grad norm, whether the step was taken).
+    """Unscale, clip, step, update, zero, with no host-device sync. Returns (grad norm, finite), both
+    tensors on the device, to be read only at logging steps.
 
-    A step whose gradients are not finite is skipped in every precision, as the GradScaler does
-    for fp16, so the weights never take a nan.
+    A step whose gradients are not finite is skipped in every precision, on the device: the fused AdamW
+    kernel takes `found_inf` and then leaves weights, moments and step count as they were (the fp16
+    GradScaler skips the same way, and lowers its scale). The learning-rate schedule moves on.
     """
     scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm or float("inf"))
-    finite = bool(torch.isfinite(norm))  # one host-device sync a step (the fp16 GradScaler makes one too)
-    if finite:
-        scaler.step(optimizer)
-    scaler.update()  # fp16: lowers the scale after an overflow
+    finite = torch.isfinite(norm)
+    optimizer.found_inf = (~finite).float()  # read by fused AdamW only: make_optimizer builds it fused
+    try:
+        optimizer.step()
+    finally:
+        del optimizer.found_inf
+    scaler.update()  # fp16: a lower scale after an overflow (its inf checks are the unscale's, on the device)
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return norm, finite
 
 
 class NonFiniteStreak:
-    """Counts consecutive skipped (non-finite) steps; `limit` in a row stop the run with one line."""
+    """Skipped (non-finite) steps, counted on the device: `limit` in a row stop the run with one line.
+    `check()` reads the counts (a sync), so the loop calls it at logging steps only."""
 
-    def __init__(self, limit):
-        self.limit, self.count, self.first = limit, 0, None
+    def __init__(self, limit, device):
+        self.limit = limit
+        zero = lambda: torch.zeros((), dtype=torch.int64, device=device)
+        self.streak, self.longest, self.end, self.skipped = zero(), zero(), zero(), zero()
 
-    def update(self, finite, step, last_good):
-        """`last_good()` names the newest complete checkpoint, for the message."""
-        if finite:
-            self.count = 0
-            return
-        self.count, self.first = self.count + 1, self.first if self.count else step
-        if self.count >= self.limit:
-            raise UserError(f"loss or gradients not finite for {self.count} consecutive steps ({self.first} to {step}); "
-                            f"stopped. Last good checkpoint: {last_good() or 'none'}; try a lower --lr or --precision fp32")
+    def update(self, finite, step):
+        bad = (~finite).long()
+        self.streak.add_(1).mul_(bad)  # consecutive skipped steps up to this one
+        self.skipped.add_(bad)
+        longer = self.streak > self.longest
+        self.end.copy_(torch.where(longer, step, self.end))
+        self.longest.copy_(torch.maximum(self.streak, self.longest))
+
+    def check(self, last_good):
+        """Skipped steps so far; raises when `limit` came in a row since the last check. `last_good()` names
+        the newest complete checkpoint, for the message."""
+        longest, end, skipped = torch.stack([self.longest, self.end, self.skipped]).tolist()
+        self.longest.zero_()
+        if longest >= self.limit:
+            raise UserError(f"loss or gradients not finite for {longest} consecutive steps ({end - longest + 1} to "
+                            f"{end}); stopped. Last good checkpoint: {last_good() or 'none'}; try a lower --lr or "
+                            "--precision fp32")
+        return skipped
 
 
 @torch.inference_mode()

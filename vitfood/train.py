@@ -31,7 +31,7 @@ from vitfood.steps import NonFiniteStreak, eval_pass, forward_backward, optimize
 
 FIXED_ON_RESUME = ("dataset", "train_split", "eval_split", "test_size", "max_train_samples", "max_eval_samples",
                    "image_column", "label_column", "synthetic_size", "synthetic_classes", "synthetic_max_px",
-                   "model", "image_size", "grad_accum_steps", "seed")  # and the global batch: check_global_batch
+                   "model", "image_size", "grad_accum_steps", "seed", "fast_decode")  # and the global batch
 EXIT_STOPPED = 75  # stopped by SIGTERM/SIGINT after saving a checkpoint (sysexits' EX_TEMPFAIL: run it again)
 
 
@@ -190,7 +190,7 @@ def setup(cfg, resume, rank, world, device, checkpoints):
         seed_everything(cfg.seed + 7919 * rank)
     dist.same_on_all((len(train_ds), len(eval_ds), class_names), "the data set")
     transformers.utils.logging.disable_progress_bar()  # downloads are done; no bar per checkpoint write
-    train_tf, eval_tf, (mean, std) = transforms_for(processor)
+    train_tf, eval_tf, (mean, std) = transforms_for(processor, cfg.fast_decode)
     workers = num_workers(cfg.num_workers)
     data = build_data(cfg, train_ds, eval_ds, (train_tf, eval_tf), len(class_names), device, workers, global_batch,
                       rank, world)
@@ -198,7 +198,7 @@ def setup(cfg, resume, rank, world, device, checkpoints):
 
     # ---- optimizer and precision
     model.to(device)
-    optimizer = make_optimizer(model, cfg, device)
+    optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg.warmup_steps, max_steps)
     amp, scaler = mixed_precision(precision, device)
     r = Run(cfg, rank, world, device, precision, global_batch, checkpoints, data, class_names, model, processor,
@@ -255,7 +255,7 @@ def train_loop(r):
     cfg, log, accum = r.cfg, r.log, r.cfg.grad_accum_steps
     stopper = dist.Stopper(r.device, log.say)
     stream = micro_batches(r.data, r.step * accum)
-    meter, streak = Meter(r.before), NonFiniteStreak(cfg.max_nonfinite_steps)
+    meter, streak = Meter(r.before), NonFiniteStreak(cfg.max_nonfinite_steps, r.device)
     loss_sum, norm_sum = torch.zeros((), device=r.device), torch.zeros((), device=r.device)
     last_log, train_loss, stopped = r.step, None, None
     while r.step < r.max_steps:
@@ -274,15 +274,13 @@ def train_loop(r):
                 loss_sum += forward_backward(r.train_model, images, labels, r.amp, r.scaler, r.mean, r.std,
                                              step_samples / r.world)
         norm, finite = optimizer_step(r.model, r.optimizer, r.scaler, r.scheduler, cfg.max_grad_norm)
+        r.checkpoints.check()  # a checkpoint write that failed in the background stops the run here
         r.step += 1
         meter.stepped(step_samples)
         checkpoint.fault_point("step")
         log.stepped()
-        if finite:
-            norm_sum += norm
-        else:  # the step was skipped: weights never take a nan
-            log.scalars(r.step, {"train/skipped_step": 1})
-        streak.update(finite, r.step, r.checkpoints.latest)
+        norm_sum += torch.where(finite, norm, 0.0)  # a skipped step (non-finite) left the weights as they were
+        streak.update(finite, r.step)
         last_step = r.step == r.max_steps
         stopped = not last_step and stopper.requested() and (stopper.signal or "another rank")  # all ranks alike
 
@@ -293,8 +291,9 @@ def train_loop(r):
             train_loss = round((totals[0] / n).item(), 6)
             img_s, wait = meter.window(int(totals[2].item()))
             damaged = len(damaged_files(meter)[0]) if totals[3].item() else 0  # a gather only when there are any
+            skipped = streak.check(r.checkpoints.latest)
             log.train(r.step, train_loss, lr, (totals[1] / n).item(), img_s, wait,
-                      r.scaler.get_scale() if r.scaler.is_enabled() else None, damaged)
+                      r.scaler.get_scale() if r.scaler.is_enabled() else None, damaged, skipped)
             loss_sum.zero_()
             norm_sum.zero_()
         t_pause = time.perf_counter()
@@ -336,6 +335,7 @@ def save(r, evaluated, meter):
 def finish(r, stopped, meter):
     """Export the model and write the results; or, after a stop signal, say how to continue and exit 75."""
     cfg, out, log = r.cfg, r.cfg.output_dir, r.log
+    r.checkpoints.wait()  # the last checkpoint is complete before anything reads it or the process ends
     log.pbar.close()
     elapsed = meter.record(*damaged_files(meter))
     bad_train, bad_eval = len(elapsed["damaged_files"]), (r.metrics or {}).get("skipped", 0)
