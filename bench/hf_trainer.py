@@ -63,6 +63,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dataset", default="synthetic")
     p.add_argument("--synthetic-size", type=int, default=2500)
+    p.add_argument("--synthetic-classes", type=int, default=10)
+    p.add_argument("--synthetic-max-px", type=int, default=512)
     p.add_argument("--model", default="vit-tiny")
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument("--max-steps", type=int, default=60)
@@ -80,6 +82,7 @@ def main():
 
     # data and model: vitfood's own pieces, so the work is the same
     cfg = Config(dataset=args.dataset, train_split="train", synthetic_size=args.synthetic_size, seed=42,
+                 synthetic_classes=args.synthetic_classes, synthetic_max_px=args.synthetic_max_px,
                  max_eval_samples=args.max_eval_samples, model=args.model, image_size=args.image_size, attn="sdpa")
     train_ds, eval_ds, names = load_splits(cfg)
     transformers.set_seed(42)

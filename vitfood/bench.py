@@ -10,13 +10,17 @@ Modes (all by default):
          achieved FLOP/s and MFU against the dense matmul peak measured here, for the same dtype
   e2e    the real step fed by the real loader: images/s and the share of time waiting for data
   eval   inference images/s over the eval split
+  save   how long a checkpoint save holds up the loop (the copy to host memory, and steps slowed down
+         while the write runs in the background), against the time a synchronous write takes
 Takes every vitfood.train option (--preset, --model, --dataset, --batch-size, ...). Warm-up is never
 timed, device work is synchronized before clocks are read, figures are medians over repeats.
 The table goes to stdout; its last line is one JSON document with every figure.
 """
 
 import argparse
+import copy
 import dataclasses
+import tempfile
 import datetime
 import json
 import math
@@ -27,16 +31,18 @@ import statistics
 import time
 
 import torch
+import transformers
 
+from vitfood import checkpoint, hub
 from vitfood.common import (DTYPES, UserError, env_info, mixed_precision, num_workers, pick_device, resolve_precision,
                             run_main, seed_everything)
-from vitfood import hub
 from vitfood.config import build_parser, resolve
 from vitfood.data import EpochBatchSampler, build_data, hub_dataset, load_splits, make_loader, normalize, transforms_for
-from vitfood.model import build_model, hub_model, make_optimizer, make_scheduler, resolve_attn, vit_flops_per_image
+from vitfood.model import (build_model, compiled, hub_model, make_optimizer, make_scheduler, resolve_attn,
+                           vit_flops_per_image)
 from vitfood.steps import eval_pass, forward_backward, optimizer_step
 
-MODES = ("data", "model", "e2e", "eval")
+MODES = ("data", "model", "e2e", "eval", "save")
 
 
 def parse_args(argv=None):
@@ -50,13 +56,14 @@ def parse_args(argv=None):
     g.add_argument("--compile-modes", help="comma list of off,on (default: off,on; --quick: off)")
     g.add_argument("--attns", help="comma list of sdpa,eager (default: sdpa,eager; --quick: --attn)")
     g.add_argument("--worker-counts", help="comma list of DataLoader worker counts for data mode")
+    g.add_argument("--decode-modes", default="fast,full", help="comma list of fast,full: the JPEG decode path in data mode")
     g.add_argument("--steps", type=int, help="timed steps per repeat")
     g.add_argument("--repeats", type=int, help="repeats; the median is reported")
     g.add_argument("--out", help="also write the JSON document to this file")
     g.add_argument("--profile", action="store_true", help="write a torch.profiler trace (Chrome/Perfetto JSON) of e2e steps")
     args = vars(p.parse_args(argv))
     bench = {k: args.pop(k, None) for k in ["modes", "quick", "batch_sizes", "precisions", "compile_modes", "attns",
-                                             "worker_counts", "steps", "repeats", "out", "profile"]}
+                                             "worker_counts", "decode_modes", "steps", "repeats", "out", "profile"]}
     args.pop("resume", None)
     return resolve(args), argparse.Namespace(**bench)
 
@@ -118,12 +125,56 @@ def _training_setup(cfg, names, device, precision):
     return model, (mean, std), opt, sched, scaler, amp
 
 
-def bench_model(cfg, names, device, precision, batch_size, compiled, attn, steps, repeats):
+def bench_save(cfg, names, device, precision, steps):
+    """How long one checkpoint save (the model with its AdamW state) holds up the loop. The save call copies
+    the state to host memory (the pause); the write then runs in the background while steps go on, each a
+    little slower (the slowdown). A synchronous save of the same checkpoint is timed for comparison."""
+    model, (mean, std), opt, sched, scaler, amp = _training_setup(cfg, names, device, precision)
+    _, processor = build_model(cfg, names, device)
+    batch = cfg.batch_size if device.type == "cuda" else min(cfg.batch_size, 2)  # on a CPU: a short step
+    size = model.config.image_size
+    images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device)
+    labels = torch.randint(0, len(names), (batch,), device=device)
+
+    def step():
+        forward_backward(model, images, labels, amp, scaler, mean, std, labels.numel())
+        optimizer_step(model, opt, scaler, sched, cfg.max_grad_norm)
+
+    step_s, _ = timed(step, device, steps, 1, warmup=2)  # the warm-up also makes the optimizer state
+    state = lambda: dict(step=1, optimizer=opt.state_dict(), scheduler=sched.state_dict(), scaler=scaler.state_dict())
+    os.makedirs("runs", exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".bench-save-", dir="runs") as out:  # on disk, as a run writes
+        saver = checkpoint.Checkpoints(out, keep=2)
+        saver.open()
+        saver.save(1, model, processor, state())  # the first save of a run also allocates the host buffers
+        saver.wait()
+        sync(device)
+        t0 = time.perf_counter()
+        saver.save(2, model, processor, state())
+        pause = time.perf_counter() - t0
+        n, t1 = 0, time.perf_counter()
+        while saver.writing():
+            step()
+            n += 1
+        sync(device)
+        overlapped = time.perf_counter() - t1
+        saver.wait()
+        t2 = time.perf_counter()
+        saver.save(3, model, processor, state())
+        saver.wait()
+        write = time.perf_counter() - t2
+        mb = sum(f.stat().st_size for f in os.scandir(os.path.join(out, "checkpoint-3"))) / 2 ** 20
+    slowdown = max(0.0, overlapped - n * step_s)  # what the steps lost to the write beside them
+    return dict(pause_s=pause, slowdown_s=slowdown, stall_s=pause + slowdown, sync_write_s=write,
+                steps_during_write=n, step_ms=1000 * step_s, batch_size=batch, checkpoint_mb=mb)
+
+
+def bench_model(cfg, names, device, precision, batch_size, compile_it, attn, steps, repeats):
     """One training step on synthetic uint8 tensors already on the device."""
     c = dataclasses.replace(cfg, attn=attn)
     model, (mean, std), opt, sched, scaler, amp = _training_setup(c, names, device, precision)
     size = model.config.image_size
-    step_model = torch.compile(model) if compiled else model
+    step_model = compiled(model, device) if compile_it else model
     images = torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8, device=device)
     labels = torch.randint(0, len(names), (batch_size,), device=device)
 
@@ -143,8 +194,10 @@ def bench_model(cfg, names, device, precision, batch_size, compiled, attn, steps
                 first_step_s=first, peak_mem_mb=peak_memory_mb(device), flops=flops)
 
 
-def bench_data(train_set, batch_size, workers, device, steps, repeats, mean, std):
+def bench_data(train_set, batch_size, workers, device, steps, repeats, mean, std, fast_decode):
     """Loader images/s, counting the uint8 -> normalized float conversion the step does on the device."""
+    train_set, transform = copy.copy(train_set), copy.copy(train_set.transform)
+    transform.fast, train_set.transform = fast_decode, transform
     loader = make_loader(train_set, batch_size, workers, device, EpochBatchSampler(len(train_set), 0, batch_size))
     need = steps * repeats + 2
     it = iter(_endless(loader))
@@ -171,7 +224,7 @@ def bench_e2e(cfg, train_set, names, device, precision, workers, steps, repeats,
     their ratio is measured side by side, not across runs.
     """
     model, (mean, std), opt, sched, scaler, amp = _training_setup(cfg, names, device, precision)
-    step_model = torch.compile(model) if cfg.compile else model
+    step_model = compiled(model, device) if cfg.compile else model
     loader = make_loader(train_set, cfg.batch_size, workers, device, EpochBatchSampler(len(train_set), cfg.seed, cfg.batch_size))
     it = _endless(loader)
     wait = [0.0]
@@ -252,6 +305,7 @@ def main(argv=None):
     attns = _list(b.attns) or ([resolve_attn(cfg.attn, device)] if quick else ["sdpa", "eager"])
     workers = num_workers(cfg.num_workers)
     worker_counts = _list(b.worker_counts, int) or sorted({0, workers, min(os.cpu_count() or 1, 2 * workers)} if not quick else {0, workers})
+    decodes = [v == "fast" for v in _list(b.decode_modes)]
 
     report = dict(env=env_info(device), config=dict(model=cfg.model, dataset=cfg.dataset, image_size=cfg.image_size,
                   batch_size=cfg.batch_size, precision=precision, workers=workers, quick=quick, steps=steps,
@@ -263,6 +317,7 @@ def main(argv=None):
 
     hub.prepare(hub_dataset(cfg.dataset), hub_model(cfg.model), cfg.trust_remote_code)
     train_ds, eval_ds, names = load_splits(cfg)
+    transformers.utils.logging.disable_progress_bar()  # no bar per checkpoint write
     model0, processor = build_model(cfg, names, device)
     train_tf, eval_tf, (mean, std) = transforms_for(processor)
     data = build_data(cfg, train_ds, eval_ds, (train_tf, eval_tf), len(names), device, workers, cfg.batch_size)
@@ -271,13 +326,16 @@ def main(argv=None):
     del model0
 
     if "data" in modes:
-        print("\n[data] training input pipeline alone (decode + augment + collate + normalize)")
-        print(f"{'workers':>8} {'img/s':>10} {'img/s/core':>11}")
+        print("\n[data] training input pipeline alone (decode + augment + collate + normalize); decode: 'fast' "
+              "decodes JPEGs at reduced scale when the crop allows (--fast-decode), 'full' always at full size")
+        print(f"{'workers':>8} {'decode':>7} {'img/s':>10} {'img/s/core':>11}")
         report["data"] = []
         for w in worker_counts:
-            r = dict(workers=w, **bench_data(train_set, cfg.batch_size, w, device, steps * 2, repeats, mean, std))
-            report["data"].append(r)
-            print(f"{w:>8} {r['img_s']:>10.1f} {r['img_s_per_core']:>11.1f}")
+            for fast in decodes:
+                r = dict(workers=w, decode="fast" if fast else "full",
+                         **bench_data(train_set, cfg.batch_size, w, device, steps * 2, repeats, mean, std, fast))
+                report["data"].append(r)
+                print(f"{w:>8} {r['decode']:>7} {r['img_s']:>10.1f} {r['img_s_per_core']:>11.1f}")
 
     if "model" in modes:
         print("\n[model] full training step on tensors already on the device")
@@ -325,6 +383,13 @@ def main(argv=None):
         r = bench_eval(cfg, eval_set, names, device, precision, workers, max_images=64 if quick else 512)
         report["eval"] = r
         print(f"\n[eval] inference: {r['img_s']:.1f} img/s over {r['images']} images, batch {r['batch_size']}")
+
+    if "save" in modes:
+        r = bench_save(cfg, names, device, precision, steps)
+        report["save"] = r
+        print(f"\n[save] a {r['checkpoint_mb']:.0f} MB checkpoint: the loop paused {r['pause_s']:.3f} s (copy to host "
+              f"memory); {r['steps_during_write']} step(s) ran beside the background write, {r['slowdown_s']:.3f} s slower "
+              f"in all; stall {r['stall_s']:.3f} s per save, against {r['sync_write_s']:.2f} s for a synchronous write")
 
     _check_finite(report)
     text = json.dumps(report, default=float)

@@ -156,6 +156,20 @@ def num_workers(requested=-1):
     return requested if requested >= 0 else max(1, min(8, (os.cpu_count() or 2) // 2))
 
 
+_IMPORTED = time.time()
+
+
+def seconds_since_start():
+    """Wall seconds since this process started (Linux: from /proc; elsewhere: since vitfood was imported)."""
+    try:
+        with open("/proc/self/stat") as fh:
+            start_ticks = int(fh.read().rsplit(")", 1)[1].split()[19])  # field 22: start time, in clock ticks
+        with open("/proc/uptime") as fh:
+            return float(fh.read().split()[0]) - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return time.time() - _IMPORTED
+
+
 def safe_name(text):
     """A filesystem-safe single path component: 'google/vit-base' -> 'google_vit-base'."""
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._")

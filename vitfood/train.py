@@ -22,11 +22,11 @@ import transformers
 
 from vitfood import checkpoint, dist, hub, report
 from vitfood.common import (UserError, env_info, mixed_precision, num_workers, resolve_precision, run_main, safe_name,
-                            seed_everything)
+                            seconds_since_start, seed_everything)
 from vitfood.config import build_parser, read_config_file, resolve, to_dict
 from vitfood.data import Data, build_data, eval_skip_warning, hub_dataset, load_splits, transforms_for
 from vitfood.logs import Meter, RunLog
-from vitfood.model import build_model, hub_model, load_weights, make_optimizer, make_scheduler
+from vitfood.model import build_model, compiled, hub_model, load_weights, make_optimizer, make_scheduler
 from vitfood.steps import NonFiniteStreak, eval_pass, forward_backward, optimizer_step
 
 FIXED_ON_RESUME = ("dataset", "train_split", "eval_split", "test_size", "max_train_samples", "max_eval_samples",
@@ -141,6 +141,7 @@ class Run:
     metrics: dict | None = None  # the latest eval
     history: list = field(default_factory=list)  # every eval: step, train_loss, metrics
     before: dict | None = None  # training time, images and damaged files of the segments before this one
+    startup: float = 0.0  # seconds from process start to the loop
     ddp: torch.nn.Module | None = None  # the model as DDP sees it (the model itself for one process)
     train_model: torch.nn.Module | None = None  # what the step calls: ddp, compiled with --compile
     log: RunLog | None = None
@@ -218,7 +219,7 @@ def setup(cfg, resume, rank, world, device, checkpoints):
     r.ddp = model
     if world > 1:  # PyTorch's DDP: gradients averaged across ranks during backward
         r.ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-    r.train_model = torch.compile(r.ddp) if cfg.compile else r.ddp
+    r.train_model = compiled(r.ddp, device, world) if cfg.compile else r.ddp
 
     # ---- the run directory's records and logs (rank 0)
     out = cfg.output_dir
@@ -258,6 +259,7 @@ def train_loop(r):
     meter, streak = Meter(r.before), NonFiniteStreak(cfg.max_nonfinite_steps, r.device)
     loss_sum, norm_sum = torch.zeros((), device=r.device), torch.zeros((), device=r.device)
     last_log, train_loss, stopped = r.step, None, None
+    r.startup = seconds_since_start()  # process start to the first step: imports, data, model, loader
     while r.step < r.max_steps:
         # fetch and step: the loss is summed over samples and divided by the step's global sample count, so
         # the gradient is the mean over the whole global batch, however it is split in micro-batches and ranks
@@ -361,7 +363,7 @@ def finish(r, stopped, meter):
                    global_step=r.step, exported_step=export_step, train_runtime=round(runtime, 3),
                    train_samples_per_second=round(elapsed["images"] / runtime, 3), segments=elapsed["segments"],
                    damaged_train_files=bad_train, damaged_train_encounters=elapsed["damaged_encounters"],
-                   damaged_eval_files=final["skipped"])
+                   damaged_eval_files=final["skipped"], startup_seconds=round(r.startup, 2))
     if r.main:
         log.scalars(r.step, {f"final/{k}": final[k] for k in ("loss", "acc1", "acc5")})  # beside the hparams
         env = env_info(r.device)

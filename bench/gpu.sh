@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Issue #13's GPU measurements in one command, for a lent GPU machine (../shared/gpu/NOTES.md):
+#   bash bench/gpu.sh          # about 8 minutes on one H100; results in $OUT (or /tmp/vitfood-gpu)
+#   bash bench/gpu.sh --tiny   # toy sizes: check the script on a CPU first
+# datasets is not installed on that machine: wheels carried in .gpu/whl are installed into /tmp/site.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/vitfood-gpu}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+if ! python3 -c "import datasets" 2>/dev/null && ls .gpu/whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/whl/*.whl && export PYTHONPATH="/tmp/site:$PYTHONPATH"
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$OUT/gpu.txt" 2>&1
+timeout 560 python3 bench/gpu.py "$@" --out "$OUT/gpu.json" 2>&1 | tee "$OUT/gpu.log" | tail -40
+# what time is left: the tests that need CUDA, then the rest, bounded
+timeout 150 python3 -m pytest -x -q -p no:cacheprovider tests/test_steps.py 2>&1 | tail -15 | tee "$OUT/pytest.log"
