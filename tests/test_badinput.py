@@ -195,8 +195,8 @@ def test_damaged_files_are_counted_once_and_eval_skips_are_reported(split_folder
     assert results["damaged_eval_files"] == 2 and "2 of the 20 eval images could not be decoded" in printed
     ea = EventAccumulator(str(out))
     ea.Reload()
-    assert [(e.step, e.value) for e in ea.Scalars("data/damaged_eval_files")] == [(10, 2), (20, 2)]
-    assert ea.Scalars("data/damaged_train_files")[-1].value == 2
+    assert [(e.step, e.value) for e in ea.Scalars("skipped/damaged_eval_files")] == [(10, 2), (20, 2)]
+    assert ea.Scalars("skipped/damaged_train_files")[-1].value == 2
     from vitfood.evaluate import main as evaluate_main
     r = evaluate_main(["--model", str(out / "model"), "--output-dir", str(tmp_path / "ev")])
     assert r["skipped_images"] == 2 and r["eval_samples"] == 18

@@ -21,8 +21,8 @@ def _events(out):
 def test_training_lowers_loss_and_lifts_accuracy(tiny_run):
     out, results = tiny_run
     ea = _events(out)
-    loss = [e.value for e in ea.Scalars("train/loss")]
-    acc = [e.value for e in ea.Scalars("eval/acc1")]
+    loss = [e.value for e in ea.Scalars("loss/train")]
+    acc = [e.value for e in ea.Scalars("accuracy/top1")]
     assert loss[-1] < loss[0] * 0.8, loss
     assert acc[-1] > 0.5 and acc[-1] > acc[0], acc  # 4 classes: chance is 0.25
     assert results["global_step"] == 200 and results["eval_accuracy"] == pytest.approx(acc[-1])
@@ -33,7 +33,7 @@ def test_training_lowers_loss_and_lifts_accuracy(tiny_run):
 def test_rotation_keeps_newest_two_plus_best(tiny_run):
     out, _ = tiny_run
     steps = [s for s, _ in checkpoint.complete_checkpoints(out)]
-    acc = {int(e.step): e.value for e in _events(out).Scalars("eval/acc1")}
+    acc = {int(e.step): e.value for e in _events(out).Scalars("accuracy/top1")}
     best_step = min(s for s in acc if acc[s] == max(acc.values()))  # the first to reach the best is kept
     assert json.loads((out / checkpoint.BEST).read_text())["step"] == best_step
     assert set(steps) == {160, 200} | {best_step}
@@ -56,12 +56,18 @@ def test_tensorboard_has_every_scalar_image_and_hparams(tiny_run):
     out, _ = tiny_run
     ea = _events(out)
     tags = ea.Tags()
-    for tag in ("train/loss", "train/lr", "train/grad_norm", "train/img_per_s", "train/data_wait",
-                "eval/loss", "eval/acc1", "eval/acc5"):
+    for tag in ("loss/train", "optim/lr", "optim/grad_norm", "speed/img_per_s", "speed/data_wait_percent",
+                "loss/eval", "accuracy/top1", "accuracy/top5"):
         values = [e.value for e in ea.Scalars(tag)]
         assert values and all(math.isfinite(v) for v in values), tag
-    assert [int(e.step) for e in ea.Scalars("eval/acc1")] == [40, 80, 120, 160, 200]
-    assert "train/augmented_images" in tags["images"]
+    assert [int(e.step) for e in ea.Scalars("accuracy/top1")] == [40, 80, 120, 160, 200]
+    # the first logging window holds the start-up: no images/s for it, which would squash the chart's scale
+    assert [int(e.step) for e in ea.Scalars("speed/img_per_s")][0] == 10
+    assert all(0 <= e.value <= 100 for e in ea.Scalars("speed/data_wait_percent"))
+    # groups as TensorBoard sorts them: the useful ones first
+    groups = sorted({t.split("/")[0] for t in tags["scalars"] + tags["images"]})
+    assert groups[:2] == ["accuracy", "loss"], groups
+    assert {"train/augmented_images", "predictions/confusion_matrix", "predictions/mistakes"} <= set(tags["images"])
     assert "hparams" in ea.PluginTagToContent("hparams") or ea.PluginTagToContent("hparams")
 
 

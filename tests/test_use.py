@@ -76,8 +76,10 @@ def test_evaluate_writes_real_images_and_tables(tiny_run, tmp_path):
     with Image.open(ev / "mistakes.png") as img:
         wrong = results["eval_samples"] - results["correct"]
         tiles = min(6, wrong)
-        if tiles:  # 4 per row, each a 64 px image under a 28 px caption, 4 px apart
-            assert img.size == (min(4, tiles) * 68, -(-tiles // 4) * 96), img.size
+        if tiles:  # 4 per row, each 150 px wide (room for the caption), a 64 px image under 3+ caption lines
+            rows = -(-tiles // 4)
+            assert img.size[0] == min(4, tiles) * 154 and img.size[1] % rows == 0, img.size
+            assert img.size[1] // rows >= 64 + 3 * 14 + 8, img.size
 
 
 def test_evaluate_refuses_bad_input_in_one_line(tiny_run, tmp_path):
@@ -136,25 +138,27 @@ def test_tensorboard_serves_the_run(tiny_run):
             time.sleep(0.5)
         run = runs[0]
         q = urllib.parse.urlencode
-        loss = json.loads(_get(f"{base}/data/plugin/scalars/scalars?{q(dict(run=run, tag='train/loss'))}"))
+        loss = json.loads(_get(f"{base}/data/plugin/scalars/scalars?{q(dict(run=run, tag='loss/train'))}"))
         assert [step for _, step, _ in loss][-1] == 200 and loss[-1][2] < loss[0][2]
-        acc = json.loads(_get(f"{base}/data/plugin/scalars/scalars?{q(dict(run=run, tag='eval/acc1'))}"))
+        acc = json.loads(_get(f"{base}/data/plugin/scalars/scalars?{q(dict(run=run, tag='accuracy/top1'))}"))
         assert acc[-1][2] == pytest.approx(results["eval_accuracy"], abs=1e-6)
-        for tag in ("eval/confusion_matrix", "eval/mistakes", "train/augmented_images"):
+        for tag in ("predictions/confusion_matrix", "predictions/mistakes", "train/augmented_images"):
             images = json.loads(_get(f"{base}/data/plugin/images/images?{q(dict(run=run, tag=tag, sample=0))}"))
             assert images, tag
             png = _get(f"{base}/data/plugin/images/individualImage?{images[-1]['query']}")
             assert png[:8] == b"\x89PNG\r\n\x1a\n"
         confusion_steps = [im["step"] for im in json.loads(_get(
-            f"{base}/data/plugin/images/images?{q(dict(run=run, tag='eval/confusion_matrix', sample=0))}"))]
+            f"{base}/data/plugin/images/images?{q(dict(run=run, tag='predictions/confusion_matrix', sample=0))}"))]
         assert confusion_steps[-1] == 200  # one per eval; TensorBoard may thin older ones
         experiment = json.loads(_get(f"{base}/data/plugin/hparams/experiment",
                                      json.dumps({"experimentName": ""}).encode()))
-        hparams = {h["name"] for h in experiment["hparamInfos"]}
-        metrics = {m["name"]["tag"] for m in experiment["metricInfos"]}
-        assert {"lr", "batch_size", "global_batch", "world_size"} <= hparams and "final/acc1" in metrics
-        final = json.loads(_get(f"{base}/data/plugin/scalars/scalars?{q(dict(run=run, tag='final/acc1'))}"))
-        assert final[-1][2] == pytest.approx(results["eval_accuracy"], abs=1e-6)
+        hparams = [h["name"] for h in experiment["hparamInfos"]]
+        metrics = [m["name"]["tag"] for m in experiment["metricInfos"]]
+        assert {"lr", "batch_size", "global_batch", "world_size"} <= set(hparams)
+        assert hparams[:5] == ["lr", "model", "precision", "seed", "total_steps"]  # the columns shown by default
+        assert metrics == ["accuracy/top1", "accuracy/top5", "loss/eval", "loss/train"]  # one set of metrics
+        types = {h["name"]: h["type"] for h in experiment["hparamInfos"]}
+        assert (types["lr"], types["compile"], types["model"]) == ("DATA_TYPE_FLOAT64", "DATA_TYPE_BOOL", "DATA_TYPE_STRING")
     finally:
         server.terminate()
         server.wait(timeout=30)

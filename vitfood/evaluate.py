@@ -12,7 +12,6 @@ import argparse
 import json
 import os
 
-import numpy as np
 import torch
 import transformers
 
@@ -21,8 +20,25 @@ from vitfood.common import UserError, num_workers, pick_device, resolve_precisio
 from vitfood.config import OneLineParser, read_config_file, resolve, run_config_path
 from vitfood.data import build_data, eval_skip_warning, hub_dataset, load_splits, transforms_for
 from vitfood.hub import is_path
+from vitfood.logs import eval_records
 from vitfood.model import hub_model, load_for_inference
 from vitfood.steps import eval_pass
+
+
+def model_step(path):
+    """The training step of a checkpoint-<step>/ folder, or of a run's exported model/ (0 when unknown)."""
+    path = os.path.expanduser(path)
+    state, results = os.path.join(path, checkpoint.STATE), os.path.join(os.path.dirname(os.path.abspath(path)),
+                                                                       "all_results.json")
+    try:
+        if os.path.isfile(state):
+            return int(torch.load(state, map_location="cpu", weights_only=True)["step"])
+        if os.path.basename(os.path.normpath(path)) == "model" and os.path.isfile(results):
+            with open(results) as fh:
+                return int(json.load(fh)["exported_step"])
+    except (OSError, ValueError, KeyError, RuntimeError):
+        pass
+    return 0
 
 
 def main(argv=None):
@@ -73,6 +89,7 @@ def main(argv=None):
     train_tf, eval_tf, (mean, std) = transforms_for(processor, cfg.fast_decode)
     data = build_data(cfg, None, eval_ds, (train_tf, eval_tf), len(names), device, num_workers(a.num_workers),
                       eval_batch=batch_size, relabel=[model_names.index(n) for n in names])  # same classes, any order
+    step = model_step(a.model) if a.tensorboard else 0  # read before a rotation can take the checkpoint away
     r = eval_pass(model, data.eval_loader, device, precision, mean, std, num_classes=len(model_names),
                   mistakes=a.mistakes)
 
@@ -93,16 +110,8 @@ def main(argv=None):
     checkpoint.write_json_atomic(os.path.join(out, "eval_results.json"), results)
     if a.tensorboard:
         from torch.utils.tensorboard import SummaryWriter
-        state = os.path.join(a.model, "training_state.pt")
-        step = torch.load(state, weights_only=True)["step"] if os.path.isfile(state) else 0
         with SummaryWriter(a.tensorboard) as w:
-            for k in ("loss", "acc1", "acc5"):
-                w.add_scalar(f"eval/{k}", r[k], step)
-            w.add_image("eval/confusion_matrix", np.asarray(confusion_png), step, dataformats="HWC")
-            w.add_image("eval/mistakes", np.asarray(mistakes_png), step, dataformats="HWC")
-            w.add_text("eval/per_class", "\n".join(["| class | precision | recall | f1 | support |", "|---|---|---|---|---|"] +
-                       [f"| {x['label']} | {x['precision']:.3f} | {x['recall']:.3f} | {x['f1']:.3f} | {x['support']} |"
-                        for x in rows]), step)
+            eval_records(w, step, r, model_names, mistakes=4)
     if r["skipped"]:
         print(eval_skip_warning(r["skipped"], len(data.eval_set)))
     print(f"{a.model} on {cfg.dataset} ({results['split']}, {r['samples']} images, {precision}): "

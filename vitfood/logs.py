@@ -1,8 +1,13 @@
 """What a training run tells people while it runs: TensorBoard events, the progress bar and console lines.
 
 Rank 0 alone writes; on the other ranks a RunLog is silent, so TensorBoard gets one event stream.
+
+Tags are grouped so that TensorBoard, which lists groups alphabetically, shows the useful ones first:
+accuracy/ (eval top-1, top-5) and loss/ (train and eval), then optim/, predictions/ (confusion matrix,
+mistakes, per-class table), skipped/, speed/, train/ (augmented images).
 """
 
+import json
 import time
 
 import numpy as np
@@ -10,13 +15,71 @@ from tqdm import tqdm
 
 from vitfood import report
 
+# The custom-scalars page: the overview on four charts
+LAYOUT = {"vitfood": {
+    "loss: train and eval": ["Multiline", ["loss/train", "loss/eval"]],
+    "eval accuracy: top-1 and top-5": ["Multiline", ["accuracy/top1", "accuracy/top5"]],
+    "learning rate": ["Multiline", ["optim/lr"]],
+    "training images/s": ["Multiline", ["speed/img_per_s"]]}}
+METRICS = ("accuracy/top1", "accuracy/top5", "loss/eval", "loss/train")  # HParams' metric columns
+# HParams lists first, and shows by default, the hyperparameters marked as differing, then the rest by name
+KEY_HPARAMS = ("lr", "model", "precision", "seed", "total_steps")
+
+
+def eval_records(writer, step, metrics, class_names, mistakes=8):
+    """An eval's scalars, its confusion matrix and mistakes as images, and its per-class table as text: the
+    same records for a training run and for vitfood.evaluate --tensorboard."""
+    for tag, key in (("loss/eval", "loss"), ("accuracy/top1", "acc1"), ("accuracy/top5", "acc5")):
+        writer.add_scalar(tag, metrics[key], step)
+    if metrics.get("skipped"):
+        writer.add_scalar("skipped/damaged_eval_files", metrics["skipped"], step)
+    card = lambda image: np.asarray(image)
+    writer.add_image("predictions/confusion_matrix", card(report.confusion_card(metrics["confusion"], class_names)), step,
+                     dataformats="HWC")
+    writer.add_image("predictions/mistakes", card(report.mistakes_card(metrics["mistakes"][:mistakes], class_names)), step,
+                     dataformats="HWC")
+    writer.add_text("predictions/per_class", report.per_class_markdown(report.per_class(metrics["confusion"], class_names)),
+                    step)
+
+
+def hparams_summaries(values, metrics, status=None):
+    """The HParams plugin's records, as TensorBoard summaries: a session start (typed values: numbers,
+    booleans, strings; integers as text, which TensorBoard would show as "32.000") with the experiment
+    (key hyperparameters first, `metrics` as its one set of metric columns); or, with `status` ("success",
+    "failure", "stopped"), the session's end."""
+    from google.protobuf import struct_pb2
+    from tensorboard.compat.proto.summary_pb2 import Summary
+    from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
+
+    def summary(tag, **data):
+        meta = metadata.create_summary_metadata(plugin_data_pb2.HParamsPluginData(version=0, **data))
+        return Summary(value=[Summary.Value(tag=tag, metadata=meta)])
+
+    if status:
+        code = {"success": api_pb2.STATUS_SUCCESS, "failure": api_pb2.STATUS_FAILURE}.get(status, api_pb2.STATUS_UNKNOWN)
+        return [summary(metadata.SESSION_END_INFO_TAG, session_end_info=plugin_data_pb2.SessionEndInfo(
+            status=code, end_time_secs=time.time()))]
+    start, infos = plugin_data_pb2.SessionStartInfo(start_time_secs=time.time()), []
+    for name in sorted(values, key=lambda k: (k not in KEY_HPARAMS, k)):
+        v = values[name]
+        if isinstance(v, bool):
+            start.hparams[name].bool_value, kind = v, api_pb2.DATA_TYPE_BOOL
+        elif isinstance(v, float):
+            start.hparams[name].number_value, kind = v, api_pb2.DATA_TYPE_FLOAT64
+        else:
+            start.hparams[name].string_value, kind = "" if v is None else str(v), api_pb2.DATA_TYPE_STRING
+        infos.append(api_pb2.HParamInfo(name=name, type=kind, differs=name in KEY_HPARAMS))
+    experiment = api_pb2.Experiment(hparam_infos=infos, metric_infos=[
+        api_pb2.MetricInfo(name=api_pb2.MetricName(tag=m)) for m in metrics])
+    return [summary(metadata.EXPERIMENT_TAG, experiment=experiment),
+            summary(metadata.SESSION_START_INFO_TAG, session_start_info=start)]
+
 
 class RunLog:
     """The run's SummaryWriter and progress bar (rank 0), behind one method per kind of record."""
 
     def __init__(self, out, step, max_steps, main=True, resumed=False):
-        self.main = main
-        self.writer = None
+        self.main, self.writer, self.windows = main, None, 0
         if main:
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(out, purge_step=step if resumed else None)  # purge: curves don't double back
@@ -31,44 +94,49 @@ class RunLog:
             for tag, value in values.items():
                 self.writer.add_scalar(tag, value, step)
 
-    def image(self, tag, image, step):
-        """`image`: a PIL image or an HWC uint8 array."""
-        if self.main:
-            self.writer.add_image(tag, np.asarray(image), step, dataformats="HWC")
-
     def augmented(self, images):
         """The first training batch as the model saw it, once."""
         if self.main:
             from torchvision.utils import make_grid
             self.writer.add_image("train/augmented_images", make_grid(images[:16], nrow=4), 0)
 
-    def hparams(self, values, metrics):
-        """The hparams summary, written through the main writer (add_hparams would start a sub-run)."""
+    def start(self, hparams, records):
+        """A fresh run: its hyperparameters (HParams), the overview layout (Custom Scalars), and `records`,
+        {name: dict} such as the config and environment, as JSON text at step 0."""
         if self.main:
-            from torch.utils.tensorboard.summary import hparams
-            for summary in hparams(values, {m: 0.0 for m in metrics}):
+            for summary in hparams_summaries(hparams, METRICS):
                 self.writer.file_writer.add_summary(summary)
+            self.writer.add_custom_scalars(LAYOUT)
+            for name, record in records.items():
+                self.writer.add_text(f"run/{name}", "```json\n" + json.dumps(record, indent=2) + "\n```", 0)
+
+    def end(self, status, step, note):
+        """How the run ended ("success", "stopped", "failure"): as text, and in HParams' status column.
+        TensorBoard keeps a run's first end status only, so a stop, after which the run goes on, writes none
+        there (it shows "unknown"); a failure shows as one even when the run is resumed later."""
+        if self.main and self.writer:
+            if status != "stopped":
+                for summary in hparams_summaries({}, (), status):
+                    self.writer.file_writer.add_summary(summary)
+            self.writer.add_text("run/status", f"**{status}** at step {step}: {note}", step)
 
     def eval(self, step, metrics, class_names):
-        """eval/* scalars, the confusion matrix and mistakes images, and a console line."""
-        if not self.main:
-            return
-        self.scalars(step, {f"eval/{k}": metrics[k] for k in ("loss", "acc1", "acc5")})
-        if metrics["skipped"]:
-            self.scalars(step, {"data/damaged_eval_files": metrics["skipped"]})
-        self.image("eval/confusion_matrix", report.confusion_image(metrics["confusion"], class_names), step)
-        self.image("eval/mistakes", report.mistakes_image(metrics["mistakes"], class_names), step)
-        self.say(f"step {step}: eval loss {metrics['loss']:.4f} acc1 {metrics['acc1']:.4f} acc5 {metrics['acc5']:.4f}")
+        """The eval's TensorBoard records, and a console line."""
+        if self.main:
+            eval_records(self.writer, step, metrics, class_names)
+            self.say(f"step {step}: eval loss {metrics['loss']:.4f} acc1 {metrics['acc1']:.4f} acc5 {metrics['acc5']:.4f}")
 
     def train(self, step, loss, lr, grad_norm, img_s, data_wait, scale=None, damaged_files=0, skipped_steps=0):
-        values = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm, "train/img_per_s": img_s,
-                  "train/data_wait": data_wait}
+        values = {"loss/train": loss, "optim/lr": lr, "optim/grad_norm": grad_norm}
+        self.windows += 1
+        if self.windows > 1:  # the first window of a segment holds its start-up (loader, first kernels)
+            values.update({"speed/img_per_s": img_s, "speed/data_wait_percent": 100 * data_wait})
         if scale is not None:
-            values["amp/scale"] = scale
+            values["optim/amp_scale"] = scale
         if skipped_steps:  # a running count: steps skipped for non-finite loss or gradients so far
-            values["train/skipped_steps"] = skipped_steps
+            values["skipped/nonfinite_steps"] = skipped_steps
         if damaged_files:
-            values["data/damaged_train_files"] = damaged_files
+            values["skipped/damaged_train_files"] = damaged_files
         self.scalars(step, values)
         self.pbar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{img_s:.1f}")
 
@@ -79,6 +147,7 @@ class RunLog:
         self.pbar.close()
         if self.writer:
             self.writer.close()
+            self.writer = None
 
 
 class Meter:

@@ -32,54 +32,162 @@ def write_csv(path, rows):
         w.writerows(rows)
 
 
+def per_class_markdown(rows):
+    """The per-class table as Markdown, for TensorBoard's text view."""
+    lines = ["| class | precision | recall | f1 | support |", "|---|---:|---:|---:|---:|"]
+    lines += [f"| {r['label']} | {r['precision']:.3f} | {r['recall']:.3f} | {r['f1']:.3f} | {r['support']} |" for r in rows]
+    return "\n".join(lines)
+
+
+def font(size):
+    """Pillow's own TrueType font at `size` px (its bitmap font, far smaller, where FreeType is missing)."""
+    from PIL import ImageFont
+    return ImageFont.load_default(size=size)
+
+
+def wrap(text, fnt, width):
+    """`text` in lines no wider than `width` px, broken after spaces and underscores, never inside a word
+    (a single word wider than `width` keeps a line of its own)."""
+    import re
+    lines, line = [], ""
+    for piece in re.findall(r"[^ _]+[ _]*", text) or [text]:
+        if line and fnt.getlength((line + piece).rstrip()) > width:
+            lines.append(line.rstrip())
+            line = ""
+        line += piece
+    return lines + [line.rstrip()] if line else lines
+
+
+def shade(share):
+    """White (0) to dark blue (1)."""
+    return tuple(int(255 - share * (255 - c)) for c in (8, 48, 107))
+
+
+# TensorBoard draws an image card about 340 px wide and 210 px tall and shrinks larger images to fit:
+# the cards below are drawn at that size, with type that stays readable there.
+CARD = (340, 210)
+
+
+def confusion_card(confusion, names):
+    """The confusion matrix for a TensorBoard card. Up to 11 classes: the whole matrix (rows: true class,
+    numbered; columns: predicted, by number; counts in the cells, shaded by the share of the row).
+    More classes: the 8 most frequent confusions ("<true> as <predicted>") ranked, with counts and share of the class."""
+    m = np.asarray(confusion, dtype=np.int64)
+    n = len(names)
+    img = Image.new("RGB", CARD, "white")
+    draw = ImageDraw.Draw(img)
+    small, text = font(11), font(13)
+    if n <= 11:
+        cell = min(28, (CARD[1] - 30) // n)
+        label_w = min(150, max(int(small.getlength(f"{i + 1} {name}")) for i, name in enumerate(names)) + 8)
+        left, top = CARD[0] - n * cell - 4 if label_w + n * cell > CARD[0] - 4 else label_w, 30
+        draw.text((4, 2), "rows: true class, columns: predicted", fill="black", font=text)
+        share = m / np.maximum(m.sum(1, keepdims=True), 1)
+        for i, name in enumerate(names):
+            label = f"{i + 1} {name}"
+            while small.getlength(label) > left - 6 and len(label) > 3:  # a label that cannot fit: its number stays
+                label = label[:-2] + "…"
+            draw.text((4, top + i * cell + (cell - 12) // 2), label, fill="black", font=small)
+            draw.text((left + i * cell + cell // 2, top - 13), str(i + 1), fill="black", font=small, anchor="mt")
+            for j in range(n):
+                x, y = left + j * cell, top + i * cell
+                draw.rectangle([x, y, x + cell - 1, y + cell - 1], fill=shade(share[i, j]), outline=(220, 220, 220))
+                if m[i, j]:
+                    draw.text((x + cell // 2, y + cell // 2), str(m[i, j]), font=small, anchor="mm",
+                              fill="white" if share[i, j] > 0.5 else "black")
+        return img
+    off = [(int(m[i, j]), i, j) for i in range(n) for j in range(n) if i != j and m[i, j]]
+    top8 = sorted(off, reverse=True)[:8]
+    draw.text((4, 2), f"most frequent confusions, of {n} classes", fill="black", font=text)
+    if not top8:
+        draw.text((4, 30), "none: every image was classified correctly", fill="black", font=text)
+    biggest = top8[0][0] if top8 else 1
+    for k, (count, i, j) in enumerate(top8):
+        y = 24 + k * 23
+        of_class = count / max(1, m[i].sum())
+        draw.rectangle([4, y, 4 + int((CARD[0] - 8) * count / biggest), y + 20], fill=shade(0.25))
+        draw.text((8, y + 10), f"{names[i]}  as  {names[j]}", fill="black", font=small, anchor="lm")
+        draw.text((CARD[0] - 6, y + 10), f"{count} ({of_class:.0%})", fill="black", font=small, anchor="rm")
+    return img
+
+
+def mistakes_card(mistakes, names, count=4):
+    """The `count` most confident mistakes for a TensorBoard card: 2 x 2 tiles, each the image as the model
+    saw it, its true and predicted class (wrapped, never cut) and the confidence."""
+    img = Image.new("RGB", CARD, "white")
+    draw = ImageDraw.Draw(img)
+    small = font(12)
+    if not mistakes:
+        draw.text((8, 8), "no misclassified images", fill="black", font=font(13))
+        return img
+    tile_w, tile_h, thumb = CARD[0] // 2, CARD[1] // 2, 72
+    for k, mk in enumerate(mistakes[:count]):
+        x, y = (k % 2) * tile_w, (k // 2) * tile_h
+        picture = Image.fromarray(mk["image"].permute(1, 2, 0).numpy()).resize((thumb, thumb), Image.BILINEAR)
+        img.paste(picture, (x + 2, y + 4))
+        lines = [("true", (0, 110, 0))] + [(t, (0, 110, 0)) for t in wrap(names[mk["true"]], small, tile_w - thumb - 10)]
+        lines += [("pred", (180, 0, 0))] + [(t, (180, 0, 0)) for t in wrap(names[mk["pred"]], small, tile_w - thumb - 10)]
+        lines += [(f"p = {mk['confidence']:.2f}", (60, 60, 60))]
+        for i, (line, colour) in enumerate(lines[:7]):
+            draw.text((x + thumb + 8, y + 3 + i * 14), line, fill=colour, font=small)
+    return img
+
+
 def cell_size(num_classes):
     return max(6, min(48, 800 // num_classes))
 
 
 def confusion_image(confusion, names):
-    """The matrix as an RGB image: rows are true classes, columns predictions, each row normalized
-    (white 0 to dark blue 1); counts are written in cells big enough for them. Size: LABEL_W +
-    classes x cell_size(classes) on each side."""
+    """The matrix as an RGB image, for the file evaluate writes: rows are true classes, columns predictions,
+    each row normalized (white 0 to dark blue 1); counts are written in cells big enough for them. Size:
+    LABEL_W + classes x cell_size(classes) on each side."""
     m = np.asarray(confusion, dtype=np.float64)
     n, s = len(names), cell_size(len(names))
     share = m / np.maximum(m.sum(1, keepdims=True), 1)
     side = LABEL_W + n * s
     img = Image.new("RGB", (side, side), "white")
     draw = ImageDraw.Draw(img)
+    small = font(12)
     for t in range(n):
         for p in range(n):
             v = share[t, p]
-            colour = tuple(int(255 - v * (255 - c)) for c in (8, 48, 107))
             x, y = LABEL_W + p * s, LABEL_W + t * s
-            draw.rectangle([x, y, x + s - 1, y + s - 1], fill=colour, outline=(220, 220, 220) if s >= 12 else None)
+            draw.rectangle([x, y, x + s - 1, y + s - 1], fill=shade(v), outline=(220, 220, 220) if s >= 12 else None)
             if s >= 24 and m[t, p]:
-                draw.text((x + 3, y + s // 3), str(int(m[t, p])), fill="white" if v > 0.5 else "black")
-    draw.text((4, 4), "rows: true class", fill="black")
-    draw.text((4, 18), "columns: predicted", fill="black")
-    if s >= 10:  # names fit beside rows and, rotated, above columns
+                draw.text((x + s // 2, y + s // 2), str(int(m[t, p])), fill="white" if v > 0.5 else "black",
+                          font=small, anchor="mm")
+    draw.text((4, 4), "rows: true class", fill="black", font=small)
+    draw.text((4, 20), "columns: predicted", fill="black", font=small)
+    if s >= 12:  # names fit beside rows and, rotated, above columns
         for i, name in enumerate(names):
-            draw.text((4, LABEL_W + i * s + (s - 10) // 2), name[:22], fill="black")
-            label = Image.new("RGB", (LABEL_W - 46, 12), "white")
-            ImageDraw.Draw(label).text((0, 0), name[:18], fill="black")
-            label = label.rotate(90, expand=True)
-            img.paste(label, (LABEL_W + i * s + (s - 12) // 2, 40))
+            draw.text((4, LABEL_W + i * s + s // 2), name if small.getlength(name) < LABEL_W - 8 else name[:16] + "…",
+                      fill="black", font=small, anchor="lm")
+            label = Image.new("RGB", (LABEL_W - 46, 14), "white")
+            ImageDraw.Draw(label).text((0, 0), name, fill="black", font=small)
+            img.paste(label.rotate(90, expand=True), (LABEL_W + i * s + (s - 14) // 2, 40))
     return img
 
 
 def mistakes_image(mistakes, names, columns=4):
-    """A grid of misclassified images (uint8 CHW tensors), each captioned 'true -> predicted (p)'."""
+    """A grid of misclassified images (uint8 CHW tensors), for the file evaluate writes: each captioned with
+    its true and predicted class, wrapped at word ends (never cut), and the confidence."""
+    small = font(12)
     if not mistakes:
         img = Image.new("RGB", (320, 40), "white")
-        ImageDraw.Draw(img).text((8, 12), "no misclassified images", fill="black")
+        ImageDraw.Draw(img).text((8, 12), "no misclassified images", fill="black", font=small)
         return img
     tiles = []
     for m in mistakes:
         tile = Image.fromarray(m["image"].permute(1, 2, 0).numpy())
-        canvas = Image.new("RGB", (tile.width, tile.height + 28), "white")
-        canvas.paste(tile, (0, 28))
+        width = max(tile.width, 150)
+        lines = [(f"true: {t}" if i == 0 else t, (0, 110, 0)) for i, t in enumerate(wrap(names[m["true"]], small, width - 40))]
+        lines += [(f"pred: {t}" if i == 0 else t, (180, 0, 0)) for i, t in enumerate(wrap(names[m["pred"]], small, width - 40))]
+        lines += [(f"p = {m['confidence']:.2f}", (60, 60, 60))]
+        canvas = Image.new("RGB", (width, tile.height + 14 * len(lines) + 4), "white")
+        canvas.paste(tile, (0, 14 * len(lines) + 4))
         d = ImageDraw.Draw(canvas)
-        d.text((2, 2), f"true: {names[m['true']][:28]}", fill=(0, 110, 0))
-        d.text((2, 14), f"pred: {names[m['pred']][:22]} ({m['confidence']:.2f})", fill=(180, 0, 0))
+        for i, (line, colour) in enumerate(lines):
+            d.text((2, 2 + 14 * i), line, fill=colour, font=small)
         tiles.append(canvas)
     w, h = max(t.width for t in tiles), max(t.height for t in tiles)
     rows = -(-len(tiles) // columns)

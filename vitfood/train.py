@@ -14,6 +14,7 @@ import contextlib
 import datetime
 import math
 import os
+import shlex
 import time
 from dataclasses import dataclass, field
 
@@ -21,10 +22,11 @@ import torch
 import transformers
 
 from vitfood import checkpoint, dist, hub, report
-from vitfood.common import (UserError, env_info, mixed_precision, num_workers, resolve_precision, run_main, safe_name,
-                            seconds_since_start, seed_everything)
+from vitfood.common import (UserError, env_info, first_line, mixed_precision, num_workers, resolve_precision, run_main,
+                            safe_name, seconds_since_start, seed_everything)
 from vitfood.config import build_parser, read_config_file, resolve, to_dict
 from vitfood.data import Data, build_data, eval_skip_warning, hub_dataset, load_splits, transforms_for
+from vitfood.hub import is_path
 from vitfood.logs import Meter, RunLog
 from vitfood.model import build_model, compiled, hub_model, load_weights, make_optimizer, make_scheduler
 from vitfood.steps import NonFiniteStreak, eval_pass, forward_backward, optimizer_step
@@ -57,12 +59,18 @@ def parse_run(argv):
             raise UserError(f"--{changed[0].replace('_', '-')} differs from the run being resumed "
                             f"({base[changed[0]]!r}); drop the flag, or start a new run in another --output-dir")
     if out is None:
-        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        out = os.path.join("runs", f"{stamp}-{safe_name(cfg.model)}-{safe_name(cfg.dataset)}")
+        out = os.path.join("runs", run_name(cfg))
     cfg.output_dir = out
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"--output-dir {out} exists and is not a folder")
     return cfg, out, resume
+
+
+def run_name(cfg):
+    """<MMDD-HHMMSS>-<model>-<data set>: the part that tells runs apart first, as TensorBoard cuts long
+    names; a path contributes its last folder, and each part is capped, so the name stays short."""
+    part = lambda name: safe_name(os.path.basename(os.path.normpath(name)) if is_path(name) else name)[:40]
+    return f"{datetime.datetime.now():%m%d-%H%M%S}-{part(cfg.model)}-{part(cfg.dataset)}"
 
 
 def newest_run(cfg, root="runs"):
@@ -156,15 +164,20 @@ def main(argv=None):
     rank, world, device = dist.setup(cfg.device, cfg.dist_timeout)
     cfg.output_dir = dist.from_rank0(out)  # a default name holds a timestamp: rank 0's for all
     checkpoints = checkpoint.Checkpoints(cfg.output_dir, cfg.save_total_limit, main=rank == 0)
+    r = None
     try:
         r = setup(cfg, resume, rank, world, device, checkpoints)
         if r is None:
             return None  # the run had already finished
         stopped, meter = train_loop(r)
         return finish(r, stopped, meter)
-    except BaseException:
-        checkpoints.discard_if_unused()  # a run that failed before writing anything leaves no empty folder
+    except (Exception, KeyboardInterrupt) as e:
+        if r is not None and r.log is not None:  # TensorBoard's HParams marks the run failed
+            r.log.end("failure", r.step, first_line(e))
+            r.log.close()
         raise
+    finally:
+        checkpoints.discard_if_unused()  # a run that failed before writing anything leaves no empty folder
 
 
 def setup(cfg, resume, rank, world, device, checkpoints):
@@ -226,12 +239,14 @@ def setup(cfg, resume, rank, world, device, checkpoints):
     if main_rank:
         if cfg.overwrite_output_dir and not state:
             checkpoint.clear_run(out)  # the user asked: the old run's checkpoints would outrank the new ones
+    env = dict(env_info(device), world_size=world)
+    if main_rank:
         checkpoint.write_json_atomic(os.path.join(out, "train_config.json"), to_dict(cfg))
-        checkpoint.write_json_atomic(os.path.join(out, "env.json"), dict(env_info(device), world_size=world))
+        checkpoint.write_json_atomic(os.path.join(out, "env.json"), env)
     r.log = RunLog(out, r.step, max_steps, main_rank, resumed=bool(state))
     if not state:
-        r.log.hparams(hparams(cfg, precision, max_steps, world, global_batch * cfg.grad_accum_steps),
-                      [f"{group}/{k}" for group in ("final", "eval") for k in ("acc1", "loss", "acc5")])
+        r.log.start(hparams(cfg, precision, max_steps, world, global_batch * cfg.grad_accum_steps),
+                    dict(config=to_dict(cfg), env=env))
     held_out = "" if cfg.eval_split else f" (held out of split {cfg.train_split!r}: --test-size {cfg.test_size:g})"
     say(f"run: {out} | {len(data.train_set)} train / {len(data.eval_set)} eval images{held_out}, "
         f"{len(class_names)} classes | {cfg.model} on {device} in {precision}, {model.config._attn_implementation} "
@@ -347,9 +362,10 @@ def finish(r, stopped, meter):
     if bad_eval:
         log.say(eval_skip_warning(bad_eval, len(r.data.eval_set)))
     if stopped:
+        log.end("stopped", r.step, f"by {stopped}; resume with --resume auto")
         log.close()
         log.say(f"stopped by {stopped} at step {r.step}: saved {os.path.join(out, f'checkpoint-{r.step}')}; "
-                f"continue with --resume auto --output-dir {out}")
+                f"continue with --resume auto --output-dir {shlex.quote(out)}")
         dist.close()
         raise SystemExit(EXIT_STOPPED)
 
@@ -365,7 +381,6 @@ def finish(r, stopped, meter):
                    damaged_train_files=bad_train, damaged_train_encounters=elapsed["damaged_encounters"],
                    damaged_eval_files=final["skipped"], startup_seconds=round(r.startup, 2))
     if r.main:
-        log.scalars(r.step, {f"final/{k}": final[k] for k in ("loss", "acc1", "acc5")})  # beside the hparams
         env = env_info(r.device)
         card = report.model_card(cfg, results, r.history, dict(train=len(r.data.train_set), eval=len(r.data.eval_set)),
                                  r.class_names, r.precision, r.world, r.global_batch * cfg.grad_accum_steps,
@@ -377,7 +392,9 @@ def finish(r, stopped, meter):
         print(f"  eval_loss {results['eval_loss']:.4f}  eval_accuracy {results['eval_accuracy']:.4f}  "
               f"eval_top5 {results['eval_top5']:.4f}  ({r.step} steps, {runtime:.0f} s{segments})")
         print(f"  model: {model_dir}")
-        print(f"  tensorboard --logdir {out}")
+        print(f"  tensorboard --logdir {shlex.quote(out)}")
+    log.end("success", r.step, f"eval top-1 {final['acc1']:.4f}, loss {final['loss']:.4f} (the exported model, "
+            f"step {export_step})")
     log.close()
     dist.barrier()
     dist.close()
@@ -387,7 +404,8 @@ def finish(r, stopped, meter):
 def hparams(cfg, precision, max_steps, world, step_batch):
     """Every option of the run and what it resolved to, for TensorBoard's HParams table."""
     values = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in to_dict(cfg).items()}
-    values.update(resolved_precision=precision, total_steps=max_steps, world_size=world, global_batch=step_batch)
+    values.update(precision=precision, precision_requested=cfg.precision, total_steps=max_steps, world_size=world,
+                  global_batch=step_batch)
     return values
 
 

@@ -1,0 +1,102 @@
+"""What `tensorboard --logdir runs` shows: the run's config as text, the per-class table at each eval, the
+end status in HParams (success, stopped, failure), and images whose captions stay whole."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from PIL import ImageFont
+
+from conftest import TINY, train
+from vitfood import report
+
+
+def _events(out):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    ea = EventAccumulator(str(out), size_guidance={"tensors": 0, "scalars": 0, "images": 0})
+    ea.Reload()
+    return ea
+
+
+def _texts(ea, tag):
+    return [(e.step, e.tensor_proto.string_val[0].decode()) for e in ea.Tensors(f"{tag}/text_summary")]
+
+
+def _end_status(ea):
+    """The session end status HParams shows for the run, or None when none was written."""
+    from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
+    content = ea.PluginTagToContent("hparams").get(metadata.SESSION_END_INFO_TAG)
+    if content is None:
+        return None
+    return api_pb2.Status.Name(plugin_data_pb2.HParamsPluginData.FromString(content).session_end_info.status)
+
+
+def test_text_records_and_the_status_of_a_finished_run(tiny_run):
+    out, results = tiny_run
+    ea = _events(out)
+    (step, config), = _texts(ea, "run/config")
+    assert step == 0 and json.loads(config.strip("`").removeprefix("json")) == json.loads((out / "train_config.json").read_text())
+    assert "torch" in _texts(ea, "run/env")[0][1]
+    tables = _texts(ea, "predictions/per_class")
+    assert [s for s, _ in tables] == [40, 80, 120, 160, 200]
+    assert tables[-1][1].startswith("| class | precision | recall | f1 | support |") and tables[-1][1].count("\n") == 5
+    assert _end_status(ea) == "STATUS_SUCCESS"
+    assert _texts(ea, "run/status")[-1][1].startswith("**success** at step 200")
+
+
+def test_a_failed_run_is_marked_failed(tmp_path, monkeypatch, capsys):
+    from vitfood.common import run_main
+    monkeypatch.setenv("VITFOOD_FAULT", "error:step:7")
+    with pytest.raises(SystemExit):
+        run_main(lambda: train("--max-steps", 20, "--save-steps", 5, "--eval-steps", 5, "--output-dir", tmp_path / "run"))
+    ea = _events(tmp_path / "run")
+    assert _end_status(ea) == "STATUS_FAILURE"
+    assert "fault injected" in _texts(ea, "run/status")[-1][1]
+
+
+def test_a_stopped_run_says_so_and_ends_as_success_once_resumed(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "vitfood.train", *TINY, "--max-steps", "400", "--save-steps", "50",
+           "--output-dir", str(out)]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONUNBUFFERED": "1"}
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    for line in p.stdout:
+        if line.startswith("run:"):
+            break
+    time.sleep(1.0)
+    p.send_signal(signal.SIGTERM)
+    p.communicate(timeout=120)
+    assert p.returncode == 75
+    ea = _events(out)
+    assert _end_status(ea) is None  # a stop is not an end: HParams keeps the first end status it sees
+    assert _texts(ea, "run/status")[-1][1].startswith("**stopped**")
+    r = subprocess.run([sys.executable, "-m", "vitfood.train", "--resume", "auto", "--output-dir", str(out),
+                        "--max-steps", "60"], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert _end_status(_events(out)) == "STATUS_SUCCESS"
+
+
+def test_captions_wrap_at_word_ends_and_are_never_cut():
+    fnt = ImageFont.load_default(size=12)
+    names = ["chicken_quesadilla", "apple pie with cream", "a" * 30, "pad_thai"]
+    for name in names:
+        lines = report.wrap(name, fnt, 90)
+        assert "".join(lines).replace(" ", "") == name.replace(" ", "")  # nothing dropped
+        assert all(fnt.getlength(line) <= 90 or " " not in line and "_" not in line.rstrip("_") for line in lines)
+    assert report.wrap("chicken_quesadilla", fnt, 90) == ["chicken_", "quesadilla"]
+    mistakes = [dict(confidence=0.9, true=0, pred=1, image=torch.zeros(3, 64, 64, dtype=torch.uint8))]
+    card = report.mistakes_card(mistakes, ["chicken_quesadilla", "beef_carpaccio"])
+    assert card.size == report.CARD  # drawn at the size TensorBoard shows, so nothing is shrunk
+
+
+@pytest.mark.parametrize("classes", [4, 11, 20, 101])
+def test_confusion_card_fits_a_tensorboard_card(classes):
+    import numpy as np
+    m = np.eye(classes, dtype=int) * 5 + (np.arange(classes)[:, None] + np.arange(classes)) % 3
+    card = report.confusion_card(m.tolist(), [f"class_{i}" for i in range(classes)])
+    assert card.size == report.CARD and len(set(card.getdata())) > 3
