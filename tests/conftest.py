@@ -1,6 +1,7 @@
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -40,3 +41,56 @@ def cli(*args, module="vitfood.train", timeout=300):
     """Run a vitfood command as a user would; returns the CompletedProcess."""
     return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+
+
+# ---------------------------------------------------------------- crash tests: a run killed, stopped, resumed
+# 240 synthetic images -> 192 train = 12 micro-batches an epoch; checkpoints every 5 steps, 2 workers
+RUN = [*TINY, "--max-steps", "30", "--eval-steps", "10", "--save-steps", "5", "--num-workers", "2",
+       "--logging-steps", "5"]
+
+
+def start(out, *extra, env=None):
+    """A training process on RUN in `out` with --resume auto, as a job scheduler would start it."""
+    cmd = [sys.executable, "-m", "vitfood.train", *RUN, "--output-dir", str(out), "--resume", "auto", *extra]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONUNBUFFERED": "1", **(env or {})},
+                            start_new_session=True)
+
+
+def wait_for_training(proc, timeout=120):
+    """Block until the run prints its 'run:' line (set-up done, the loop starts)."""
+    deadline = time.time() + timeout
+    for line in proc.stdout:
+        if line.startswith("run:") or time.time() > deadline:
+            return True
+    return False
+
+
+def finish(out, *extra, tries=6):
+    """Rerun with --resume auto until the run is complete; returns the last process."""
+    for _ in range(tries):
+        p = start(out, *extra)
+        p.communicate(timeout=300)
+        if p.returncode == 0 and (out / "all_results.json").exists():
+            return p
+    raise AssertionError(f"run in {out} did not complete: {p.returncode}")
+
+
+def weights(out):
+    from safetensors.torch import load_file
+    return load_file(out / "model" / "model.safetensors")
+
+
+def same(a, b):
+    import torch
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory, cache_dir):
+    """The final weights of RUN never interrupted: what every killed and resumed run must end with."""
+    out = tmp_path_factory.mktemp("ref") / "run"
+    p = start(out)
+    p.communicate(timeout=300)
+    assert p.returncode == 0
+    return weights(out)

@@ -13,55 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import TINY, train
+from conftest import finish, same, start, train, wait_for_training, weights
 from vitfood import checkpoint
-
-# 240 synthetic images -> 192 train = 12 micro-batches an epoch; checkpoints every 5 steps, 2 workers
-RUN = [*TINY, "--max-steps", "30", "--eval-steps", "10", "--save-steps", "5", "--num-workers", "2",
-       "--logging-steps", "5"]
-
-
-def start(out, *extra, env=None):
-    cmd = [sys.executable, "-m", "vitfood.train", *RUN, "--output-dir", str(out), "--resume", "auto", *extra]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONUNBUFFERED": "1", **(env or {})},
-                            start_new_session=True)
-
-
-def wait_for_training(proc, timeout=120):
-    """Block until the run prints its 'run:' line (set-up done, the loop starts)."""
-    deadline = time.time() + timeout
-    for line in proc.stdout:
-        if line.startswith("run:") or time.time() > deadline:
-            return True
-    return False
-
-
-def finish(out, *extra, tries=6):
-    """Rerun with --resume auto until the run is complete; returns the last process."""
-    for _ in range(tries):
-        p = start(out, *extra)
-        p.communicate(timeout=300)
-        if p.returncode == 0 and (out / "all_results.json").exists():
-            return p
-    raise AssertionError(f"run in {out} did not complete: {p.returncode}")
-
-
-def weights(out):
-    return load_file(out / "model" / "model.safetensors")
-
-
-def same(a, b):
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ref") / "run"
-    p = start(out)
-    p.communicate(timeout=300)
-    assert p.returncode == 0
-    return weights(out)
 
 
 def _only_complete_checkpoints(out):

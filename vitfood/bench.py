@@ -17,6 +17,11 @@ timed, device work is synchronized before clocks are read, figures are medians o
 The table goes to stdout; its last line is one JSON document with every figure.
 """
 
+import vitfood
+
+if __name__ == "__main__":
+    vitfood.quiet_ctrl_c()  # before the heavy imports below
+
 import argparse
 import copy
 import dataclasses

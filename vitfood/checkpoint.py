@@ -7,7 +7,9 @@ last, COMPLETE.json listing every file and its size. It is built under a tempora
 renamed into place, so a folder named checkpoint-<step> is either complete or absent.
 """
 
+import contextlib
 import errno
+import hashlib
 import json
 import os
 import random
@@ -29,6 +31,9 @@ _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
 _reached = {}
+_UMASK = os.umask(0o022)  # read (there is no other way) and put back at import, before any thread runs
+os.umask(_UMASK)
+_FILE_MODE = 0o666 & ~_UMASK
 
 
 def fault_point(name):
@@ -66,11 +71,16 @@ def _fsync_dir(path):
 
 def write_json_atomic(path, obj):
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=2)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as fh:
+            json.dump(obj, fh, indent=2)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def rng_state():
@@ -131,13 +141,27 @@ def save(output_dir, step, model, processor, training_state, weights=None):
     return final
 
 
-def _seal(tmp, step):
-    """fsync every file, then write the marker that makes the folder a complete checkpoint."""
+def _finish_files(folder):
+    """{name: (size, sha256)} of a folder's files, each fsynced and given the permissions the umask allows
+    (safetensors writes its files private, 0600; an exported model is meant to be shared)."""
     files = {}
-    for name in sorted(os.listdir(tmp)):
-        with open(os.path.join(tmp, name), "rb+") as fh:
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        os.chmod(path, _FILE_MODE)
+        digest = hashlib.sha256()
+        with open(path, "rb+") as fh:
             os.fsync(fh.fileno())
-        files[name] = os.path.getsize(os.path.join(tmp, name))
+            fh.seek(0)
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                digest.update(block)
+        files[name] = dict(size=os.path.getsize(path), sha256=digest.hexdigest())
+    return files
+
+
+def _seal(tmp, step):
+    """fsync every file, then write the marker that makes the folder a complete checkpoint: each file's
+    size (checked whenever checkpoints are listed) and SHA-256 (checked when one is resumed from)."""
+    files = _finish_files(tmp)
     fault_point("marker")
     write_json_atomic(os.path.join(tmp, MARKER), dict(step=step, files=files))
     _fsync_dir(tmp)
@@ -163,26 +187,61 @@ def export(output_dir, model, processor, card=None):
     final = os.path.join(output_dir, "model")
     tmp = os.path.join(output_dir, f".tmp-model-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    processor.save_pretrained(tmp)
-    if card:
-        with open(os.path.join(tmp, "README.md"), "w") as fh:
-            fh.write(card)
-    for name in os.listdir(tmp):
-        with open(os.path.join(tmp, name), "rb+") as fh:
-            os.fsync(fh.fileno())
+    try:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        if card:
+            with open(os.path.join(tmp, "README.md"), "w") as fh:
+                fh.write(card)
+        _finish_files(tmp)
+    except Exception as e:  # a full disk raises OSError, SafetensorError or RuntimeError: one line, no leftovers
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"cannot write the exported model in {output_dir}: {write_error(e, output_dir)}; "
+                        "the checkpoints are intact") from None
     _swap_in(tmp, final)
     return final
+
+
+def _listed(path):
+    """{name: (size, sha256 or None)} from a checkpoint's marker (sizes alone in older checkpoints)."""
+    with open(os.path.join(path, MARKER)) as fh:
+        files = json.load(fh)["files"]
+    return {n: (f["size"], f["sha256"]) if isinstance(f, dict) else (f, None) for n, f in files.items()}
 
 
 def is_complete(path):
     """True when the folder's marker exists and every file it lists is there with its size."""
     try:
-        with open(os.path.join(path, MARKER)) as fh:
-            files = json.load(fh)["files"]
-        return all(os.path.getsize(os.path.join(path, n)) == size for n, size in files.items())
+        return all(os.path.getsize(os.path.join(path, n)) == size for n, (size, _) in _listed(path).items())
     except (OSError, ValueError, KeyError, TypeError):
         return False
+
+
+def damage(path):
+    """None when checkpoint `path` is intact: every file as its marker lists it, to the byte (SHA-256), and
+    its training state readable; else what is wrong, in a few words. Reads the whole checkpoint."""
+    if not is_complete(path):
+        return f"no valid {MARKER}, or a file is missing or truncated"
+    for name, (_, expected) in _listed(path).items():
+        if expected:
+            digest = hashlib.sha256()
+            with open(os.path.join(path, name), "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 22), b""):
+                    digest.update(block)
+            if digest.hexdigest() != expected:
+                return f"{name} does not match its checksum (changed after it was written)"
+    try:
+        torch.load(os.path.join(path, STATE), map_location="cpu", weights_only=True)
+    except Exception as e:
+        return f"{STATE} cannot be read ({first_line(e, 80)})"
+    return None
+
+
+def set_aside(path):
+    """Rename a damaged checkpoint out of the way (never delete what a user had); returns the new path."""
+    moved = f"{path}.damaged-{time.strftime('%Y%m%d-%H%M%S')}"
+    os.replace(path, moved)
+    return moved
 
 
 def complete_checkpoints(output_dir):
@@ -368,24 +427,39 @@ class Checkpoints:
         """Raise, as one clear line, the failure of a background write (the loop calls this every step)."""
         if self._failure:
             (step, e), self._failure = self._failure, None
-            raise UserError(f"cannot write checkpoint-{step} in {self.out}: {write_error(e)}; "
+            raise UserError(f"cannot write checkpoint-{step} in {self.out}: {write_error(e, self.out)}; "
                             "the complete checkpoints already there are intact") from None
 
 
-def write_error(e):
-    """What a failed write says, in a few words."""
-    if isinstance(e, OSError):
-        return e.strerror or str(e)
-    return first_line(e, 160)
+def write_error(e, folder):
+    """What a failed write says, in a few words, with the room left on the disk that holds `folder`: a full
+    disk shows as OSError, as RuntimeError from torch.save or as SafetensorError, depending on the writer."""
+    what = e.strerror if isinstance(e, OSError) and e.strerror else first_line(e, 120)
+    try:
+        usage = shutil.disk_usage(folder)
+    except OSError:
+        return what
+    full = usage.free < 64 * 2 ** 20 or (isinstance(e, OSError) and e.errno == errno.ENOSPC)
+    size = lambda n: f"{n / 2 ** 30:.1f} GB" if n >= 2 ** 30 else f"{n / 2 ** 20:.1f} MB"
+    room = f"{size(usage.free)} free of {size(usage.total)}"
+    return f"the disk holding it is full ({room}; {what})" if full else f"{what} ({room} on its disk)"
 
 
-def load_state(path):
-    """The training state of a complete checkpoint; a clear error for anything else."""
+def check_resumable(path):
+    """One clear line when `path` (given as --resume PATH) is not an intact checkpoint."""
     if not os.path.isdir(path):
         raise UserError(f"--resume {path}: no such checkpoint folder")
     if not is_complete(path):
-        raise UserError(f"--resume {path}: not a complete vitfood checkpoint (no valid {MARKER}, or a file is missing or truncated)")
+        raise UserError(f"--resume {path}: not a complete vitfood checkpoint (no valid {MARKER}, or a file is "
+                        "missing or truncated)")
+    problem = damage(path)
+    if problem:
+        raise UserError(f"--resume {path}: the checkpoint is damaged: {problem}; resume from another checkpoint")
+
+
+def load_state(path):
+    """The training state of a complete checkpoint."""
     try:
         return torch.load(os.path.join(path, STATE), map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"--resume {path}: cannot read {STATE} ({first_line(e, 160)})")
+        raise UserError(f"{path}: {STATE} cannot be read ({first_line(e, 120)})") from None

@@ -30,6 +30,29 @@ def first_line(e, limit=200):
     return cut[:cut.rfind(" ")].rstrip(",;:") + " ..." if " " in cut else cut + " ..."
 
 
+class Console:
+    """A console stream whose writes cannot fail a run: a terminal that hung up (SIGHUP: the window closed,
+    the ssh session dropped) answers every write with EIO, before the stop handler can redirect it."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text):
+        try:
+            return self.stream.write(text)
+        except OSError:
+            return len(text)
+
+    def flush(self):
+        try:
+            self.stream.flush()
+        except OSError:
+            pass
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
 def _close_progress_bars():
     """End any open tqdm bar, so an error starts on a line of its own."""
     from tqdm import tqdm
@@ -48,8 +71,13 @@ def _quiet_unraisable(args, default=sys.unraisablehook):
 def run_main(main):
     """Run an entry point; a UserError becomes one line on stderr and exit status 2."""
     sys.unraisablehook = _quiet_unraisable
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C raises KeyboardInterrupt again (below)
     try:
         main()
+    except KeyboardInterrupt:  # Ctrl-C before a run's own handler is in place, or in evaluate and predict
+        _close_progress_bars()
+        print(f"error: {_rank_prefix()}interrupted (Ctrl-C)", file=sys.stderr)
+        sys.exit(130)
     except UserError as e:
         _close_progress_bars()
         # raised in a DataLoader worker, the message carries the worker's traceback: keep its last line

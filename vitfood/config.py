@@ -165,23 +165,55 @@ def build_parser():
     return p
 
 
-def _coerce(name, value, hints):
+def _coerce(name, value, hints, path):
     """Check a value from a config file against the field's type."""
     tp = _base_type(hints[name])
     if value is None and hints[name] is not tp:
         return None
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
-        raise UserError(f"config file: '{name}' must be {tp.__name__}, got {value!r}")
+        raise UserError(f"config file {path}: '{name}' must be {tp.__name__}, got {value!r}")
     return value
 
 
-def read_config_file(path):
+# What decides a run: a run's own train_config.json without one of these was edited by hand and is refused,
+# rather than filled in with defaults (a deleted max_steps would turn 30 steps into 252).
+RUN_KEYS = ("dataset", "train_split", "eval_split", "test_size", "model", "image_size", "seed", "batch_size",
+            "grad_accum_steps", "max_steps", "epochs", "lr", "weight_decay", "warmup_steps")
+# Options added after the first release, as runs written before them behaved
+LEGACY = {"fast_decode": False}
+
+
+def _decode(path, data):
+    """The text of a config file: UTF-8, or UTF-16/UTF-8 with a byte-order mark (as some editors and
+    PowerShell write)."""
+    for bom, codec in ((b"\xef\xbb\xbf", "utf-8-sig"), (b"\xff\xfe", "utf-16"), (b"\xfe\xff", "utf-16")):
+        if data.startswith(bom):
+            break
+    else:
+        codec = "utf-8"
+    try:
+        return data.decode(codec)
+    except UnicodeDecodeError as e:
+        raise UserError(f"config file {path} is not text in UTF-8 (or UTF-16 with a byte-order mark): "
+                        f"byte {e.start} is {data[e.start:e.start + 1]!r}") from None
+
+
+def read_config_file(path, run=False):
+    """Option values from a JSON or YAML file; `run`: it is a run's own train_config.json."""
     if not os.path.isfile(path):
         raise UserError(f"config file {path} does not exist")
-    with open(path) as fh:
-        text = fh.read()
+    try:
+        with open(path, "rb") as fh:
+            text = _decode(path, fh.read())
+    except OSError as e:
+        raise UserError(f"config file {path} cannot be read: {e.strerror or e}") from None
     try:
         if path.endswith((".yaml", ".yml")):
             import yaml
@@ -193,15 +225,22 @@ def read_config_file(path):
     if not isinstance(values, dict):
         raise UserError(f"config file {path} must hold a mapping of option names to values")
     hints = typing.get_type_hints(Config)
-    values = {k.replace("-", "_"): v for k, v in values.items()}
+    values = {str(k).replace("-", "_"): v for k, v in values.items()}
     unknown = sorted(set(values) - set(hints))
     if unknown:
         raise UserError(f"config file {path}: unknown option(s) {', '.join(unknown)}")
-    return {k: _coerce(k, v, hints) for k, v in values.items()}
+    if run:
+        missing = [k for k in RUN_KEYS if k not in values]
+        if missing:
+            raise UserError(f"{path} lacks {', '.join(missing)}, which decide the run (edited by hand?); "
+                            "put them back, or start a new run")
+        values = {**LEGACY, **values}
+    return {k: _coerce(k, v, hints, path) for k, v in values.items()}
 
 
 def resolve(explicit, base=None):
-    """Config from explicit flags (a dict) over base values (a dict, e.g. a saved run's)."""
+    """Config from explicit flags (a dict) over base values (a dict, e.g. a saved run's). An explicit
+    --epochs clears a max_steps that came from the preset, a config file or the saved run."""
     values = {}
     if base is None:
         preset = explicit.get("preset")
@@ -216,6 +255,8 @@ def resolve(explicit, base=None):
                 values = {**PRESETS[preset], **values}
     else:
         values.update(base)
+    if "epochs" in explicit and "max_steps" not in explicit:
+        values["max_steps"] = None  # max_steps would override the --epochs the user asked for
     values.update({k: v for k, v in explicit.items() if k != "config"})
     return Config(**values).validate()
 

@@ -388,6 +388,7 @@ def _worker_init(worker_id, parent=None):
     # main process can finish its step and save. SIGTERM keeps its default: the loader's shutdown uses it.
     os.setpgrp()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the main process handles a hangup, as it does Ctrl-C
     # A worker dies with its process (kill -9, OOM killer) instead of living on for seconds: Linux's
     # parent-death signal. The parent may have died already, before the signal was armed.
     try:

@@ -102,19 +102,25 @@ def close():
 
 
 class Stopper:
-    """SIGTERM (preemption) or Ctrl-C asks the run to stop: it finishes its step, saves and exits with
-    EXIT_STOPPED. A second signal exits at once. `requested()` is true on every rank as soon as any rank
-    got a signal, so all ranks stop at the same step."""
+    """SIGTERM (preemption), SIGHUP (the terminal closed, an ssh session dropped) or Ctrl-C asks the run to
+    stop: it finishes its step, saves and exits with EXIT_STOPPED. A second signal exits at once.
+    `requested()` is true on every rank as soon as any rank got a signal, so all ranks stop at the same step."""
 
     def __init__(self, device, say=print):
         self.device, self.say, self.signal = device, say, None
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
         if self.signal:
             os._exit(130)  # checkpoints are only ever renamed into place: nothing on disk is left half-valid
         self.signal = signal.Signals(signum).name
+        if signum == signal.SIGHUP:  # the terminal is gone: writing to it would fail; the run goes on silent
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            for fd in (1, 2):
+                if os.isatty(fd):
+                    os.dup2(devnull, fd)
+            os.close(devnull)
         self.say(f"{self.signal}: finishing this step, then saving a checkpoint and exiting (again to exit at once)")
 
     def requested(self):

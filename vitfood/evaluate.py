@@ -8,6 +8,11 @@ matrix and the most confident mistakes.
 Writes eval_results.json, per_class.csv, confusion_matrix.png and mistakes.png to --output-dir.
 """
 
+import vitfood
+
+if __name__ == "__main__":
+    vitfood.quiet_ctrl_c()  # before the heavy imports below
+
 import argparse
 import json
 import os
@@ -67,7 +72,7 @@ def main(argv=None):
         cfg = resolve(dict(dataset=a.dataset, train_split=split, eval_split=split, image_column=a.image_column,
                            label_column=a.label_column, model=a.model))
     elif saved:
-        cfg = resolve({}, {k: v for k, v in read_config_file(saved).items() if k not in ("resume", "output_dir")})
+        cfg = resolve({}, {k: v for k, v in read_config_file(saved, run=True).items() if k not in ("resume", "output_dir")})
         if a.split:
             raise UserError("--split needs --dataset; without it the run's own eval split is used")
     else:

@@ -8,12 +8,14 @@ mistakes, per-class table), skipped/, speed/, train/ (augmented images).
 """
 
 import json
+import sys
 import time
 
 import numpy as np
 from tqdm import tqdm
 
 from vitfood import report
+from vitfood.common import Console
 
 # The custom-scalars page: the overview on four charts
 LAYOUT = {"vitfood": {
@@ -47,7 +49,6 @@ def hparams_summaries(values, metrics, status=None):
     booleans, strings; integers as text, which TensorBoard would show as "32.000") with the experiment
     (key hyperparameters first, `metrics` as its one set of metric columns); or, with `status` ("success",
     "failure", "stopped"), the session's end."""
-    from google.protobuf import struct_pb2
     from tensorboard.compat.proto.summary_pb2 import Summary
     from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
 
@@ -83,11 +84,12 @@ class RunLog:
         if main:
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(out, purge_step=step if resumed else None)  # purge: curves don't double back
-        self.pbar = tqdm(total=max_steps, initial=step, desc="train", dynamic_ncols=True, disable=not main)
+        self.pbar = tqdm(total=max_steps, initial=step, desc="train", dynamic_ncols=True, disable=not main,
+                         file=Console(sys.stderr))
 
     def say(self, text):
         if self.main:
-            self.pbar.write(text)
+            self.pbar.write(text, file=Console(sys.stdout))
 
     def scalars(self, step, values):
         if self.main:

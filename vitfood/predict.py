@@ -9,6 +9,11 @@ Images go through the eval transform of training, batched, on the best available
 that cannot be read gets its own error line; the others are still classified.
 """
 
+import vitfood
+
+if __name__ == "__main__":
+    vitfood.quiet_ctrl_c()  # before the heavy imports below
+
 import argparse
 import json
 import os
@@ -88,7 +93,7 @@ def main(argv=None):
     hub.prepare(model=hub_model(a.model))
     model, processor = load_for_inference(a.model, device)
     saved = run_config_path(a.model) if is_path(a.model) else None
-    fast_decode = read_config_file(saved).get("fast_decode", True) if saved else True
+    fast_decode = read_config_file(saved, run=True)["fast_decode"] if saved else True
     failed = 0
     for r in predict(model, processor, files, device, precision, a.top_k, a.batch_size, fast_decode):
         if "error" in r:

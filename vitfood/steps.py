@@ -1,12 +1,14 @@
 """The compute of a run, shared by train, bench and evaluate: a micro-batch's forward and backward, the
 optimizer step, and the eval pass."""
 
+import sys
+
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from vitfood import dist
-from vitfood.common import UserError
+from vitfood.common import Console, UserError
 from vitfood.data import normalize
 from vitfood.model import for_inference
 
@@ -95,7 +97,8 @@ def eval_pass(model, loader, device, precision, mean, std, progress=True, num_cl
     confusion = torch.zeros((num_classes or 1, num_classes or 1), dtype=torch.int64, device=device)
     worst = []
     n = skipped = 0
-    for raw, labels, bad in tqdm(loader, desc="eval", leave=False, disable=not progress, dynamic_ncols=True):
+    for raw, labels, bad in tqdm(loader, desc="eval", leave=False, disable=not progress, dynamic_ncols=True,
+                                 file=Console(sys.stderr)):
         images = normalize(raw.to(device, non_blocking=True), mean, std)
         labels = labels.to(device, non_blocking=True)
         with amp:

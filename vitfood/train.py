@@ -10,6 +10,11 @@ main() reads in four parts: setup (run directory, data, model, optimizer), resto
 checkpoint), the loop (fetch, step, log, eval, save), finish (export and report).
 """
 
+import vitfood
+
+if __name__ == "__main__":
+    vitfood.quiet_ctrl_c()  # before the heavy imports below
+
 import contextlib
 import datetime
 import math
@@ -45,13 +50,13 @@ def parse_run(argv):
     if resume == "auto" and out is None:  # the user's last run of this model and data set, never a silent fresh start
         out = newest_run(resolve(explicit))
     if resume not in (None, "auto"):
-        checkpoint.load_state(resume)  # fails fast, with one line, when it is not a complete checkpoint
+        checkpoint.check_resumable(resume)  # fails fast, with one line, when it is not an intact checkpoint
         out = out or os.path.dirname(os.path.abspath(resume))
     run_dir = os.path.dirname(os.path.abspath(resume)) if resume not in (None, "auto") else out
     saved = os.path.join(run_dir, "train_config.json") if run_dir else None
     base = None
     if resume and saved and os.path.isfile(saved):  # resuming: the run's own config, flags on top
-        base = {k: v for k, v in read_config_file(saved).items() if k not in ("resume", "output_dir")}
+        base = {k: v for k, v in read_config_file(saved, run=True).items() if k not in ("resume", "output_dir")}
     cfg = resolve(explicit, base)
     if base:  # what decides the data order and the weights cannot change under a resumed run
         changed = [k for k in FIXED_ON_RESUME if k in base and getattr(cfg, k) != base[k]]
@@ -97,6 +102,13 @@ def newest_run(cfg, root="runs"):
 def open_run(cfg, checkpoints, resume, main=True):
     """The checkpoint to resume from, or None. Rank 0 creates, locks and tidies the directory first."""
     checkpoints.open()
+    if main and resume == "auto":  # a damaged newest checkpoint is moved aside: the one before it is next
+        for _, path in reversed(checkpoint.complete_checkpoints(cfg.output_dir)):
+            problem = checkpoint.damage(path)
+            if not problem:
+                break
+            print(f"warning: {path} is damaged ({problem}); moved it aside to {checkpoint.set_aside(path)} "
+                  "and resuming from the checkpoint before it")
     dist.barrier()  # no rank lists checkpoints before the cleanup
     found = checkpoint.complete_checkpoints(cfg.output_dir)
     if resume == "auto":
@@ -226,6 +238,9 @@ def setup(cfg, resume, rank, world, device, checkpoints):
         if r.step >= max_steps and os.path.isfile(os.path.join(cfg.output_dir, "all_results.json")):
             say(f"{cfg.output_dir}: the run already finished at step {r.step} (of {max_steps}); nothing to do")
             return None
+        if r.step > max_steps:  # refused before anything in the run directory is rewritten
+            raise UserError(f"the run asks for {max_steps} steps (--max-steps, --epochs), below step {r.step} of the "
+                            f"checkpoint being resumed; pass --max-steps {r.step} to finish it there, or more")
         checkpoints.restore_best(state["best"])
         say(f"resuming from {resume_from} at step {r.step}")
     model.train()  # from_pretrained returns a model in eval mode: dropout, drop-path and BatchNorm need this
@@ -372,8 +387,12 @@ def finish(r, stopped, meter):
     final, export_step, best = r.metrics, r.step, r.checkpoints.best
     if cfg.export == "best" and best and best["step"] != r.step:
         load_weights(r.model, os.path.join(out, f"checkpoint-{best['step']}"))
+        final, export_step = None, best["step"]
+    if final is None:  # the best's weights, or a run resumed at its last step from a save between evals
         final = eval_pass(r.train_model, r.data.eval_loader, r.device, r.precision, r.mean, r.std, progress=r.main)
-        export_step = best["step"]
+    if not math.isfinite(final["loss"]):
+        raise UserError(f"the final eval loss is {final['loss']}: the weights at step {export_step} are not finite "
+                        f"(a damaged checkpoint?); nothing exported. The checkpoints in {out} are untouched")
     runtime = elapsed["train_runtime"]
     results = dict(eval_loss=final["loss"], eval_accuracy=final["acc1"], eval_top5=final["acc5"],
                    global_step=r.step, exported_step=export_step, train_runtime=round(runtime, 3),
