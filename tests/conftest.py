@@ -87,10 +87,16 @@ def same(a, b):
 
 
 @pytest.fixture(scope="session")
-def reference(tmp_path_factory, cache_dir):
-    """The final weights of RUN never interrupted: what every killed and resumed run must end with."""
+def reference_run(tmp_path_factory, cache_dir):
+    """RUN, never interrupted: its run directory (copy it before changing anything in it)."""
     out = tmp_path_factory.mktemp("ref") / "run"
     p = start(out)
     p.communicate(timeout=300)
     assert p.returncode == 0
-    return weights(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def reference(reference_run):
+    """The final weights of RUN never interrupted: what every killed and resumed run must end with."""
+    return weights(reference_run)

@@ -188,7 +188,7 @@ def _restart_right_after_kill_9(tmp_path, reference, trials):
 
 
 def test_restart_right_after_kill_9_is_not_refused(tmp_path, reference):
-    _restart_right_after_kill_9(tmp_path, reference, trials=2)
+    _restart_right_after_kill_9(tmp_path, reference, trials=1)
 
 
 @pytest.mark.slow

@@ -100,3 +100,14 @@ def test_confusion_card_fits_a_tensorboard_card(classes):
     m = np.eye(classes, dtype=int) * 5 + (np.arange(classes)[:, None] + np.arange(classes)) % 3
     card = report.confusion_card(m.tolist(), [f"class_{i}" for i in range(classes)])
     assert card.size == report.CARD and len(set(card.getdata())) > 3
+
+
+def test_evaluate_logs_at_the_step_of_the_checkpoint_or_exported_model(tiny_run, tmp_path):
+    from vitfood.evaluate import main as evaluate_main
+    out, _ = tiny_run
+    for folder, step in (("checkpoint-160", 160), ("model", 200)):  # model/: the run's exported step
+        evaluate_main(["--model", str(out / folder), "--output-dir", str(tmp_path / folder),
+                       "--tensorboard", str(tmp_path / f"tb-{folder}")])
+        ea = _events(tmp_path / f"tb-{folder}")
+        assert [int(e.step) for e in ea.Scalars("accuracy/top1")] == [step]
+        assert [s for s, _ in _texts(ea, "predictions/per_class")] == [step]

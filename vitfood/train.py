@@ -39,7 +39,7 @@ from vitfood.steps import NonFiniteStreak, eval_pass, forward_backward, optimize
 FIXED_ON_RESUME = ("dataset", "train_split", "eval_split", "test_size", "max_train_samples", "max_eval_samples",
                    "image_column", "label_column", "synthetic_size", "synthetic_classes", "synthetic_max_px",
                    "model", "image_size", "grad_accum_steps", "seed", "fast_decode")  # and the global batch
-EXIT_STOPPED = 75  # stopped by SIGTERM/SIGINT after saving a checkpoint (sysexits' EX_TEMPFAIL: run it again)
+EXIT_STOPPED = 75  # stopped by SIGTERM/SIGHUP/SIGINT after saving a checkpoint (sysexits' EX_TEMPFAIL: run again)
 
 
 def parse_run(argv):
@@ -250,12 +250,10 @@ def setup(cfg, resume, rank, world, device, checkpoints):
     r.train_model = compiled(r.ddp, device, world) if cfg.compile else r.ddp
 
     # ---- the run directory's records and logs (rank 0)
-    out = cfg.output_dir
+    out, env = cfg.output_dir, dict(env_info(device), world_size=world)
     if main_rank:
         if cfg.overwrite_output_dir and not state:
             checkpoint.clear_run(out)  # the user asked: the old run's checkpoints would outrank the new ones
-    env = dict(env_info(device), world_size=world)
-    if main_rank:
         checkpoint.write_json_atomic(os.path.join(out, "train_config.json"), to_dict(cfg))
         checkpoint.write_json_atomic(os.path.join(out, "env.json"), env)
     r.log = RunLog(out, r.step, max_steps, main_rank, resumed=bool(state))
@@ -289,7 +287,6 @@ def train_loop(r):
     meter, streak = Meter(r.before), NonFiniteStreak(cfg.max_nonfinite_steps, r.device)
     loss_sum, norm_sum = torch.zeros((), device=r.device), torch.zeros((), device=r.device)
     last_log, train_loss, stopped = r.step, None, None
-    r.startup = seconds_since_start()  # process start to the first step: imports, data, model, loader
     while r.step < r.max_steps:
         # fetch and step: the loss is summed over samples and divided by the step's global sample count, so
         # the gradient is the mean over the whole global batch, however it is split in micro-batches and ranks
@@ -299,6 +296,7 @@ def train_loop(r):
             t0 = time.perf_counter()
             images, labels, damaged = next(stream)
             meter.fetched(labels.shape[0], time.perf_counter() - t0, damaged)
+            r.startup = r.startup or seconds_since_start()  # process start to the first batch in hand
             if r.step == 0 and micro == 0:
                 log.augmented(images)
             sync = r.world == 1 or micro == accum - 1  # all-reduce gradients once, on the last micro-batch
