@@ -112,7 +112,7 @@ def test_bad_checkpoints_passed_to_resume(finished, tmp_path, capsys):
     assert "global batch of 16" in _error(capsys, "--resume", other / "checkpoint-4", "--batch-size", "8")
     os.remove(other / "train_config.json")
     (other / "checkpoint-4" / "model.safetensors").write_bytes(b"\0" * os.path.getsize(other / "checkpoint-4" / "model.safetensors"))
-    assert "cannot load its weights" in _error(capsys, "--resume", other / "checkpoint-4", "--max-steps", 8)
+    assert "model.safetensors does not match its checksum" in _error(capsys, "--resume", other / "checkpoint-4", "--max-steps", 8)
     os.remove(other / "checkpoint-4" / "training_state.pt")
     assert "not a complete vitfood checkpoint" in _error(capsys, "--resume", other / "checkpoint-4")
     assert not checkpoint.complete_checkpoints(other)  # and --resume auto would never pick it

@@ -12,6 +12,8 @@ from safetensors.torch import load_file
 
 from conftest import TINY
 
+pytestmark = pytest.mark.slow  # several processes each: the slow tier (-m slow)
+
 # 161 training images in global batches of 32: each epoch ends with a batch of 1, so rank 1's share of
 # it is empty; 8 steps of 2 micro-batches cross the epoch boundary.
 RUN = [*TINY, "--max-train-samples", "161", "--grad-accum-steps", "2", "--max-steps", "8", "--eval-steps", "4",
@@ -60,7 +62,6 @@ def test_two_processes_match_one_process_with_the_same_global_batch(runs):
     assert state["global_batch"] == 32 and state["world_size"] == 2
 
 
-@pytest.mark.slow
 def test_resume_under_two_processes_is_exact_and_across_world_sizes_close(runs, tmp_path):
     one, two = runs
     for name, nproc, bs in [("same", 2, 16), ("single", 1, 32)]:

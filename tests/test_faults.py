@@ -66,6 +66,7 @@ def _kill_at_random_times(tmp_path, reference, trials, seed):
         assert same(weights(out), reference), f"trial {trial}"
 
 
+@pytest.mark.slow
 def test_kill_at_random_moments_then_resume_is_exact(tmp_path, reference):
     _kill_at_random_times(tmp_path, reference, trials=2, seed=0)
 

@@ -124,3 +124,25 @@ def test_steady_steps_make_no_host_device_sync_on_cuda(precision):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert streak.check(lambda: None) == 0
+
+
+def test_an_older_checkpoints_foreach_optimizer_state_resumes_into_the_fused_step(tmp_path):
+    """vitfood before the sync-free step built AdamW with foreach on the CPU; its state, loaded, must not
+    bring that back (the fused kernel is what skips a non-finite step)."""
+    from vitfood import checkpoint
+    model, optimizer, scheduler, amp, scaler = _setup("fp32")
+    params = list(model.parameters())  # grouped as make_optimizer groups them
+    old = torch.optim.AdamW([dict(params=[p for p in params if p.ndim >= 2], weight_decay=0.05),
+                             dict(params=[p for p in params if p.ndim < 2], weight_decay=0.0)], lr=1e-2, foreach=True)
+    for images, labels in _batches(2):
+        forward_backward(model, images, labels, amp, scaler, MEAN, STD, labels.numel())
+        old.step()
+        old.zero_grad()
+    model.save_pretrained(tmp_path)
+    state = dict(optimizer=old.state_dict(), scheduler=scheduler.state_dict(), scaler={}, rng=checkpoint.rng_state(),
+                 step=2)
+    checkpoint.restore(tmp_path, state, model, optimizer, scheduler, scaler)
+    images, labels = _batches(3)[2]
+    forward_backward(model, images, labels, amp, scaler, MEAN, STD, labels.numel())
+    norm, finite = optimizer_step(model, optimizer, scaler, scheduler, 1.0)
+    assert bool(finite) and {s["step"].item() for s in optimizer.state.values()} == {3}

@@ -111,6 +111,8 @@ def restore(path, state, model, optimizer, scheduler, scaler, rank=0, world=1, s
     from vitfood.model import load_weights
     load_weights(model, path)
     optimizer.load_state_dict(state["optimizer"])
+    for group in optimizer.param_groups:  # a checkpoint of an older vitfood holds foreach groups on the CPU:
+        group.update(fused=True, foreach=None)  # the step skips non-finite updates in the fused kernel only
     scheduler.load_state_dict(state["scheduler"])
     if scaler.is_enabled() and state["scaler"]:  # empty when the run was not fp16
         scaler.load_state_dict(state["scaler"])
@@ -147,9 +149,11 @@ def _finish_files(folder):
     files = {}
     for name in sorted(os.listdir(folder)):
         path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            continue
         os.chmod(path, _FILE_MODE)
         digest = hashlib.sha256()
-        with open(path, "rb+") as fh:
+        with open(path, "rb") as fh:  # fsync needs no write access (a umask may have taken it away)
             os.fsync(fh.fileno())
             fh.seek(0)
             for block in iter(lambda: fh.read(1 << 22), b""):
@@ -357,16 +361,18 @@ class Checkpoints:
         """Create and lock the directory for this process's life (a second run there is refused), and
         clear what a killed run left half-done."""
         if self.main:
-            self._created = not os.path.exists(self.out)
+            fresh = not os.path.exists(self.out)
             os.makedirs(self.out, exist_ok=True)
+            self._created = fresh
             lock(self.out)
             cleanup(self.out)
 
     def discard_if_unused(self):
         """Remove the directory when this run created it and failed before writing anything into it."""
         self.wait(raise_failure=False)
-        if self._created and set(os.listdir(self.out)) <= {"run.lock"}:
-            shutil.rmtree(self.out, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            if self._created and set(os.listdir(self.out)) <= {"run.lock"}:
+                shutil.rmtree(self.out, ignore_errors=True)
 
     def latest(self):
         """Path of the newest complete checkpoint, or None."""
@@ -414,6 +420,11 @@ class Checkpoints:
 
     def writing(self):
         return self._writer is not None and self._writer.is_alive()
+
+    @property
+    def failed(self):
+        """True once a background write has failed (check() raises its error)."""
+        return self._failure is not None
 
     def wait(self, raise_failure=True):
         """Block until the write in flight is complete; then raise its failure, if any."""

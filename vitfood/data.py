@@ -222,11 +222,11 @@ def decode_upright(img, box, size, fast=True):
     to decode and to resize."""
     orientation = _orientation(img)
     width, height = upright_size(img)
-    if fast and img.format == "JPEG":
+    if fast and img.format in ("JPEG", "MPO"):  # MPO: a phone's JPEG with extra frames
         factor = min((box[2] - box[0]) / size[1], (box[3] - box[1]) / size[0])
         scale = next((s for s in (8, 4, 2) if factor >= s), 1)
-        if scale > 1:
-            img.draft(None, (math.ceil(img.size[0] / scale), math.ceil(img.size[1] / scale)))
+        if scale > 1:  # Pillow takes the largest scale that keeps both sides at least this size
+            img.draft(None, (max(1, img.size[0] // scale), max(1, img.size[1] // scale)))
     if orientation != 1:
         img = ImageOps.exif_transpose(img)
     sx, sy = img.size[0] / width, img.size[1] / height

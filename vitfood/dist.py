@@ -73,11 +73,12 @@ def all_sum(tensor):
     return tensor
 
 
-def any_rank(flag, device):
-    """True on every rank when `flag` is true on any: all ranks stop at the same step."""
+def any_rank(flags, device):
+    """[flag is true on any rank, for each of `flags`], the same on every rank: all ranks act at the same
+    step. With several processes, one small all-reduce and its host-device sync."""
     if not active():
-        return bool(flag)
-    return bool(all_sum(torch.tensor([int(bool(flag))], device=device)).item())
+        return [bool(f) for f in flags]
+    return [bool(v) for v in all_sum(torch.tensor([int(bool(f)) for f in flags], device=device)).tolist()]
 
 
 def gather(obj):
@@ -123,5 +124,8 @@ class Stopper:
             os.close(devnull)
         self.say(f"{self.signal}: finishing this step, then saving a checkpoint and exiting (again to exit at once)")
 
-    def requested(self):
-        return any_rank(self.signal, self.device)
+    def close(self):
+        """The loop is over: signals act as usual again (Ctrl-C in the final eval or export exits with 130)."""
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)

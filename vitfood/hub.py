@@ -6,7 +6,9 @@ import threading
 
 from vitfood.common import UserError, first_line
 
-PROBE_SECONDS = 3.0  # a Hub that has not answered by then is treated as unreachable (a HEAD takes ~0.3 s)
+# A Hub that has not answered by then is treated as unreachable (a HEAD takes ~0.3 s); VITFOOD_HUB_PROBE_SECONDS
+# sets another limit, 0 skips the probe (a slow proxy: the Hub libraries then retry as they do)
+PROBE_SECONDS = float(os.environ.get("VITFOOD_HUB_PROBE_SECONDS", "3"))
 _unreachable = []  # why the Hub was found unreachable in this process (then the Hub libraries run offline)
 
 
@@ -66,7 +68,7 @@ def prepare(dataset=None, model=None, trust_remote_code=False):
     if not names:
         return
     from huggingface_hub import constants
-    if not constants.HF_HUB_OFFLINE and not _unreachable:
+    if not constants.HF_HUB_OFFLINE and not _unreachable and PROBE_SECONDS > 0:
         reason = _probe(constants.ENDPOINT)
         if reason:
             go_offline(reason)

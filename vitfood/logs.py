@@ -79,11 +79,12 @@ def hparams_summaries(values, metrics, status=None):
 class RunLog:
     """The run's SummaryWriter and progress bar (rank 0), behind one method per kind of record."""
 
-    def __init__(self, out, step, max_steps, main=True, resumed=False):
+    def __init__(self, out, step, max_steps, main=True):
         self.main, self.writer, self.windows = main, None, 0
         if main:
             from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(out, purge_step=step if resumed else None)  # purge: curves don't double back
+            # purge: curves don't double back on resume, nor repeat a run killed before its first checkpoint
+            self.writer = SummaryWriter(out, purge_step=step)
         self.pbar = tqdm(total=max_steps, initial=step, desc="train", dynamic_ncols=True, disable=not main,
                          file=Console(sys.stderr))
 
@@ -189,8 +190,8 @@ class Meter:
         self.reset()
         return rates
 
-    def record(self, damaged, encounters):
+    def record(self, damaged, encounters, nonfinite_steps):
         """The whole run so far, for a checkpoint and the results; `damaged`, `encounters`: over all ranks."""
         runtime = self.runtime_before + time.perf_counter() - self.segment_start
         return dict(train_runtime=runtime, images=self.images_before + self.segment_images, segments=self.segments,
-                    damaged_files=sorted(damaged), damaged_encounters=encounters)
+                    damaged_files=sorted(damaged), damaged_encounters=encounters, nonfinite_steps=nonfinite_steps)

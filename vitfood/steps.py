@@ -56,10 +56,10 @@ class NonFiniteStreak:
     """Skipped (non-finite) steps, counted on the device: `limit` in a row stop the run with one line.
     `check()` reads the counts (a sync), so the loop calls it at logging steps only."""
 
-    def __init__(self, limit, device):
+    def __init__(self, limit, device, skipped=0):
         self.limit = limit
         zero = lambda: torch.zeros((), dtype=torch.int64, device=device)
-        self.streak, self.longest, self.end, self.skipped = zero(), zero(), zero(), zero()
+        self.streak, self.longest, self.end, self.skipped = zero(), zero(), zero(), zero() + skipped
 
     def update(self, finite, step):
         bad = (~finite).long()
@@ -68,6 +68,10 @@ class NonFiniteStreak:
         longer = self.streak > self.longest
         self.end.copy_(torch.where(longer, step, self.end))
         self.longest.copy_(torch.maximum(self.streak, self.longest))
+
+    def total(self):
+        """Steps skipped so far, over every segment of the run (a sync: for saves and the end)."""
+        return int(self.skipped.item())
 
     def check(self, last_good):
         """Skipped steps so far; raises when `limit` came in a row since the last check. `last_good()` names

@@ -38,7 +38,8 @@ from vitfood.steps import NonFiniteStreak, eval_pass, forward_backward, optimize
 
 FIXED_ON_RESUME = ("dataset", "train_split", "eval_split", "test_size", "max_train_samples", "max_eval_samples",
                    "image_column", "label_column", "synthetic_size", "synthetic_classes", "synthetic_max_px",
-                   "model", "image_size", "grad_accum_steps", "seed", "fast_decode")  # and the global batch
+                   "model", "image_size", "grad_accum_steps", "seed", "fast_decode",
+                   "lr", "weight_decay")  # and the global batch; lr and weight decay live in the optimizer state
 EXIT_STOPPED = 75  # stopped by SIGTERM/SIGHUP/SIGINT after saving a checkpoint (sysexits' EX_TEMPFAIL: run again)
 
 
@@ -181,8 +182,8 @@ def main(argv=None):
         r = setup(cfg, resume, rank, world, device, checkpoints)
         if r is None:
             return None  # the run had already finished
-        stopped, meter = train_loop(r)
-        return finish(r, stopped, meter)
+        stopped, meter, streak = train_loop(r)
+        return finish(r, stopped, meter.record(*damaged_files(meter), streak.total()))
     except (Exception, KeyboardInterrupt) as e:
         if r is not None and r.log is not None:  # TensorBoard's HParams marks the run failed
             r.log.end("failure", r.step, first_line(e))
@@ -235,6 +236,7 @@ def setup(cfg, resume, rank, world, device, checkpoints):
         checkpoint.restore(resume_from, state, model, optimizer, scheduler, scaler, rank, world, cfg.seed)
         r.step, r.metrics, r.history = state["step"], state["metrics"], state.get("history", [])
         r.before = state.get("elapsed")
+        dist.same_on_all(r.step, "the step of the checkpoint resumed from (is --output-dir on shared storage?)")
         if r.step >= max_steps and os.path.isfile(os.path.join(cfg.output_dir, "all_results.json")):
             say(f"{cfg.output_dir}: the run already finished at step {r.step} (of {max_steps}); nothing to do")
             return None
@@ -256,7 +258,7 @@ def setup(cfg, resume, rank, world, device, checkpoints):
             checkpoint.clear_run(out)  # the user asked: the old run's checkpoints would outrank the new ones
         checkpoint.write_json_atomic(os.path.join(out, "train_config.json"), to_dict(cfg))
         checkpoint.write_json_atomic(os.path.join(out, "env.json"), env)
-    r.log = RunLog(out, r.step, max_steps, main_rank, resumed=bool(state))
+    r.log = RunLog(out, r.step, max_steps, main_rank)
     if not state:
         r.log.start(hparams(cfg, precision, max_steps, world, global_batch * cfg.grad_accum_steps),
                     dict(config=to_dict(cfg), env=env))
@@ -280,11 +282,13 @@ def micro_batches(data, first):
 
 
 def train_loop(r):
-    """Optimizer steps from r.step to r.max_steps, or until a stop signal. Returns (stop signal or None, Meter)."""
+    """Optimizer steps from r.step to r.max_steps, or until a stop signal. Returns (the stop signal or None,
+    the Meter, the NonFiniteStreak)."""
     cfg, log, accum = r.cfg, r.log, r.cfg.grad_accum_steps
     stopper = dist.Stopper(r.device, log.say)
     stream = micro_batches(r.data, r.step * accum)
-    meter, streak = Meter(r.before), NonFiniteStreak(cfg.max_nonfinite_steps, r.device)
+    meter = Meter(r.before)
+    streak = NonFiniteStreak(cfg.max_nonfinite_steps, r.device, (r.before or {}).get("nonfinite_steps", 0))
     loss_sum, norm_sum = torch.zeros((), device=r.device), torch.zeros((), device=r.device)
     last_log, train_loss, stopped = r.step, None, None
     while r.step < r.max_steps:
@@ -304,7 +308,6 @@ def train_loop(r):
                 loss_sum += forward_backward(r.train_model, images, labels, r.amp, r.scaler, r.mean, r.std,
                                              step_samples / r.world)
         norm, finite = optimizer_step(r.model, r.optimizer, r.scaler, r.scheduler, cfg.max_grad_norm)
-        r.checkpoints.check()  # a checkpoint write that failed in the background stops the run here
         r.step += 1
         meter.stepped(step_samples)
         checkpoint.fault_point("step")
@@ -312,7 +315,11 @@ def train_loop(r):
         norm_sum += torch.where(finite, norm, 0.0)  # a skipped step (non-finite) left the weights as they were
         streak.update(finite, r.step)
         last_step = r.step == r.max_steps
-        stopped = not last_step and stopper.requested() and (stopper.signal or "another rank")  # all ranks alike
+        stop, write_failed = dist.any_rank((stopper.signal, r.checkpoints.failed), r.device)  # all ranks alike
+        if write_failed:  # a checkpoint write failed in the background (on rank 0): every rank stops here
+            r.checkpoints.check()
+            raise UserError("rank 0 could not write a checkpoint (its error is above); stopping with it")
+        stopped = stop and not last_step and (stopper.signal or "another rank")
 
         if r.step % cfg.logging_steps == 0 or last_step:  # log: sums over ranks; .item() syncs, only here
             n, last_log = r.step - last_log, r.step
@@ -327,7 +334,7 @@ def train_loop(r):
             loss_sum.zero_()
             norm_sum.zero_()
         t_pause = time.perf_counter()
-        evaluated = r.step % cfg.eval_steps == 0 or last_step
+        evaluated = (r.step % cfg.eval_steps == 0 or last_step) and not stopped  # a stop saves at once
         if evaluated:  # eval
             metrics = eval_pass(r.train_model, r.data.eval_loader, r.device, r.precision, r.mean, r.std,
                                 progress=r.main, num_classes=len(r.class_names), mistakes=8)
@@ -335,11 +342,12 @@ def train_loop(r):
             r.metrics = {k: metrics[k] for k in ("loss", "acc1", "acc5", "samples", "skipped")}
             r.history.append(dict(step=r.step, train_loss=train_loss, **r.metrics))
         if r.step % cfg.save_steps == 0 or last_step or stopped:  # save
-            save(r, evaluated, meter)
+            save(r, evaluated, meter.record(*damaged_files(meter), streak.total()))
         meter.pause(time.perf_counter() - t_pause)  # eval and save time is not training throughput
         if stopped:
             break
-    return stopped, meter
+    stopper.close()
+    return stopped, meter, streak
 
 
 def damaged_files(meter):
@@ -348,8 +356,9 @@ def damaged_files(meter):
     return set().union(*(d for d, _ in parts)), sum(e for _, e in parts)
 
 
-def save(r, evaluated, meter):
-    """checkpoint-<step>, with every rank's RNG state (dropout); no rank goes on before it is complete."""
+def save(r, evaluated, elapsed):
+    """checkpoint-<step>, with every rank's RNG state (dropout). Rank 0 copies the state and writes it in the
+    background; the barrier keeps the ranks in step (none reads a checkpoint during training)."""
     rng_ranks = dist.gather(checkpoint.rng_state())
     position = r.step * r.cfg.grad_accum_steps
     per_epoch = r.data.sampler.batches_per_epoch
@@ -357,17 +366,16 @@ def save(r, evaluated, meter):
                  global_batch=r.global_batch, world_size=r.world,
                  data_position=dict(epoch=position // per_epoch, batch=position % per_epoch),
                  optimizer=r.optimizer.state_dict(), scheduler=r.scheduler.state_dict(), scaler=r.scaler.state_dict(),
-                 rng=rng_ranks[0], rng_ranks=rng_ranks, elapsed=meter.record(*damaged_files(meter)))
+                 rng=rng_ranks[0], rng_ranks=rng_ranks, elapsed=elapsed)
     r.checkpoints.save(r.step, r.model, r.processor, state, r.metrics if evaluated else None)
     dist.barrier()
 
 
-def finish(r, stopped, meter):
+def finish(r, stopped, elapsed):
     """Export the model and write the results; or, after a stop signal, say how to continue and exit 75."""
     cfg, out, log = r.cfg, r.cfg.output_dir, r.log
     r.checkpoints.wait()  # the last checkpoint is complete before anything reads it or the process ends
     log.pbar.close()
-    elapsed = meter.record(*damaged_files(meter))
     bad_train, bad_eval = len(elapsed["damaged_files"]), (r.metrics or {}).get("skipped", 0)
     if bad_train:
         log.say(f"warning: {bad_train} damaged training file(s) ({elapsed['damaged_encounters']} encounters) could "
