@@ -3,6 +3,10 @@
 #   bash bench/gpu.sh          # about 8 minutes on one H100; results in $OUT (or /tmp/vitfood-gpu)
 #   bash bench/gpu.sh --tiny   # toy sizes: check the script on a CPU first
 # datasets is not installed on that machine: wheels carried in .gpu/whl are installed into /tmp/site.
+# Fetch them where pip can reach an index (.gpu/ is not committed):
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .gpu/whl \
+#     datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/vitfood-gpu}
