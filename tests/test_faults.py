@@ -237,15 +237,16 @@ def test_kill_while_a_background_write_is_in_flight_then_resume_is_exact(tmp_pat
 
 @pytest.mark.slow
 def test_vit_base_killed_while_its_checkpoint_is_written_in_the_background_resumes_exactly(tmp_path):
-    """ViT-B/16 (86M parameters: a 1 GB checkpoint with its AdamW state, seconds to write): kill -9 while a
-    real background write is in flight, no fault injected; the resumed run ends with the same weights."""
+    """ViT-B/16 (86M parameters: a 1 GB checkpoint with its AdamW state): kill -9 while a background write is
+    in flight (held there a few seconds, so a fast disk cannot finish it first); the resumed run ends with the
+    same weights."""
     run = ("--model", "vit-base", "--image-size", "32", "--batch-size", "4", "--max-steps", "6", "--save-steps", "2",
            "--eval-steps", "6", "--num-workers", "0")
     p = start(tmp_path / "ref", *run)
     p.communicate(timeout=600)
     assert p.returncode == 0
     out = tmp_path / "run"
-    p = start(out, *run)
+    p = start(out, *run, env={"VITFOOD_FAULT": "delay:weights_written:2", "VITFOOD_FAULT_DELAY": "5"})
     deadline = time.time() + 600
     while not any(n.startswith(".tmp-checkpoint-4-") for n in (os.listdir(out) if out.exists() else ())):
         assert time.time() < deadline and p.poll() is None

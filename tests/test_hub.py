@@ -88,3 +88,9 @@ def test_a_cached_hub_model_trains_while_the_hub_is_silent(silent_hub, tmp_path)
     seconds, p = run(*TINY, "--model", "vitfood-test/vit-micro", "--max-steps", 2, "--eval-steps", 2,
                      "--output-dir", tmp_path / "run", env={"HF_ENDPOINT": silent_hub, "HF_HOME": str(tmp_path / "hf")})
     assert p.returncode == 0 and (tmp_path / "run" / "model" / "model.safetensors").is_file(), p.stderr[-3000:]
+
+
+def test_a_bad_probe_limit_is_one_line(tmp_path):
+    seconds, p = run("--dataset", "food101", "--model", "vit-micro", "--output-dir", tmp_path / "a",
+                     env={"VITFOOD_HUB_PROBE_SECONDS": "3s"})
+    assert "VITFOOD_HUB_PROBE_SECONDS='3s'" in one_error_line(p)

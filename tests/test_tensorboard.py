@@ -111,3 +111,17 @@ def test_evaluate_logs_at_the_step_of_the_checkpoint_or_exported_model(tiny_run,
         ea = _events(tmp_path / f"tb-{folder}")
         assert [int(e.step) for e in ea.Scalars("accuracy/top1")] == [step]
         assert [s for s, _ in _texts(ea, "predictions/per_class")] == [step]
+
+
+def test_curves_are_whole_after_a_kill_and_resume(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "vitfood.train", *TINY, "--max-steps", "20", "--save-steps", "10", "--eval-steps", "10",
+           "--output-dir", str(out), "--resume", "auto"]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    p = subprocess.run(cmd, capture_output=True, text=True, env={**env, "VITFOOD_FAULT": "step:18"}, timeout=300)
+    assert p.returncode == -signal.SIGKILL  # killed at step 18: steps 11-15 were logged, checkpoint-10 is the last
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    ea = _events(out)
+    assert [e.step for e in ea.Scalars("loss/train")] == [5, 10, 15, 20]  # each once: none lost, none doubled
+    assert [e.step for e in ea.Scalars("loss/eval")] == [10, 20]

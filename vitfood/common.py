@@ -34,10 +34,14 @@ class Console:
     """A console stream whose writes cannot fail a run: a terminal that hung up (SIGHUP: the window closed,
     the ssh session dropped) answers every write with EIO, before the stop handler can redirect it."""
 
+    mid_line = False  # a progress bar left the cursor mid-line (an error line then starts on a new one)
+
     def __init__(self, stream):
         self.stream = stream
 
     def write(self, text):
+        if text:
+            Console.mid_line = not text.endswith("\n")
         try:
             return self.stream.write(text)
         except OSError:
@@ -54,10 +58,13 @@ class Console:
 
 
 def _close_progress_bars():
-    """End any open tqdm bar, so an error starts on a line of its own."""
+    """End any open tqdm bar, so an error starts on a line of its own (also when a bar's close was cut short:
+    a dead loader worker's error can be raised inside it)."""
     from tqdm import tqdm
     for bar in list(getattr(tqdm, "_instances", [])):
         bar.close()
+    if Console.mid_line:
+        Console(sys.stderr).write("\n")
 
 
 def _quiet_unraisable(args, default=sys.unraisablehook):
@@ -77,7 +84,11 @@ def run_main(main):
     except KeyboardInterrupt:  # Ctrl-C before a run's own handler is in place, or in evaluate and predict
         _close_progress_bars()
         print(f"error: {_rank_prefix()}interrupted (Ctrl-C)", file=sys.stderr)
-        sys.exit(130)
+        # not sys.exit: CPython then re-kills itself with SIGINT (status -2) when the interrupt passed through
+        # some of its C-level calls, caught or not. The run's own cleanup (`finally`) has already run.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
     except UserError as e:
         _close_progress_bars()
         # raised in a DataLoader worker, the message carries the worker's traceback: keep its last line

@@ -6,9 +6,7 @@ import threading
 
 from vitfood.common import UserError, first_line
 
-# A Hub that has not answered by then is treated as unreachable (a HEAD takes ~0.3 s); VITFOOD_HUB_PROBE_SECONDS
-# sets another limit, 0 skips the probe (a slow proxy: the Hub libraries then retry as they do)
-PROBE_SECONDS = float(os.environ.get("VITFOOD_HUB_PROBE_SECONDS", "3"))
+PROBE_SECONDS = 3.0  # a Hub that has not answered by then is treated as unreachable (a HEAD takes ~0.3 s)
 _unreachable = []  # why the Hub was found unreachable in this process (then the Hub libraries run offline)
 
 
@@ -29,23 +27,36 @@ def hub_error(kind, name, e):
     return UserError(f"cannot load {kind} {name!r}: {why} ({first_line(e)}); pass {hint}, or try --preset demo")
 
 
-def _probe(endpoint):
-    """None when `endpoint` answers an HTTP request within PROBE_SECONDS, else why not. The request runs in
+def probe_seconds():
+    """PROBE_SECONDS, or VITFOOD_HUB_PROBE_SECONDS: another limit, or 0 to skip the probe (behind a slow proxy;
+    the Hub libraries then retry as they do)."""
+    text = os.environ.get("VITFOOD_HUB_PROBE_SECONDS", "").strip()
+    try:
+        seconds = float(text) if text else PROBE_SECONDS
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0:
+        raise UserError(f"VITFOOD_HUB_PROBE_SECONDS={text!r}: expected seconds, a number >= 0 (0 skips the Hub check)")
+    return seconds
+
+
+def _probe(endpoint, seconds):
+    """None when `endpoint` answers an HTTP request within `seconds`, else why not. The request runs in
     a thread, because a name lookup on a dead network ignores socket timeouts."""
     from huggingface_hub.utils import get_session
     outcome = []
 
     def ask():
         try:
-            get_session().head(endpoint, timeout=PROBE_SECONDS)  # any HTTP answer will do
+            get_session().head(endpoint, timeout=seconds)  # any HTTP answer will do
             outcome.append(None)
         except Exception as e:  # connection refused, name not resolved, proxy error, timeout
             outcome.append(first_line(e, 120))
 
     thread = threading.Thread(target=ask, daemon=True)
     thread.start()
-    thread.join(PROBE_SECONDS + 1)
-    return outcome[0] if outcome else f"{endpoint} did not answer within {PROBE_SECONDS:.0f} s"
+    thread.join(seconds + 1)
+    return outcome[0] if outcome else f"{endpoint} did not answer within {seconds:g} s"
 
 
 def go_offline(reason):
@@ -68,8 +79,9 @@ def prepare(dataset=None, model=None, trust_remote_code=False):
     if not names:
         return
     from huggingface_hub import constants
-    if not constants.HF_HUB_OFFLINE and not _unreachable and PROBE_SECONDS > 0:
-        reason = _probe(constants.ENDPOINT)
+    seconds = probe_seconds()
+    if not constants.HF_HUB_OFFLINE and not _unreachable and seconds > 0:
+        reason = _probe(constants.ENDPOINT, seconds)
         if reason:
             go_offline(reason)
     if model and not is_path(model):

@@ -83,8 +83,9 @@ class RunLog:
         self.main, self.writer, self.windows = main, None, 0
         if main:
             from torch.utils.tensorboard import SummaryWriter
-            # purge: curves don't double back on resume, nor repeat a run killed before its first checkpoint
-            self.writer = SummaryWriter(out, purge_step=step)
+            # purge what a killed run logged after its checkpoint (curves don't double back), or all of it when
+            # it was killed before its first one; the checkpoint's own step was logged before it was saved
+            self.writer = SummaryWriter(out, purge_step=step + 1 if step else 0)
         self.pbar = tqdm(total=max_steps, initial=step, desc="train", dynamic_ncols=True, disable=not main,
                          file=Console(sys.stderr))
 
@@ -145,6 +146,11 @@ class RunLog:
 
     def stepped(self):
         self.pbar.update(1)
+
+    def flush(self):
+        """Events so far to disk: at each save, so a run killed later resumes with whole curves."""
+        if self.writer:
+            self.writer.flush()
 
     def close(self):
         self.pbar.close()

@@ -334,7 +334,7 @@ def train_loop(r):
             loss_sum.zero_()
             norm_sum.zero_()
         t_pause = time.perf_counter()
-        evaluated = (r.step % cfg.eval_steps == 0 or last_step) and not stopped  # a stop saves at once
+        evaluated = r.step % cfg.eval_steps == 0 or last_step  # also when stopping: history and best stay whole
         if evaluated:  # eval
             metrics = eval_pass(r.train_model, r.data.eval_loader, r.device, r.precision, r.mean, r.std,
                                 progress=r.main, num_classes=len(r.class_names), mistakes=8)
@@ -346,7 +346,8 @@ def train_loop(r):
         meter.pause(time.perf_counter() - t_pause)  # eval and save time is not training throughput
         if stopped:
             break
-    stopper.close()
+    if not stopped:
+        stopper.close()  # a second Ctrl-C after a stop still exits at once
     return stopped, meter, streak
 
 
@@ -367,6 +368,7 @@ def save(r, evaluated, elapsed):
                  data_position=dict(epoch=position // per_epoch, batch=position % per_epoch),
                  optimizer=r.optimizer.state_dict(), scheduler=r.scheduler.state_dict(), scaler=r.scaler.state_dict(),
                  rng=rng_ranks[0], rng_ranks=rng_ranks, elapsed=elapsed)
+    r.log.flush()  # what was logged up to this checkpoint survives a kill; a resumed run purges the rest
     r.checkpoints.save(r.step, r.model, r.processor, state, r.metrics if evaluated else None)
     dist.barrier()
 
