@@ -152,14 +152,18 @@ def _finish_files(folder):
         if not os.path.isfile(path):
             continue
         os.chmod(path, _FILE_MODE)
-        digest = hashlib.sha256()
         with open(path, "rb") as fh:  # fsync needs no write access (a umask may have taken it away)
             os.fsync(fh.fileno())
-            fh.seek(0)
-            for block in iter(lambda: fh.read(1 << 22), b""):
-                digest.update(block)
-        files[name] = dict(size=os.path.getsize(path), sha256=digest.hexdigest())
+        files[name] = dict(size=os.path.getsize(path), sha256=_sha256(path))
     return files
+
+
+def _sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _seal(tmp, step):
@@ -226,15 +230,13 @@ def damage(path):
     its training state readable; else what is wrong, in a few words. Reads the whole checkpoint."""
     if not is_complete(path):
         return f"no valid {MARKER}, or a file is missing or truncated"
-    for name, (_, expected) in _listed(path).items():
-        if expected:
-            digest = hashlib.sha256()
-            with open(os.path.join(path, name), "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 22), b""):
-                    digest.update(block)
-            if digest.hexdigest() != expected:
-                return f"{name} does not match its checksum (changed after it was written)"
-    try:
+    listed = _listed(path)
+    for name, (_, expected) in listed.items():
+        if expected and _sha256(os.path.join(path, name)) != expected:
+            return f"{name} does not match its checksum (changed after it was written)"
+    if listed.get(STATE, (0, None))[1]:
+        return None  # byte for byte as written: readable (load_state reads it once, for the resume)
+    try:  # an older checkpoint, sizes alone: read its state to be sure
         torch.load(os.path.join(path, STATE), map_location="cpu", weights_only=True)
     except Exception as e:
         return f"{STATE} cannot be read ({first_line(e, 80)})"

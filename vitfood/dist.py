@@ -104,8 +104,8 @@ def close():
 
 class Stopper:
     """SIGTERM (preemption), SIGHUP (the terminal closed, an ssh session dropped) or Ctrl-C asks the run to
-    stop: it finishes its step, saves and exits with EXIT_STOPPED. A second signal exits at once.
-    `requested()` is true on every rank as soon as any rank got a signal, so all ranks stop at the same step."""
+    stop: it finishes its step, saves and exits with EXIT_STOPPED. A second signal exits at once. The loop
+    passes `signal` through `any_rank`, so all ranks stop at the same step."""
 
     def __init__(self, device, say=print):
         self.device, self.say, self.signal = device, say, None
