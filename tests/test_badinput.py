@@ -128,7 +128,7 @@ def test_paths_never_escape_the_runs_folder(tmp_path, monkeypatch):
 def test_state_loads_without_pickle_code(finished):
     import torch
     state = torch.load(finished / "checkpoint-4" / "training_state.pt", weights_only=True)  # raises on pickled code
-    assert state["step"] == 4
+    assert state["progress"]["step"] == 4
 
 
 def test_more_nonsense_values(capsys, tmp_path):

@@ -59,7 +59,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(runs):
     env = json.load(open(two / "env.json"))
     assert env["world_size"] == 2
     state = torch.load(two / "checkpoint-8" / "training_state.pt", weights_only=True)
-    assert state["global_batch"] == 32 and state["world_size"] == 2
+    assert state["data"]["global_batch"] == 32 and state["data"]["world_size"] == 2
 
 
 def test_resume_under_two_processes_is_exact_and_across_world_sizes_close(runs, tmp_path):

@@ -130,6 +130,7 @@ def test_an_older_checkpoints_foreach_optimizer_state_resumes_into_the_fused_ste
     """vitfood before the sync-free step built AdamW with foreach on the CPU; its state, loaded, must not
     bring that back (the fused kernel is what skips a non-finite step)."""
     from vitfood import checkpoint
+    from vitfood.state import rng_state
     model, optimizer, scheduler, amp, scaler = _setup("fp32")
     params = list(model.parameters())  # grouped as make_optimizer groups them
     old = torch.optim.AdamW([dict(params=[p for p in params if p.ndim >= 2], weight_decay=0.05),
@@ -139,9 +140,10 @@ def test_an_older_checkpoints_foreach_optimizer_state_resumes_into_the_fused_ste
         old.step()
         old.zero_grad()
     model.save_pretrained(tmp_path)
-    state = dict(optimizer=old.state_dict(), scheduler=scheduler.state_dict(), scaler={}, rng=checkpoint.rng_state(),
-                 step=2)
-    checkpoint.restore(tmp_path, state, model, optimizer, scheduler, scaler)
+    state = checkpoint.upgrade(dict(  # the flat layout of training_state.pt before FORMAT 2
+        step=2, metrics=None, optimizer=old.state_dict(), scheduler=scheduler.state_dict(), scaler={},
+        data_position=dict(epoch=0, batch=2), rng=rng_state()))
+    checkpoint.restore(tmp_path, state, model, dict(optimizer=optimizer, scheduler=scheduler, scaler=scaler))
     images, labels = _batches(3)[2]
     forward_backward(model, images, labels, amp, scaler, MEAN, STD, labels.numel())
     norm, finite = optimizer_step(model, optimizer, scaler, scheduler, 1.0)

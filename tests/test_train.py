@@ -267,7 +267,7 @@ def test_resume_auto_without_output_dir_continues_the_newest_matching_run(tmp_pa
     assert f"continuing {os.path.join('runs', first.name)}" in printed and "resuming from" in printed
     assert results["global_step"] == 6 and results["segments"] == 2
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == sorted([first.name, "other"])  # no new run
-    first_segment = torch.load(first / "checkpoint-4" / "training_state.pt", weights_only=True)["elapsed"]
+    first_segment = torch.load(first / "checkpoint-4" / "training_state.pt", weights_only=True)["ledger"]
     assert first_segment["segments"] == 1 and first_segment["images"] == 4 * 16
     # all_results covers both segments: all the time and every image, not only the last part's
     assert results["train_runtime"] > first_segment["train_runtime"]

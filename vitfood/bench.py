@@ -27,6 +27,7 @@ import copy
 import dataclasses
 import tempfile
 import datetime
+import itertools
 import json
 import math
 import os
@@ -289,6 +290,33 @@ def bench_eval(cfg, eval_set, names, device, precision, workers, max_images):
     return dict(img_s=statistics.median(times), images=len(subset), batch_size=loader.batch_size, workers=workers)
 
 
+def model_mode(cfg, names, device, precisions, batch_sizes, compiles, attns, steps, repeats, quick):
+    """The compute-only training step for every combination asked for, printed as a table: (the matmul peak
+    of each precision, the rows)."""
+    print("\n[model] full training step on tensors already on the device")
+    peaks = {p: matmul_peak(DTYPES[p], device, quick) for p in precisions}
+    print("matmul peak measured here: " + ", ".join(f"{p} {v / 1e12:.2f} TFLOP/s" for p, v in peaks.items()))
+    print(f"{'precision':>9} {'batch':>6} {'compile':>7} {'attn':>5} {'img/s':>9} {'ms/step':>9} "
+          f"{'TFLOP/s':>8} {'MFU':>6} {'peak MB':>8} {'1st step s':>10}")
+    rows = []
+    for p, bs, comp, attn in itertools.product(precisions, batch_sizes, compiles, attns):
+        row = dict(precision=p, batch_size=bs, compile=comp, attn=attn)
+        rows.append(row)
+        try:
+            row.update(bench_model(cfg, names, device, p, bs, comp, attn, steps, repeats))
+        except torch.OutOfMemoryError:
+            row["error"] = "out of memory"
+            print(f"{p:>9} {bs:>6} {str(comp):>7} {attn:>5}  out of memory: skipped")
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
+        row["mfu"] = row["flops"] / peaks[p] if row["flops"] else None
+        print(f"{p:>9} {bs:>6} {str(comp):>7} {attn:>5} {row['img_s']:>9.1f} {row['ms_step']:>9.1f} "
+              f"{(row['flops'] or 0) / 1e12:>8.3f} {(row['mfu'] or 0):>6.1%} {row['peak_mem_mb']:>8.0f} "
+              f"{row['first_step_s']:>10.2f}")
+    return peaks, rows
+
+
 def main(argv=None):
     cfg, b = parse_args(argv)
     device = pick_device(cfg.device)
@@ -343,32 +371,8 @@ def main(argv=None):
                 print(f"{w:>8} {r['decode']:>7} {r['img_s']:>10.1f} {r['img_s_per_core']:>11.1f}")
 
     if "model" in modes:
-        print("\n[model] full training step on tensors already on the device")
-        peaks = {p: matmul_peak(DTYPES[p], device, quick) for p in precisions}
-        report["matmul_peak_flops"] = peaks
-        print("matmul peak measured here: " + ", ".join(f"{p} {v / 1e12:.2f} TFLOP/s" for p, v in peaks.items()))
-        print(f"{'precision':>9} {'batch':>6} {'compile':>7} {'attn':>5} {'img/s':>9} {'ms/step':>9} "
-              f"{'TFLOP/s':>8} {'MFU':>6} {'peak MB':>8} {'1st step s':>10}")
-        report["model"] = []
-        for p in precisions:
-            for bs in batch_sizes:
-                for comp in compiles:
-                    for attn in attns:
-                        row = dict(precision=p, batch_size=bs, compile=comp, attn=attn)
-                        try:
-                            row.update(bench_model(cfg, names, device, p, bs, comp, attn, steps, repeats))
-                        except torch.OutOfMemoryError:
-                            row["error"] = "out of memory"
-                            print(f"{p:>9} {bs:>6} {str(comp):>7} {attn:>5}  out of memory: skipped")
-                            report["model"].append(row)
-                            if device.type == "cuda":
-                                torch.cuda.empty_cache()
-                            continue
-                        row["mfu"] = row["flops"] / peaks[p] if row["flops"] else None
-                        report["model"].append(row)
-                        print(f"{p:>9} {bs:>6} {str(comp):>7} {attn:>5} {row['img_s']:>9.1f} {row['ms_step']:>9.1f} "
-                              f"{(row['flops'] or 0) / 1e12:>8.3f} {(row['mfu'] or 0):>6.1%} {row['peak_mem_mb']:>8.0f} "
-                              f"{row['first_step_s']:>10.2f}")
+        report["matmul_peak_flops"], report["model"] = model_mode(cfg, names, device, precisions, batch_sizes, compiles,
+                                                                  attns, steps, repeats, quick)
 
     profile_dir = None
     if b.profile:

@@ -1,9 +1,9 @@
 """Checkpoints: atomic, marked complete, rotated; plain state a resume restores exactly.
 
 <output-dir>/checkpoint-<step>/ holds a Hugging Face model folder (config.json,
-model.safetensors, preprocessor_config.json), training_state.pt (optimizer, scheduler,
-scaler, step, RNG states, data position; loadable with weights_only=True) and, written
-last, COMPLETE.json listing every file and its size. It is built under a temporary name and
+model.safetensors, preprocessor_config.json), training_state.pt (every resumable part of the
+run under its name, see `state_of`; loadable with weights_only=True) and, written last,
+COMPLETE.json listing every file, its size and SHA-256. It is built under a temporary name and
 renamed into place, so a folder named checkpoint-<step> is either complete or absent.
 """
 
@@ -12,17 +12,15 @@ import errno
 import hashlib
 import json
 import os
-import random
 import re
 import shutil
 import signal
 import threading
 import time
 
-import numpy as np
 import torch
 
-from vitfood.common import UserError, first_line, seed_everything
+from vitfood.common import UserError, first_line
 
 MARKER = "COMPLETE.json"
 STATE = "training_state.pt"
@@ -83,44 +81,40 @@ def write_json_atomic(path, obj):
         raise
 
 
-def rng_state():
-    # lists and tensors only: torch.load(weights_only=True) refuses numpy arrays
-    np_state = np.random.get_state()
-    state = dict(python=[random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
-                 numpy=dict(name=np_state[0], keys=torch.from_numpy(np_state[1].astype(np.int64)),
-                            pos=int(np_state[2]), has_gauss=int(np_state[3]), gauss=float(np_state[4])),
-                 torch=torch.get_rng_state())
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+FORMAT = 2  # the layout of training_state.pt: one entry per resumable part (1: the flat dict before it)
 
 
-def set_rng_state(state):
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    n = state["numpy"]
-    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def state_of(parts):
+    """What training_state.pt holds: each resumable part's state_dict() under its name. Every rank calls
+    this: some parts gather over ranks."""
+    return dict(format=FORMAT, **{name: part.state_dict() for name, part in parts.items()})
 
 
-def restore(path, state, model, optimizer, scheduler, scaler, rank=0, world=1, seed=0):
-    """Put a run back as it was at checkpoint `path` (whose training state is `state`): the weights,
-    optimizer, scheduler, scaler and this rank's random streams."""
+def restore(path, state, model, parts):
+    """Put a run back as it was at checkpoint `path`, whose training state is `state` (from load_state): the
+    model's weights, then each part of `parts` in order."""
     from vitfood.model import load_weights
     load_weights(model, path)
-    optimizer.load_state_dict(state["optimizer"])
-    for group in optimizer.param_groups:  # a checkpoint of an older vitfood holds foreach groups on the CPU:
-        group.update(fused=True, foreach=None)  # the step skips non-finite updates in the fused kernel only
-    scheduler.load_state_dict(state["scheduler"])
-    if scaler.is_enabled() and state["scaler"]:  # empty when the run was not fp16
-        scaler.load_state_dict(state["scaler"])
-    ranks = state.get("rng_ranks") or [state["rng"]]
-    if len(ranks) == world:  # each rank its own stream: exact
-        set_rng_state(ranks[rank])
-    else:  # another world size: fresh per-rank streams (matters only for dropout / drop-path)
-        seed_everything(seed + 7919 * rank + 104729 * state["step"])
+    for name, part in parts.items():
+        if state.get(name):  # an empty one (the scaler of a run that was not fp16) leaves the part as it is
+            part.load_state_dict(state[name])
+
+
+def upgrade(state):
+    """A training state as vitfood wrote it before FORMAT 2 (one flat dict), in today's layout."""
+    if "format" in state:
+        return state
+    for group in state["optimizer"]["param_groups"]:  # an older vitfood built foreach AdamW on the CPU: the
+        group.update(fused=True, foreach=None)  # step skips non-finite updates in the fused kernel only
+    position = state["data_position"]
+    ledger = dict(train_runtime=0.0, images=0, segments=0, damaged_files=[], damaged_encounters=0, nonfinite_steps=0)
+    ledger.update(state.get("elapsed") or {})
+    return dict(format=FORMAT, optimizer=state["optimizer"], scheduler=state["scheduler"], scaler=state["scaler"],
+                progress=dict(step=state["step"], metrics=state["metrics"], history=state.get("history", []),
+                              best=state.get("best")),
+                ledger=ledger, rng=dict(ranks=state.get("rng_ranks") or [state["rng"]]),
+                data=dict(epoch=position["epoch"], batch=position["batch"], world_size=state.get("world_size", 1),
+                          global_batch=state.get("global_batch")))
 
 
 def save(output_dir, step, model, processor, training_state, weights=None):
@@ -344,8 +338,8 @@ def snapshot(obj, buffers, key=()):
 
 class Checkpoints:
     """The checkpoint policy of a run directory, in one place: the lock, saves written in the background,
-    the best checkpoint (judged at saves that coincide with an eval, by top-1 accuracy) and its record,
-    and rotation to the newest `keep` plus the best. Only the writing rank (`main`) touches the disk.
+    the record of the best checkpoint (which `state.Progress` judges), and rotation to the newest `keep` plus
+    the best. Only the writing rank (`main`) touches the disk.
 
     A save pauses the loop only to copy the weights and the training state to host memory; a thread then
     writes, fsyncs, seals and renames the checkpoint and rotates. At most one write is in flight: the next
@@ -353,7 +347,6 @@ class Checkpoints:
 
     def __init__(self, out, keep, main=True):
         self.out, self.keep, self.main = out, keep, main
-        self.best = None  # dict(step, eval_accuracy, eval_loss)
         self._created = False
         self._buffers = {}  # host copies, reused from save to save (about 3x the weights with AdamW)
         self._writer = None  # the thread writing the latest save
@@ -382,30 +375,26 @@ class Checkpoints:
         return found[-1][1] if found else None
 
     def restore_best(self, best):
-        """On resume: the best as of the checkpoint, its record rewritten (a kill between a save and the
+        """On resume: the record of the best as of the checkpoint, rewritten (a kill between a save and the
         record's update would leave it naming an older best)."""
-        self.best = best
         if best and self.main:
             write_json_atomic(os.path.join(self.out, BEST), best)
 
-    def save(self, step, model, processor, state, metrics=None):
-        """Start writing checkpoint-<step> holding the model's weights, `state` and the best record, as they
-        are now. `metrics`: the eval at this step, if there was one."""
+    def save(self, step, model, processor, state, best=None, new_best=False):
+        """Start writing checkpoint-<step> holding the model's weights and `state` as they are now; keep the
+        best, `best` (dict(step, ...)), and record it when it is `new_best`."""
         self.wait()  # at most one write in flight (and its buffers are free again)
-        new_best = metrics is not None and (self.best is None or metrics["acc1"] > self.best["eval_accuracy"])
-        if new_best:
-            self.best = dict(step=step, eval_accuracy=metrics["acc1"], eval_loss=metrics["loss"])
         if not self.main:
             return
         fault_point("snapshot")
         weights = snapshot(model.state_dict(), self._buffers, ("model",))
-        state = snapshot(dict(state, best=self.best), self._buffers, ("state",))
+        state = snapshot(state, self._buffers, ("state",))
         copied = None
         if next(model.parameters()).is_cuda:  # the copies are enqueued on the stream: the writer waits for them
             copied = torch.cuda.Event()
             copied.record()
         self._writer = threading.Thread(target=self._write, name=f"vitfood-save-{step}", daemon=False,
-                                        args=(step, model, processor, weights, state, dict(self.best or {}), new_best,
+                                        args=(step, model, processor, weights, state, dict(best or {}), new_best,
                                               copied))
         self._writer.start()
 
@@ -471,8 +460,9 @@ def check_resumable(path):
 
 
 def load_state(path):
-    """The training state of a complete checkpoint."""
+    """The training state of a complete checkpoint, in today's layout."""
     try:
-        return torch.load(os.path.join(path, STATE), map_location="cpu", weights_only=True)
+        state = torch.load(os.path.join(path, STATE), map_location="cpu", weights_only=True)
     except Exception as e:
         raise UserError(f"{path}: {STATE} cannot be read ({first_line(e, 120)})") from None
+    return upgrade(state)

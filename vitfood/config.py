@@ -17,41 +17,50 @@ from dataclasses import dataclass, field
 from vitfood.common import UserError, first_line
 
 
-def _opt(default, help, choices=None):
-    return field(default=default, metadata={"help": help, "choices": choices})
+_NONE = object()
+
+
+def _opt(default, help, choices=None, decides=None, legacy=_NONE):
+    """A Config field. `decides`: what the option decides, when it decides the run: "weights" or "data" (the
+    data order), both fixed once a run has started, or "schedule" (its length and batch, which a resumed run
+    may change). `legacy`: the value that runs written before the option existed behaved as."""
+    meta = {"help": help, "choices": choices, "decides": decides}
+    if legacy is not _NONE:
+        meta["legacy"] = legacy
+    return field(default=default, metadata=meta)
 
 
 @dataclass
 class Config:
     # data
-    dataset: str = _opt("food101", "Hub dataset id, imagefolder folder, save_to_disk folder, or 'synthetic'")
-    train_split: str = _opt("train[:5000]", "split to train on; slices like 'train[:5000]' work")
-    eval_split: str | None = _opt(None, "existing split to evaluate on (e.g. 'validation'); unset: carve --test-size out of the train split")
-    test_size: float = _opt(0.2, "share of the train split held out for eval when --eval-split is unset (seeded)")
-    max_train_samples: int | None = _opt(None, "keep only the first N training images")
-    max_eval_samples: int | None = _opt(None, "keep only the first N eval images")
-    image_column: str = _opt("image", "name of the image column")
-    label_column: str = _opt("label", "name of the label column")
-    synthetic_size: int = _opt(2500, "images generated for --dataset synthetic (all in its 'train' split)")
-    synthetic_classes: int = _opt(10, "classes of --dataset synthetic")
-    synthetic_max_px: int = _opt(512, "longest side, in pixels, of the largest synthetic image")
-    fast_decode: bool = _opt(True, "decode a JPEG at 1/2, 1/4 or 1/8 scale (libjpeg DCT scaling) when its crop is downscaled by that much anyway; faster, same accuracy (bench/README.md)")
+    dataset: str = _opt("food101", "Hub dataset id, imagefolder folder, save_to_disk folder, or 'synthetic'", decides="data")
+    train_split: str = _opt("train[:5000]", "split to train on; slices like 'train[:5000]' work", decides="data")
+    eval_split: str | None = _opt(None, "existing split to evaluate on (e.g. 'validation'); unset: carve --test-size out of the train split", decides="data")
+    test_size: float = _opt(0.2, "share of the train split held out for eval when --eval-split is unset (seeded)", decides="data")
+    max_train_samples: int | None = _opt(None, "keep only the first N training images", decides="data")
+    max_eval_samples: int | None = _opt(None, "keep only the first N eval images", decides="data")
+    image_column: str = _opt("image", "name of the image column", decides="data")
+    label_column: str = _opt("label", "name of the label column", decides="data")
+    synthetic_size: int = _opt(2500, "images generated for --dataset synthetic (all in its 'train' split)", decides="data")
+    synthetic_classes: int = _opt(10, "classes of --dataset synthetic", decides="data")
+    synthetic_max_px: int = _opt(512, "longest side, in pixels, of the largest synthetic image", decides="data")
+    fast_decode: bool = _opt(True, "decode a JPEG at 1/2, 1/4 or 1/8 scale (libjpeg DCT scaling) when its crop is downscaled by that much anyway; faster, same accuracy (bench/README.md)", decides="data", legacy=False)
     bad_images: str = _opt("skip", "an image that cannot be decoded: skip it (counted, with a warning) or stop with an error", ["skip", "error"])
     # model
-    model: str = _opt("google/vit-base-patch16-224-in21k", "Hub id, local model folder, or a named config: vit-tiny, vit-small, vit-base, vit-micro")
-    image_size: int | None = _opt(None, "input resolution in px for the named configs (unset: their own, 224)")
+    model: str = _opt("google/vit-base-patch16-224-in21k", "Hub id, local model folder, or a named config: vit-tiny, vit-small, vit-base, vit-micro", decides="weights")
+    image_size: int | None = _opt(None, "input resolution in px for the named configs (unset: their own, 224)", decides="weights")
     trust_remote_code: bool = _opt(False, "let a Hub model run its own code (off: nothing from a repository is executed)")
     attn: str = _opt("auto", "attention implementation; auto: sdpa on CUDA, eager on the CPU (faster there, measured in bench/README.md)", ["auto", "sdpa", "eager"])
     compile: bool = _opt(False, "torch.compile the model (first steps are slow; compile time is reported)")
     # schedule
-    max_steps: int | None = _opt(None, "optimizer steps to train; overrides --epochs")
-    epochs: float = _opt(4.0, "epochs to train, converted to optimizer steps")
-    batch_size: int = _opt(16, "images per micro-batch (per process)")
+    max_steps: int | None = _opt(None, "optimizer steps to train; overrides --epochs", decides="schedule")
+    epochs: float = _opt(4.0, "epochs to train, converted to optimizer steps", decides="schedule")
+    batch_size: int = _opt(16, "images per micro-batch (per process)", decides="schedule")
     eval_batch_size: int | None = _opt(None, "images per eval batch (unset: 2x --batch-size)")
-    grad_accum_steps: int = _opt(1, "micro-batches per optimizer step")
-    lr: float = _opt(2e-4, "peak learning rate of AdamW")
-    weight_decay: float = _opt(0.0, "AdamW weight decay (never applied to biases and norm weights)")
-    warmup_steps: int = _opt(0, "linear warm-up steps, then linear decay to 0")
+    grad_accum_steps: int = _opt(1, "micro-batches per optimizer step", decides="weights")
+    lr: float = _opt(2e-4, "peak learning rate of AdamW", decides="weights")
+    weight_decay: float = _opt(0.0, "AdamW weight decay (never applied to biases and norm weights)", decides="weights")
+    warmup_steps: int = _opt(0, "linear warm-up steps, then linear decay to 0", decides="schedule")
     max_grad_norm: float = _opt(1.0, "clip the gradient norm to this (0: no clipping)")
     max_nonfinite_steps: int = _opt(25, "stop after this many consecutive steps with non-finite loss or gradients (each is skipped)")
     precision: str = _opt("auto", "auto: fp16 on CUDA, bf16 on CPUs with bf16 matrix units, else fp32", ["auto", "fp32", "fp16", "bf16"])
@@ -68,7 +77,7 @@ class Config:
     device: str = _opt("auto", "auto, cpu, cuda, cuda:N")
     num_workers: int = _opt(-1, "DataLoader worker processes per training process (-1: from the CPU count)")
     dist_timeout: int = _opt(600, "under torchrun: seconds a rank waits for the others before the job fails")
-    seed: int = _opt(42, "seed for the split, initialisation, shuffling and augmentation")
+    seed: int = _opt(42, "seed for the split, initialisation, shuffling and augmentation", decides="data")
     preset: str | None = _opt(None, "start from a named preset", ["demo"])
 
     @property
@@ -182,12 +191,14 @@ def _coerce(name, value, hints, path):
     return value
 
 
-# What decides a run: a run's own train_config.json without one of these was edited by hand and is refused,
-# rather than filled in with defaults (a deleted max_steps would turn 30 steps into 252).
-RUN_KEYS = ("dataset", "train_split", "eval_split", "test_size", "model", "image_size", "seed", "batch_size",
-            "grad_accum_steps", "max_steps", "epochs", "lr", "weight_decay", "warmup_steps")
-# Options added after the first release, as runs written before them behaved
-LEGACY = {"fast_decode": False}
+# Derived once from the fields' metadata:
+# what cannot change under a resumed run (besides the global batch, which its data position checks)
+FIXED_ON_RESUME = tuple(f.name for f in dataclasses.fields(Config) if f.metadata["decides"] in ("weights", "data"))
+# what a run's own train_config.json must hold: one without it was edited by hand and is refused, rather than
+# filled in with defaults (a deleted max_steps would turn 30 steps into 252)
+RUN_KEYS = tuple(f.name for f in dataclasses.fields(Config) if f.metadata["decides"] and "legacy" not in f.metadata)
+# options added after the first release, as runs written before them behaved
+LEGACY = {f.name: f.metadata["legacy"] for f in dataclasses.fields(Config) if "legacy" in f.metadata}
 
 
 def _decode(path, data):

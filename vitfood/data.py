@@ -441,6 +441,41 @@ class EpochBatchSampler(torch.utils.data.Sampler):
         return self.batches_per_epoch - self.batch
 
 
+class BatchStream:
+    """This rank's training micro-batches, epoch after epoch, without end. Its state is the position of the
+    next global micro-batch and the global batch that defines it, which a resumed run must keep."""
+
+    def __init__(self, loader, sampler):
+        self.loader, self.sampler = loader, sampler
+        self.position, self._batches = 0, None  # global micro-batches taken, over all epochs
+
+    def __next__(self):
+        if self._batches is None:
+            self._batches = self._from(self.position)
+        batch = next(self._batches)
+        self.position += 1
+        return batch
+
+    def _from(self, first):
+        epoch, batch = divmod(first, self.sampler.batches_per_epoch)
+        while True:
+            self.sampler.set_position(epoch, batch)
+            yield from self.loader
+            epoch, batch = epoch + 1, 0
+
+    def state_dict(self):
+        epoch, batch = divmod(self.position, self.sampler.batches_per_epoch)
+        return dict(epoch=epoch, batch=batch, global_batch=self.sampler.global_batch, world_size=self.sampler.world)
+
+    def load_state_dict(self, state):
+        g, procs, world = state["global_batch"], state["world_size"], self.sampler.world
+        if g is not None and g != self.sampler.global_batch:  # the data order depends on it (None: before torchrun)
+            keep = f"pass --batch-size {g // world}" if g % world == 0 else "that cannot be split evenly"
+            raise UserError(f"the run being resumed used a global batch of {g} ({procs} process(es) x --batch-size "
+                            f"{g // procs}); keep it: with {world} process(es), {keep}")
+        self.position, self._batches = state["epoch"] * self.sampler.batches_per_epoch + state["batch"], None
+
+
 def make_loader(dataset, batch_size, num_workers, device, sampler=None, seed=0):
     """Batches of `batch_size` in order or over `sampler`; an EpochBatchSampler makes the batches itself."""
     if isinstance(sampler, EpochBatchSampler):
@@ -463,6 +498,7 @@ class Data(NamedTuple):
     sampler: EpochBatchSampler | None
     train_loader: torch.utils.data.DataLoader | None
     eval_loader: torch.utils.data.DataLoader
+    batches: BatchStream | None  # the training micro-batches, resumable
 
 
 def build_data(cfg, train_ds, eval_ds, transforms, num_classes, device, workers, global_batch=None, rank=0, world=1,
@@ -474,16 +510,17 @@ def build_data(cfg, train_ds, eval_ds, transforms, num_classes, device, workers,
     """
     train_tf, eval_tf = transforms
     skip_bad = cfg.bad_images == "skip"
-    train_set = sampler = train_loader = None
+    train_set = sampler = train_loader = batches = None
     if train_ds is not None:
         train_set = ImageDataset(train_ds, cfg.image_column, cfg.label_column, train_tf, seed=cfg.seed, skip_bad=skip_bad)
         check_labels(train_set, num_classes, "train")
         sampler = EpochBatchSampler(len(train_set), cfg.seed, global_batch, rank, world)
         train_loader = make_loader(train_set, cfg.batch_size, workers, device, sampler, seed=cfg.seed)
+        batches = BatchStream(train_loader, sampler)
     eval_set = ImageDataset(eval_ds, cfg.image_column, cfg.label_column, eval_tf, skip_bad=skip_bad, relabel=relabel)
     check_labels(eval_set, num_classes, "eval")
     eval_loader = make_loader(eval_set, eval_batch or cfg.eval_bs, workers, device, range(rank, len(eval_set), world))
-    return Data(train_set, eval_set, sampler, train_loader, eval_loader)
+    return Data(train_set, eval_set, sampler, train_loader, eval_loader, batches)
 
 
 def eval_skip_warning(skipped, total):

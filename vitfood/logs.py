@@ -160,30 +160,18 @@ class RunLog:
 
 
 class Meter:
-    """The run's running figures: images/s and data wait of the current logging window (eval and save time
-    left out), and, over every segment of a resumed run, training time, images and damaged files."""
+    """Images/s and data wait of the current logging window, eval and save time left out. (What the whole
+    run has cost, over every segment, is `state.Ledger`'s.)"""
 
-    def __init__(self, before=None):
-        before = before or {}  # the record of the checkpoint resumed from
-        self.runtime_before, self.images_before = before.get("train_runtime", 0.0), before.get("images", 0)
-        self.segments = before.get("segments", 0) + 1
-        self.damaged = set(before.get("damaged_files", ()))  # indices of training images that failed to decode
-        self.encounters = before.get("damaged_encounters", 0)
-        self.segment_start, self.segment_images = time.perf_counter(), 0
+    def __init__(self):
         self.reset()
 
     def reset(self):
         self.start, self.images, self.wait, self.paused = time.perf_counter(), 0, 0.0, 0.0
 
-    def fetched(self, images, wait, damaged=()):
+    def fetched(self, images, wait):
         self.images += images
         self.wait += wait
-        self.damaged.update(damaged)
-        self.encounters += len(damaged)
-
-    def stepped(self, images):
-        """An optimizer step over `images` images (over all ranks)."""
-        self.segment_images += images
 
     def pause(self, seconds):
         self.paused += seconds
@@ -195,9 +183,3 @@ class Meter:
         rates = images / dt, min(1.0, self.wait / dt)
         self.reset()
         return rates
-
-    def record(self, damaged, encounters, nonfinite_steps):
-        """The whole run so far, for a checkpoint and the results; `damaged`, `encounters`: over all ranks."""
-        runtime = self.runtime_before + time.perf_counter() - self.segment_start
-        return dict(train_runtime=runtime, images=self.images_before + self.segment_images, segments=self.segments,
-                    damaged_files=sorted(damaged), damaged_encounters=encounters, nonfinite_steps=nonfinite_steps)

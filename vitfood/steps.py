@@ -56,10 +56,10 @@ class NonFiniteStreak:
     """Skipped (non-finite) steps, counted on the device: `limit` in a row stop the run with one line.
     `check()` reads the counts (a sync), so the loop calls it at logging steps only."""
 
-    def __init__(self, limit, device, skipped=0):
+    def __init__(self, limit, device):
         self.limit = limit
         zero = lambda: torch.zeros((), dtype=torch.int64, device=device)
-        self.streak, self.longest, self.end, self.skipped = zero(), zero(), zero(), zero() + skipped
+        self.streak, self.longest, self.end, self.skipped = zero(), zero(), zero(), zero()
 
     def update(self, finite, step):
         bad = (~finite).long()

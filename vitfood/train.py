@@ -21,7 +21,7 @@ import math
 import os
 import shlex
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import transformers
@@ -29,17 +29,14 @@ import transformers
 from vitfood import checkpoint, dist, hub, report
 from vitfood.common import (UserError, env_info, first_line, mixed_precision, num_workers, resolve_precision, run_main,
                             safe_name, seconds_since_start, seed_everything)
-from vitfood.config import build_parser, read_config_file, resolve, to_dict
+from vitfood.config import FIXED_ON_RESUME, build_parser, read_config_file, resolve, to_dict
 from vitfood.data import Data, build_data, eval_skip_warning, hub_dataset, load_splits, transforms_for
 from vitfood.hub import is_path
 from vitfood.logs import Meter, RunLog
 from vitfood.model import build_model, compiled, hub_model, load_weights, make_optimizer, make_scheduler
+from vitfood.state import Ledger, Progress, RNGStreams
 from vitfood.steps import NonFiniteStreak, eval_pass, forward_backward, optimizer_step
 
-FIXED_ON_RESUME = ("dataset", "train_split", "eval_split", "test_size", "max_train_samples", "max_eval_samples",
-                   "image_column", "label_column", "synthetic_size", "synthetic_classes", "synthetic_max_px",
-                   "model", "image_size", "grad_accum_steps", "seed", "fast_decode",
-                   "lr", "weight_decay")  # and the global batch; lr and weight decay live in the optimizer state
 EXIT_STOPPED = 75  # stopped by SIGTERM/SIGHUP/SIGINT after saving a checkpoint (sysexits' EX_TEMPFAIL: run again)
 
 
@@ -128,16 +125,7 @@ def open_run(cfg, checkpoints, resume, main=True):
     return None
 
 
-def check_global_batch(state, global_batch, world):
-    """A resumed run keeps its global batch (its data order), whatever the number of processes."""
-    if state and state.get("global_batch", global_batch) != global_batch:
-        g, procs = state["global_batch"], state.get("world_size", 1)
-        keep = f"pass --batch-size {g // world}" if g % world == 0 else "that cannot be split evenly"
-        raise UserError(f"the run being resumed used a global batch of {g} ({procs} process(es) x --batch-size "
-                        f"{g // procs}); keep it: with {world} process(es), {keep}")
-
-
-@dataclass
+@dataclass(kw_only=True)
 class Run:
     """What the set-up builds, and what the loop advances."""
     cfg: object
@@ -158,10 +146,9 @@ class Run:
     mean: list
     std: list
     max_steps: int
-    step: int = 0
-    metrics: dict | None = None  # the latest eval
-    history: list = field(default_factory=list)  # every eval: step, train_loss, metrics
-    before: dict | None = None  # training time, images and damaged files of the segments before this one
+    progress: Progress
+    ledger: Ledger
+    rng: RNGStreams
     startup: float = 0.0  # seconds from process start to the loop
     ddp: torch.nn.Module | None = None  # the model as DDP sees it (the model itself for one process)
     train_model: torch.nn.Module | None = None  # what the step calls: ddp, compiled with --compile
@@ -170,6 +157,18 @@ class Run:
     @property
     def main(self):
         return self.rank == 0  # rank 0 alone writes checkpoints, TensorBoard events, the model and the console
+
+    @property
+    def step(self):
+        return self.progress.step
+
+
+def resumable(r):
+    """Every part of a run that a checkpoint holds besides the weights, under its name in training_state.pt,
+    in the order a resume loads them (RNGStreams reads the step). Each has state_dict() and load_state_dict():
+    adding state to a run is a part here, or a field of one."""
+    return dict(progress=r.progress, ledger=r.ledger, data=r.data.batches, rng=r.rng,
+                optimizer=r.optimizer, scheduler=r.scheduler, scaler=r.scaler)
 
 
 def main(argv=None):
@@ -182,8 +181,7 @@ def main(argv=None):
         r = setup(cfg, resume, rank, world, device, checkpoints)
         if r is None:
             return None  # the run had already finished
-        stopped, meter, streak = train_loop(r)
-        return finish(r, stopped, meter.record(*damaged_files(meter), streak.total()))
+        return finish(r, train_loop(r))
     except (Exception, KeyboardInterrupt) as e:
         if r is not None and r.log is not None:  # TensorBoard's HParams marks the run failed
             r.log.end("failure", r.step, first_line(e))
@@ -202,7 +200,6 @@ def setup(cfg, resume, rank, world, device, checkpoints):
     precision = resolve_precision(cfg.precision, device)
     state = checkpoint.load_state(resume_from) if resume_from else None
     global_batch = cfg.batch_size * world
-    check_global_batch(state, global_batch, world)
 
     # ---- data and model (rank 0 first: it downloads or generates, the others then read its cache)
     hub.prepare(hub_dataset(cfg.dataset), hub_model(cfg.model), cfg.trust_remote_code)  # fails fast, before the data
@@ -228,14 +225,16 @@ def setup(cfg, resume, rank, world, device, checkpoints):
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg.warmup_steps, max_steps)
     amp, scaler = mixed_precision(precision, device)
-    r = Run(cfg, rank, world, device, precision, global_batch, checkpoints, data, class_names, model, processor,
-            optimizer, scheduler, scaler, amp, mean, std, max_steps)
+    progress = Progress()
+    r = Run(cfg=cfg, rank=rank, world=world, device=device, precision=precision, global_batch=global_batch,
+            checkpoints=checkpoints, data=data, class_names=class_names, model=model, processor=processor,
+            optimizer=optimizer, scheduler=scheduler, scaler=scaler, amp=amp, mean=mean, std=std, max_steps=max_steps,
+            progress=progress, ledger=Ledger(NonFiniteStreak(cfg.max_nonfinite_steps, device)),
+            rng=RNGStreams(rank, world, cfg.seed, progress))
 
     # ---- restore
     if state:
-        checkpoint.restore(resume_from, state, model, optimizer, scheduler, scaler, rank, world, cfg.seed)
-        r.step, r.metrics, r.history = state["step"], state["metrics"], state.get("history", [])
-        r.before = state.get("elapsed")
+        checkpoint.restore(resume_from, state, model, resumable(r))
         dist.same_on_all(r.step, "the step of the checkpoint resumed from (is --output-dir on shared storage?)")
         if r.step >= max_steps and os.path.isfile(os.path.join(cfg.output_dir, "all_results.json")):
             say(f"{cfg.output_dir}: the run already finished at step {r.step} (of {max_steps}); nothing to do")
@@ -243,7 +242,7 @@ def setup(cfg, resume, rank, world, device, checkpoints):
         if r.step > max_steps:  # refused before anything in the run directory is rewritten
             raise UserError(f"the run asks for {max_steps} steps (--max-steps, --epochs), below step {r.step} of the "
                             f"checkpoint being resumed; pass --max-steps {r.step} to finish it there, or more")
-        checkpoints.restore_best(state["best"])
+        checkpoints.restore_best(r.progress.best)
         say(f"resuming from {resume_from} at step {r.step}")
     model.train()  # from_pretrained returns a model in eval mode: dropout, drop-path and BatchNorm need this
     r.ddp = model
@@ -272,23 +271,12 @@ def setup(cfg, resume, rank, world, device, checkpoints):
     return r
 
 
-def micro_batches(data, first):
-    """An endless stream of this rank's micro-batches, from global micro-batch `first` on."""
-    epoch, batch = divmod(first, data.sampler.batches_per_epoch)
-    while True:
-        data.sampler.set_position(epoch, batch)
-        yield from data.train_loader
-        epoch, batch = epoch + 1, 0
-
-
 def train_loop(r):
-    """Optimizer steps from r.step to r.max_steps, or until a stop signal. Returns (the stop signal or None,
-    the Meter, the NonFiniteStreak)."""
-    cfg, log, accum = r.cfg, r.log, r.cfg.grad_accum_steps
+    """Optimizer steps from r.step to r.max_steps, or until a stop signal. Returns the stop signal, or None."""
+    cfg, log, accum, ledger = r.cfg, r.log, r.cfg.grad_accum_steps, r.ledger
     stopper = dist.Stopper(r.device, log.say)
-    stream = micro_batches(r.data, r.step * accum)
-    meter = Meter(r.before)
-    streak = NonFiniteStreak(cfg.max_nonfinite_steps, r.device, (r.before or {}).get("nonfinite_steps", 0))
+    meter = Meter()
+    ledger.begin()
     loss_sum, norm_sum = torch.zeros((), device=r.device), torch.zeros((), device=r.device)
     last_log, train_loss, stopped = r.step, None, None
     while r.step < r.max_steps:
@@ -298,8 +286,9 @@ def train_loop(r):
         step_samples = r.data.sampler.samples_in(r.step * accum, accum)
         for micro in range(accum):
             t0 = time.perf_counter()
-            images, labels, damaged = next(stream)
-            meter.fetched(labels.shape[0], time.perf_counter() - t0, damaged)
+            images, labels, damaged = next(r.data.batches)
+            meter.fetched(labels.shape[0], time.perf_counter() - t0)
+            ledger.fetched(damaged)
             r.startup = r.startup or seconds_since_start()  # process start to the first batch in hand
             if r.step == 0 and micro == 0:
                 log.augmented(images)
@@ -308,12 +297,12 @@ def train_loop(r):
                 loss_sum += forward_backward(r.train_model, images, labels, r.amp, r.scaler, r.mean, r.std,
                                              step_samples / r.world)
         norm, finite = optimizer_step(r.model, r.optimizer, r.scaler, r.scheduler, cfg.max_grad_norm)
-        r.step += 1
-        meter.stepped(step_samples)
+        r.progress.step += 1
+        ledger.stepped(step_samples)
         checkpoint.fault_point("step")
         log.stepped()
         norm_sum += torch.where(finite, norm, 0.0)  # a skipped step (non-finite) left the weights as they were
-        streak.update(finite, r.step)
+        ledger.nonfinite.update(finite, r.step)
         last_step = r.step == r.max_steps
         stop, write_failed = dist.any_rank((stopper.signal, r.checkpoints.failed), r.device)  # all ranks alike
         if write_failed:  # a checkpoint write failed in the background (on rank 0): every rank stops here
@@ -323,12 +312,12 @@ def train_loop(r):
 
         if r.step % cfg.logging_steps == 0 or last_step:  # log: sums over ranks; .item() syncs, only here
             n, last_log = r.step - last_log, r.step
-            counts = torch.tensor([meter.images, len(meter.damaged)], dtype=torch.float32, device=r.device)
+            counts = torch.tensor([meter.images, len(ledger.damaged)], dtype=torch.float32, device=r.device)
             totals = dist.all_sum(torch.cat([torch.stack([loss_sum, norm_sum]) / r.world, counts]))
             train_loss = round((totals[0] / n).item(), 6)
             img_s, wait = meter.window(int(totals[2].item()))
-            damaged = len(damaged_files(meter)[0]) if totals[3].item() else 0  # a gather only when there are any
-            skipped = streak.check(r.checkpoints.latest)
+            damaged = len(ledger.damaged_files()[0]) if totals[3].item() else 0  # a gather only when there are any
+            skipped = ledger.nonfinite.check(r.checkpoints.latest)
             log.train(r.step, train_loss, lr, (totals[1] / n).item(), img_s, wait,
                       r.scaler.get_scale() if r.scaler.is_enabled() else None, damaged, skipped)
             loss_sum.zero_()
@@ -339,48 +328,36 @@ def train_loop(r):
             metrics = eval_pass(r.train_model, r.data.eval_loader, r.device, r.precision, r.mean, r.std,
                                 progress=r.main, num_classes=len(r.class_names), mistakes=8)
             log.eval(r.step, metrics, r.class_names)
-            r.metrics = {k: metrics[k] for k in ("loss", "acc1", "acc5", "samples", "skipped")}
-            r.history.append(dict(step=r.step, train_loss=train_loss, **r.metrics))
+            r.progress.evaluated(metrics, train_loss)
         if r.step % cfg.save_steps == 0 or last_step or stopped:  # save
-            save(r, evaluated, meter.record(*damaged_files(meter), streak.total()))
+            save(r, evaluated)
         meter.pause(time.perf_counter() - t_pause)  # eval and save time is not training throughput
         if stopped:
             break
     if not stopped:
         stopper.close()  # a second Ctrl-C after a stop still exits at once
-    return stopped, meter, streak
+    return stopped
 
 
-def damaged_files(meter):
-    """(distinct training images that failed to decode, times they were met), over all ranks."""
-    parts = dist.gather((meter.damaged, meter.encounters))
-    return set().union(*(d for d, _ in parts)), sum(e for _, e in parts)
-
-
-def save(r, evaluated, elapsed):
-    """checkpoint-<step>, with every rank's RNG state (dropout). Rank 0 copies the state and writes it in the
+def save(r, evaluated):
+    """checkpoint-<step>: the weights and every resumable part. Rank 0 copies them and writes in the
     background; the barrier keeps the ranks in step (none reads a checkpoint during training)."""
-    rng_ranks = dist.gather(checkpoint.rng_state())
-    position = r.step * r.cfg.grad_accum_steps
-    per_epoch = r.data.sampler.batches_per_epoch
-    state = dict(step=r.step, metrics=r.metrics if evaluated else None, history=r.history,
-                 global_batch=r.global_batch, world_size=r.world,
-                 data_position=dict(epoch=position // per_epoch, batch=position % per_epoch),
-                 optimizer=r.optimizer.state_dict(), scheduler=r.scheduler.state_dict(), scaler=r.scaler.state_dict(),
-                 rng=rng_ranks[0], rng_ranks=rng_ranks, elapsed=elapsed)
+    new_best = evaluated and r.progress.consider_best()
+    state = checkpoint.state_of(resumable(r))  # every rank: the RNG streams and the ledger gather over ranks
     r.log.flush()  # what was logged up to this checkpoint survives a kill; a resumed run purges the rest
-    r.checkpoints.save(r.step, r.model, r.processor, state, r.metrics if evaluated else None)
+    r.checkpoints.save(r.step, r.model, r.processor, state, r.progress.best, new_best)
     dist.barrier()
 
 
-def finish(r, stopped, elapsed):
+def finish(r, stopped):
     """Export the model and write the results; or, after a stop signal, say how to continue and exit 75."""
     cfg, out, log = r.cfg, r.cfg.output_dir, r.log
     r.checkpoints.wait()  # the last checkpoint is complete before anything reads it or the process ends
     log.pbar.close()
-    bad_train, bad_eval = len(elapsed["damaged_files"]), (r.metrics or {}).get("skipped", 0)
+    ledger = r.ledger.state_dict()  # every rank: it adds up over ranks
+    bad_train, bad_eval = len(ledger["damaged_files"]), (r.progress.metrics or {}).get("skipped", 0)
     if bad_train:
-        log.say(f"warning: {bad_train} damaged training file(s) ({elapsed['damaged_encounters']} encounters) could "
+        log.say(f"warning: {bad_train} damaged training file(s) ({ledger['damaged_encounters']} encounters) could "
                 "not be decoded and were skipped (--bad-images error to stop instead)")
     if bad_eval:
         log.say(eval_skip_warning(bad_eval, len(r.data.eval_set)))
@@ -392,7 +369,7 @@ def finish(r, stopped, elapsed):
         dist.close()
         raise SystemExit(EXIT_STOPPED)
 
-    final, export_step, best = r.metrics, r.step, r.checkpoints.best
+    final, export_step, best = r.progress.current(), r.step, r.progress.best
     if cfg.export == "best" and best and best["step"] != r.step:
         load_weights(r.model, os.path.join(out, f"checkpoint-{best['step']}"))
         final, export_step = None, best["step"]
@@ -401,21 +378,21 @@ def finish(r, stopped, elapsed):
     if not math.isfinite(final["loss"]):
         raise UserError(f"the final eval loss is {final['loss']}: the weights at step {export_step} are not finite "
                         f"(a damaged checkpoint?); nothing exported. The checkpoints in {out} are untouched")
-    runtime = elapsed["train_runtime"]
+    runtime = ledger["train_runtime"]
     results = dict(eval_loss=final["loss"], eval_accuracy=final["acc1"], eval_top5=final["acc5"],
                    global_step=r.step, exported_step=export_step, train_runtime=round(runtime, 3),
-                   train_samples_per_second=round(elapsed["images"] / runtime, 3), segments=elapsed["segments"],
-                   damaged_train_files=bad_train, damaged_train_encounters=elapsed["damaged_encounters"],
+                   train_samples_per_second=round(ledger["images"] / runtime, 3), segments=ledger["segments"],
+                   damaged_train_files=bad_train, damaged_train_encounters=ledger["damaged_encounters"],
                    damaged_eval_files=final["skipped"], startup_seconds=round(r.startup, 2))
     if r.main:
         env = env_info(r.device)
-        card = report.model_card(cfg, results, r.history, dict(train=len(r.data.train_set), eval=len(r.data.eval_set)),
+        card = report.model_card(cfg, results, r.progress.history, dict(train=len(r.data.train_set), eval=len(r.data.eval_set)),
                                  r.class_names, r.precision, r.world, r.global_batch * cfg.grad_accum_steps,
                                  {k: env[k] for k in ("torch", "transformers", "datasets")})
         model_dir = checkpoint.export(out, r.model, r.processor, card)
         checkpoint.write_json_atomic(os.path.join(out, "all_results.json"), results)
         print(f"\ndone: {out}")
-        segments = f" in {elapsed['segments']} segments" if elapsed["segments"] > 1 else ""
+        segments = f" in {ledger['segments']} segments" if ledger["segments"] > 1 else ""
         print(f"  eval_loss {results['eval_loss']:.4f}  eval_accuracy {results['eval_accuracy']:.4f}  "
               f"eval_top5 {results['eval_top5']:.4f}  ({r.step} steps, {runtime:.0f} s{segments})")
         print(f"  model: {model_dir}")

@@ -1,0 +1,132 @@
+"""What a run carries across a stop, besides its weights, optimizer, scheduler and scaler: where it is
+(`Progress`), what it has cost and met (`Ledger`) and its random streams (`RNGStreams`). Each has
+`state_dict()` / `load_state_dict()` (the Stateful protocol of torch.distributed.checkpoint);
+`train.resumable` names every such part of a run, and `checkpoint` saves and restores them together.
+The data position is `data.BatchStream`'s.
+"""
+
+import random
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from vitfood import dist
+from vitfood.common import seed_everything
+
+
+@dataclass
+class Progress:
+    """Where the run is: optimizer steps taken, the latest eval, every eval so far, and the best checkpoint
+    (judged at saves that coincide with an eval, by top-1 accuracy)."""
+    step: int = 0
+    metrics: dict | None = None  # the latest eval
+    history: list = field(default_factory=list)  # every eval: step, train_loss, metrics
+    best: dict | None = None  # dict(step, eval_accuracy, eval_loss)
+
+    def evaluated(self, metrics, train_loss):
+        self.metrics = {k: metrics[k] for k in ("loss", "acc1", "acc5", "samples", "skipped")}
+        self.history.append(dict(step=self.step, train_loss=train_loss, **self.metrics))
+
+    def consider_best(self):
+        """At a save right after an eval: True when this step's eval is the best so far (it becomes the best)."""
+        if self.best is not None and self.metrics["acc1"] <= self.best["eval_accuracy"]:
+            return False
+        self.best = dict(step=self.step, eval_accuracy=self.metrics["acc1"], eval_loss=self.metrics["loss"])
+        return True
+
+    def current(self):
+        """The eval of this step's weights, or None (the last eval was of an earlier step)."""
+        return self.metrics if self.history and self.history[-1]["step"] == self.step else None
+
+    def state_dict(self):
+        # the metrics only when they describe this step's weights: a run resumed at its last step from a save
+        # between evals evaluates again before it reports
+        return dict(step=self.step, metrics=self.current(), history=list(self.history), best=self.best)
+
+    def load_state_dict(self, state):
+        self.step, self.metrics = state["step"], state["metrics"]
+        self.history, self.best = list(state["history"]), state["best"]
+
+
+class Ledger:
+    """The run's account over every segment of a resumed run: training time, images, damaged training files
+    (and how often they were met) and skipped non-finite steps (counted on the device by `nonfinite`).
+    Each rank keeps its own part; `state_dict()` adds them up, so every rank must call it."""
+
+    def __init__(self, nonfinite):
+        self.nonfinite = nonfinite  # steps.NonFiniteStreak
+        self.runtime_before, self.images_before, self.encounters_before, self.segments = 0.0, 0, 0, 1
+        self.damaged, self.encounters = set(), 0  # indices of training images that failed to decode (this rank)
+        self.begin()
+
+    def begin(self):
+        """This segment's clock starts (with the loop: set-up and restore are not training time)."""
+        self.segment_start, self.segment_images = time.perf_counter(), 0
+
+    def fetched(self, damaged):
+        self.damaged.update(damaged)
+        self.encounters += len(damaged)
+
+    def stepped(self, images):
+        """An optimizer step over `images` images (over all ranks)."""
+        self.segment_images += images
+
+    def damaged_files(self):
+        """(distinct damaged training files, times they were met), over all ranks."""
+        parts = dist.gather((self.damaged, self.encounters))
+        return set().union(*(d for d, _ in parts)), self.encounters_before + sum(e for _, e in parts)
+
+    def state_dict(self):
+        damaged, encounters = self.damaged_files()
+        return dict(train_runtime=self.runtime_before + time.perf_counter() - self.segment_start,
+                    images=self.images_before + self.segment_images, segments=self.segments,
+                    damaged_files=sorted(damaged), damaged_encounters=encounters,
+                    nonfinite_steps=self.nonfinite.total())
+
+    def load_state_dict(self, state):
+        self.runtime_before, self.images_before = state["train_runtime"], state["images"]
+        self.segments = state["segments"] + 1
+        self.damaged = set(state["damaged_files"])  # a set: the same on every rank adds up to itself
+        self.encounters_before = state["damaged_encounters"]  # a count: added once, not once per rank
+        self.nonfinite.skipped.fill_(state["nonfinite_steps"])
+
+
+def rng_state():
+    # lists and tensors only: torch.load(weights_only=True) refuses numpy arrays
+    np_state = np.random.get_state()
+    state = dict(python=[random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+                 numpy=dict(name=np_state[0], keys=torch.from_numpy(np_state[1].astype(np.int64)),
+                            pos=int(np_state[2]), has_gauss=int(np_state[3]), gauss=float(np_state[4])),
+                 torch=torch.get_rng_state())
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class RNGStreams:
+    """Every rank's Python, NumPy, torch and CUDA random streams (dropout, drop-path). Augmentation does not
+    draw from them: it is keyed on (seed, epoch, sample). `state_dict()` gathers, so every rank calls it."""
+
+    def __init__(self, rank, world, seed, progress):
+        self.rank, self.world, self.seed, self.progress = rank, world, seed, progress
+
+    def state_dict(self):
+        return dict(ranks=dist.gather(rng_state()))
+
+    def load_state_dict(self, state):
+        if len(state["ranks"]) == self.world:  # each rank its own stream: exact
+            set_rng_state(state["ranks"][self.rank])
+        else:  # another world size: fresh per-rank streams, new at each resumed step
+            seed_everything(self.seed + 7919 * self.rank + 104729 * self.progress.step)
