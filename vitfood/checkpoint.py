@@ -212,10 +212,12 @@ def _listed(path):
 
 
 def is_complete(path):
-    """True when the folder's marker exists and every file it lists is there with its size."""
+    """True when the folder's marker exists, lists the training state, and every file it lists is there with
+    its size."""
     try:
-        return all(os.path.getsize(os.path.join(path, n)) == size for n, (size, _) in _listed(path).items())
-    except (OSError, ValueError, KeyError, TypeError):
+        listed = _listed(path)
+        return STATE in listed and all(os.path.getsize(os.path.join(path, n)) == size for n, (size, _) in listed.items())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
 
 
@@ -244,17 +246,17 @@ def set_aside(path):
     return moved
 
 
-def complete_checkpoints(output_dir):
-    """[(step, path)] of the complete checkpoints, oldest first."""
+def checkpoint_folders(output_dir):
+    """[(step, path)] of every checkpoint-<step> folder, complete or not, oldest first."""
     if not os.path.isdir(output_dir):
         return []
-    found = []
-    for name in os.listdir(output_dir):
-        m = _NAME.match(name)
-        path = os.path.join(output_dir, name)
-        if m and is_complete(path):
-            found.append((int(m.group(1)), path))
-    return sorted(found)
+    names = [(_NAME.match(name), name) for name in os.listdir(output_dir)]
+    return sorted((int(m.group(1)), os.path.join(output_dir, name)) for m, name in names if m)
+
+
+def complete_checkpoints(output_dir):
+    """[(step, path)] of the complete checkpoints, oldest first."""
+    return [(step, path) for step, path in checkpoint_folders(output_dir) if is_complete(path)]
 
 
 def cleanup(output_dir):
@@ -270,6 +272,24 @@ def cleanup(output_dir):
             shutil.rmtree(path, ignore_errors=True)
         elif ".json.tmp-" in name:
             os.remove(path)
+
+
+_claimed = set()  # run folders this process created with claim()
+
+
+def claim(path):
+    """Create the folder of a new run: `path`, or `path-2`, `path-3`, ... when other runs took those first
+    (started in the same second). Returns the folder created."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    for n in range(1, 10_000):
+        candidate = path if n == 1 else f"{path}-{n}"
+        try:
+            os.mkdir(candidate)
+        except FileExistsError:
+            continue
+        _claimed.add(os.path.realpath(candidate))
+        return candidate
+    raise UserError(f"cannot create a new run folder next to {path}: 9,999 exist")
 
 
 _locks = {}
@@ -356,7 +376,7 @@ class Checkpoints:
         """Create and lock the directory for this process's life (a second run there is refused), and
         clear what a killed run left half-done."""
         if self.main:
-            fresh = not os.path.exists(self.out)
+            fresh = not os.path.exists(self.out) or os.path.realpath(self.out) in _claimed
             os.makedirs(self.out, exist_ok=True)
             self._created = fresh
             lock(self.out)
@@ -399,15 +419,18 @@ class Checkpoints:
         self._writer.start()
 
     def _write(self, step, model, processor, weights, state, best, new_best, copied):
+        what = f"checkpoint-{step}"
         try:
             if copied:
                 copied.synchronize()  # the copies to host memory are done
             save(self.out, step, model, processor, state, weights)
+            what = f"{BEST} (checkpoint-{step} itself is complete)"
             if new_best:
                 write_json_atomic(os.path.join(self.out, BEST), best)
+            what = f"the rotation after checkpoint-{step} (which is complete)"
             rotate(self.out, self.keep, best.get("step"))
         except BaseException as e:  # a full disk raises OSError, or RuntimeError from torch.save, or SafetensorError
-            self._failure = (step, e)
+            self._failure = (what, e)
 
     def writing(self):
         return self._writer is not None and self._writer.is_alive()
@@ -428,8 +451,8 @@ class Checkpoints:
     def check(self):
         """Raise, as one clear line, the failure of a background write (the loop calls this every step)."""
         if self._failure:
-            (step, e), self._failure = self._failure, None
-            raise UserError(f"cannot write checkpoint-{step} in {self.out}: {write_error(e, self.out)}; "
+            (what, e), self._failure = self._failure, None
+            raise UserError(f"cannot write {what} in {self.out}: {write_error(e, self.out)}; "
                             "the complete checkpoints already there are intact") from None
 
 

@@ -46,6 +46,7 @@ class Config:
     synthetic_max_px: int = _opt(512, "longest side, in pixels, of the largest synthetic image", decides="data")
     fast_decode: bool = _opt(True, "decode a JPEG at 1/2, 1/4 or 1/8 scale (libjpeg DCT scaling) when its crop is downscaled by that much anyway; faster, same accuracy (bench/README.md)", decides="data", legacy=False)
     bad_images: str = _opt("skip", "an image that cannot be decoded: skip it (counted, with a warning) or stop with an error", ["skip", "error"])
+    max_bad_share: float = _opt(0.1, "with --bad-images skip: stop, naming files, once more than this share of a split's images could not be decoded")
     # model
     model: str = _opt("google/vit-base-patch16-224-in21k", "Hub id, local model folder, or a named config: vit-tiny, vit-small, vit-base, vit-micro", decides="weights")
     image_size: int | None = _opt(None, "input resolution in px for the named configs (unset: their own, 224)", decides="weights")
@@ -108,6 +109,8 @@ class Config:
             raise UserError(f"--lr must be positive, got {self.lr}")
         if self.weight_decay < 0 or self.warmup_steps < 0 or self.max_grad_norm < 0:
             raise UserError("--weight-decay, --warmup-steps and --max-grad-norm must not be negative")
+        if not 0 <= self.max_bad_share <= 1:
+            raise UserError(f"--max-bad-share must be between 0 and 1, got {self.max_bad_share}")
         if not 0 < self.test_size < 1:
             raise UserError(f"--test-size must be between 0 and 1, got {self.test_size}")
         if self.export == "best" and self.save_steps % self.eval_steps:

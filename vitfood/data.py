@@ -351,6 +351,10 @@ class ImageDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.labels)
 
+    def where(self, i):
+        """Image i's file, for a message."""
+        return self.ds[i][self.image_column].get("path") or f"image {i} (embedded bytes)"
+
     def __getitem__(self, key):
         epoch, i = key if isinstance(key, tuple) else (0, key)
         rng = random.Random(f"{self.seed}-{epoch}-{i}")  # string seeds hash with sha512: stable everywhere
@@ -369,14 +373,12 @@ class ImageDataset(torch.utils.data.Dataset):
 def collate(samples, size=None):
     """Stack (image, label) pairs; damaged images, (None, index), are dropped: (images, labels, their indices).
 
-    An empty list (a rank's share of an epoch's last, short global batch) gives an empty batch of `size`.
-    A batch where every image is damaged stops the run, unless it is a one-image share.
+    An empty list (a rank's share of an epoch's last, short global batch), or a batch in which every image
+    is damaged, gives an empty batch of `size`: a training step goes on without it, an eval pass past it.
     """
     good = [s for s in samples if s[0] is not None]
     bad = [i for image, i in samples if image is None]
-    if not good and len(samples) > 1:
-        raise BadImageError(f"all {len(samples)} images of a batch failed to decode; is the data set damaged?")
-    if not good:  # an empty share, or one damaged image as a rank's whole share (skipped like any other)
+    if not good:
         return torch.empty((0, 3, *size), dtype=torch.uint8), torch.empty(0, dtype=torch.int64), bad
     images = torch.stack([img for img, _ in good])
     labels = torch.tensor([label for _, label in good], dtype=torch.int64)
@@ -521,6 +523,14 @@ def build_data(cfg, train_ds, eval_ds, transforms, num_classes, device, workers,
     check_labels(eval_set, num_classes, "eval")
     eval_loader = make_loader(eval_set, eval_batch or cfg.eval_bs, workers, device, range(rank, len(eval_set), world))
     return Data(train_set, eval_set, sampler, train_loader, eval_loader, batches)
+
+
+def check_damaged(dataset, damaged, which, limit):
+    """Stop, naming files, when more than `limit` of `dataset`'s images are among `damaged` (indices)."""
+    if damaged and len(damaged) > limit * len(dataset):
+        names = ", ".join(dataset.where(i) for i in sorted(damaged)[:3]) + (", ..." if len(damaged) > 3 else "")
+        raise UserError(f"{len(damaged)} of the {len(dataset)} {which} images cannot be decoded, more than "
+                        f"--max-bad-share {limit:g} of them: {names}; fix or remove them, or raise --max-bad-share")
 
 
 def eval_skip_warning(skipped, total):

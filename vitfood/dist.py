@@ -125,7 +125,7 @@ class Stopper:
         self.say(f"{self.signal}: finishing this step, then saving a checkpoint and exiting (again to exit at once)")
 
     def close(self):
-        """The loop is over: Ctrl-C and SIGTERM act as usual again (Ctrl-C in the final eval or export exits
-        with 130); a SIGHUP still only silences the dead terminal, so the run ends and exports."""
+        """Nothing is left to write: Ctrl-C and SIGTERM act as usual again; a SIGHUP still only silences the
+        dead terminal."""
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)

@@ -1,12 +1,14 @@
 """Local path or Hugging Face Hub id; a quick look at whether the Hub answers; one clear line when the Hub
 cannot give what was asked for."""
 
+import math
 import os
 import threading
 
 from vitfood.common import UserError, first_line
 
 PROBE_SECONDS = 3.0  # a Hub that has not answered by then is treated as unreachable (a HEAD takes ~0.3 s)
+REQUEST_SECONDS = 30.0  # the longest wait for one Hub request of vitfood's own (a model's config, a data set's listing)
 _unreachable = []  # why the Hub was found unreachable in this process (then the Hub libraries run offline)
 
 
@@ -27,17 +29,49 @@ def hub_error(kind, name, e):
     return UserError(f"cannot load {kind} {name!r}: {why} ({first_line(e)}); pass {hint}, or try --preset demo")
 
 
+def _seconds(name, default, zero):
+    text = os.environ.get(name, "").strip()
+    try:
+        seconds = float(text) if text else default
+    except ValueError:
+        seconds = -1.0
+    if not (math.isfinite(seconds) and (seconds > 0 or (zero and seconds == 0))):
+        raise UserError(f"{name}={text!r}: expected seconds, a finite number > 0{zero}")
+    return seconds
+
+
 def probe_seconds():
     """PROBE_SECONDS, or VITFOOD_HUB_PROBE_SECONDS: another limit, or 0 to skip the probe (behind a slow proxy;
     the Hub libraries then retry as they do)."""
-    text = os.environ.get("VITFOOD_HUB_PROBE_SECONDS", "").strip()
-    try:
-        seconds = float(text) if text else PROBE_SECONDS
-    except ValueError:
-        seconds = -1.0
-    if not seconds >= 0:
-        raise UserError(f"VITFOOD_HUB_PROBE_SECONDS={text!r}: expected seconds, a number >= 0 (0 skips the Hub check)")
-    return seconds
+    return _seconds("VITFOOD_HUB_PROBE_SECONDS", PROBE_SECONDS, " (or 0 to skip the Hub check)")
+
+
+def request_seconds():
+    """REQUEST_SECONDS, or VITFOOD_HUB_TIMEOUT_SECONDS."""
+    return _seconds("VITFOOD_HUB_TIMEOUT_SECONDS", REQUEST_SECONDS, "")
+
+
+def _bounded(what, ask, seconds):
+    """ask(), or one line saying that the Hub did not answer within `seconds` (a request can hang on a
+    connection that never answers, whatever the libraries' own timeouts)."""
+    outcome = []
+
+    def run():
+        try:
+            outcome.append((ask(), None))
+        except Exception as e:
+            outcome.append((None, e))
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if not outcome:
+        raise UserError(f"cannot load {what}: the Hugging Face Hub did not answer within {seconds:g} s (timed out); "
+                        "check the network, or raise VITFOOD_HUB_TIMEOUT_SECONDS")
+    value, error = outcome[0]
+    if error is not None:
+        raise error
+    return value
 
 
 def _probe(endpoint, seconds):
@@ -84,9 +118,21 @@ def prepare(dataset=None, model=None, trust_remote_code=False):
         reason = _probe(constants.ENDPOINT, seconds)
         if reason:
             go_offline(reason)
+    limit = request_seconds()
     if model and not is_path(model):
         from transformers import AutoConfig
         try:
-            AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
+            _bounded(f"model {model!r}", lambda: AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code),
+                     limit)
+        except UserError:
+            raise
         except Exception as e:
             raise hub_error("model", model, e)
+    if dataset and not is_path(dataset) and not constants.HF_HUB_OFFLINE:  # bounded: the data set loader is not
+        from huggingface_hub import HfApi
+        try:
+            _bounded(f"dataset {dataset!r}", lambda: HfApi().dataset_info(dataset, timeout=limit), limit)
+        except UserError:
+            raise
+        except Exception:
+            pass  # an answer, if not a listing: the data set loader says what is wrong

@@ -100,7 +100,7 @@ class RunLog:
 
     def augmented(self, images):
         """The first training batch as the model saw it, once."""
-        if self.main:
+        if self.main and len(images):
             from torchvision.utils import make_grid
             self.writer.add_image("train/augmented_images", make_grid(images[:16], nrow=4), 0)
 

@@ -142,6 +142,8 @@ def for_inference(model, precision, device, keep=True):
 def load_weights(model, path):
     """Load a checkpoint folder's weights into `model`; a clear error when they are another model's."""
     import transformers
+    if not os.path.isdir(path):  # never a Hub lookup for a local folder that is gone
+        raise UserError(f"checkpoint {path} does not exist")
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # we report problems ourselves, in one line
     try:

@@ -99,10 +99,13 @@ def eval_pass(model, loader, device, precision, mean, std, progress=True, num_cl
     correct1 = torch.zeros((), dtype=torch.int64, device=device)
     correct5 = torch.zeros((), dtype=torch.int64, device=device)
     confusion = torch.zeros((num_classes or 1, num_classes or 1), dtype=torch.int64, device=device)
-    worst = []
-    n = skipped = 0
+    worst, damaged = [], []
+    n = 0
     for raw, labels, bad in tqdm(loader, desc="eval", leave=False, disable=not progress, dynamic_ncols=True,
                                  file=Console(sys.stderr)):
+        damaged += bad  # each image is met once in a pass: files, not encounters
+        if labels.numel() == 0:  # every image of the batch was damaged
+            continue
         images = normalize(raw.to(device, non_blocking=True), mean, std)
         labels = labels.to(device, non_blocking=True)
         with amp:
@@ -122,14 +125,14 @@ def eval_pass(model, loader, device, precision, mean, std, progress=True, num_cl
                                   image=raw[i].clone()))
             worst = sorted(worst, key=lambda m: -m["confidence"])[:mistakes]
         n += labels.numel()
-        skipped += len(bad)  # each image is met once in a pass: files, not encounters
     model.train(was_training)
     # under torchrun each rank saw its own part of the split: add the sums over ranks (one sync, at the end)
-    counts = torch.tensor([n, skipped], dtype=torch.float64, device=device)
+    counts = torch.tensor([n, len(damaged)], dtype=torch.float64, device=device)
     sums = dist.all_sum(torch.cat([loss_sum.view(1), correct1.double().view(1), correct5.double().view(1), counts]))
     loss_sum, correct1, correct5, n, skipped = sums.tolist()
     d = max(n, 1)
-    result = dict(loss=loss_sum / d, acc1=correct1 / d, acc5=correct5 / d, samples=int(n), skipped=int(skipped))
+    result = dict(loss=loss_sum / d, acc1=correct1 / d, acc5=correct5 / d, samples=int(n), skipped=int(skipped),
+                  damaged=sorted(i for part in dist.gather(damaged) for i in part) if skipped else [])
     if num_classes:
         result["confusion"] = dist.all_sum(confusion).tolist()
     gathered = [m for part in dist.gather(worst) for m in part] if mistakes else []

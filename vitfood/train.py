@@ -30,7 +30,7 @@ from vitfood import checkpoint, dist, hub, report
 from vitfood.common import (UserError, env_info, first_line, mixed_precision, num_workers, resolve_precision, run_main,
                             safe_name, seconds_since_start, seed_everything)
 from vitfood.config import FIXED_ON_RESUME, build_parser, read_config_file, resolve, to_dict
-from vitfood.data import Data, build_data, eval_skip_warning, hub_dataset, load_splits, transforms_for
+from vitfood.data import Data, build_data, check_damaged, eval_skip_warning, hub_dataset, load_splits, transforms_for
 from vitfood.hub import is_path
 from vitfood.logs import Meter, RunLog
 from vitfood.model import build_model, compiled, hub_model, load_weights, make_optimizer, make_scheduler
@@ -61,8 +61,9 @@ def parse_run(argv):
         if changed:
             raise UserError(f"--{changed[0].replace('_', '-')} differs from the run being resumed "
                             f"({base[changed[0]]!r}); drop the flag, or start a new run in another --output-dir")
-    if out is None:
+    if out is None:  # a new run: rank 0 claims its folder now (another run may start in the same second)
         out = os.path.join("runs", run_name(cfg))
+        out = checkpoint.claim(out) if os.environ.get("RANK", "0") == "0" else out
     cfg.output_dir = out
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"--output-dir {out} exists and is not a folder")
@@ -81,10 +82,13 @@ def newest_run(cfg, root="runs"):
     found = []
     for name in os.listdir(root) if os.path.isdir(root) else ():
         path = os.path.join(root, name, "train_config.json")
+        if not os.path.isfile(path):
+            continue  # not a run directory
         try:
             saved = read_config_file(path)
-        except UserError:
-            continue  # not a run directory, or not one this version can read
+        except UserError as e:
+            print(f"--resume auto without --output-dir: skipping {os.path.join(root, name)}: {e}")
+            continue
         if saved.get("model") == cfg.model and saved.get("dataset") == cfg.dataset:
             found.append((os.path.getmtime(path), os.path.join(root, name)))
     what = f"{cfg.model} on {cfg.dataset}"
@@ -100,13 +104,19 @@ def newest_run(cfg, root="runs"):
 def open_run(cfg, checkpoints, resume, main=True):
     """The checkpoint to resume from, or None. Rank 0 creates, locks and tidies the directory first."""
     checkpoints.open()
-    if main and resume == "auto":  # a damaged newest checkpoint is moved aside: the one before it is next
-        for _, path in reversed(checkpoint.complete_checkpoints(cfg.output_dir)):
+    if main:  # damaged checkpoints are moved aside, never deleted; --resume auto takes the newest intact one
+        check_newest = resume == "auto"  # read to the byte; older ones are read when they are resumed from
+        for _, path in reversed(checkpoint.checkpoint_folders(cfg.output_dir)):
+            if checkpoint.is_complete(path) and not check_newest:
+                continue
             problem = checkpoint.damage(path)
             if not problem:
-                break
-            print(f"warning: {path} is damaged ({problem}); moved it aside to {checkpoint.set_aside(path)} "
-                  "and resuming from the checkpoint before it")
+                check_newest = False
+                continue
+            moved = checkpoint.set_aside(path)
+            then = "not used" if resume != "auto" else "resuming from the checkpoint before it" \
+                if checkpoint.complete_checkpoints(cfg.output_dir) else "no complete checkpoint is left before it"
+            print(f"warning: {path} is damaged ({problem}); moved it aside to {moved}; {then}")
     dist.barrier()  # no rank lists checkpoints before the cleanup
     found = checkpoint.complete_checkpoints(cfg.output_dir)
     if resume == "auto":
@@ -153,6 +163,7 @@ class Run:
     ddp: torch.nn.Module | None = None  # the model as DDP sees it (the model itself for one process)
     train_model: torch.nn.Module | None = None  # what the step calls: ddp, compiled with --compile
     log: RunLog | None = None
+    stopper: dist.Stopper | None = None  # SIGTERM/SIGINT/SIGHUP: save and exit 75, until nothing is left to write
 
     @property
     def main(self):
@@ -274,11 +285,11 @@ def setup(cfg, resume, rank, world, device, checkpoints):
 def train_loop(r):
     """Optimizer steps from r.step to r.max_steps, or until a stop signal. Returns the stop signal, or None."""
     cfg, log, accum, ledger = r.cfg, r.log, r.cfg.grad_accum_steps, r.ledger
-    stopper = dist.Stopper(r.device, log.say)
+    stopper = r.stopper = dist.Stopper(r.device, log.say)
     meter = Meter()
     ledger.begin()
     loss_sum, norm_sum = torch.zeros((), device=r.device), torch.zeros((), device=r.device)
-    last_log, train_loss, stopped = r.step, None, None
+    last_log, train_loss, stopped, bad_train = r.step, None, None, set()
     while r.step < r.max_steps:
         # fetch and step: the loss is summed over samples and divided by the step's global sample count, so
         # the gradient is the mean over the whole global batch, however it is split in micro-batches and ranks
@@ -316,10 +327,10 @@ def train_loop(r):
             totals = dist.all_sum(torch.cat([torch.stack([loss_sum, norm_sum]) / r.world, counts]))
             train_loss = round((totals[0] / n).item(), 6)
             img_s, wait = meter.window(int(totals[2].item()))
-            damaged = len(ledger.damaged_files()[0]) if totals[3].item() else 0  # a gather only when there are any
+            bad_train = ledger.damaged_files()[0] if totals[3].item() else set()  # a gather only when there are any
             skipped = ledger.nonfinite.check(r.checkpoints.latest)
             log.train(r.step, train_loss, lr, (totals[1] / n).item(), img_s, wait,
-                      r.scaler.get_scale() if r.scaler.is_enabled() else None, damaged, skipped)
+                      r.scaler.get_scale() if r.scaler.is_enabled() else None, len(bad_train), skipped)
             loss_sum.zero_()
             norm_sum.zero_()
         t_pause = time.perf_counter()
@@ -331,11 +342,13 @@ def train_loop(r):
             r.progress.evaluated(metrics, train_loss)
         if r.step % cfg.save_steps == 0 or last_step or stopped:  # save
             save(r, evaluated)
+        # too many damaged images: stop, naming some (after the save, so a higher --max-bad-share can resume)
+        check_damaged(r.data.train_set, bad_train, "training", cfg.max_bad_share)
+        if evaluated:
+            check_damaged(r.data.eval_set, metrics["damaged"], "eval", cfg.max_bad_share)
         meter.pause(time.perf_counter() - t_pause)  # eval and save time is not training throughput
         if stopped:
             break
-    if not stopped:
-        stopper.close()  # a second Ctrl-C after a stop still exits at once
     return stopped
 
 
@@ -354,6 +367,8 @@ def finish(r, stopped):
     cfg, out, log = r.cfg, r.cfg.output_dir, r.log
     r.checkpoints.wait()  # the last checkpoint is complete before anything reads it or the process ends
     log.pbar.close()
+    # a signal during the last eval or the last checkpoint's write: that checkpoint is complete; stop there
+    stopped = stopped or (dist.any_rank([r.stopper.signal], r.device)[0] and (r.stopper.signal or "another rank"))
     ledger = r.ledger.state_dict()  # every rank: it adds up over ranks
     bad_train, bad_eval = len(ledger["damaged_files"]), (r.progress.metrics or {}).get("skipped", 0)
     if bad_train:
@@ -369,10 +384,10 @@ def finish(r, stopped):
         dist.close()
         raise SystemExit(EXIT_STOPPED)
 
-    final, export_step, best = r.progress.current(), r.step, r.progress.best
-    if cfg.export == "best" and best and best["step"] != r.step:
-        load_weights(r.model, os.path.join(out, f"checkpoint-{best['step']}"))
-        final, export_step = None, best["step"]
+    final, export_step = r.progress.current(), step_to_export(r)
+    if export_step != r.step:
+        load_weights(r.model, os.path.join(out, f"checkpoint-{export_step}"))
+        final = None
     if final is None:  # the best's weights, or a run resumed at its last step from a save between evals
         final = eval_pass(r.train_model, r.data.eval_loader, r.device, r.precision, r.mean, r.std, progress=r.main)
     if not math.isfinite(final["loss"]):
@@ -402,7 +417,28 @@ def finish(r, stopped):
     log.close()
     dist.barrier()
     dist.close()
+    r.stopper.close()  # nothing left to write: signals act as usual again
     return results
+
+
+def step_to_export(r):
+    """The step whose weights go to model/: the last, or with --export best the best checkpoint's; when that
+    folder is gone or damaged, the best evaluated checkpoint left, or else the last step (with a warning)."""
+    best = r.progress.best
+    if r.cfg.export != "best" or not best or best["step"] == r.step:
+        return r.step
+    scores = {h["step"]: h["acc1"] for h in r.progress.history}
+    left = dict(checkpoint.complete_checkpoints(r.cfg.output_dir))
+    for step in sorted(scores, key=lambda s: (s != best["step"], -scores[s])):  # the best first
+        if step == r.step or (step in left and not checkpoint.damage(left[step])):
+            break
+    else:
+        step = r.step
+    if step != best["step"]:
+        instead = f"checkpoint-{step}, the best of those left" if step != r.step else f"the last weights (step {step})"
+        r.log.say(f"warning: --export best: checkpoint-{best['step']}, the best, is missing or damaged; exporting "
+                  f"{instead}")
+    return step
 
 
 def hparams(cfg, precision, max_steps, world, step_batch):

@@ -1,0 +1,256 @@
+"""No run is ever trapped: a batch of damaged images, a stop during the last write, a best checkpoint that is
+gone, runs started in the same second, a silent Hub, damaged checkpoint markers. Each reached as the world
+reaches it, each ending in a run that finishes or one line that says what to do."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import TINY, same, start, train, weights
+from vitfood import checkpoint
+from vitfood.common import UserError
+
+
+# ---------------------------------------------------------------- damaged images
+def _folder(root, damaged):
+    """root/{train,validation}/{a,b}: 8 good JPEGs per class and split, plus `damaged` = {split/class: n}
+    zero-byte .jpg files."""
+    rng = np.random.default_rng(0)
+    for split in ("train", "validation"):
+        for c in "ab":
+            (root / split / c).mkdir(parents=True)
+            for i in range(8):
+                pixels = rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)
+                pixels[..., 0 if c == "a" else 2] = 255  # the classes differ in colour
+                Image.fromarray(pixels).save(root / split / c / f"{i}.jpg")
+    for where, n in damaged.items():
+        for i in range(n):
+            (root / where / f"zero{i}.jpg").write_bytes(b"")
+    return root
+
+
+def _run(data, *args):
+    return ["--dataset", str(data), "--eval-split", "validation", "--model", "vit-micro", "--precision", "fp32",
+            "--num-workers", "0", "--logging-steps", "1", *map(str, args)]
+
+
+def _main(*args):
+    from vitfood.train import main
+    return main(list(map(str, args)))
+
+
+def test_an_eval_batch_of_damaged_images_is_skipped_and_counted(tmp_path, capsys):
+    data = _folder(tmp_path / "c", {"validation/a": 4})  # the eval set's first four files: one whole batch of 4
+    args = _run(data, "--batch-size", 2, "--eval-batch-size", 4, "--max-steps", 6, "--eval-steps", 3,
+                "--save-steps", 3, "--output-dir", tmp_path / "run")
+    with pytest.raises(UserError, match=r"4 of the 20 eval images cannot be decoded, more than --max-bad-share 0.1 "
+                                        r"of them: .*zero0.jpg, .*zero1.jpg, .*zero2.jpg, \.\.\."):
+        _main(*args)
+    assert checkpoint.is_complete(tmp_path / "run" / "checkpoint-3")  # saved first: nothing is lost
+    results = _main(*args, "--resume", "auto", "--max-bad-share", "0.5")  # the user's call: go on
+    assert results["damaged_eval_files"] == 4 and results["global_step"] == 6
+    assert "4 of the 20 eval images could not be decoded and were skipped" in capsys.readouterr().out
+
+
+def test_training_batches_of_damaged_images_are_skipped_and_resume_exactly(tmp_path):
+    data = _folder(tmp_path / "c", {"train/a": 12, "train/b": 12})  # 24 of 40: most batches of 2 hold no image
+    args = _run(data, "--batch-size", 2, "--max-steps", 20, "--eval-steps", 4, "--save-steps", 4)  # one epoch
+    with pytest.raises(UserError, match=r"of the 40 training images cannot be decoded, more than --max-bad-share"):
+        _main(*args, "--output-dir", tmp_path / "stopped")
+    whole = _main(*args, "--max-bad-share", "0.7", "--save-total-limit", "5", "--output-dir", tmp_path / "whole")
+    assert whole["damaged_train_files"] == 24 and whole["global_step"] == 20
+    part = tmp_path / "part"  # the same run as it was at step 4, resumed: the same weights
+    shutil.copytree(tmp_path / "whole", part, ignore=shutil.ignore_patterns(
+        "model", "all_results.json", "checkpoint-8", "checkpoint-1?", "checkpoint-20", "run.lock"))
+    resumed = _main(*args, "--max-bad-share", "0.7", "--output-dir", part, "--resume", "auto")
+    assert resumed["segments"] == 2 and resumed["damaged_train_files"] == 24
+    assert same(weights(part), weights(tmp_path / "whole"))
+
+
+# ---------------------------------------------------------------- a stop while the last checkpoint is written
+def test_sigterm_while_the_last_checkpoint_is_written_saves_it_and_exits_75(tmp_path, reference):
+    out = tmp_path / "run"
+    # RUN saves every 5 of 30 steps: its 6th write is the last; it is held there 3 s
+    p = start(out, env={"VITFOOD_FAULT": "delay:weights_written:6", "VITFOOD_FAULT_DELAY": "3"})
+    for line in p.stdout:
+        if line.startswith("step 30: eval"):
+            break
+    p.send_signal(signal.SIGTERM)  # during the last eval, or the last write: both end the same way
+    stdout, stderr = p.communicate(timeout=120)
+    assert p.returncode == 75, stderr[-2000:]
+    assert "stopped by SIGTERM at step 30" in stdout and checkpoint.is_complete(out / "checkpoint-30")
+    assert not (out / "model").exists()
+    p = start(out)  # --resume auto: nothing left but the export
+    p.communicate(timeout=120)
+    assert p.returncode == 0 and same(weights(out), reference)
+
+
+# ---------------------------------------------------------------- --export best without its checkpoint
+def test_export_best_when_the_best_checkpoint_is_gone(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = [*TINY, "--max-steps", 6, "--eval-steps", 2, "--save-steps", 2, "--save-total-limit", 1, "--export", "best",
+            "--output-dir", out]
+    train(*args[len(TINY):])
+    for name in ("model", "all_results.json", checkpoint.BEST):  # as it was before its end
+        path = out / name
+        checkpoint.set_aside(path) if path.is_dir() else path.unlink()
+    for step, path in checkpoint.complete_checkpoints(out)[:-1]:
+        checkpoint.set_aside(path)  # deleted by hand, or found damaged
+    last = out / "checkpoint-6"
+    state = torch.load(last / checkpoint.STATE, weights_only=True)
+    state["progress"]["best"] = dict(step=2, eval_accuracy=1.0, eval_loss=0.0)  # the best was at step 2
+    torch.save(state, last / checkpoint.STATE)
+    (last / checkpoint.MARKER).unlink()
+    checkpoint._seal(last, 6)
+    capsys.readouterr()
+    results = _main(*args, "--resume", "auto")
+    printed = capsys.readouterr().out
+    assert "checkpoint-2, the best, is missing or damaged; exporting the last weights (step 6)" in printed
+    assert results["exported_step"] == 6 and (out / "model" / "model.safetensors").is_file()
+
+
+def test_loading_a_checkpoint_that_is_gone_says_so_without_the_hub(tmp_path):
+    from vitfood.config import Config
+    from vitfood.model import build_model, load_weights
+    model, _ = build_model(Config(model="vit-micro"), ["a", "b"])
+    with pytest.raises(UserError, match=f"checkpoint {tmp_path / 'checkpoint-2'} does not exist"):
+        load_weights(model, str(tmp_path / "checkpoint-2"))
+
+
+# ---------------------------------------------------------------- runs started in the same second
+def test_runs_started_in_the_same_second_get_folders_of_their_own(tmp_path, monkeypatch):
+    from vitfood import train as train_module
+    monkeypatch.chdir(tmp_path)
+    claimed = []
+    threads = [threading.Thread(target=lambda: claimed.append(checkpoint.claim("runs/1127-115517-vit-micro-c")))
+               for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(claimed) == ["runs/1127-115517-vit-micro-c", "runs/1127-115517-vit-micro-c-2",
+                               "runs/1127-115517-vit-micro-c-3"]
+    monkeypatch.setattr(train_module, "run_name", lambda cfg: "0101-000000-vit-micro-synthetic")
+    for _ in range(2):  # the second is not refused: the first one's folder is taken
+        assert train("--max-steps", 2, "--eval-steps", 2, "--save-steps", 2)["global_step"] == 2
+    assert sorted(os.listdir(tmp_path / "runs")) == [
+        "0101-000000-vit-micro-synthetic", "0101-000000-vit-micro-synthetic-2", "1127-115517-vit-micro-c",
+        "1127-115517-vit-micro-c-2", "1127-115517-vit-micro-c-3"]
+
+
+# ---------------------------------------------------------------- damaged checkpoint markers
+def _run_dir(tmp_path, reference_run):
+    out = tmp_path / "run"
+    shutil.copytree(reference_run, out, ignore=shutil.ignore_patterns("model", "all_results.json", "run.lock"))
+    return out
+
+
+@pytest.mark.parametrize("marker", ["missing", pytest.param("unreadable", marks=pytest.mark.slow),
+                                    pytest.param("empty", marks=pytest.mark.slow)])
+def test_a_checkpoint_with_a_bad_marker_is_set_aside_not_deleted(tmp_path, reference_run, reference, marker):
+    out = _run_dir(tmp_path, reference_run)
+    path = out / "checkpoint-30" / checkpoint.MARKER
+    if marker == "missing":
+        path.unlink()
+    elif marker == "unreadable":
+        path.write_text('{"step": 30, "files": {"training_st')
+    else:
+        path.write_text(json.dumps(dict(step=30, files={})))  # lists nothing: complete once, never resumable
+    p = start(out)
+    stdout, stderr = p.communicate(timeout=300)
+    assert p.returncode == 0, stderr[-2000:]
+    assert f"warning: {out / 'checkpoint-30'} is damaged" in stdout and "resuming from the checkpoint before it" in stdout
+    assert [n for n in os.listdir(out) if n.startswith("checkpoint-30.damaged-")]  # kept
+    assert same(weights(out), reference)
+
+
+def test_a_marker_that_lists_no_training_state_is_not_complete(tmp_path, reference_run):
+    out = _run_dir(tmp_path, reference_run)
+    marker = out / "checkpoint-30" / checkpoint.MARKER
+    assert checkpoint.is_complete(out / "checkpoint-30")
+    marker.write_text(json.dumps(dict(step=30, files={})))
+    assert not checkpoint.is_complete(out / "checkpoint-30")
+    assert checkpoint.damage(out / "checkpoint-30").startswith(f"no valid {checkpoint.MARKER}")
+
+
+def test_when_every_checkpoint_is_damaged_the_run_starts_over_and_says_so(tmp_path, reference_run):
+    out = _run_dir(tmp_path, reference_run)
+    folders = checkpoint.checkpoint_folders(out)
+    for _, path in folders:
+        os.remove(os.path.join(path, checkpoint.MARKER))
+    p = start(out, "--max-steps", "2", "--save-steps", "2")
+    stdout, stderr = p.communicate(timeout=300)
+    assert p.returncode == 0, stderr[-2000:]
+    assert "resuming from the checkpoint before it" not in stdout
+    assert "no complete checkpoint is left before it" in stdout and "starting fresh" in stdout
+    assert len([n for n in os.listdir(out) if ".damaged-" in n]) == len(folders) > 1  # every one kept
+
+
+def test_a_failed_write_of_the_best_record_names_it_not_the_checkpoint(tmp_path, monkeypatch):
+    from vitfood.config import Config
+    from vitfood.model import build_model
+    model, processor = build_model(Config(model="vit-micro"), ["a", "b"])
+    saver = checkpoint.Checkpoints(tmp_path, keep=2)
+    saver.open()
+    write = checkpoint.write_json_atomic
+
+    def full_disk_for_the_record(path, obj):
+        if path.endswith(checkpoint.BEST):
+            raise OSError(28, "No space left on device")
+        write(path, obj)
+    monkeypatch.setattr(checkpoint, "write_json_atomic", full_disk_for_the_record)
+    saver.save(3, model, processor, {"step": 3}, dict(step=3, eval_accuracy=0.5, eval_loss=1.0), new_best=True)
+    with pytest.raises(UserError, match=r"cannot write best_checkpoint.json \(checkpoint-3 itself is complete\)"):
+        saver.wait()
+    assert checkpoint.is_complete(tmp_path / "checkpoint-3")
+
+
+def test_resume_auto_names_a_run_it_skips(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "broken").mkdir(parents=True)
+    (tmp_path / "runs" / "broken" / "train_config.json").write_text("{ not json")
+    train("--resume", "auto", "--max-steps", 2, "--eval-steps", 2, "--save-steps", 2)
+    printed = capsys.readouterr().out
+    assert "skipping runs/broken: config file runs/broken/train_config.json is not valid JSON" in printed
+
+
+# ---------------------------------------------------------------- the Hub's edges
+def test_hub_limits_that_are_not_finite_are_one_line(tmp_path):
+    for name in ("VITFOOD_HUB_PROBE_SECONDS", "VITFOOD_HUB_TIMEOUT_SECONDS"):
+        p = subprocess.run([sys.executable, "-m", "vitfood.train", "--model", "some/id", "--dataset", "synthetic"],
+                           capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                           env={**os.environ, name: "inf", "PYTHONWARNINGS": "ignore"})
+        lines = p.stderr.strip().splitlines()
+        assert p.returncode == 2 and lines == [f"error: {name}='inf': expected seconds, a finite number > 0"
+                                               + (" (or 0 to skip the Hub check)" if "PROBE" in name else "")], p.stderr
+
+
+@pytest.mark.parametrize("what", ["--model", "--dataset"])
+def test_a_hub_that_never_answers_times_out_even_unprobed(tmp_path, what):
+    from test_hub import one_error_line, run
+    server = __import__("socket").socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    held = []
+    threading.Thread(target=lambda: [held.append(server.accept()[0]) for _ in range(16)], daemon=True).start()
+    hub = {"HF_ENDPOINT": f"http://127.0.0.1:{server.getsockname()[1]}", "HF_HOME": str(tmp_path / "hf"),
+           "VITFOOD_HUB_PROBE_SECONDS": "0", "VITFOOD_HUB_TIMEOUT_SECONDS": "2"}
+    args = ["--model", "some/model", "--dataset", "synthetic"] if what == "--model" else \
+        ["--model", "vit-micro", "--dataset", "some/dataset"]
+    t0 = time.monotonic()
+    seconds, p = run(*args, "--output-dir", tmp_path / "run", env=hub)
+    server.close()
+    line = one_error_line(p)
+    name = "model 'some/model'" if what == "--model" else "dataset 'some/dataset'"
+    assert f"cannot load {name}: the Hugging Face Hub did not answer within 2 s (timed out)" in line, line
+    assert time.monotonic() - t0 < 60
