@@ -4,6 +4,7 @@ reaches it, each ending in a run that finishes or one line that says what to do.
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -254,3 +255,55 @@ def test_a_hub_that_never_answers_times_out_even_unprobed(tmp_path, what):
     name = "model 'some/model'" if what == "--model" else "dataset 'some/dataset'"
     assert f"cannot load {name}: the Hugging Face Hub did not answer within 2 s (timed out)" in line, line
     assert time.monotonic() - t0 < 60
+
+
+# ---------------------------------------------------------------- first contact: messages that name the real cause
+@pytest.mark.parametrize("args, expected", [
+    (["--preset", "demo", "--model", "./my_vit"], "--model ./my_vit: no such folder"),  # not the preset's image size
+    (["--dataset", "./my_images"], "--dataset ./my_images: no such folder"),  # not a Hub failure of the model
+    (["--preset", "demo", "--model", "vit-tinny"], "--model vit-tinny: no such named config; did you mean vit-tiny?"),
+])
+def test_first_contact_mistakes_are_named(tmp_path, monkeypatch, args, expected):
+    from vitfood.train import main
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError) as error:
+        main(args)
+    assert str(error.value).startswith(expected), str(error.value)
+    assert not (tmp_path / "runs").exists() or not os.listdir(tmp_path / "runs")  # no empty run folder left
+
+
+def test_a_folder_without_images_is_named_with_the_extensions_looked_for(tmp_path):
+    (tmp_path / "photos" / "a").mkdir(parents=True)
+    (tmp_path / "photos" / "b").mkdir()
+    (tmp_path / "photos" / "a" / "notes.txt").write_text("not an image")
+    with pytest.raises(UserError, match=r"the data set folder .*photos holds no images \(looked for \.jpg, \.jpeg"):
+        _main("--dataset", tmp_path / "photos", "--model", "vit-micro", "--output-dir", tmp_path / "run")
+
+
+def test_predict_names_a_model_folder_that_does_not_exist(tmp_path, monkeypatch):
+    from vitfood.predict import main
+    monkeypatch.chdir(tmp_path)
+    Image.new("RGB", (8, 8)).save(tmp_path / "x.jpg")
+    with pytest.raises(UserError, match=r"^model path runs/nope/model does not exist"):
+        main(["--model", "runs/nope/model", "x.jpg"])
+
+
+def test_output_for_logs_has_no_bars_or_cursor_moves(tmp_path, tiny_run):
+    from conftest import cli
+    p = cli(*TINY, "--max-steps", 10, "--eval-steps", 5, "--logging-steps", 5, "--output-dir", tmp_path / "run")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "\x1b[" not in p.stderr and "\r" not in p.stderr and "\n\n" not in p.stderr.strip(), repr(p.stderr[-500:])
+    assert "step 5/10: loss" in p.stdout and "step 10/10: loss" in p.stdout
+    out, _ = tiny_run
+    Image.new("RGB", (8, 8)).save(tmp_path / "x.jpg")
+    p = cli("--model", out / "model", tmp_path / "x.jpg", module="vitfood.predict")
+    assert p.returncode == 0 and p.stderr == "" and p.stdout.startswith(str(tmp_path / "x.jpg")), p.stderr
+
+
+def test_bench_help_lists_what_bench_uses():
+    from conftest import cli
+    p = cli("--help", module="vitfood.bench")
+    flags = set(re.findall(r"^\s+(--[a-z-]+)", p.stdout, re.M))
+    assert {"--model", "--dataset", "--batch-size", "--modes", "--precision"} <= flags
+    assert not flags & {"--resume", "--export", "--overwrite-output-dir", "--output-dir", "--save-steps", "--max-steps"}
+    assert "data,model,e2e,eval,save" in p.stdout

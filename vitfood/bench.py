@@ -52,10 +52,10 @@ MODES = ("data", "model", "e2e", "eval", "save")
 
 
 def parse_args(argv=None):
-    p = build_parser()
+    p = build_parser(run=False)
     p.prog, p.description = "python -m vitfood.bench", __doc__
     g = p.add_argument_group("bench")
-    g.add_argument("--modes", default="all", help="comma list of data,model,e2e,eval, or all")
+    g.add_argument("--modes", default="all", help=f"comma list of {','.join(MODES)}, or all")
     g.add_argument("--quick", action="store_true", help="few repeats, small sweep, no compile: under a minute")
     g.add_argument("--batch-sizes", help="comma list for the model sweep (default: --batch-size; full: x1, x2, x4)")
     g.add_argument("--precisions", help="comma list of fp32,fp16,bf16 (default: every one the device runs)")
@@ -70,7 +70,6 @@ def parse_args(argv=None):
     args = vars(p.parse_args(argv))
     bench = {k: args.pop(k, None) for k in ["modes", "quick", "batch_sizes", "precisions", "compile_modes", "attns",
                                              "worker_counts", "decode_modes", "steps", "repeats", "out", "profile"]}
-    args.pop("resume", None)
     return resolve(args), argparse.Namespace(**bench)
 
 

@@ -367,7 +367,7 @@ class Checkpoints:
 
     def __init__(self, out, keep, main=True):
         self.out, self.keep, self.main = out, keep, main
-        self._created = False
+        self._created = os.path.realpath(out) in _claimed  # a new run's folder, claimed in parse_run
         self._buffers = {}  # host copies, reused from save to save (about 3x the weights with AdamW)
         self._writer = None  # the thread writing the latest save
         self._failure = None  # (step, exception) of a failed write
@@ -376,9 +376,8 @@ class Checkpoints:
         """Create and lock the directory for this process's life (a second run there is refused), and
         clear what a killed run left half-done."""
         if self.main:
-            fresh = not os.path.exists(self.out) or os.path.realpath(self.out) in _claimed
+            self._created = self._created or not os.path.exists(self.out)
             os.makedirs(self.out, exist_ok=True)
-            self._created = fresh
             lock(self.out)
             cleanup(self.out)
 

@@ -20,11 +20,12 @@ from vitfood.common import UserError, first_line
 _NONE = object()
 
 
-def _opt(default, help, choices=None, decides=None, legacy=_NONE):
+def _opt(default, help, choices=None, decides=None, legacy=_NONE, run_only=False):
     """A Config field. `decides`: what the option decides, when it decides the run: "weights" or "data" (the
     data order), both fixed once a run has started, or "schedule" (its length and batch, which a resumed run
-    may change). `legacy`: the value that runs written before the option existed behaved as."""
-    meta = {"help": help, "choices": choices, "decides": decides}
+    may change). `legacy`: the value that runs written before the option existed behaved as. `run_only`: it
+    means something to a training run only (vitfood.bench has no such flag)."""
+    meta = {"help": help, "choices": choices, "decides": decides, "run_only": run_only}
     if legacy is not _NONE:
         meta["legacy"] = legacy
     return field(default=default, metadata=meta)
@@ -54,8 +55,8 @@ class Config:
     attn: str = _opt("auto", "attention implementation; auto: sdpa on CUDA, eager on the CPU (faster there, measured in bench/README.md)", ["auto", "sdpa", "eager"])
     compile: bool = _opt(False, "torch.compile the model (first steps are slow; compile time is reported)")
     # schedule
-    max_steps: int | None = _opt(None, "optimizer steps to train; overrides --epochs", decides="schedule")
-    epochs: float = _opt(4.0, "epochs to train, converted to optimizer steps", decides="schedule")
+    max_steps: int | None = _opt(None, "optimizer steps to train; overrides --epochs", decides="schedule", run_only=True)
+    epochs: float = _opt(4.0, "epochs to train, converted to optimizer steps", decides="schedule", run_only=True)
     batch_size: int = _opt(16, "images per micro-batch (per process)", decides="schedule")
     eval_batch_size: int | None = _opt(None, "images per eval batch (unset: 2x --batch-size)")
     grad_accum_steps: int = _opt(1, "micro-batches per optimizer step", decides="weights")
@@ -63,21 +64,21 @@ class Config:
     weight_decay: float = _opt(0.0, "AdamW weight decay (never applied to biases and norm weights)", decides="weights")
     warmup_steps: int = _opt(0, "linear warm-up steps, then linear decay to 0", decides="schedule")
     max_grad_norm: float = _opt(1.0, "clip the gradient norm to this (0: no clipping)")
-    max_nonfinite_steps: int = _opt(25, "stop after this many consecutive steps with non-finite loss or gradients (each is skipped)")
+    max_nonfinite_steps: int = _opt(25, "stop after this many consecutive steps with non-finite loss or gradients (each is skipped)", run_only=True)
     precision: str = _opt("auto", "auto: fp16 on CUDA, bf16 on CPUs with bf16 matrix units, else fp32", ["auto", "fp32", "fp16", "bf16"])
     # evaluation, checkpoints, logging
-    eval_steps: int = _opt(100, "evaluate every N optimizer steps (and at the end)")
-    save_steps: int = _opt(100, "save a checkpoint every N optimizer steps (and at the end)")
-    logging_steps: int = _opt(10, "log training scalars every N optimizer steps")
-    save_total_limit: int = _opt(2, "keep the newest N complete checkpoints (the best is kept in addition)")
-    export: str = _opt("last", "which weights go to <output-dir>/model at the end", ["last", "best"])
-    output_dir: str | None = _opt(None, "run directory (unset: runs/<timestamp>-<model>-<dataset>)")
-    overwrite_output_dir: bool = _opt(False, "allow a fresh run in a directory that already holds checkpoints")
-    resume: str | None = _opt(None, "'auto' (newest complete checkpoint of --output-dir, or start fresh) or a checkpoint path")
+    eval_steps: int = _opt(100, "evaluate every N optimizer steps (and at the end)", run_only=True)
+    save_steps: int = _opt(100, "save a checkpoint every N optimizer steps (and at the end)", run_only=True)
+    logging_steps: int = _opt(10, "log training scalars every N optimizer steps", run_only=True)
+    save_total_limit: int = _opt(2, "keep the newest N complete checkpoints (the best is kept in addition)", run_only=True)
+    export: str = _opt("last", "which weights go to <output-dir>/model at the end", ["last", "best"], run_only=True)
+    output_dir: str | None = _opt(None, "run directory (unset: runs/<timestamp>-<model>-<dataset>)", run_only=True)
+    overwrite_output_dir: bool = _opt(False, "allow a fresh run in a directory that already holds checkpoints", run_only=True)
+    resume: str | None = _opt(None, "'auto' (newest complete checkpoint of --output-dir, or start fresh) or a checkpoint path", run_only=True)
     # machine
     device: str = _opt("auto", "auto, cpu, cuda, cuda:N")
     num_workers: int = _opt(-1, "DataLoader worker processes per training process (-1: from the CPU count)")
-    dist_timeout: int = _opt(600, "under torchrun: seconds a rank waits for the others before the job fails")
+    dist_timeout: int = _opt(600, "under torchrun: seconds a rank waits for the others before the job fails", run_only=True)
     seed: int = _opt(42, "seed for the split, initialisation, shuffling and augmentation", decides="data")
     preset: str | None = _opt(None, "start from a named preset", ["demo"])
 
@@ -158,13 +159,16 @@ class OneLineParser(argparse.ArgumentParser):
         raise UserError(f"{message} (see --help)")
 
 
-def build_parser():
+def build_parser(run=True):
+    """The flags of every Config field (`run` False: without those that mean something to a run only)."""
     p = OneLineParser(prog="python -m vitfood.train", description=__doc__,
                                 argument_default=argparse.SUPPRESS,  # only flags actually given appear
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", help="JSON or YAML file of option values (flags override it)")
     hints = typing.get_type_hints(Config)
     for f in dataclasses.fields(Config):
+        if f.metadata["run_only"] and not run:
+            continue
         tp = _base_type(hints[f.name])
         kw = dict(help=f"{f.metadata['help']} (default: {f.default})")
         if tp is bool:
@@ -271,6 +275,10 @@ def resolve(explicit, base=None):
         values.update(base)
     if "epochs" in explicit and "max_steps" not in explicit:
         values["max_steps"] = None  # max_steps would override the --epochs the user asked for
+    preset = PRESETS.get(values.get("preset") or "", {})
+    if base is None and "model" in explicit and "image_size" in preset and values.get("image_size") == preset["image_size"] \
+            and "image_size" not in explicit:
+        values["image_size"] = None  # a preset's image size belongs to the preset's model
     values.update({k: v for k, v in explicit.items() if k != "config"})
     return Config(**values).validate()
 

@@ -49,11 +49,17 @@ def _take_split(splits, spec):
     return ds
 
 
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")  # what imagefolder reads, mostly
+
+
 def _load_local(path):
     import datasets
     if os.path.isfile(os.path.join(path, "dataset_dict.json")) or os.path.isfile(os.path.join(path, "state.json")):
         loaded = datasets.load_from_disk(path)
         return loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict({"train": loaded})
+    if not any(os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS for _, _, files in os.walk(path) for f in files):
+        raise UserError(f"the data set folder {path} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)} "
+                        "files, in one subfolder per class) and is not a save_to_disk folder")
     return datasets.load_dataset("imagefolder", data_dir=path)
 
 
@@ -276,7 +282,9 @@ class EvalTransform:
 
 
 def transforms_for(processor, fast_decode=True):
-    """(train, eval) transforms and (mean, std) built from an image processor's own fields."""
+    """(train, eval) transforms and (mean, std) built from an image processor's own fields. `fast_decode`
+    applies to training only: eval decodes in full, so that the exported image processor (what
+    transformers.pipeline runs) sees the images as vitfood's eval, predict and evaluate do."""
     size = dict(processor.size)
     crop = getattr(processor, "crop_size", None)
     crop = dict(crop) if crop else None
@@ -303,7 +311,7 @@ def transforms_for(processor, fast_decode=True):
     else:
         mean, std = [0.0] * 3, [1.0] * 3
     return (TrainTransform(height=out[0], width=out[1], fast=fast_decode),
-            EvalTransform(resize=resize, crop=out, fast=fast_decode), (mean, std))
+            EvalTransform(resize=resize, crop=out, fast=False), (mean, std))
 
 
 def normalize(images, mean, std):

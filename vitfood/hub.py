@@ -13,8 +13,17 @@ _unreachable = []  # why the Hub was found unreachable in this process (then the
 
 
 def is_path(name):
-    """A local path (as opposed to a Hub id): it exists, or it is spelled like a path."""
-    return name.startswith(("/", "./", "../", "~")) or os.path.exists(name)
+    """A local path (as opposed to a Hub id): it exists, or it is spelled like a path (a Hub id is a name or
+    namespace/name)."""
+    return name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or "\\" in name or os.path.exists(name)
+
+
+def check_local(**paths):
+    """One line for the first of `paths` ({what: name}) that is spelled as a local path and does not exist:
+    before any Hub probe or heavy work, so a typo is not reported as a Hub failure."""
+    for what, name in paths.items():
+        if name and is_path(name) and not os.path.exists(os.path.expanduser(name)):
+            raise UserError(f"--{what} {name}: no such folder")
 
 
 def hub_error(kind, name, e):
@@ -25,8 +34,9 @@ def hub_error(kind, name, e):
         why = "the Hugging Face Hub is offline (HF_HUB_OFFLINE=1) and it is not in the local cache"
     else:
         why = "it is not a local path and the Hugging Face Hub has no such repository, or refused access"
-    hint = "a local imagefolder or save_to_disk folder" if kind == "dataset" else "a local model folder"
-    return UserError(f"cannot load {kind} {name!r}: {why} ({first_line(e)}); pass {hint}, or try --preset demo")
+    hint = "a local imagefolder or save_to_disk folder (or --dataset synthetic)" if kind == "dataset" else \
+        "a local model folder (a vitfood run's model/ or checkpoint-<step>/)"
+    return UserError(f"cannot load {kind} {name!r}: {why} ({first_line(e)}); pass {hint}")
 
 
 def _seconds(name, default, zero):

@@ -86,7 +86,11 @@ class RunLog:
             # purge what a killed run logged after its checkpoint (curves don't double back), or all of it when
             # it was killed before its first one; the checkpoint's own step was logged before it was saved
             self.writer = SummaryWriter(out, purge_step=step + 1 if step else 0)
-        self.pbar = tqdm(total=max_steps, initial=step, desc="train", dynamic_ncols=True, disable=not main,
+        # a bar on a terminal; off one (a log file, a job scheduler) no bar and no cursor moves: a line at
+        # each logging step instead
+        self.lines = main and not sys.stderr.isatty()
+        self.max_steps = max_steps
+        self.pbar = tqdm(total=max_steps, initial=step, desc="train", dynamic_ncols=True, disable=not main or self.lines,
                          file=Console(sys.stderr))
 
     def say(self, text):
@@ -143,6 +147,8 @@ class RunLog:
             values["skipped/damaged_train_files"] = damaged_files
         self.scalars(step, values)
         self.pbar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{img_s:.1f}")
+        if self.lines:
+            self.say(f"step {step}/{self.max_steps}: loss {loss:.4f} lr {lr:.2e} {img_s:.1f} img/s")
 
     def stepped(self):
         self.pbar.update(1)

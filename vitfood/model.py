@@ -1,6 +1,7 @@
 """Model: a Hub or local image classifier with a new head, or a small ViT built offline; the optimizer."""
 
 import copy
+import difflib
 import os
 
 import torch
@@ -19,8 +20,15 @@ NAMED = {
 
 
 def hub_model(name):
-    """`name` when it is a Hub model id, else None (a local folder or a named config)."""
-    return None if name in NAMED or is_path(name) else name
+    """`name` when it is a Hub model id, else None (a local folder or a named config). A near miss of a named
+    config (vit-tinny) is one line that names it."""
+    if name in NAMED or is_path(name):
+        return None
+    close = difflib.get_close_matches(name, NAMED, n=1, cutoff=0.8)
+    if close and "/" not in name:
+        raise UserError(f"--model {name}: no such named config; did you mean {close[0]}? (named configs: "
+                        f"{', '.join(NAMED)}; or a Hub id, or a local folder)")
+    return name
 
 
 def resolve_attn(attn, device):
@@ -57,7 +65,13 @@ def build_model(cfg, class_names, device=None):
 
 def from_pretrained(name, attn, trust_remote_code=False, **model_kwargs):
     """(model, image_processor) from a Hub id or a local folder; one clear line when it cannot be loaded."""
+    from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
     from transformers import AutoImageProcessor, AutoModelForImageClassification
+    from transformers.utils import logging
+    downloads = not are_progress_bars_disabled()
+    logging.disable_progress_bar()  # no "Loading weights" bar at every load
+    if downloads:
+        enable_progress_bars()  # downloads keep theirs
     local = is_path(name)
     path = os.path.expanduser(name)
     if local and not os.path.isdir(path):

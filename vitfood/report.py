@@ -230,7 +230,8 @@ def model_card(cfg, results, history, sizes, names, precision, world, step_batch
         f"- global batch {step_batch} ({world} process(es) x batch {cfg.batch_size} x accumulation {cfg.grad_accum_steps})",
         f"- {results['global_step']} optimizer steps, image size {cfg.image_size or 'the processor default'}, "
         f"precision {precision}, gradient clipping {cfg.max_grad_norm:g}, seed {cfg.seed}",
-        "- augmentation: random resized crop (scale 0.08-1) and horizontal flip; eval: resize and center crop", "",
+        "- augmentation: random resized crop (scale 0.08-1) and horizontal flip; eval: the image processor's resize "
+        "(and center crop, where it has one) of the whole decoded image, as `transformers.pipeline` applies it", "",
         "## Training results", "",
         "| step | training loss | eval loss | top-1 | top-5 |", "| ---: | ---: | ---: | ---: | ---: |"]
     for h in history:

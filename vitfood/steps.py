@@ -101,8 +101,8 @@ def eval_pass(model, loader, device, precision, mean, std, progress=True, num_cl
     confusion = torch.zeros((num_classes or 1, num_classes or 1), dtype=torch.int64, device=device)
     worst, damaged = [], []
     n = 0
-    for raw, labels, bad in tqdm(loader, desc="eval", leave=False, disable=not progress, dynamic_ncols=True,
-                                 file=Console(sys.stderr)):
+    for raw, labels, bad in tqdm(loader, desc="eval", leave=False, disable=not progress or not sys.stderr.isatty(),
+                                 dynamic_ncols=True, file=Console(sys.stderr)):  # off a terminal: no cursor moves
         damaged += bad  # each image is met once in a pass: files, not encounters
         if labels.numel() == 0:  # every image of the batch was damaged
             continue

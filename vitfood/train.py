@@ -207,6 +207,8 @@ def setup(cfg, resume, rank, world, device, checkpoints):
     None when the run being resumed had already finished."""
     main_rank = rank == 0
     say = print if main_rank else (lambda *args, **kwargs: None)
+    hub.check_local(dataset=cfg.dataset, model=cfg.model)  # a typo in a path is named before anything else
+    hub_model(cfg.model)  # and a near miss of a named config
     resume_from = open_run(cfg, checkpoints, resume, main_rank)
     precision = resolve_precision(cfg.precision, device)
     state = checkpoint.load_state(resume_from) if resume_from else None
