@@ -150,7 +150,14 @@ def for_inference(model, precision, device, keep=True):
     if precision != "bf16":
         return model, autocast(precision, device)
     net = copy.deepcopy(model) if keep else model
+    # ViT casts pixel_values to its weights' dtype itself; BEiT, Swin, ConvNeXt and ResNet do not
+    net.register_forward_pre_hook(_bf16_input, with_kwargs=True)
     return net.to(torch.bfloat16).eval(), autocast("fp32", device)
+
+
+def _bf16_input(module, args, kwargs):
+    return tuple(a.to(torch.bfloat16) if torch.is_floating_point(a) else a for a in args), \
+        {k: v.to(torch.bfloat16) if k == "pixel_values" else v for k, v in kwargs.items()}
 
 
 def load_weights(model, path):
