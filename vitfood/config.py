@@ -64,6 +64,9 @@ class Config:
     weight_decay: float = _opt(0.0, "AdamW weight decay (never applied to biases and norm weights)", decides="weights")
     warmup_steps: int = _opt(0, "linear warm-up steps, then linear decay to 0", decides="schedule")
     max_grad_norm: float = _opt(1.0, "clip the gradient norm to this (0: no clipping)")
+    label_smoothing: float = _opt(0.0, "training targets: 1 - F on the label, F spread over every class (eval stays plain cross-entropy)", decides="weights", legacy=0.0)
+    ema_decay: float = _opt(0.0, "keep an exponential moving average of the weights with this decay (0: none; its decay warms up as in timm: min(D, 1 - (1 + updates)^(-2/3))); evaluated beside the weights at each eval", decides="weights", legacy=0.0)
+    export_ema: bool = _opt(False, "export the EMA weights to model/ instead of the trained ones (needs --ema-decay)")
     max_nonfinite_steps: int = _opt(25, "stop after this many consecutive steps with non-finite loss or gradients (each is skipped)", run_only=True)
     precision: str = _opt("auto", "auto: fp16 on CUDA, bf16 on CPUs with bf16 matrix units, else fp32", ["auto", "fp32", "fp16", "bf16"])
     # evaluation, checkpoints, logging
@@ -110,6 +113,14 @@ class Config:
             raise UserError(f"--lr must be positive, got {self.lr}")
         if self.weight_decay < 0 or self.warmup_steps < 0 or self.max_grad_norm < 0:
             raise UserError("--weight-decay, --warmup-steps and --max-grad-norm must not be negative")
+        if not 0 <= self.label_smoothing < 1:
+            raise UserError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        if not 0 <= self.ema_decay < 1:
+            raise UserError(f"--ema-decay must be in [0, 1) (0: no EMA), got {self.ema_decay}")
+        if self.export_ema and not self.ema_decay:
+            raise UserError("--export-ema needs --ema-decay (the EMA it would export)")
+        if self.export_ema and self.export == "best":
+            raise UserError("--export-ema exports the EMA of the last step; it does not combine with --export best")
         if not 0 <= self.max_bad_share <= 1:
             raise UserError(f"--max-bad-share must be between 0 and 1, got {self.max_bad_share}")
         if not 0 < self.test_size < 1:

@@ -31,8 +31,10 @@ KEY_HPARAMS = ("lr", "model", "precision", "seed", "total_steps")
 def eval_records(writer, step, metrics, class_names, mistakes=8):
     """An eval's scalars, its confusion matrix and mistakes as images, and its per-class table as text: the
     same records for a training run and for vitfood.evaluate --tensorboard."""
-    for tag, key in (("loss/eval", "loss"), ("accuracy/top1", "acc1"), ("accuracy/top5", "acc5")):
-        writer.add_scalar(tag, metrics[key], step)
+    for tag, key in (("loss/eval", "loss"), ("accuracy/top1", "acc1"), ("accuracy/top5", "acc5"),
+                     ("loss/ema_eval", "ema_loss"), ("accuracy/ema_top1", "ema_acc1"), ("accuracy/ema_top5", "ema_acc5")):
+        if key in metrics:  # the EMA's only with --ema-decay
+            writer.add_scalar(tag, metrics[key], step)
     if metrics.get("skipped"):
         writer.add_scalar("skipped/damaged_eval_files", metrics["skipped"], step)
     card = lambda image: np.asarray(image)
@@ -132,7 +134,9 @@ class RunLog:
         """The eval's TensorBoard records, and a console line."""
         if self.main:
             eval_records(self.writer, step, metrics, class_names)
-            self.say(f"step {step}: eval loss {metrics['loss']:.4f} acc1 {metrics['acc1']:.4f} acc5 {metrics['acc5']:.4f}")
+            ema = f" | EMA loss {metrics['ema_loss']:.4f} acc1 {metrics['ema_acc1']:.4f}" if "ema_loss" in metrics else ""
+            self.say(f"step {step}: eval loss {metrics['loss']:.4f} acc1 {metrics['acc1']:.4f} acc5 {metrics['acc5']:.4f}"
+                     + ema)
 
     def train(self, step, loss, lr, grad_norm, img_s, data_wait, scale=None, damaged_files=0, skipped_steps=0):
         values = {"loss/train": loss, "optim/lr": lr, "optim/grad_norm": grad_norm}

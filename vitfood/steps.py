@@ -1,6 +1,7 @@
 """The compute of a run, shared by train, bench and evaluate: a micro-batch's forward and backward, the
 optimizer step, and the eval pass."""
 
+import copy
 import sys
 
 import torch
@@ -13,7 +14,7 @@ from vitfood.data import normalize
 from vitfood.model import for_inference
 
 
-def forward_backward(model, images, labels, amp, scaler, mean, std, divisor):
+def forward_backward(model, images, labels, amp, scaler, mean, std, divisor, label_smoothing=0.0):
     """One micro-batch: uint8 images to the device, forward under autocast, backward of the summed loss
     over `divisor` (scaled for fp16). Returns that loss. An empty micro-batch still runs a backward (of
     zero), so that DDP's all-reduce finds every rank."""
@@ -25,7 +26,7 @@ def forward_backward(model, images, labels, amp, scaler, mean, std, divisor):
     labels = labels.to(device, non_blocking=True)
     with amp:
         logits = model(pixel_values=images).logits
-    loss = F.cross_entropy(logits.float(), labels, reduction="sum") * weight / divisor
+    loss = F.cross_entropy(logits.float(), labels, reduction="sum", label_smoothing=label_smoothing) * weight / divisor
     scaler.scale(loss).backward()
     return loss.detach()
 
@@ -50,6 +51,34 @@ def optimizer_step(model, optimizer, scaler, scheduler, max_grad_norm):
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return norm, finite
+
+
+class EMA:
+    """An exponential moving average of a model's weights, on the device, updated after every optimizer step
+    as one foreach lerp (buffers copied). The decay warms up as timm's ModelEmaV3 does: at update t it is
+    min(decay, 1 - (1 + t)^(-2/3)), so the average does not start from the random head. Resumable."""
+
+    def __init__(self, model, decay):
+        self.decay, self.updates = decay, 0
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self._pairs = [(mine, theirs) for mine, theirs in zip(self.model.parameters(), model.parameters())]
+        self._buffers = list(zip(self.model.buffers(), model.buffers()))
+
+    @torch.no_grad()
+    def update(self):
+        self.updates += 1
+        decay = min(self.decay, 1 - (1 + self.updates) ** (-2 / 3))
+        mine, theirs = zip(*self._pairs)
+        torch._foreach_lerp_(list(mine), list(theirs), 1 - decay)
+        for mine, theirs in self._buffers:
+            mine.copy_(theirs)
+
+    def state_dict(self):
+        return dict(updates=self.updates, weights=self.model.state_dict())
+
+    def load_state_dict(self, state):
+        self.updates = state["updates"]
+        self.model.load_state_dict(state["weights"])
 
 
 class NonFiniteStreak:

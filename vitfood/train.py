@@ -35,7 +35,7 @@ from vitfood.hub import is_path
 from vitfood.logs import Meter, RunLog
 from vitfood.model import build_model, compiled, hub_model, load_weights, make_optimizer, make_scheduler
 from vitfood.state import Ledger, Progress, RNGStreams
-from vitfood.steps import NonFiniteStreak, eval_pass, forward_backward, optimizer_step
+from vitfood.steps import EMA, NonFiniteStreak, eval_pass, forward_backward, optimizer_step
 
 EXIT_STOPPED = 75  # stopped by SIGTERM/SIGHUP/SIGINT after saving a checkpoint (sysexits' EX_TEMPFAIL: run again)
 
@@ -159,6 +159,7 @@ class Run:
     progress: Progress
     ledger: Ledger
     rng: RNGStreams
+    ema: EMA | None = None  # --ema-decay: the moving average of the weights
     startup: float = 0.0  # seconds from process start to the loop
     ddp: torch.nn.Module | None = None  # the model as DDP sees it (the model itself for one process)
     train_model: torch.nn.Module | None = None  # what the step calls: ddp, compiled with --compile
@@ -178,8 +179,9 @@ def resumable(r):
     """Every part of a run that a checkpoint holds besides the weights, under its name in training_state.pt,
     in the order a resume loads them (RNGStreams reads the step). Each has state_dict() and load_state_dict():
     adding state to a run is a part here, or a field of one."""
-    return dict(progress=r.progress, ledger=r.ledger, data=r.data.batches, rng=r.rng,
-                optimizer=r.optimizer, scheduler=r.scheduler, scaler=r.scaler)
+    parts = dict(progress=r.progress, ledger=r.ledger, data=r.data.batches, rng=r.rng,
+                 optimizer=r.optimizer, scheduler=r.scheduler, scaler=r.scaler)
+    return dict(parts, ema=r.ema) if r.ema else parts
 
 
 def main(argv=None):
@@ -243,7 +245,7 @@ def setup(cfg, resume, rank, world, device, checkpoints):
             checkpoints=checkpoints, data=data, class_names=class_names, model=model, processor=processor,
             optimizer=optimizer, scheduler=scheduler, scaler=scaler, amp=amp, mean=mean, std=std, max_steps=max_steps,
             progress=progress, ledger=Ledger(NonFiniteStreak(cfg.max_nonfinite_steps, device)),
-            rng=RNGStreams(rank, world, cfg.seed, progress))
+            rng=RNGStreams(rank, world, cfg.seed, progress), ema=EMA(model, cfg.ema_decay) if cfg.ema_decay else None)
 
     # ---- restore
     if state:
@@ -308,8 +310,10 @@ def train_loop(r):
             sync = r.world == 1 or micro == accum - 1  # all-reduce gradients once, on the last micro-batch
             with contextlib.nullcontext() if sync else r.ddp.no_sync():  # DDP averages over ranks: / world
                 loss_sum += forward_backward(r.train_model, images, labels, r.amp, r.scaler, r.mean, r.std,
-                                             step_samples / r.world)
+                                             step_samples / r.world, cfg.label_smoothing)
         norm, finite = optimizer_step(r.model, r.optimizer, r.scaler, r.scheduler, cfg.max_grad_norm)
+        if r.ema:
+            r.ema.update()
         r.progress.step += 1
         ledger.stepped(step_samples)
         checkpoint.fault_point("step")
@@ -338,8 +342,7 @@ def train_loop(r):
         t_pause = time.perf_counter()
         evaluated = r.step % cfg.eval_steps == 0 or last_step  # also when stopping: history and best stay whole
         if evaluated:  # eval
-            metrics = eval_pass(r.train_model, r.data.eval_loader, r.device, r.precision, r.mean, r.std,
-                                progress=r.main, num_classes=len(r.class_names), mistakes=8)
+            metrics = evaluate(r, num_classes=len(r.class_names), mistakes=8)
             log.eval(r.step, metrics, r.class_names)
             r.progress.evaluated(metrics, train_loss)
         if r.step % cfg.save_steps == 0 or last_step or stopped:  # save
@@ -391,7 +394,10 @@ def finish(r, stopped):
         load_weights(r.model, os.path.join(out, f"checkpoint-{export_step}"))
         final = None
     if final is None:  # the best's weights, or a run resumed at its last step from a save between evals
-        final = eval_pass(r.train_model, r.data.eval_loader, r.device, r.precision, r.mean, r.std, progress=r.main)
+        final = evaluate(r)
+    if cfg.export_ema:  # the EMA's weights and eval stand for the model
+        r.model.load_state_dict(r.ema.model.state_dict())
+        final = dict(final, loss=final["ema_loss"], acc1=final["ema_acc1"], acc5=final["ema_acc5"])
     if not math.isfinite(final["loss"]):
         raise UserError(f"the final eval loss is {final['loss']}: the weights at step {export_step} are not finite "
                         f"(a damaged checkpoint?); nothing exported. The checkpoints in {out} are untouched")
@@ -401,6 +407,8 @@ def finish(r, stopped):
                    train_samples_per_second=round(ledger["images"] / runtime, 3), segments=ledger["segments"],
                    damaged_train_files=bad_train, damaged_train_encounters=ledger["damaged_encounters"],
                    damaged_eval_files=final["skipped"], startup_seconds=round(r.startup, 2))
+    if r.ema:
+        results.update(eval_ema_loss=final["ema_loss"], eval_ema_accuracy=final["ema_acc1"])
     if r.main:
         env = env_info(r.device)
         card = report.model_card(cfg, results, r.progress.history, dict(train=len(r.data.train_set), eval=len(r.data.eval_set)),
@@ -421,6 +429,17 @@ def finish(r, stopped):
     dist.close()
     r.stopper.close()  # nothing left to write: signals act as usual again
     return results
+
+
+def evaluate(r, **details):
+    """The eval of the weights, and with --ema-decay of the EMA weights too (keys ema_loss, ema_acc1,
+    ema_acc5); `details`: eval_pass's confusion matrix and mistakes, for the weights."""
+    metrics = eval_pass(r.train_model, r.data.eval_loader, r.device, r.precision, r.mean, r.std, progress=r.main,
+                        **details)
+    if r.ema:
+        ema = eval_pass(r.ema.model, r.data.eval_loader, r.device, r.precision, r.mean, r.std, progress=r.main)
+        metrics.update(ema_loss=ema["loss"], ema_acc1=ema["acc1"], ema_acc5=ema["acc5"])
+    return metrics
 
 
 def step_to_export(r):

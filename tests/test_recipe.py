@@ -1,0 +1,84 @@
+"""The fine-tuning levers of timm's recipes: label smoothing, an EMA of the weights."""
+
+import json
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import RUN, same, train, weights
+from vitfood import checkpoint
+from vitfood.common import UserError
+from vitfood.steps import EMA
+
+LEVERS = ["--label-smoothing", "0.1", "--ema-decay", "0.9", "--export-ema"]
+
+
+def test_the_ema_is_a_warmed_up_moving_average_updated_in_place():
+    model = torch.nn.Linear(3, 2)
+    ema = EMA(model, 0.99)
+    start = [p.clone() for p in ema.model.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update()  # update 1: decay min(0.99, 1 - 2^(-2/3)) = 0.370
+    d = 1 - 2 ** (-2 / 3)
+    for mine, was, theirs in zip(ema.model.parameters(), start, model.parameters()):
+        assert torch.allclose(mine, d * was + (1 - d) * theirs)
+        assert not mine.requires_grad
+    for _ in range(10_000):
+        ema.update()
+    assert min(ema.decay, 1 - (1 + ema.updates) ** (-2 / 3)) == 0.99  # warmed up to the decay asked for
+    again = EMA(torch.nn.Linear(3, 2), 0.99)
+    again.load_state_dict(ema.state_dict())
+    assert again.updates == ema.updates and same(again.model.state_dict(), ema.model.state_dict())
+
+
+def test_levers_are_recorded_evaluated_and_exported(tmp_path):
+    out = tmp_path / "run"
+    results = train("--max-steps", 6, "--eval-steps", 3, "--save-steps", 3, *LEVERS, "--output-dir", out)
+    assert {"eval_ema_accuracy", "eval_ema_loss"} <= results.keys()
+    assert results["eval_loss"] == results["eval_ema_loss"]  # --export-ema: the exported model is the EMA
+    state = torch.load(out / "checkpoint-6" / checkpoint.STATE, weights_only=True)
+    from transformers import AutoModelForImageClassification
+    exported = AutoModelForImageClassification.from_pretrained(out / "model").state_dict()
+    assert state["ema"]["updates"] == 6 and same(exported, state["ema"]["weights"])
+    saved = json.loads((out / "train_config.json").read_text())
+    assert saved["label_smoothing"] == 0.1 and saved["ema_decay"] == 0.9 and saved["export_ema"] is True
+    card = (out / "model" / "README.md").read_text()
+    assert "label smoothing 0.1; EMA of the weights, decay 0.9; exported: the EMA weights" in card
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    tags = EventAccumulator(str(out)).Reload().Tags()["scalars"]
+    assert {"accuracy/ema_top1", "loss/ema_eval", "accuracy/top1"} <= set(tags)
+
+
+def test_a_run_with_the_levers_resumes_bit_exact_after_kill_9(tmp_path, cache_dir):
+    def run(out, *extra, env=None):
+        return subprocess.run([sys.executable, "-m", "vitfood.train", *RUN, *LEVERS, "--max-steps", "12",
+                               "--output-dir", str(out), "--resume", "auto", *extra], capture_output=True, text=True,
+                              timeout=300, env={**__import__("os").environ, "PYTHONWARNINGS": "ignore", **(env or {})})
+    ref = tmp_path / "ref"
+    assert run(ref).returncode == 0
+    out = tmp_path / "killed"
+    p = run(out, env={"VITFOOD_FAULT": "renamed:1"})  # killed as checkpoint-5 is renamed into place
+    assert p.returncode == -signal.SIGKILL
+    p = run(out)
+    assert p.returncode == 0 and "resuming from" in p.stdout, p.stderr[-2000:]
+    assert same(weights(out), weights(ref))
+    for name in ("ema", "optimizer"):
+        a = torch.load(ref / "checkpoint-12" / checkpoint.STATE, weights_only=True)[name]
+        b = torch.load(out / "checkpoint-12" / checkpoint.STATE, weights_only=True)[name]
+        assert json.dumps(a, default=lambda t: t.tolist()) == json.dumps(b, default=lambda t: t.tolist()), name
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--label-smoothing", "1"], "--label-smoothing must be in [0, 1)"),
+    (["--ema-decay", "-0.1"], "--ema-decay must be in [0, 1)"),
+    (["--ema-decay", "1"], "--ema-decay must be in [0, 1)"),
+    (["--export-ema"], "--export-ema needs --ema-decay"),
+])
+def test_bad_lever_values_are_one_line(args, message):
+    with pytest.raises(UserError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+        train(*args)
