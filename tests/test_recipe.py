@@ -11,9 +11,9 @@ import torch
 from conftest import RUN, same, train, weights
 from vitfood import checkpoint
 from vitfood.common import UserError
-from vitfood.steps import EMA
+from vitfood.steps import EMA, Mixing
 
-LEVERS = ["--label-smoothing", "0.1", "--ema-decay", "0.9", "--export-ema"]
+LEVERS = ["--label-smoothing", "0.1", "--mixup", "0.8", "--cutmix", "1.0", "--ema-decay", "0.9", "--export-ema"]
 
 
 def test_the_ema_is_a_warmed_up_moving_average_updated_in_place():
@@ -36,6 +36,26 @@ def test_the_ema_is_a_warmed_up_moving_average_updated_in_place():
     assert again.updates == ema.updates and same(again.model.state_dict(), ema.model.state_dict())
 
 
+def test_mixing_is_keyed_soft_and_whole():
+    mixing = Mixing(0.8, 1.0, 1.0, 0.5, 0.1, 4, seed=42)
+    images, labels = torch.randn(5, 3, 8, 8), torch.tensor([0, 1, 2, 3, 0])
+    seen = set()
+    for step in range(40):
+        a, ta = mixing.at(step, 0)(images, labels)
+        b, tb = mixing.at(step, 0)(images, labels)
+        assert torch.equal(a, b) and torch.equal(ta, tb)  # keyed: the same draw again after a resume
+        assert torch.allclose(ta.sum(-1), torch.ones(5)) and ta.min() >= 0.1 / 4 - 1e-6
+        lam = ta[0, 0].item()  # image 0 (class 0) mixed with image 4 (class 0) reversed: stays class 0
+        seen.add(round(lam, 3))
+        cut = torch.isclose(a, images) | torch.isclose(a, images.flip(0))
+        if cut.all():  # CutMix: each pixel from one image or the other, and the targets say how much of each
+            share = (torch.isclose(a[1], images[1]) & ~torch.isclose(a[1], images[3])).float().mean().item()
+            assert ta[1, 1].item() == pytest.approx(0.9 * share + 0.1 / 4, abs=0.05)
+    assert len(seen) == 1  # image 0 and its partner share a class: smoothing alone
+    one, t1 = mixing.at(0, 1)(images[:1], labels[:1])  # a one-image micro-batch mixes with itself
+    assert torch.allclose(one, images[:1]) and torch.allclose(t1.sum(), torch.tensor(1.0))
+
+
 def test_levers_are_recorded_evaluated_and_exported(tmp_path):
     out = tmp_path / "run"
     results = train("--max-steps", 6, "--eval-steps", 3, "--save-steps", 3, *LEVERS, "--output-dir", out)
@@ -48,7 +68,8 @@ def test_levers_are_recorded_evaluated_and_exported(tmp_path):
     saved = json.loads((out / "train_config.json").read_text())
     assert saved["label_smoothing"] == 0.1 and saved["ema_decay"] == 0.9 and saved["export_ema"] is True
     card = (out / "model" / "README.md").read_text()
-    assert "label smoothing 0.1; EMA of the weights, decay 0.9; exported: the EMA weights" in card
+    assert "label smoothing 0.1; mixup 0.8, cutmix 1 (probability 1, cutmix share 0.5); EMA of the weights, decay " \
+           "0.9; exported: the EMA weights" in card
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     tags = EventAccumulator(str(out)).Reload().Tags()["scalars"]
     assert {"accuracy/ema_top1", "loss/ema_eval", "accuracy/top1"} <= set(tags)
@@ -78,6 +99,9 @@ def test_a_run_with_the_levers_resumes_bit_exact_after_kill_9(tmp_path, cache_di
     (["--ema-decay", "-0.1"], "--ema-decay must be in [0, 1)"),
     (["--ema-decay", "1"], "--ema-decay must be in [0, 1)"),
     (["--export-ema"], "--export-ema needs --ema-decay"),
+    (["--mixup", "-1"], "--mixup must be a finite alpha >= 0"),
+    (["--cutmix", "nan"], "--cutmix must be a finite alpha >= 0"),
+    (["--mixup-prob", "1.5"], "--mixup-prob must be between 0 and 1"),
 ])
 def test_bad_lever_values_are_one_line(args, message):
     with pytest.raises(UserError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):

@@ -65,6 +65,10 @@ class Config:
     warmup_steps: int = _opt(0, "linear warm-up steps, then linear decay to 0", decides="schedule")
     max_grad_norm: float = _opt(1.0, "clip the gradient norm to this (0: no clipping)")
     label_smoothing: float = _opt(0.0, "training targets: 1 - F on the label, F spread over every class (eval stays plain cross-entropy)", decides="weights", legacy=0.0)
+    mixup: float = _opt(0.0, "mixup's Beta(A, A) on training batches (0: off); mixed on the device with soft targets", decides="weights", legacy=0.0)
+    cutmix: float = _opt(0.0, "CutMix's Beta(A, A) (0: off); with --mixup too, one of the two per batch", decides="weights", legacy=0.0)
+    mixup_prob: float = _opt(1.0, "share of batches mixed when --mixup or --cutmix is on", decides="weights", legacy=1.0)
+    mixup_switch_prob: float = _opt(0.5, "with both --mixup and --cutmix: share of mixed batches that use CutMix", decides="weights", legacy=0.5)
     ema_decay: float = _opt(0.0, "keep an exponential moving average of the weights with this decay (0: none; its decay warms up as in timm: min(D, 1 - (1 + updates)^(-2/3))); evaluated beside the weights at each eval", decides="weights", legacy=0.0)
     export_ema: bool = _opt(False, "export the EMA weights to model/ instead of the trained ones (needs --ema-decay)")
     max_nonfinite_steps: int = _opt(25, "stop after this many consecutive steps with non-finite loss or gradients (each is skipped)", run_only=True)
@@ -115,6 +119,12 @@ class Config:
             raise UserError("--weight-decay, --warmup-steps and --max-grad-norm must not be negative")
         if not 0 <= self.label_smoothing < 1:
             raise UserError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        for name in ("mixup", "cutmix"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise UserError(f"--{name} must be a finite alpha >= 0 (0: off), got {getattr(self, name)}")
+        for name in ("mixup_prob", "mixup_switch_prob"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise UserError(f"--{flag(name)} must be between 0 and 1, got {getattr(self, name)}")
         if not 0 <= self.ema_decay < 1:
             raise UserError(f"--ema-decay must be in [0, 1) (0: no EMA), got {self.ema_decay}")
         if self.export_ema and not self.ema_decay:

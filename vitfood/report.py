@@ -230,7 +230,8 @@ def model_card(cfg, results, history, sizes, names, precision, world, step_batch
         f"- global batch {step_batch} ({world} process(es) x batch {cfg.batch_size} x accumulation {cfg.grad_accum_steps})",
         f"- {results['global_step']} optimizer steps, image size {cfg.image_size or 'the processor default'}, "
         f"precision {precision}, gradient clipping {cfg.max_grad_norm:g}, seed {cfg.seed}",
-        f"- label smoothing {cfg.label_smoothing:g}; "
+        f"- label smoothing {cfg.label_smoothing:g}; mixup {cfg.mixup:g}, cutmix {cfg.cutmix:g} (probability "
+        f"{cfg.mixup_prob:g}, cutmix share {cfg.mixup_switch_prob:g}); "
         + (f"EMA of the weights, decay {cfg.ema_decay:g}; exported: the {'EMA' if cfg.export_ema else 'trained'} weights"
            if cfg.ema_decay else "no EMA"),
         "- augmentation: random resized crop (scale 0.08-1) and horizontal flip; eval: the image processor's resize "

@@ -2,6 +2,9 @@
 optimizer step, and the eval pass."""
 
 import copy
+import functools
+import math
+import random
 import sys
 
 import torch
@@ -14,19 +17,25 @@ from vitfood.data import normalize
 from vitfood.model import for_inference
 
 
-def forward_backward(model, images, labels, amp, scaler, mean, std, divisor, label_smoothing=0.0):
+def forward_backward(model, images, labels, amp, scaler, mean, std, divisor, label_smoothing=0.0, mix=None):
     """One micro-batch: uint8 images to the device, forward under autocast, backward of the summed loss
     over `divisor` (scaled for fp16). Returns that loss. An empty micro-batch still runs a backward (of
-    zero), so that DDP's all-reduce finds every rank."""
+    zero), so that DDP's all-reduce finds every rank. `mix`: a Mixing draw for this micro-batch, whose soft
+    targets then replace the labels."""
     device = next(model.parameters()).device
     weight = 1.0
     if labels.numel() == 0:  # an empty share of a short global batch: a zero-weighted stand-in image
         images, labels, weight = torch.zeros((1, *images.shape[1:]), dtype=images.dtype), torch.zeros(1).long(), 0.0
     images = normalize(images.to(device, non_blocking=True), mean, std)
     labels = labels.to(device, non_blocking=True)
+    if mix is not None:
+        images, targets = mix(images, labels)
     with amp:
         logits = model(pixel_values=images).logits
-    loss = F.cross_entropy(logits.float(), labels, reduction="sum", label_smoothing=label_smoothing) * weight / divisor
+    if mix is not None:
+        loss = -(targets * F.log_softmax(logits.float(), dim=-1)).sum() * weight / divisor
+    else:
+        loss = F.cross_entropy(logits.float(), labels, reduction="sum", label_smoothing=label_smoothing) * weight / divisor
     scaler.scale(loss).backward()
     return loss.detach()
 
@@ -51,6 +60,41 @@ def optimizer_step(model, optimizer, scaler, scheduler, max_grad_norm):
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return norm, finite
+
+
+class Mixing:
+    """Mixup and CutMix as in timm's recipes: each micro-batch is mixed with itself reversed, on the device,
+    and the loss takes soft targets (label smoothing folded in). The draws come from a host generator keyed
+    on (seed, step, micro-batch, rank): no device sync, and a resumed run mixes as an uninterrupted one.
+    Under torchrun each rank mixes its own share, so the result depends on the number of processes."""
+
+    def __init__(self, mixup, cutmix, prob, switch_prob, smoothing, num_classes, seed, rank=0):
+        self.mixup, self.cutmix, self.prob, self.switch_prob = mixup, cutmix, prob, switch_prob
+        self.smoothing, self.num_classes, self.seed, self.rank = smoothing, num_classes, seed, rank
+
+    def at(self, step, micro):
+        """The mix of micro-batch `micro` of optimizer step `step`: a function (images, labels) -> (images, targets)."""
+        return functools.partial(self._mix, random.Random(f"{self.seed}-mix-{step}-{micro}-{self.rank}"))
+
+    def _mix(self, rng, images, labels):
+        k, s = self.num_classes, self.smoothing
+        targets = F.one_hot(labels, k).float() * (1 - s) + s / k
+        if rng.random() >= self.prob:
+            return images, targets
+        cut = self.cutmix > 0 and (self.mixup == 0 or rng.random() < self.switch_prob)
+        lam = rng.betavariate(self.cutmix, self.cutmix) if cut else rng.betavariate(self.mixup, self.mixup)
+        other = images.flip(0)
+        if cut:  # a box of area (1 - lam) of the image, centred anywhere, clipped; lam is then what is left
+            h, w = images.shape[-2:]
+            bh, bw = int(h * math.sqrt(1 - lam)), int(w * math.sqrt(1 - lam))
+            cy, cx = rng.randrange(h), rng.randrange(w)
+            y0, y1, x0, x1 = max(cy - bh // 2, 0), min(cy + bh // 2, h), max(cx - bw // 2, 0), min(cx + bw // 2, w)
+            images = images.clone()
+            images[..., y0:y1, x0:x1] = other[..., y0:y1, x0:x1]
+            lam = 1 - (y1 - y0) * (x1 - x0) / (h * w)
+        else:
+            images = images * lam + other * (1 - lam)
+        return images, targets * lam + targets.flip(0) * (1 - lam)
 
 
 class EMA:

@@ -35,7 +35,7 @@ from vitfood.hub import is_path
 from vitfood.logs import Meter, RunLog
 from vitfood.model import build_model, compiled, hub_model, load_weights, make_optimizer, make_scheduler
 from vitfood.state import Ledger, Progress, RNGStreams
-from vitfood.steps import EMA, NonFiniteStreak, eval_pass, forward_backward, optimizer_step
+from vitfood.steps import EMA, Mixing, NonFiniteStreak, eval_pass, forward_backward, optimizer_step
 
 EXIT_STOPPED = 75  # stopped by SIGTERM/SIGHUP/SIGINT after saving a checkpoint (sysexits' EX_TEMPFAIL: run again)
 
@@ -160,6 +160,7 @@ class Run:
     ledger: Ledger
     rng: RNGStreams
     ema: EMA | None = None  # --ema-decay: the moving average of the weights
+    mixing: Mixing | None = None  # --mixup, --cutmix
     startup: float = 0.0  # seconds from process start to the loop
     ddp: torch.nn.Module | None = None  # the model as DDP sees it (the model itself for one process)
     train_model: torch.nn.Module | None = None  # what the step calls: ddp, compiled with --compile
@@ -245,7 +246,9 @@ def setup(cfg, resume, rank, world, device, checkpoints):
             checkpoints=checkpoints, data=data, class_names=class_names, model=model, processor=processor,
             optimizer=optimizer, scheduler=scheduler, scaler=scaler, amp=amp, mean=mean, std=std, max_steps=max_steps,
             progress=progress, ledger=Ledger(NonFiniteStreak(cfg.max_nonfinite_steps, device)),
-            rng=RNGStreams(rank, world, cfg.seed, progress), ema=EMA(model, cfg.ema_decay) if cfg.ema_decay else None)
+            rng=RNGStreams(rank, world, cfg.seed, progress), ema=EMA(model, cfg.ema_decay) if cfg.ema_decay else None,
+            mixing=Mixing(cfg.mixup, cfg.cutmix, cfg.mixup_prob, cfg.mixup_switch_prob, cfg.label_smoothing,
+                          len(class_names), cfg.seed, rank) if cfg.mixup or cfg.cutmix else None)
 
     # ---- restore
     if state:
@@ -310,7 +313,8 @@ def train_loop(r):
             sync = r.world == 1 or micro == accum - 1  # all-reduce gradients once, on the last micro-batch
             with contextlib.nullcontext() if sync else r.ddp.no_sync():  # DDP averages over ranks: / world
                 loss_sum += forward_backward(r.train_model, images, labels, r.amp, r.scaler, r.mean, r.std,
-                                             step_samples / r.world, cfg.label_smoothing)
+                                             step_samples / r.world, cfg.label_smoothing,
+                                             r.mixing and r.mixing.at(r.step, micro))
         norm, finite = optimizer_step(r.model, r.optimizer, r.scaler, r.scheduler, cfg.max_grad_norm)
         if r.ema:
             r.ema.update()
