@@ -13,7 +13,8 @@ from vitfood import checkpoint
 from vitfood.common import UserError
 from vitfood.steps import EMA, Mixing
 
-LEVERS = ["--label-smoothing", "0.1", "--mixup", "0.8", "--cutmix", "1.0", "--ema-decay", "0.9", "--export-ema"]
+LEVERS = ["--label-smoothing", "0.1", "--mixup", "0.8", "--cutmix", "1.0", "--ema-decay", "0.9", "--export-ema",
+          "--auto-augment", "randaugment", "--random-erasing", "0.25"]
 
 
 def test_the_ema_is_a_warmed_up_moving_average_updated_in_place():
@@ -34,6 +35,25 @@ def test_the_ema_is_a_warmed_up_moving_average_updated_in_place():
     again = EMA(torch.nn.Linear(3, 2), 0.99)
     again.load_state_dict(ema.state_dict())
     assert again.updates == ema.updates and same(again.model.state_dict(), ema.model.state_dict())
+
+
+@pytest.mark.parametrize("augment", ["randaugment", "trivialaugment"])
+def test_augmentations_are_keyed_on_the_sample_and_leave_the_global_generator_alone(augment):
+    import random
+
+    import numpy as np
+    from PIL import Image
+    from vitfood.data import TrainTransform
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (120, 160, 3), dtype=np.uint8))
+    plain = TrainTransform(height=32, width=32)
+    strong = TrainTransform(height=32, width=32, auto_augment=augment, erasing=1.0)
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    a, b = (strong(img, random.Random("42-0-7")) for _ in range(2))
+    assert a.dtype == torch.uint8 and a.shape == (3, 32, 32) and torch.equal(a, b)  # the same sample, the same crop
+    assert not torch.equal(a, plain(img, random.Random("42-0-7")))  # and it did augment
+    assert not torch.equal(a, strong(img, random.Random("42-0-8")))
+    assert torch.equal(before, torch.get_rng_state())  # dropout's stream is untouched (0 workers run it here)
 
 
 def test_mixing_is_keyed_soft_and_whole():
@@ -70,6 +90,7 @@ def test_levers_are_recorded_evaluated_and_exported(tmp_path):
     card = (out / "model" / "README.md").read_text()
     assert "label smoothing 0.1; mixup 0.8, cutmix 1 (probability 1, cutmix share 0.5); EMA of the weights, decay " \
            "0.9; exported: the EMA weights" in card
+    assert "horizontal flip, RandAugment (2 ops, magnitude 9), random erasing (p 0.25); eval" in card
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     tags = EventAccumulator(str(out)).Reload().Tags()["scalars"]
     assert {"accuracy/ema_top1", "loss/ema_eval", "accuracy/top1"} <= set(tags)
@@ -102,6 +123,9 @@ def test_a_run_with_the_levers_resumes_bit_exact_after_kill_9(tmp_path, cache_di
     (["--mixup", "-1"], "--mixup must be a finite alpha >= 0"),
     (["--cutmix", "nan"], "--cutmix must be a finite alpha >= 0"),
     (["--mixup-prob", "1.5"], "--mixup-prob must be between 0 and 1"),
+    (["--auto-augment", "autoaugment"], "argument --auto-augment: invalid choice"),
+    (["--randaugment-magnitude", "31"], "--randaugment-magnitude between 0 and 30"),
+    (["--random-erasing", "2"], "--random-erasing must be between 0 and 1"),
 ])
 def test_bad_lever_values_are_one_line(args, message):
     with pytest.raises(UserError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):

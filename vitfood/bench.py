@@ -351,7 +351,7 @@ def main(argv=None):
     train_ds, eval_ds, names = load_splits(cfg)
     transformers.utils.logging.disable_progress_bar()  # no bar per checkpoint write
     model0, processor = build_model(cfg, names, device)
-    train_tf, eval_tf, (mean, std) = transforms_for(processor)
+    train_tf, eval_tf, (mean, std) = transforms_for(processor, cfg=cfg)  # the run's augmentations
     data = build_data(cfg, train_ds, eval_ds, (train_tf, eval_tf), len(names), device, workers, cfg.batch_size)
     train_set, eval_set = data.train_set, data.eval_set
     report["flops_per_image_train"] = vit_flops_per_image(model0.config) if model0.config.model_type == "vit" else None

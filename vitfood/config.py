@@ -65,6 +65,10 @@ class Config:
     warmup_steps: int = _opt(0, "linear warm-up steps, then linear decay to 0", decides="schedule")
     max_grad_norm: float = _opt(1.0, "clip the gradient norm to this (0: no clipping)")
     label_smoothing: float = _opt(0.0, "training targets: 1 - F on the label, F spread over every class (eval stays plain cross-entropy)", decides="weights", legacy=0.0)
+    auto_augment: str = _opt("none", "torchvision's automatic augmentation of training crops, in the loader workers", ["none", "randaugment", "trivialaugment"], decides="weights", legacy="none")
+    randaugment_ops: int = _opt(2, "RandAugment: operations per image", decides="weights", legacy=2)
+    randaugment_magnitude: int = _opt(9, "RandAugment: magnitude, 0-30", decides="weights", legacy=9)
+    random_erasing: float = _opt(0.0, "probability of erasing a random rectangle of a training crop (torchvision's RandomErasing)", decides="weights", legacy=0.0)
     mixup: float = _opt(0.0, "mixup's Beta(A, A) on training batches (0: off); mixed on the device with soft targets", decides="weights", legacy=0.0)
     cutmix: float = _opt(0.0, "CutMix's Beta(A, A) (0: off); with --mixup too, one of the two per batch", decides="weights", legacy=0.0)
     mixup_prob: float = _opt(1.0, "share of batches mixed when --mixup or --cutmix is on", decides="weights", legacy=1.0)
@@ -122,7 +126,9 @@ class Config:
         for name in ("mixup", "cutmix"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
                 raise UserError(f"--{name} must be a finite alpha >= 0 (0: off), got {getattr(self, name)}")
-        for name in ("mixup_prob", "mixup_switch_prob"):
+        if self.randaugment_ops < 1 or not 0 <= self.randaugment_magnitude <= 30:
+            raise UserError("--randaugment-ops must be at least 1 and --randaugment-magnitude between 0 and 30")
+        for name in ("mixup_prob", "mixup_switch_prob", "random_erasing"):
             if not 0 <= getattr(self, name) <= 1:
                 raise UserError(f"--{flag(name)} must be between 0 and 1, got {getattr(self, name)}")
         if not 0 <= self.ema_decay < 1:

@@ -242,13 +242,20 @@ def decode_upright(img, box, size, fast=True):
 
 
 class TrainTransform:
-    """RandomResizedCrop to (height, width) + horizontal flip, as uint8 CHW. With `fast`, JPEGs decode at
+    """RandomResizedCrop to (height, width) + horizontal flip, as uint8 CHW; then, when asked, torchvision's
+    RandAugment or TrivialAugmentWide and RandomErasing on the uint8 crop. With `fast`, JPEGs decode at
     reduced scale when the crop allows it (decode_upright); the crop then snaps to whole pixels of the
-    reduced image."""
+    reduced image. All randomness comes from `rng`, keyed on (seed, epoch, sample): torchvision's draws
+    run on the global generator seeded from it, which is put back as it was afterwards."""
 
-    def __init__(self, *, height, width, fast=True):
+    def __init__(self, *, height, width, fast=True, auto_augment="none", ops=2, magnitude=9, erasing=0.0):
+        from torchvision.transforms import v2
         self.height, self.width, self.fast = height, width, fast
         self.size = (height, width)
+        steps = {"none": [], "randaugment": [v2.RandAugment(num_ops=ops, magnitude=magnitude)],
+                 "trivialaugment": [v2.TrivialAugmentWide()]}[auto_augment]
+        steps += [v2.RandomErasing(p=erasing, value=0)] if erasing else []
+        self.augment = v2.Compose(steps) if steps else None
 
     def __call__(self, img, rng):
         full = random_resized_crop_box(*upright_size(img), rng)
@@ -257,7 +264,12 @@ class TrainTransform:
         if box is not full:
             box = tuple(round(v) for v in box)
         x = crop_resize(img, box, self.size)
-        return x.flip(-1) if flip else x
+        x = x.flip(-1) if flip else x
+        if self.augment:
+            with torch.random.fork_rng(devices=[]):  # torchvision draws from the global generator
+                torch.manual_seed(rng.getrandbits(63))
+                x = self.augment(x)
+        return x
 
 
 class EvalTransform:
@@ -281,10 +293,11 @@ class EvalTransform:
         return crop_resize(img, box, (ch, cw))
 
 
-def transforms_for(processor, fast_decode=True):
+def transforms_for(processor, fast_decode=True, cfg=None):
     """(train, eval) transforms and (mean, std) built from an image processor's own fields. `fast_decode`
     applies to training only: eval decodes in full, so that the exported image processor (what
-    transformers.pipeline runs) sees the images as vitfood's eval, predict and evaluate do."""
+    transformers.pipeline runs) sees the images as vitfood's eval, predict and evaluate do. `cfg`: a run's
+    config, for its training augmentations."""
     size = dict(processor.size)
     crop = getattr(processor, "crop_size", None)
     crop = dict(crop) if crop else None
@@ -310,7 +323,9 @@ def transforms_for(processor, fast_decode=True):
         mean, std = list(processor.image_mean), list(processor.image_std)
     else:
         mean, std = [0.0] * 3, [1.0] * 3
-    return (TrainTransform(height=out[0], width=out[1], fast=fast_decode),
+    augment = dict(auto_augment=cfg.auto_augment, ops=cfg.randaugment_ops, magnitude=cfg.randaugment_magnitude,
+                   erasing=cfg.random_erasing) if cfg else {}
+    return (TrainTransform(height=out[0], width=out[1], fast=fast_decode, **augment),
             EvalTransform(resize=resize, crop=out, fast=False), (mean, std))
 
 

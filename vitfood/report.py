@@ -197,6 +197,18 @@ def mistakes_image(mistakes, names, columns=4):
     return grid
 
 
+def augmentation(cfg):
+    """The training augmentations beyond crop and flip, as a phrase for the card."""
+    parts = []
+    if cfg.auto_augment == "randaugment":
+        parts.append(f"RandAugment ({cfg.randaugment_ops} ops, magnitude {cfg.randaugment_magnitude})")
+    elif cfg.auto_augment != "none":
+        parts.append("TrivialAugmentWide")
+    if cfg.random_erasing:
+        parts.append(f"random erasing (p {cfg.random_erasing:g})")
+    return "".join(", " + p for p in parts)
+
+
 def model_card(cfg, results, history, sizes, names, precision, world, step_batch, versions):
     """README.md for the exported model, in the Hugging Face model-card format (YAML front matter)."""
     hub_model = not is_path(cfg.model) and "/" in cfg.model
@@ -234,7 +246,8 @@ def model_card(cfg, results, history, sizes, names, precision, world, step_batch
         f"{cfg.mixup_prob:g}, cutmix share {cfg.mixup_switch_prob:g}); "
         + (f"EMA of the weights, decay {cfg.ema_decay:g}; exported: the {'EMA' if cfg.export_ema else 'trained'} weights"
            if cfg.ema_decay else "no EMA"),
-        "- augmentation: random resized crop (scale 0.08-1) and horizontal flip; eval: the image processor's resize "
+        "- augmentation: random resized crop (scale 0.08-1) and horizontal flip" + augmentation(cfg) +
+        "; eval: the image processor's resize "
         "(and center crop, where it has one) of the whole decoded image, as `transformers.pipeline` applies it", "",
         "## Training results", "",
         "| step | training loss | eval loss | top-1 | top-5 |", "| ---: | ---: | ---: | ---: | ---: |"]

@@ -230,7 +230,7 @@ def setup(cfg, resume, rank, world, device, checkpoints):
         seed_everything(cfg.seed + 7919 * rank)
     dist.same_on_all((len(train_ds), len(eval_ds), class_names), "the data set")
     transformers.utils.logging.disable_progress_bar()  # downloads are done; no bar per checkpoint write
-    train_tf, eval_tf, (mean, std) = transforms_for(processor, cfg.fast_decode)
+    train_tf, eval_tf, (mean, std) = transforms_for(processor, cfg.fast_decode, cfg)
     workers = num_workers(cfg.num_workers)
     data = build_data(cfg, train_ds, eval_ds, (train_tf, eval_tf), len(class_names), device, workers, global_batch,
                       rank, world)
