@@ -14,7 +14,7 @@ from vitfood.common import UserError
 from vitfood.steps import EMA, Mixing
 
 LEVERS = ["--label-smoothing", "0.1", "--mixup", "0.8", "--cutmix", "1.0", "--ema-decay", "0.9", "--export-ema",
-          "--auto-augment", "randaugment", "--random-erasing", "0.25"]
+          "--auto-augment", "randaugment", "--random-erasing", "0.25", "--layer-decay", "0.75"]
 
 
 def test_the_ema_is_a_warmed_up_moving_average_updated_in_place():
@@ -89,11 +89,13 @@ def test_levers_are_recorded_evaluated_and_exported(tmp_path):
     assert saved["label_smoothing"] == 0.1 and saved["ema_decay"] == 0.9 and saved["export_ema"] is True
     card = (out / "model" / "README.md").read_text()
     assert "label smoothing 0.1; mixup 0.8, cutmix 1 (probability 1, cutmix share 0.5); EMA of the weights, decay " \
-           "0.9; exported: the EMA weights" in card
+           "0.9; exported: the EMA weights; layer decay 0.75; drop path 0" in card
     assert "horizontal flip, RandAugment (2 ops, magnitude 9), random erasing (p 0.25); eval" in card
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     tags = EventAccumulator(str(out)).Reload().Tags()["scalars"]
-    assert {"accuracy/ema_top1", "loss/ema_eval", "accuracy/top1"} <= set(tags)
+    assert {"accuracy/ema_top1", "loss/ema_eval", "accuracy/top1", "optim/lr", "optim/lr_lowest"} <= set(tags)
+    lr, lowest = (EventAccumulator(str(out)).Reload().Scalars(t)[0].value for t in ("optim/lr", "optim/lr_lowest"))
+    assert lowest == pytest.approx(lr * 0.75 ** 3)  # vit-micro: embeddings, 2 blocks, then the head
 
 
 def test_a_run_with_the_levers_resumes_bit_exact_after_kill_9(tmp_path, cache_dir):
@@ -115,6 +117,38 @@ def test_a_run_with_the_levers_resumes_bit_exact_after_kill_9(tmp_path, cache_di
         assert json.dumps(a, default=lambda t: t.tolist()) == json.dumps(b, default=lambda t: t.tolist()), name
 
 
+def test_layer_decay_scales_each_block_and_keeps_norms_and_biases_undecayed():
+    from vitfood.config import Config
+    from vitfood.model import build_model, make_optimizer
+    model, _ = build_model(Config(model="vit-micro"), ["a", "b"])
+    optimizer = make_optimizer(model, Config(model="vit-micro", lr=1.0, weight_decay=0.05, layer_decay=0.5))
+    names = {p: n for n, p in model.named_parameters()}
+    lr_of = {names[p]: (g["lr"], g["weight_decay"]) for g in optimizer.param_groups for p in g["params"]}
+    assert lr_of["classifier.weight"] == (1.0, 0.05) and lr_of["classifier.bias"] == (1.0, 0.0)
+    assert lr_of["vit.layernorm.weight"] == (1.0, 0.0)
+    assert lr_of["vit.layers.1.mlp.fc1.weight"] == (0.5, 0.05) and lr_of["vit.layers.0.mlp.fc1.weight"] == (0.25, 0.05)
+    assert lr_of["vit.embeddings.cls_token"][0] == lr_of["vit.embeddings.patch_embeddings.projection.weight"][0] == 0.125
+    assert len(lr_of) == len(names)
+
+
+def test_drop_path_reaches_a_family_that_has_it_and_is_refused_where_there_is_none(tmp_path):
+    import transformers as t
+    from vitfood.config import Config
+    from vitfood.model import build_model
+    config = t.BeitConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                          image_size=32, patch_size=8, num_labels=3)
+    t.BeitForImageClassification(config).save_pretrained(tmp_path / "beit")
+    t.BeitImageProcessor(size={"height": 32, "width": 32}, do_center_crop=False).save_pretrained(tmp_path / "beit")
+    model, _ = build_model(Config(model=str(tmp_path / "beit"), drop_path=0.1), ["a", "b"])
+    assert model.config.drop_path_rate == 0.1
+    with pytest.raises(UserError, match="--drop-path: vit-micro is a ViTConfig, which has no stochastic depth"):
+        build_model(Config(model="vit-micro", drop_path=0.1), ["a", "b"])
+    swin = t.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[1, 2], window_size=4)
+    with pytest.raises(UserError, match="--layer-decay applies to the ViT family .* SwinForImageClassification"):
+        from vitfood.model import layer_ids
+        layer_ids(t.SwinForImageClassification(swin))
+
+
 @pytest.mark.parametrize("args, message", [
     (["--label-smoothing", "1"], "--label-smoothing must be in [0, 1)"),
     (["--ema-decay", "-0.1"], "--ema-decay must be in [0, 1)"),
@@ -126,7 +160,17 @@ def test_a_run_with_the_levers_resumes_bit_exact_after_kill_9(tmp_path, cache_di
     (["--auto-augment", "autoaugment"], "argument --auto-augment: invalid choice"),
     (["--randaugment-magnitude", "31"], "--randaugment-magnitude between 0 and 30"),
     (["--random-erasing", "2"], "--random-erasing must be between 0 and 1"),
+    (["--layer-decay", "0"], "--layer-decay must be in (0, 1]"),
+    (["--drop-path", "1"], "--drop-path must be in [0, 1)"),
 ])
 def test_bad_lever_values_are_one_line(args, message):
+    """Each refused before any work, in one line."""
     with pytest.raises(UserError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
         train(*args)
+
+
+def test_the_finetune_preset_turns_the_levers_on_and_flags_still_win():
+    from vitfood.config import build_parser, resolve
+    cfg = resolve(vars(build_parser().parse_args(["--preset", "finetune", "--mixup", "0.2"])))
+    assert (cfg.label_smoothing, cfg.cutmix, cfg.layer_decay, cfg.auto_augment) == (0.1, 1.0, 0.65, "randaugment")
+    assert cfg.mixup == 0.2 and cfg.model == "google/vit-base-patch16-224-in21k" and cfg.drop_path == 0

@@ -65,6 +65,8 @@ class Config:
     warmup_steps: int = _opt(0, "linear warm-up steps, then linear decay to 0", decides="schedule")
     max_grad_norm: float = _opt(1.0, "clip the gradient norm to this (0: no clipping)")
     label_smoothing: float = _opt(0.0, "training targets: 1 - F on the label, F spread over every class (eval stays plain cross-entropy)", decides="weights", legacy=0.0)
+    layer_decay: float = _opt(1.0, "layer-wise lr decay for the ViT family: the head at --lr, each block below times F, the embeddings lowest (1: off)", decides="weights", legacy=1.0)
+    drop_path: float = _opt(0.0, "stochastic depth rate, for models whose config has drop_path_rate (BEiT, DINOv2, Swin, ConvNeXt; not HF's ViT)", decides="weights", legacy=0.0)
     auto_augment: str = _opt("none", "torchvision's automatic augmentation of training crops, in the loader workers", ["none", "randaugment", "trivialaugment"], decides="weights", legacy="none")
     randaugment_ops: int = _opt(2, "RandAugment: operations per image", decides="weights", legacy=2)
     randaugment_magnitude: int = _opt(9, "RandAugment: magnitude, 0-30", decides="weights", legacy=9)
@@ -91,7 +93,7 @@ class Config:
     num_workers: int = _opt(-1, "DataLoader worker processes per training process (-1: from the CPU count)")
     dist_timeout: int = _opt(600, "under torchrun: seconds a rank waits for the others before the job fails", run_only=True)
     seed: int = _opt(42, "seed for the split, initialisation, shuffling and augmentation", decides="data")
-    preset: str | None = _opt(None, "start from a named preset", ["demo"])
+    preset: str | None = _opt(None, "start from a named preset: demo (offline, minutes on a CPU), finetune (the recipe levers of the published ViT fine-tunes)", ["demo", "finetune"])
 
     @property
     def eval_bs(self):
@@ -126,6 +128,10 @@ class Config:
         for name in ("mixup", "cutmix"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
                 raise UserError(f"--{name} must be a finite alpha >= 0 (0: off), got {getattr(self, name)}")
+        if not 0 < self.layer_decay <= 1:
+            raise UserError(f"--layer-decay must be in (0, 1] (1: off), got {self.layer_decay}")
+        if not 0 <= self.drop_path < 1:
+            raise UserError(f"--drop-path must be in [0, 1), got {self.drop_path}")
         if self.randaugment_ops < 1 or not 0 <= self.randaugment_magnitude <= 30:
             raise UserError("--randaugment-ops must be at least 1 and --randaugment-magnitude between 0 and 30")
         for name in ("mixup_prob", "mixup_switch_prob", "random_erasing"):
@@ -154,6 +160,10 @@ class Config:
 
 
 PRESETS = {
+    # The levers of the published ViT-B fine-tunes (MAE's FINETUNE.md, timm's augreg, DeiT), not tuned to any data
+    # set here; schedule, lr and model stay the guide's (drop path too: HF's ViT has none).
+    "finetune": dict(label_smoothing=0.1, mixup=0.8, cutmix=1.0, auto_augment="randaugment", randaugment_ops=2,
+                     randaugment_magnitude=9, random_erasing=0.25, layer_decay=0.65, weight_decay=0.05),
     # Offline demo: the generated Food-101-shaped set and ViT-Ti/16 at 112 px; a few minutes on 2 CPU cores.
     "demo": dict(dataset="synthetic", train_split="train", model="vit-tiny", image_size=112,
                  max_steps=300, batch_size=32, lr=1e-3, weight_decay=0.05, warmup_steps=30,

@@ -138,8 +138,13 @@ class RunLog:
             self.say(f"step {step}: eval loss {metrics['loss']:.4f} acc1 {metrics['acc1']:.4f} acc5 {metrics['acc5']:.4f}"
                      + ema)
 
-    def train(self, step, loss, lr, grad_norm, img_s, data_wait, scale=None, damaged_files=0, skipped_steps=0):
+    def train(self, step, loss, lrs, grad_norm, img_s, data_wait, scale=None, damaged_files=0, skipped_steps=0):
+        """A logging step's scalars; `lrs`: the learning rate of each parameter group (the head's is logged
+        as optim/lr, and with --layer-decay the lowest as optim/lr_lowest)."""
+        lr = max(lrs)
         values = {"loss/train": loss, "optim/lr": lr, "optim/grad_norm": grad_norm}
+        if min(lrs) < lr:
+            values["optim/lr_lowest"] = min(lrs)
         self.windows += 1
         if self.windows > 1:  # the first window of a segment holds its start-up (loader, first kernels)
             values.update({"speed/img_per_s": img_s, "speed/data_wait_percent": 100 * data_wait})

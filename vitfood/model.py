@@ -45,6 +45,8 @@ def build_model(cfg, class_names, device=None):
     id2label = {i: name for i, name in enumerate(class_names)}
     label2id = {name: i for i, name in id2label.items()}
     if cfg.model in NAMED:
+        if cfg.drop_path:
+            raise UserError(f"--drop-path: {cfg.model} is a ViTConfig, which has no stochastic depth (no drop_path_rate)")
         shape = dict(NAMED[cfg.model])
         if cfg.image_size:
             if cfg.image_size % shape["patch_size"]:
@@ -59,8 +61,18 @@ def build_model(cfg, class_names, device=None):
 
     if cfg.image_size:
         raise UserError("--image-size applies only to the named configs (" + ", ".join(NAMED) + ")")
+    extra = {}
+    if cfg.drop_path:
+        from transformers import AutoConfig
+        try:
+            config = AutoConfig.from_pretrained(os.path.expanduser(cfg.model), trust_remote_code=cfg.trust_remote_code)
+        except Exception:
+            config = None  # from_pretrained below says what is wrong
+        if config is not None and not hasattr(config, "drop_path_rate"):
+            raise UserError(f"--drop-path: {type(config).__name__} has no stochastic depth (no drop_path_rate)")
+        extra["drop_path_rate"] = cfg.drop_path
     return from_pretrained(cfg.model, attn, trust_remote_code=cfg.trust_remote_code, num_labels=len(class_names),
-                           id2label=id2label, label2id=label2id, ignore_mismatched_sizes=True)
+                           id2label=id2label, label2id=label2id, ignore_mismatched_sizes=True, **extra)
 
 
 def from_pretrained(name, attn, trust_remote_code=False, **model_kwargs):
@@ -102,7 +114,37 @@ def make_optimizer(model, cfg):
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [dict(params=[p for p in params if p.ndim >= 2], weight_decay=cfg.weight_decay),
               dict(params=[p for p in params if p.ndim < 2], weight_decay=0.0)]
+    if cfg.layer_decay < 1:  # per layer and decay: lr x layer_decay^(depth from the top)
+        ids, top = layer_ids(model)
+        by_layer = {}
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                decay = p.ndim >= 2
+                by_layer.setdefault((ids[name], decay), dict(
+                    params=[], weight_decay=cfg.weight_decay if decay else 0.0,
+                    lr=cfg.lr * cfg.layer_decay ** (top - ids[name])))["params"].append(p)
+        groups = list(by_layer.values())
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, fused=True)
+
+
+LAYERED = ("vit", "deit", "beit", "dinov2", "data2vec-vision")  # families with one list of transformer blocks
+
+
+def layer_ids(model):
+    """({parameter name: layer}, top layer) for layer-wise lr decay: 0 for the embeddings, i + 1 for block i,
+    top = blocks + 1 for what follows them (final norm, pooler, head)."""
+    if model.config.model_type not in LAYERED:
+        raise UserError(f"--layer-decay applies to the ViT family (ViT, DeiT, BEiT, DINOv2) by block index; "
+                        f"{type(model).__name__} is not one")
+    prefix, blocks = max(((n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.ModuleList)),
+                         key=lambda item: len(item[1]))
+    ids, after = {}, False
+    for name, _ in model.named_parameters():
+        if name.startswith(prefix + "."):
+            ids[name], after = int(name[len(prefix) + 1:].split(".")[0]) + 1, True
+        else:
+            ids[name] = len(blocks) + 1 if after else 0
+    return ids, len(blocks) + 1
 
 
 def make_scheduler(optimizer, warmup_steps, max_steps):

@@ -245,7 +245,7 @@ def model_card(cfg, results, history, sizes, names, precision, world, step_batch
         f"- label smoothing {cfg.label_smoothing:g}; mixup {cfg.mixup:g}, cutmix {cfg.cutmix:g} (probability "
         f"{cfg.mixup_prob:g}, cutmix share {cfg.mixup_switch_prob:g}); "
         + (f"EMA of the weights, decay {cfg.ema_decay:g}; exported: the {'EMA' if cfg.export_ema else 'trained'} weights"
-           if cfg.ema_decay else "no EMA"),
+           if cfg.ema_decay else "no EMA") + f"; layer decay {cfg.layer_decay:g}; drop path {cfg.drop_path:g}",
         "- augmentation: random resized crop (scale 0.08-1) and horizontal flip" + augmentation(cfg) +
         "; eval: the image processor's resize "
         "(and center crop, where it has one) of the whole decoded image, as `transformers.pipeline` applies it", "",

@@ -300,7 +300,7 @@ def train_loop(r):
     while r.step < r.max_steps:
         # fetch and step: the loss is summed over samples and divided by the step's global sample count, so
         # the gradient is the mean over the whole global batch, however it is split in micro-batches and ranks
-        lr = r.scheduler.get_last_lr()[0]
+        lrs = r.scheduler.get_last_lr()  # with --layer-decay, the head's is the highest
         step_samples = r.data.sampler.samples_in(r.step * accum, accum)
         for micro in range(accum):
             t0 = time.perf_counter()
@@ -339,7 +339,7 @@ def train_loop(r):
             img_s, wait = meter.window(int(totals[2].item()))
             bad_train = ledger.damaged_files()[0] if totals[3].item() else set()  # a gather only when there are any
             skipped = ledger.nonfinite.check(r.checkpoints.latest)
-            log.train(r.step, train_loss, lr, (totals[1] / n).item(), img_s, wait,
+            log.train(r.step, train_loss, lrs, (totals[1] / n).item(), img_s, wait,
                       r.scaler.get_scale() if r.scaler.is_enabled() else None, len(bad_train), skipped)
             loss_sum.zero_()
             norm_sum.zero_()
