@@ -46,9 +46,9 @@ from vitfood.config import build_parser, resolve
 from vitfood.data import EpochBatchSampler, build_data, hub_dataset, load_splits, make_loader, normalize, transforms_for
 from vitfood.model import (build_model, compiled, hub_model, make_optimizer, make_scheduler, resolve_attn,
                            vit_flops_per_image)
-from vitfood.steps import eval_pass, forward_backward, optimizer_step
+from vitfood.steps import EMA, Mixing, eval_pass, forward_backward, optimizer_step
 
-MODES = ("data", "model", "e2e", "eval", "save")
+MODES = ("data", "model", "levers", "e2e", "eval", "save")
 
 
 def parse_args(argv=None):
@@ -197,6 +197,46 @@ def bench_model(cfg, names, device, precision, batch_size, compile_it, attn, ste
     flops = vit_flops_per_image(model.config, training=True) * batch_size / sec if model.config.model_type == "vit" else None
     return dict(img_s=batch_size / sec, ms_step=1000 * sec, spread_ms=[1000 * min(times), 1000 * max(times)],
                 first_step_s=first, peak_mem_mb=peak_memory_mb(device), flops=flops)
+
+
+def bench_levers(cfg, names, device, precision, batch_size, steps, repeats):
+    """The training step with the recipe levers that act in it (label smoothing, mixup/cutmix, layer decay,
+    EMA) against the plain step, timed in alternation; and the EMA update alone. The levers are those asked
+    for, or --preset finetune's with an EMA when none were."""
+    plain = dataclasses.replace(cfg, label_smoothing=0.0, mixup=0.0, cutmix=0.0, layer_decay=1.0, ema_decay=0.0)
+    asked = cfg.label_smoothing or cfg.mixup or cfg.cutmix or cfg.ema_decay or cfg.layer_decay < 1
+    levers = cfg if asked else dataclasses.replace(cfg, label_smoothing=0.1, mixup=0.8, cutmix=1.0, layer_decay=0.65,
+                                                   ema_decay=0.9999)
+
+    def make(c):
+        model, (mean, std), opt, sched, scaler, amp = _training_setup(c, names, device, precision)
+        size = model.config.image_size
+        images = torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8, device=device)
+        labels = torch.randint(0, len(names), (batch_size,), device=device)
+        ema = EMA(model, c.ema_decay) if c.ema_decay else None
+        mixing = Mixing(c.mixup, c.cutmix, c.mixup_prob, c.mixup_switch_prob, c.label_smoothing, len(names),
+                        c.seed) if c.mixup or c.cutmix else None
+        count = itertools.count()
+
+        def step():
+            forward_backward(model, images, labels, amp, scaler, mean, std, labels.numel(), c.label_smoothing,
+                             mixing and mixing.at(next(count), 0))
+            optimizer_step(model, opt, scaler, sched, c.max_grad_norm)
+            if ema:
+                ema.update()
+        return step, ema
+
+    (plain_step, _), (lever_step, ema) = make(plain), make(levers)
+    pairs = [(timed(plain_step, device, steps, 1, warmup=2)[0], timed(lever_step, device, steps, 1, warmup=2)[0])
+             for _ in range(repeats)]
+    ratios = sorted(b / a for a, b in pairs)
+    plain_s = statistics.median(a for a, _ in pairs)
+    ema_s = timed(ema.update, device, steps, repeats, warmup=2)[0] if ema else None
+    return dict(plain_ms=1000 * plain_s, levers_ms=1000 * statistics.median(b for _, b in pairs),
+                cost=statistics.median(ratios) - 1, cost_spread=[ratios[0] - 1, ratios[-1] - 1],
+                ema_ms=ema_s and 1000 * ema_s, ema_share=ema_s and ema_s / plain_s, batch_size=batch_size,
+                levers=dict(label_smoothing=levers.label_smoothing, mixup=levers.mixup, cutmix=levers.cutmix,
+                            layer_decay=levers.layer_decay, ema_decay=levers.ema_decay))
 
 
 def bench_data(train_set, batch_size, workers, device, steps, repeats, mean, std, fast_decode):
@@ -372,6 +412,12 @@ def main(argv=None):
     if "model" in modes:
         report["matmul_peak_flops"], report["model"] = model_mode(cfg, names, device, precisions, batch_sizes, compiles,
                                                                   attns, steps, repeats, quick)
+
+    if "levers" in modes:
+        r = report["levers"] = bench_levers(cfg, names, device, precision, cfg.batch_size, steps, repeats)
+        ema = f"; the EMA update alone {r['ema_ms']:.2f} ms ({r['ema_share']:.1%} of a plain step)" if r["ema_ms"] else ""
+        print(f"\n[levers] {r['levers']}: step {r['levers_ms']:.1f} ms against {r['plain_ms']:.1f} ms plain "
+              f"({r['cost']:+.1%}, range {r['cost_spread'][0]:+.1%} to {r['cost_spread'][1]:+.1%}){ema}")
 
     profile_dir = None
     if b.profile:
