@@ -45,6 +45,9 @@ def test_quick_bench_reports_every_mode(capsys, tmp_path, monkeypatch):
         assert row["img_s"] > 0 and 0 < row["mfu"] < 1 and row["peak_mem_mb"] > 0
     assert report["data"][0]["img_s"] > 0 and report["e2e"]["img_s"] > 0 and 0 <= report["e2e"]["data_wait"] <= 1
     assert report["eval"]["img_s"] > 0 and report["eval"]["images"] > 0
+    levers = report["levers"]  # none asked for: --preset finetune's that act in the step, and an EMA
+    assert levers["levers"]["mixup"] == 0.8 and levers["levers"]["ema_decay"] > 0
+    assert levers["plain_ms"] > 0 and levers["levers_ms"] > 0 and 0 < levers["ema_ms"] < levers["levers_ms"]
     assert all(math.isfinite(v) for v in _numbers(report))
     trace = json.loads(open(report["e2e"]["trace"]).read())  # Chrome/Perfetto trace format
     assert trace["traceEvents"]
