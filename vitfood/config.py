@@ -76,7 +76,7 @@ class Config:
     mixup_prob: float = _opt(1.0, "share of batches mixed when --mixup or --cutmix is on", decides="weights", legacy=1.0)
     mixup_switch_prob: float = _opt(0.5, "with both --mixup and --cutmix: share of mixed batches that use CutMix", decides="weights", legacy=0.5)
     ema_decay: float = _opt(0.0, "keep an exponential moving average of the weights with this decay (0: none; its decay warms up as in timm: min(D, 1 - (1 + updates)^(-2/3))); evaluated beside the weights at each eval", decides="weights", legacy=0.0)
-    export_ema: bool = _opt(False, "export the EMA weights to model/ instead of the trained ones (needs --ema-decay)")
+    export_ema: bool = _opt(False, "export the EMA weights to model/ instead of the trained ones (needs --ema-decay)", run_only=True)
     max_nonfinite_steps: int = _opt(25, "stop after this many consecutive steps with non-finite loss or gradients (each is skipped)", run_only=True)
     precision: str = _opt("auto", "auto: fp16 on CUDA, bf16 on CPUs with bf16 matrix units, else fp32", ["auto", "fp32", "fp16", "bf16"])
     # evaluation, checkpoints, logging
@@ -197,17 +197,18 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def build_parser(run=True):
-    """The flags of every Config field (`run` False: without those that mean something to a run only)."""
+    """The flags of every Config field (`run` False: those that mean something to a run only are accepted but
+    not listed)."""
     p = OneLineParser(prog="python -m vitfood.train", description=__doc__,
                                 argument_default=argparse.SUPPRESS,  # only flags actually given appear
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", help="JSON or YAML file of option values (flags override it)")
     hints = typing.get_type_hints(Config)
     for f in dataclasses.fields(Config):
-        if f.metadata["run_only"] and not run:
-            continue
         tp = _base_type(hints[f.name])
         kw = dict(help=f"{f.metadata['help']} (default: {f.default})")
+        if f.metadata["run_only"] and not run:
+            kw["help"] = argparse.SUPPRESS  # accepted, so one set of flags serves train and bench, but not listed
         if tp is bool:
             kw["action"] = argparse.BooleanOptionalAction
         else:
