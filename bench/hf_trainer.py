@@ -59,7 +59,11 @@ class StepTimer(TrainerCallback):
         self.busy = True
 
 
-def main():
+def compute_metrics(eval_pred):
+    return {"accuracy": float((np.argmax(eval_pred.predictions, axis=1) == eval_pred.label_ids).mean())}
+
+
+def parse_args():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dataset", default="synthetic")
     p.add_argument("--synthetic-size", type=int, default=2500)
@@ -78,7 +82,11 @@ def main():
     p.add_argument("--output-dir", default=None, help="unset: a temporary folder, deleted at the end")
     p.add_argument("--max-eval-samples", type=int, default=None)
     p.add_argument("--warmup-steps-skipped", type=int, default=10, help="first steps left out of the steady-state rate")
-    args = p.parse_args()
+    return p.parse_args()
+
+
+def main():
+    args = parse_args()
 
     # data and model: vitfood's own pieces, so the work is the same
     cfg = Config(dataset=args.dataset, train_split="train", synthetic_size=args.synthetic_size, seed=42,
@@ -98,9 +106,6 @@ def main():
         return examples
 
     train_ds, eval_ds = train_ds.with_transform(transforms), eval_ds.with_transform(transforms)
-
-    def compute_metrics(eval_pred):
-        return {"accuracy": float((np.argmax(eval_pred.predictions, axis=1) == eval_pred.label_ids).mean())}
 
     # which precision really runs: the dtype coming out of the model's first Linear during training
     seen = {}
@@ -176,15 +181,20 @@ def main():
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "datasets": datasets.__version__, "accelerate": accelerate.__version__},
     }
-    print(f"\nHF Trainer (guide recipe): {args.model} on {args.dataset}, {len(train_ds)} train / {len(eval_ds)} eval images")
+    say(result, args, timer, train_wall, len(clean))
+    print(json.dumps(result))
+
+
+def say(result, args, timer, train_wall, counted):
+    """The run in a few lines, for people; the JSON line follows."""
+    print(f"\nHF Trainer (guide recipe): {args.model} on {args.dataset}, {result['train_images']} train / {result['eval_images']} eval images")
     print(f"  precision ran: {result['precision']} (mixed_precision={result['mixed_precision']}), "
           f"optim {result['optim']}, {result['threads']} threads, device {result['device']}")
     print(f"  trainer.train(): {train_wall:.1f} s for {args.max_steps} steps (with evals every {args.eval_steps}, saves every {args.save_steps})")
     print(f"  steady training: {result['train_steady_images_per_s']} images/s "
-          f"(median of {len(clean)} steps without eval/save, first {args.warmup_steps_skipped} skipped)")
+          f"(median of {counted} steps without eval/save, first {args.warmup_steps_skipped} skipped)")
     print(f"  evaluate(): {result['eval_images_per_s']:.1f} images/s, accuracy {result['eval_accuracy']:.4f}")
     print("  step times (s, * = held an eval/save):", " ".join(f"{t:.2f}" + ("" if ok else "*") for _, t, ok in timer.steps))
-    print(json.dumps(result))
 
 
 if __name__ == "__main__":
