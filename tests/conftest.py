@@ -1,4 +1,7 @@
+import codecs
 import os
+import select
+import signal
 import subprocess
 import sys
 import time
@@ -21,6 +24,14 @@ def cache_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("cache")
     os.environ["VITFOOD_CACHE"] = str(path)
     return path
+
+
+@pytest.fixture(autouse=True)
+def fault_counts_from_zero():
+    """checkpoint.fault_point counts, per process, how often each point was reached: a test that sets
+    VITFOOD_FAULT in this process counts from zero, whatever the tests before it reached."""
+    from vitfood import checkpoint
+    checkpoint._reached.clear()
 
 
 @pytest.fixture(scope="session")
@@ -48,6 +59,14 @@ def cli(*args, module="vitfood.train", timeout=300):
 RUN = [*TINY, "--max-steps", "30", "--eval-steps", "10", "--save-steps", "5", "--num-workers", "2",
        "--logging-steps", "5"]
 
+# Where a test's signal lands: RUN prints EVALUATED after its eval at step 10, then holds HOLD_S seconds at the
+# end of step 11 (the fault point "step", its 11th time). A signal sent when the line is read arrives inside
+# the loop, before step 11 is over, so the run stops at step 11 exactly; the hold only has to outlast the
+# test's reading of one line, not the run.
+HOLD_S = 2
+HOLD = {"VITFOOD_FAULT": "delay:step:11", "VITFOOD_FAULT_DELAY": str(HOLD_S)}
+EVALUATED = "step 10: eval"
+
 
 def start(out, *extra, env=None):
     """A training process on RUN in `out` with --resume auto, as a job scheduler would start it."""
@@ -57,23 +76,67 @@ def start(out, *extra, env=None):
                             start_new_session=True)
 
 
-def wait_for_training(proc, timeout=120):
-    """Block until the run prints its 'run:' line (set-up done, the loop starts)."""
-    deadline = time.time() + timeout
-    for line in proc.stdout:
-        if line.startswith("run:") or time.time() > deadline:
-            return True
-    return False
+def wait_for(proc, prefix="run:", timeout=120):
+    """Read the process's stdout up to a line that starts with `prefix` ("run:": set-up is done, the loop
+    starts) and return that line. Fails, showing what the process printed, when it exits first or the line
+    does not come within `timeout` seconds. output(proc) gives the whole of stdout later."""
+    if not hasattr(proc, "seen"):
+        proc.seen, proc.unread, proc.decoder = "", "", codecs.getincrementaldecoder("utf-8")("replace")
+    fd, deadline = proc.stdout.fileno(), time.monotonic() + timeout
+    while True:
+        *lines, proc.unread = proc.unread.split("\n")
+        for i, line in enumerate(lines):
+            if line.split("\r")[-1].startswith(prefix):
+                proc.unread = "\n".join([*lines[i + 1:], proc.unread])
+                return line
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            raise AssertionError(f"no line starting with {prefix!r} in {timeout} s; it printed:\n{proc.seen[-2000:]}")
+        text = proc.decoder.decode(os.read(fd, 1 << 16))
+        if not text:
+            out, err = proc.communicate(timeout=60)
+            raise AssertionError(f"the process ended ({proc.returncode}) before a line starting with {prefix!r}:\n"
+                                 f"{(proc.seen + out)[-2000:]}\n{err[-2000:]}")
+        proc.seen += text
+        proc.unread += text
 
 
-def finish(out, *extra, tries=6):
-    """Rerun with --resume auto until the run is complete; returns the last process."""
-    for _ in range(tries):
-        p = start(out, *extra)
-        p.communicate(timeout=300)
-        if p.returncode == 0 and (out / "all_results.json").exists():
-            return p
-    raise AssertionError(f"run in {out} did not complete: {p.returncode}")
+def stop(out, sig, *extra):
+    """RUN in `out`, sent `sig` while it is held in its loop at step 11: (exit status, stdout, stderr). Ctrl-C
+    (SIGINT) reaches the terminal's whole process group; SIGTERM the main process (kill, docker stop, Kubernetes)."""
+    p = start(out, *extra, env=HOLD)
+    wait_for(p, EVALUATED)
+    os.killpg(p.pid, sig) if sig == signal.SIGINT else os.kill(p.pid, sig)
+    stdout, stderr = output(p)
+    return p.returncode, stdout, stderr
+
+
+@pytest.fixture(scope="session")
+def sigterm_stopped(tmp_path_factory, cache_dir):
+    """RUN stopped by SIGTERM at step 11, as a scheduler preempts a job, and not resumed: (run dir, exit status,
+    stdout, stderr). Copy the run directory before resuming it."""
+    out = tmp_path_factory.mktemp("stopped") / "run"
+    return (out, *stop(out, signal.SIGTERM))
+
+
+def output(proc, timeout=300):
+    """(stdout, stderr) of a process started with start(), once it has ended; stdout whole, with what
+    wait_for read."""
+    out, err = proc.communicate(timeout=timeout)
+    return getattr(proc, "seen", "") + out, err
+
+
+def finish(out, *extra):
+    """Resume the run in `out` to its end with --resume auto, in this process (it then holds the run's lock:
+    no other process may run there afterwards); returns all_results (None: it had ended already).
+
+    Without loader workers: the data a step sees does not depend on them (augmentations are keyed on seed, epoch
+    and index), and a run's workers would outlive it here, mid-epoch, until a garbage collection that waits
+    5 s for each of them (torch's shutdown of a persistent worker holding prefetched batches)."""
+    from vitfood.train import main
+    results = main([*RUN, "--output-dir", str(out), "--resume", "auto", "--num-workers", "0", *map(str, extra)])
+    assert (out / "all_results.json").is_file()
+    return results
 
 
 def weights(out):
@@ -91,8 +154,8 @@ def reference_run(tmp_path_factory, cache_dir):
     """RUN, never interrupted: its run directory (copy it before changing anything in it)."""
     out = tmp_path_factory.mktemp("ref") / "run"
     p = start(out)
-    p.communicate(timeout=300)
-    assert p.returncode == 0
+    _, err = output(p)
+    assert p.returncode == 0, err[-2000:]
     return out
 
 

@@ -8,17 +8,59 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import train
+from conftest import TINY, cli, train
 from vitfood import checkpoint
 from vitfood.common import run_main
 
 
-def _error(capsys, *args):
+def _error(capsys, *args, alone=False):
+    """The error line of a run that exits 2; alone: the only line on stderr (no progress bar before it)."""
     with pytest.raises(SystemExit) as e:
         run_main(lambda: train(*args))
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and err[-1].startswith("error: ") and not any("Traceback" in l for l in err), err
+    assert len(err) == 1 or not alone, err
     return err[-1]
+
+
+def test_errors_are_one_clear_line(tiny_run, capsys, tmp_path):
+    error = lambda *args: _error(capsys, *args, alone=True)  # tiny_run: the synthetic set is made (no progress bars)
+    assert "food101" in (m := error("--dataset", "food101")) and "offline" in m and "--dataset synthetic" in m
+    m = error("--model", "google/vit-base-patch16-224-in21k", "--output-dir", tmp_path / "m")
+    assert "google/vit-base-patch16-224-in21k" in m and "Hub" in m and "local model folder" in m
+    assert "./no/such/folder: no such folder" in error("--dataset", "./no/such/folder")
+    assert "columns: image, label" in error("--image-column", "img", "--output-dir", tmp_path / "c")
+    assert "columns: image, label" in error("--label-column", "y", "--output-dir", tmp_path / "c")
+    assert "eval split is empty" in error("--eval-split", "validation[:0]", "--output-dir", tmp_path / "e")
+    assert "--max-steps must be a positive" in error("--max-steps", "-3")
+    assert "--batch-size must be a positive" in error("--batch-size", "0")
+    assert "invalid choice" in error("--precision", "fp8")
+    assert "invalid int value" in error("--eval-steps", "ten")
+    assert "not supported on the CPU" in error("--precision", "fp16", "--output-dir", tmp_path / "f")
+    assert "not a complete vitfood checkpoint" in error("--resume", tmp_path)
+    assert "no such checkpoint" in error("--resume", tmp_path / "nope")
+
+
+def test_errors_from_the_command_line_have_no_traceback(tmp_path):
+    import subprocess
+    import sys
+    r = cli("--dataset", "food101", "--model", "vit-micro", "--output-dir", tmp_path / "y")
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.startswith("error: ") and "food101" in r.stderr
+    exe = os.path.join(os.path.dirname(sys.executable), "vitfood-train")  # the console entry point
+    r = subprocess.run([exe, "--preset", "demo", "--precision", "fp16", "--output-dir", tmp_path / "x"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip() == "error: --precision fp16 is not supported on the CPU; use bf16 or fp32"
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()  # no empty run folders left behind
+
+
+def test_failed_runs_never_touch_existing_checkpoints(tiny_run, capsys):
+    out, _ = tiny_run
+    before = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    assert "already holds" in _error(capsys, "--output-dir", out, "--max-steps", 5, alone=True)
+    assert "not supported on the CPU" in _error(capsys, "--output-dir", out, "--resume", "auto", "--precision", "fp16",
+                                                "--lr", "5e-3", alone=True)  # the run's own lr (fixed on resume)
+    assert {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before
 
 
 @pytest.fixture(scope="module")
@@ -44,15 +86,18 @@ def damaged_folder(tmp_path_factory):
 
 def test_damaged_images_are_skipped_and_counted(damaged_folder, tmp_path, capsys):
     results = train("--dataset", damaged_folder, "--max-steps", 6, "--batch-size", 4, "--test-size", 0.25,
-                    "--output-dir", tmp_path / "run")
+                    "--max-bad-share", 1, "--output-dir", tmp_path / "run")  # a folder made mostly of bad files
     out = capsys.readouterr().out
     assert results["global_step"] == 6
     assert "damaged training file(s)" in out and "encounters) could not be decoded and were skipped" in out
 
 
-def test_damaged_images_are_an_error_on_request(damaged_folder, tmp_path, capsys):
-    err = _error(capsys, "--dataset", damaged_folder, "--max-steps", 30, "--batch-size", 4, "--bad-images", "error",
-                 "--num-workers", 2, "--output-dir", tmp_path / "run")
+def test_damaged_images_are_an_error_on_request(damaged_folder, tmp_path):
+    # raised in a loader worker (in a process of its own: in this one the workers would outlive the run)
+    r = cli(*TINY, "--dataset", damaged_folder, "--max-steps", 30, "--batch-size", 4, "--bad-images", "error",
+            "--num-workers", 2, "--output-dir", tmp_path / "run")
+    err = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 2 and err.startswith("error: ") and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert "cannot be decoded" in err and any(n in err for n in ("truncated.jpg", "empty.jpg", "notes.jpg", "bomb.png"))
 
 

@@ -1,4 +1,6 @@
 import io
+import json
+import math
 import os
 import random
 
@@ -7,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import train
 from vitfood import synthetic
 from vitfood.config import Config
 from vitfood.data import (EpochBatchSampler, EvalTransform, ImageDataset, TrainTransform, load_splits, normalize,
@@ -148,3 +151,19 @@ def test_eval_transform_matches_the_image_processor():
         ref = torch.as_tensor(np.asarray(processor(images=img, return_tensors="pt")["pixel_values"][0]))
         # processors resize with their own kernels; allow a small mean difference
         assert (ours - ref).abs().mean() < 2 / 255 * 2 / 0.5, (ours - ref).abs().mean()
+
+
+def test_trains_on_an_imagefolder_of_mixed_image_modes(tmp_path):
+    from PIL import Image
+    import numpy as np
+    rng = np.random.default_rng(0)
+    modes = ["L", "RGBA", "CMYK", "P", "LA", "RGB"]
+    for c in ("soup", "cake"):
+        (tmp_path / "imgs" / c).mkdir(parents=True)
+        for i, mode in enumerate(modes * 2):
+            img = Image.fromarray(rng.integers(0, 255, (40 + i, 50, 3), dtype=np.uint8)).convert(mode)
+            img.save(tmp_path / "imgs" / c / f"{i}.{'jpg' if mode in ('L', 'CMYK', 'RGB') else 'png'}")
+    results = train("--dataset", tmp_path / "imgs", "--max-steps", 3, "--batch-size", 4, "--output-dir", tmp_path / "run")
+    assert results["global_step"] == 3 and math.isfinite(results["eval_loss"])
+    cfg = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
+    assert sorted(cfg["id2label"].values()) == ["cake", "soup"]

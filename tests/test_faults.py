@@ -4,6 +4,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import finish, same, start, train, wait_for_training, weights
+from conftest import EVALUATED, HOLD, HOLD_S, finish, output, same, start, stop, train, wait_for, weights
 from vitfood import checkpoint
 
 
@@ -29,26 +30,26 @@ def _only_complete_checkpoints(out):
 def test_kill_inside_a_save_window_then_resume_is_exact(tmp_path, reference, point):
     out = tmp_path / "run"
     p = start(out, env={"VITFOOD_FAULT": point})
-    p.communicate(timeout=300)
-    assert p.returncode == -signal.SIGKILL
+    _, err = output(p)
+    assert p.returncode == -signal.SIGKILL, err[-2000:]
     _only_complete_checkpoints(out)
     finish(out)
     assert same(weights(out), reference)
     assert not [n for n in os.listdir(out) if n.startswith(".")]
 
 
-def test_kill_while_swapping_a_resaved_checkpoint(tmp_path, reference):
+def test_kill_while_swapping_a_resaved_checkpoint(tmp_path, reference_run):
     out = tmp_path / "run"
-    finish(out, "--save-total-limit", "10")
-    # an explicit resume from step 20 re-saves step 25 over the existing one; die between the two renames
-    p = subprocess.run([sys.executable, "-m", "vitfood.train", "--resume", str(out / "checkpoint-20")],
+    shutil.copytree(reference_run, out)  # checkpoint-10, -25 and -30
+    # an explicit resume from step 25 re-saves step 30 over the existing one; die between the two renames
+    p = subprocess.run([sys.executable, "-m", "vitfood.train", "--resume", str(out / "checkpoint-25")],
                        env={**os.environ, "VITFOOD_FAULT": "swapping"}, capture_output=True, text=True, timeout=300)
-    assert p.returncode == -signal.SIGKILL
-    assert not (out / "checkpoint-25").exists() and any(n.startswith(".old-checkpoint-25") for n in os.listdir(out))
-    p = subprocess.run([sys.executable, "-m", "vitfood.train", "--resume", "auto", "--output-dir", str(out)],
-                       capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0 and checkpoint.is_complete(out / "checkpoint-25")  # put back, then found finished
-    assert same(weights(out), reference)
+    assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
+    assert not (out / "checkpoint-30").exists() and any(n.startswith(".old-checkpoint-30") for n in os.listdir(out))
+    assert finish(out) is None  # put back, then found finished
+    assert checkpoint.is_complete(out / "checkpoint-30") and not [n for n in os.listdir(out) if n.startswith(".")]
+    assert same(load_file(out / "checkpoint-30" / "model.safetensors"),
+                load_file(reference_run / "checkpoint-30" / "model.safetensors"))
 
 
 def _kill_at_random_times(tmp_path, reference, trials, seed):
@@ -56,9 +57,11 @@ def _kill_at_random_times(tmp_path, reference, trials, seed):
     for trial in range(trials):
         out = tmp_path / f"run{trial}"
         for _ in range(rng.randint(1, 3)):  # one to three kills in a trial
+            if (out / "all_results.json").exists():
+                break  # the run ended before this kill
             p = start(out)
-            if wait_for_training(p):
-                time.sleep(rng.uniform(0.0, 2.5))
+            wait_for(p)
+            time.sleep(rng.uniform(0.0, 2.5))
             os.killpg(p.pid, signal.SIGKILL)
             p.communicate(timeout=60)
             _only_complete_checkpoints(out)
@@ -77,36 +80,40 @@ def test_kill_at_twenty_random_moments(tmp_path, reference):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_preemption_saves_and_resumes_exactly(tmp_path, reference, sig):
-    out = tmp_path / "run"
-    p = start(out)
-    assert wait_for_training(p)
-    time.sleep(0.4)
-    # Ctrl-C reaches the terminal's whole process group; SIGTERM the main process (kill, docker stop, Kubernetes)
-    os.killpg(p.pid, sig) if sig == signal.SIGINT else os.kill(p.pid, sig)
-    stdout, stderr = p.communicate(timeout=120)
-    if p.returncode == 0:
-        pytest.skip("the run finished before the signal arrived")
-    assert p.returncode == 75, stderr[-2000:]
-    saved = [s for s, _ in checkpoint.complete_checkpoints(out)]
-    assert f"saved {out / f'checkpoint-{saved[-1]}'}" in stdout
+def test_preemption_saves_and_resumes_exactly(tmp_path, reference, sig, request):
+    # sent in the loop, while it is held at step 11: the signal surely arrives before the run ends
+    if sig == signal.SIGTERM:
+        stopped, code, stdout, stderr = request.getfixturevalue("sigterm_stopped")  # shared with test_tensorboard
+    else:
+        stopped = tmp_path / "stopped"
+        code, stdout, stderr = stop(stopped, sig)
+    assert code == 75, stderr[-2000:]
+    assert [s for s, _ in checkpoint.complete_checkpoints(stopped)][-1] == 11  # it finished its step and saved it
+    assert f"stopped by {sig.name} at step 11: saved {stopped / 'checkpoint-11'}" in stdout
     assert "Traceback" not in stderr
+    out = tmp_path / "run"
+    shutil.copytree(stopped, out)
     finish(out)
     assert same(weights(out), reference)
 
 
 def test_second_ctrl_c_exits_at_once_without_harm(tmp_path):
     out = tmp_path / "run"
-    p = start(out, "--max-steps", "100000", "--save-steps", "3")
-    assert wait_for_training(p)
-    time.sleep(2.0)
+    p = start(out, env=HOLD)
+    wait_for(p, EVALUATED)
     os.killpg(p.pid, signal.SIGINT)
+    wait_for(p, "SIGINT: finishing this step")  # the first asked for a stop; the run is still held at step 11
+    t0 = time.monotonic()
     os.killpg(p.pid, signal.SIGINT)
-    p.communicate(timeout=60)
-    assert p.returncode in (130, 75)
-    _only_complete_checkpoints(out)
-    newest = checkpoint.complete_checkpoints(out)[-1][1]
-    assert checkpoint.load_state(newest)["step"] > 0
+    p.wait(timeout=60)
+    waited = time.monotonic() - t0
+    _, stderr = output(p)
+    # at once: before the hold of step 11 is over, without its stop checkpoint (that way would exit 75)
+    assert p.returncode == 130 and waited < HOLD_S, (waited, stderr[-2000:])
+    assert not (out / "checkpoint-11").exists()
+    _only_complete_checkpoints(out)  # a write in flight may be cut short: never left half there
+    (step, newest), = checkpoint.complete_checkpoints(out)[-1:]
+    assert step in (5, 10) and checkpoint.damage(newest) is None
 
 
 def test_disk_full_while_saving_keeps_earlier_checkpoints(tmp_path, monkeypatch, capsys):
@@ -144,15 +151,24 @@ def test_nonfinite_loss_stops_with_the_step_and_keeps_good_checkpoints(tmp_path,
 
 def test_a_killed_loader_worker_is_a_clear_error_not_a_hang(tmp_path):
     out = tmp_path / "run"
-    p = start(out, "--max-steps", "100000")
-    assert wait_for_training(p)
-    time.sleep(0.5)
-    children = [int(c) for c in open(f"/proc/{p.pid}/task/{p.pid}/children").read().split()]
-    os.kill(children[0], signal.SIGKILL)  # as the kernel's OOM killer would
-    _, stderr = p.communicate(timeout=120)
+    # saves at steps 7 and 14: none near the kill (a worker's death raises in the main thread, wherever it is)
+    p = start(out, "--save-steps", "7", env=HOLD)
+    wait_for(p, EVALUATED)  # in step 11 or held at its end: the loader workers are alive (persistent)
+    os.kill(_children(p.pid)[0], signal.SIGKILL)  # as the kernel's OOM killer would
+    _, stderr = output(p, timeout=120)
     last = stderr.strip().splitlines()[-1]
     assert p.returncode == 1 and last.startswith("error: DataLoader worker") and "Traceback" not in stderr, stderr[-1500:]
     _only_complete_checkpoints(out)
+    assert [s for s, _ in checkpoint.complete_checkpoints(out)] == [7]
+
+
+def _children(pid, timeout=60):
+    """The child processes of `pid` (its loader workers), once it has some."""
+    deadline = time.monotonic() + timeout
+    while not (children := [int(c) for c in open(f"/proc/{pid}/task/{pid}/children").read().split()]):
+        assert time.monotonic() < deadline, f"process {pid} started no loader worker in {timeout} s"
+        time.sleep(0.02)
+    return children
 
 
 def _alive(pid):
@@ -167,22 +183,25 @@ def _restart_right_after_kill_9(tmp_path, reference, trials):
     the default worker count, the restart is never refused by the dying run's loader workers."""
     out = tmp_path / "run"
     for trial in range(trials):
+        if (out / "all_results.json").exists():
+            break  # killed so often that the run has ended
         p = start(out, "--num-workers", "-1")
-        if not wait_for_training(p):
-            break  # the run had already finished
+        wait_for(p)
+        _children(p.pid)  # the loop has started its loader worker
         time.sleep(0.3 + 0.05 * (trial % 10))
-        workers = [int(c) for c in open(f"/proc/{p.pid}/task/{p.pid}/children").read().split()]
+        workers = _children(p.pid)
         os.kill(p.pid, signal.SIGKILL)  # the main process only, as the kernel's OOM killer does
         p.wait(timeout=60)  # the main process, not its output pipes, which its workers hold open
         time.sleep(0.1)
         alive = [w for w in workers if _alive(w)]
+        if (out / "all_results.json").exists():
+            break  # it ended before the kill
         again = start(out, "--num-workers", "-1")
-        started = wait_for_training(again)
+        wait_for(again)  # not refused ("another vitfood process is running")
         os.killpg(again.pid, signal.SIGKILL)
-        _, err = again.communicate(timeout=60)
+        again.communicate(timeout=60)
         p.communicate(timeout=60)
-        assert started or again.returncode == 0, err[-2000:]  # not refused ("another vitfood process")
-        assert workers and not alive, alive  # the workers died with their process, not seconds later
+        assert workers and not alive, (workers, alive)  # the workers died with their process, not seconds later
         _only_complete_checkpoints(out)
     finish(out)  # restarted so often, the run still ends where an uninterrupted one does
     assert same(weights(out), reference)
@@ -204,19 +223,22 @@ def test_a_save_returns_before_its_write_and_keeps_the_weights_of_its_step(tmp_p
     before = {k: v.clone() for k, v in model.state_dict().items()}
     saver = checkpoint.Checkpoints(tmp_path, keep=2)
     saver.open()
-    monkeypatch.setenv("VITFOOD_FAULT", "delay:weights_written")
+    monkeypatch.setenv("VITFOOD_FAULT", "delay:weights_written")  # the write is held there 1.5 s
     monkeypatch.setenv("VITFOOD_FAULT_DELAY", "1.5")
+    t0 = time.monotonic()
     saver.save(7, model, processor, {"step": 7, "numbers": torch.arange(3)})
+    assert time.monotonic() - t0 < 1.0  # save returned before the write could end
     assert saver.writing() and not (tmp_path / "checkpoint-7").exists()  # the write goes on in the background
     with torch.no_grad():  # training goes on meanwhile
         for p in model.parameters():
             p.add_(1.0)
     saver.wait()
+    assert time.monotonic() - t0 >= 1.5  # wait() waited for the held write
     assert checkpoint.is_complete(tmp_path / "checkpoint-7")
     fresh, _ = build_model(Config(model="vit-micro"), ["a", "b"])
     load_weights(fresh, tmp_path / "checkpoint-7")
     assert all(torch.equal(fresh.state_dict()[k], v) for k, v in before.items())  # not the weights changed after
-    assert checkpoint.load_state(tmp_path / "checkpoint-7")["numbers"].tolist() == [0, 1, 2]
+    assert torch.load(tmp_path / "checkpoint-7" / checkpoint.STATE, weights_only=True)["numbers"].tolist() == [0, 1, 2]
 
 
 def test_kill_while_a_background_write_is_in_flight_then_resume_is_exact(tmp_path, reference):
@@ -226,9 +248,10 @@ def test_kill_while_a_background_write_is_in_flight_then_resume_is_exact(tmp_pat
     while not any(n.startswith(".tmp-checkpoint-10-") for n in (os.listdir(out) if out.exists() else ())):
         assert time.time() < deadline and p.poll() is None
         time.sleep(0.02)
-    time.sleep(0.5)  # the loop trains on while the write of checkpoint-10 waits
+    time.sleep(0.5)  # the loop trains on while the write of checkpoint-10 waits (2 s)
     os.killpg(p.pid, signal.SIGKILL)
     p.communicate(timeout=60)
+    assert p.returncode == -signal.SIGKILL
     _only_complete_checkpoints(out)
     assert [s for s, _ in checkpoint.complete_checkpoints(out)] == [5]
     finish(out)

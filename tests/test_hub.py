@@ -56,6 +56,7 @@ def test_a_silent_hub_fails_fast_in_one_line(silent_hub, tmp_path):
     assert seconds < 10 and "dataset 'food101'" in line and "unreachable" in line, (seconds, line)
     # a local data set with a Hub model: the model is found missing before the data set is generated
     cache = tmp_path / "vitfood-cache"
+    hub["VITFOOD_HUB_PROBE_SECONDS"] = "1"  # the default, 3 s, was shown above; the rest only need a probe
     seconds, p = run("--dataset", "synthetic", "--model", "google/vit-base-patch16-224-in21k",
                      "--output-dir", tmp_path / "b", env={**hub, "VITFOOD_CACHE": str(cache)})
     line = one_error_line(p)
@@ -86,7 +87,8 @@ def test_a_cached_hub_model_trains_while_the_hub_is_silent(silent_hub, tmp_path)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(revision)
     seconds, p = run(*TINY, "--model", "vitfood-test/vit-micro", "--max-steps", 2, "--eval-steps", 2,
-                     "--output-dir", tmp_path / "run", env={"HF_ENDPOINT": silent_hub, "HF_HOME": str(tmp_path / "hf")})
+                     "--output-dir", tmp_path / "run", env={"HF_ENDPOINT": silent_hub, "HF_HOME": str(tmp_path / "hf"),
+                                                            "VITFOOD_HUB_PROBE_SECONDS": "1"})
     assert p.returncode == 0 and (tmp_path / "run" / "model" / "model.safetensors").is_file(), p.stderr[-3000:]
 
 

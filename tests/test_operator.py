@@ -5,6 +5,7 @@ import io
 import json
 import os
 import pty
+import select
 import shutil
 import signal
 import subprocess
@@ -16,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import RUN, cli, finish, same, start, train, weights
+from conftest import EVALUATED, HOLD, RUN, finish, output, same, start, train, wait_for, weights
 from vitfood import checkpoint
 
 
@@ -24,6 +25,16 @@ def _one_error_line(p):
     lines = [line for line in p.stderr.strip().splitlines() if line.strip() and "it/s" not in line and "s/it" not in line]
     assert p.returncode == 2 and lines and lines[-1].startswith("error: ") and "Traceback" not in p.stderr, p.stderr[-2000:]
     return lines[-1]
+
+
+def _error(capsys, *args, main=None):
+    """The one line on stderr of a command (train, or `main`) run in this process that exits 2."""
+    from vitfood.common import run_main
+    with pytest.raises(SystemExit) as e:
+        run_main(lambda: main(list(map(str, args))) if main else train(*args))
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: "), lines
+    return lines[0]
 
 
 @pytest.fixture
@@ -40,8 +51,7 @@ def small_disk(tmp_path):
 def test_a_real_full_disk_is_one_line_and_the_run_resumes_exactly_after(small_disk, reference):
     out = small_disk / "run"
     p = start(out)
-    _, err = p.communicate(timeout=300)
-    p.stderr = err
+    _, p.stderr = output(p)
     line = _one_error_line(p)
     assert "is full" in line and str(out) in line, line
     names = os.listdir(out)
@@ -78,17 +88,19 @@ def _damage(path):
 
 
 @pytest.mark.parametrize("victim", ["model.safetensors", pytest.param("training_state.pt", marks=pytest.mark.slow)])
-def test_a_damaged_newest_checkpoint_is_set_aside_and_the_one_before_resumed(tmp_path, reference_run, victim):
+def test_a_damaged_newest_checkpoint_is_set_aside_and_the_one_before_resumed(tmp_path, reference_run, victim,
+                                                                             capsys):
     out = tmp_path / "run"
     shutil.copytree(reference_run, out, ignore=shutil.ignore_patterns("model", "all_results.json", "run.lock"))
     _damage(out / "checkpoint-30" / victim)
     assert checkpoint.is_complete(out / "checkpoint-30")  # same sizes: only the checksum tells
-    p = subprocess.run([sys.executable, "-m", "vitfood.train", "--resume", str(out / "checkpoint-30")],
-                       capture_output=True, text=True, timeout=120)
-    assert "checkpoint is damaged" in _one_error_line(p) and victim in p.stderr
-    p = start(out)
-    out_text, _ = p.communicate(timeout=300)
-    assert p.returncode == 0 and "is damaged" in out_text and "moved it aside" in out_text, out_text[-2000:]
+    from vitfood.train import main
+    line = _error(capsys, "--resume", out / "checkpoint-30", main=main)
+    assert "checkpoint is damaged" in line and victim in line
+    finish(out)
+    printed = capsys.readouterr().out
+    assert "checkpoint-30 is damaged" in printed and "moved it aside" in printed, printed[-2000:]
+    assert "resuming from" in printed and "checkpoint-25 at step 25" in printed
     assert [n for n in os.listdir(out) if n.startswith("checkpoint-30.damaged-")]  # kept, never deleted
     assert same(weights(out), weights(reference_run))
 
@@ -114,16 +126,9 @@ def test_nonfinite_final_weights_do_not_exit_0(tmp_path, capsys):
 
 
 def test_config_files_in_other_encodings_yaml_floats_and_edited_run_configs(tmp_path, capsys):
-    from vitfood.common import run_main
     from vitfood.config import build_parser, resolve
-
-    def error(*args):
-        with pytest.raises(SystemExit) as e:
-            run_main(lambda: train(*args))
-        lines = capsys.readouterr().err.strip().splitlines()
-        assert e.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: "), lines
-        return lines[0]
-
+    from vitfood.evaluate import main as evaluate_main
+    error = lambda *args: _error(capsys, *args)
     (tmp_path / "utf16.yaml").write_bytes("lr: 1e-3\nbatch_size: 8\n".encode("utf-16"))  # PowerShell's > does this
     cfg = resolve(vars(build_parser().parse_args(["--config", str(tmp_path / "utf16.yaml")])))
     assert (cfg.lr, cfg.batch_size) == (1e-3, 8)  # and YAML 1.1's string "1e-3" is a float
@@ -141,8 +146,21 @@ def test_config_files_in_other_encodings_yaml_floats_and_edited_run_configs(tmp_
     assert "lacks max_steps" in line and "train_config.json" in line
     (out / "train_config.json").write_bytes(b"\xff\xfe\x00garbage")
     assert "train_config.json" in error("--resume", "auto", "--output-dir", out)
-    r = cli("--model", out / "model", module="vitfood.evaluate")
-    assert r.returncode == 2 and "train_config.json" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert "train_config.json" in _error(capsys, "--model", out / "model", main=evaluate_main)
+
+
+def test_config_file_and_flag_precedence(tmp_path, capsys):
+    from vitfood.config import build_parser, resolve
+    (tmp_path / "c.yaml").write_text("batch_size: 8\nlr: 0.001\nmodel: vit-micro\n")
+    explicit = vars(build_parser().parse_args(["--config", str(tmp_path / "c.yaml"), "--lr", "0.01"]))
+    cfg = resolve(explicit)
+    assert (cfg.batch_size, cfg.lr, cfg.model, cfg.epochs) == (8, 0.01, "vit-micro", 4.0)
+    cfg = resolve(vars(build_parser().parse_args(["--preset", "demo", "--max-steps", "7"])))
+    assert (cfg.dataset, cfg.model, cfg.max_steps) == ("synthetic", "vit-tiny", 7)
+    (tmp_path / "bad.json").write_text('{"batch_size": "big"}')
+    assert "must be int" in _error(capsys, "--config", tmp_path / "bad.json")
+    (tmp_path / "unknown.json").write_text('{"batchsize": 3}')
+    assert "unknown option(s) batchsize" in _error(capsys, "--config", tmp_path / "unknown.json")
 
 
 def test_an_explicit_epochs_flag_wins_over_the_preset():
@@ -186,29 +204,42 @@ def test_a_closed_terminal_saves_and_stops_like_sigterm(tmp_path):
         os.setsid()
         fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
 
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONUNBUFFERED": "1"}
-    p = subprocess.Popen([sys.executable, "-m", "vitfood.train", *RUN, "--max-steps", "100000", "--save-steps", "1000",
-                          "--output-dir", str(out)], stdin=slave, stdout=slave, stderr=slave, env=env,
-                         preexec_fn=own_terminal, close_fds=True)
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONUNBUFFERED": "1", **HOLD}
+    p = subprocess.Popen([sys.executable, "-m", "vitfood.train", *RUN, "--output-dir", str(out)], stdin=slave,
+                         stdout=slave, stderr=slave, env=env, preexec_fn=own_terminal, close_fds=True)
     os.close(slave)
-    seen, deadline = b"", time.time() + 120
-    while b"run:" not in seen and time.time() < deadline:
+    seen, deadline = b"", time.monotonic() + 120
+    while EVALUATED.encode() not in seen:  # then held at step 11
+        assert select.select([master], [], [], max(0.0, deadline - time.monotonic()))[0], seen[-2000:]
         seen += os.read(master, 4096)
-    time.sleep(1.0)
     os.close(master)  # the terminal closes: the kernel sends SIGHUP
     assert p.wait(timeout=120) == 75
-    steps = [s for s, _ in checkpoint.complete_checkpoints(out)]
-    assert steps and steps[-1] < 1000  # the stop's own checkpoint, not a regular one
+    assert [s for s, _ in checkpoint.complete_checkpoints(out)][-1] == 11  # the stop's own checkpoint
 
 
-def test_ctrl_c_in_evaluate_is_one_line_and_exit_130(tiny_run):
+# `python -m vitfood.evaluate`, where the first image it decodes says so on stdout and then waits
+HELD_EVALUATE = """
+import runpy, sys, time
+from vitfood import data
+decode = data.ImageDataset.__getitem__
+def held(self, key):
+    print("decoding", flush=True)
+    time.sleep(60)
+    return decode(self, key)
+data.ImageDataset.__getitem__ = held
+sys.argv[0] = "vitfood.evaluate"
+runpy.run_module("vitfood.evaluate", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_ctrl_c_in_evaluate_is_one_line_and_exit_130(tiny_run, tmp_path):
     out, _ = tiny_run
-    p = subprocess.Popen([sys.executable, "-m", "vitfood.evaluate", "--model", str(out / "model"), "--num-workers", "0",
-                          "--batch-size", "1", "--output-dir", str(out.parent / "ev-interrupted")],
+    p = subprocess.Popen([sys.executable, "-c", HELD_EVALUATE, "--model", str(out / "model"), "--num-workers", "0",
+                          "--output-dir", str(tmp_path / "ev")],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(6)  # imports and data done, somewhere in the evaluation
+    wait_for(p, "decoding")  # imports, data and model done: inside the evaluation
     p.send_signal(signal.SIGINT)
-    _, err = p.communicate(timeout=60)
+    _, err = output(p, timeout=30)
     lines = [line for line in err.strip().splitlines() if "it/s" not in line and "s/it" not in line and line.strip()]
     assert p.returncode == 130 and lines[-1] == "error: interrupted (Ctrl-C)" and "Traceback" not in err, err[-2000:]
 

@@ -98,6 +98,7 @@ def test_levers_are_recorded_evaluated_and_exported(tmp_path):
     assert lowest == pytest.approx(lr * 0.75 ** 3)  # vit-micro: embeddings, 2 blocks, then the head
 
 
+@pytest.mark.slow
 def test_a_run_with_the_levers_resumes_bit_exact_after_kill_9(tmp_path, cache_dir):
     def run(out, *extra, env=None):
         return subprocess.run([sys.executable, "-m", "vitfood.train", *RUN, *LEVERS, "--max-steps", "12",

@@ -1,6 +1,8 @@
 """The training step reads nothing back from the device, and skipping a non-finite step on the device gives
 the very weights that skipping it on the host gave."""
 
+import math
+
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
@@ -148,3 +150,26 @@ def test_an_older_checkpoints_foreach_optimizer_state_resumes_into_the_fused_ste
     forward_backward(model, images, labels, amp, scaler, MEAN, STD, labels.numel())
     norm, finite = optimizer_step(model, optimizer, scaler, scheduler, 1.0)
     assert bool(finite) and {s["step"].item() for s in optimizer.state.values()} == {3}
+
+
+def test_fp16_scaler_skips_a_step_with_inf_gradient():
+    """On a plain model, as a user's own would be: the GradScaler's path on the CPU (fp16 autocast)."""
+    from vitfood.common import autocast
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 3))
+    model.forward_orig = model.forward
+    model.forward = lambda pixel_values: type("Out", (), {"logits": model.forward_orig(pixel_values)})
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)  # as make_optimizer builds it
+    sched = make_scheduler(opt, 0, 10)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    amp = autocast("fp16", torch.device("cpu"))
+    images, labels = torch.randint(0, 255, (4, 3, 4, 4), dtype=torch.uint8), torch.tensor([0, 1, 2, 0])
+    before = [p.detach().clone() for p in model.parameters()]
+    forward_backward(model, images, labels, amp, scaler, [0.5] * 3, [0.5] * 3, labels.numel())
+    next(model.parameters()).grad[0, 0] = float("inf")
+    norm, stepped = optimizer_step(model, opt, scaler, sched, 1.0)
+    assert not stepped and not math.isfinite(norm.item()) and scaler.get_scale() == 512.0
+    assert all(torch.equal(p, q) for p, q in zip(before, model.parameters()))  # skipped
+    forward_backward(model, images, labels, amp, scaler, [0.5] * 3, [0.5] * 3, labels.numel())
+    optimizer_step(model, opt, scaler, sched, 1.0)
+    assert not all(torch.equal(p, q) for p, q in zip(before, model.parameters()))  # a finite step applies

@@ -2,7 +2,9 @@
 end status in HParams (success, stopped, failure), and images whose captions stay whole."""
 
 import json
+import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,7 +14,7 @@ import pytest
 import torch
 from PIL import ImageFont
 
-from conftest import TINY, train
+from conftest import TINY, finish, train
 from vitfood import report
 
 
@@ -49,6 +51,31 @@ def test_text_records_and_the_status_of_a_finished_run(tiny_run):
     assert _texts(ea, "run/status")[-1][1].startswith("**success** at step 200")
 
 
+def test_every_scalar_image_and_hparams(tiny_run):
+    from tensorboard.plugins.hparams import metadata, plugin_data_pb2
+    out, _ = tiny_run
+    ea = _events(out)
+    tags = ea.Tags()
+    for tag in ("loss/train", "optim/lr", "optim/grad_norm", "speed/img_per_s", "speed/data_wait_percent",
+                "loss/eval", "accuracy/top1", "accuracy/top5"):
+        values = [e.value for e in ea.Scalars(tag)]
+        assert values and all(math.isfinite(v) for v in values), tag
+    assert [int(e.step) for e in ea.Scalars("accuracy/top1")] == [40, 80, 120, 160, 200]
+    # the first logging window holds the start-up: no images/s for it, which would squash the chart's scale
+    assert [int(e.step) for e in ea.Scalars("speed/img_per_s")][0] == 10
+    assert all(0 <= e.value <= 100 for e in ea.Scalars("speed/data_wait_percent"))
+    # groups as TensorBoard sorts them: the useful ones first
+    groups = sorted({t.split("/")[0] for t in tags["scalars"] + tags["images"]})
+    assert groups[:2] == ["accuracy", "loss"], groups
+    assert {"train/augmented_images", "predictions/confusion_matrix", "predictions/mistakes"} <= set(tags["images"])
+    # HParams: the experiment, the session's start with the run's values, and its end
+    records = ea.PluginTagToContent("hparams")
+    assert {metadata.EXPERIMENT_TAG, metadata.SESSION_START_INFO_TAG, metadata.SESSION_END_INFO_TAG} <= records.keys()
+    values = plugin_data_pb2.HParamsPluginData.FromString(records[metadata.SESSION_START_INFO_TAG]).session_start_info.hparams
+    assert values["model"].string_value == "vit-micro" and values["lr"].number_value == 5e-3
+    assert values["total_steps"].string_value == "200" and values["precision"].string_value == "fp32"
+
+
 def test_a_failed_run_is_marked_failed(tmp_path, monkeypatch, capsys):
     from vitfood.common import run_main
     monkeypatch.setenv("VITFOOD_FAULT", "error:step:7")
@@ -59,25 +86,15 @@ def test_a_failed_run_is_marked_failed(tmp_path, monkeypatch, capsys):
     assert "fault injected" in _texts(ea, "run/status")[-1][1]
 
 
-def test_a_stopped_run_says_so_and_ends_as_success_once_resumed(tmp_path):
+def test_a_stopped_run_says_so_and_ends_as_success_once_resumed(sigterm_stopped, tmp_path):
+    stopped, code, _, stderr = sigterm_stopped  # SIGTERM at step 11
+    assert code == 75, stderr[-2000:]
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "vitfood.train", *TINY, "--max-steps", "400", "--save-steps", "50",
-           "--output-dir", str(out)]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONUNBUFFERED": "1"}
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    for line in p.stdout:
-        if line.startswith("run:"):
-            break
-    time.sleep(1.0)
-    p.send_signal(signal.SIGTERM)
-    p.communicate(timeout=120)
-    assert p.returncode == 75
+    shutil.copytree(stopped, out)
     ea = _events(out)
     assert _end_status(ea) is None  # a stop is not an end: HParams keeps the first end status it sees
-    assert _texts(ea, "run/status")[-1][1].startswith("**stopped**")
-    r = subprocess.run([sys.executable, "-m", "vitfood.train", "--resume", "auto", "--output-dir", str(out),
-                        "--max-steps", "60"], capture_output=True, text=True, env=env, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
+    assert _texts(ea, "run/status")[-1][1].startswith("**stopped** at step 11")
+    finish(out)
     assert _end_status(_events(out)) == "STATUS_SUCCESS"
 
 
@@ -115,13 +132,15 @@ def test_evaluate_logs_at_the_step_of_the_checkpoint_or_exported_model(tiny_run,
 
 def test_curves_are_whole_after_a_kill_and_resume(tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "vitfood.train", *TINY, "--max-steps", "20", "--save-steps", "10", "--eval-steps", "10",
-           "--output-dir", str(out), "--resume", "auto"]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    p = subprocess.run(cmd, capture_output=True, text=True, env={**env, "VITFOOD_FAULT": "step:18"}, timeout=300)
+    args = ["--max-steps", "20", "--save-steps", "10", "--eval-steps", "10", "--output-dir", str(out), "--resume", "auto"]
+    p = subprocess.run([sys.executable, "-m", "vitfood.train", *TINY, *args], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONWARNINGS": "ignore", "VITFOOD_FAULT": "step:18"}, timeout=300)
     assert p.returncode == -signal.SIGKILL  # killed at step 18: steps 11-15 were logged, checkpoint-10 is the last
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert p.returncode == 0, p.stderr[-2000:]
+    # TensorBoard reads event files in name order, which starts with the second a file was opened in: the
+    # resumed run's file must come after the killed run's, as a process restarted seconds later always does
+    opened = max(int(name.split(".")[3]) for name in os.listdir(out) if name.startswith("events.out.tfevents."))
+    time.sleep(max(0.0, opened + 1 - time.time()))
+    train(*args)
     ea = _events(out)
     assert [e.step for e in ea.Scalars("loss/train")] == [5, 10, 15, 20]  # each once: none lost, none doubled
     assert [e.step for e in ea.Scalars("loss/eval")] == [10, 20]

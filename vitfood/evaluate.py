@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 
-import torch
 import transformers
 
 from vitfood import checkpoint, hub, report
@@ -37,11 +36,11 @@ def model_step(path):
                                                                        "all_results.json")
     try:
         if os.path.isfile(state):
-            return int(torch.load(state, map_location="cpu", weights_only=True)["step"])
+            return int(checkpoint.load_state(path)["progress"]["step"])
         if os.path.basename(os.path.normpath(path)) == "model" and os.path.isfile(results):
             with open(results) as fh:
                 return int(json.load(fh)["exported_step"])
-    except (OSError, ValueError, KeyError, RuntimeError):
+    except (OSError, ValueError, KeyError, RuntimeError, UserError):
         pass
     return 0
 
