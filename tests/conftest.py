@@ -163,3 +163,11 @@ def reference_run(tmp_path_factory, cache_dir):
 def reference(reference_run):
     """The final weights of RUN never interrupted: what every killed and resumed run must end with."""
     return weights(reference_run)
+
+
+def events(out):
+    """The TensorBoard events of run directory `out`, every record kept."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    ea = EventAccumulator(str(out), size_guidance={"tensors": 0, "scalars": 0, "images": 0})
+    ea.Reload()
+    return ea

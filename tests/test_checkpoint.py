@@ -11,14 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import cli, train
+from conftest import events as _events
 from vitfood import checkpoint
-
-
-def _events(out):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    ea = EventAccumulator(str(out), size_guidance={"scalars": 0})
-    ea.Reload()
-    return ea
 
 
 def test_rotation_keeps_newest_two_plus_best(tiny_run):

@@ -15,14 +15,8 @@ import torch
 from PIL import ImageFont
 
 from conftest import TINY, finish, train
+from conftest import events as _events
 from vitfood import report
-
-
-def _events(out):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    ea = EventAccumulator(str(out), size_guidance={"tensors": 0, "scalars": 0, "images": 0})
-    ea.Reload()
-    return ea
 
 
 def _texts(ea, tag):

@@ -6,14 +6,8 @@ import os
 
 import pytest
 
+from conftest import events as _events
 from vitfood import checkpoint
-
-
-def _events(out):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    ea = EventAccumulator(str(out), size_guidance={"scalars": 0})
-    ea.Reload()
-    return ea
 
 
 def test_training_lowers_loss_and_lifts_accuracy(tiny_run):
