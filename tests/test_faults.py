@@ -151,15 +151,24 @@ def test_nonfinite_loss_stops_with_the_step_and_keeps_good_checkpoints(tmp_path,
 
 def test_a_killed_loader_worker_is_a_clear_error_not_a_hang(tmp_path):
     out = tmp_path / "run"
-    # saves at steps 7 and 14: none near the kill (a worker's death raises in the main thread, wherever it is)
-    p = start(out, "--save-steps", "7", env=HOLD)
-    wait_for(p, EVALUATED)  # in step 11 or held at its end: the loader workers are alive (persistent)
+    p = start(out, "--save-steps", "7", env=HOLD)  # saves at steps 7 and 14: none at the kill
+    wait_for(p, EVALUATED)
+    _held(p.pid)  # asleep at the end of step 11, not reading a batch: the loader's workers are alive (persistent)
     os.kill(_children(p.pid)[0], signal.SIGKILL)  # as the kernel's OOM killer would
     _, stderr = output(p, timeout=120)
     last = stderr.strip().splitlines()[-1]
     assert p.returncode == 1 and last.startswith("error: DataLoader worker") and "Traceback" not in stderr, stderr[-1500:]
     _only_complete_checkpoints(out)
     assert [s for s, _ in checkpoint.complete_checkpoints(out)] == [7]
+
+
+def _held(pid, timeout=60):
+    """Until the main thread of process `pid` sleeps in a fault point's hold (VITFOOD_FAULT=delay:...)."""
+    deadline = time.monotonic() + timeout
+    task = f"/proc/{pid}/task/{pid}"
+    while "nanosleep" not in open(f"{task}/wchan").read() and open(f"{task}/syscall").read().split()[0] not in ("35", "230"):
+        assert time.monotonic() < deadline, f"process {pid} was not held within {timeout} s"
+        time.sleep(0.01)
 
 
 def _children(pid, timeout=60):
