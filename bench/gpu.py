@@ -86,6 +86,9 @@ def main():
                     "--precisions", "fp32" if a.tiny else "fp16",
                     "--attns", "sdpa", "--steps", "10", "--repeats", "3", "--num-workers", str(a.workers)],
           limit, r)
+    # issue #20: the recipe levers' cost in the step (label smoothing, mixup/cutmix, layer decay, EMA), side by side
+    phase("levers", [py, "-m", "vitfood.bench", *data, "--model", model, "--batch-size", "16", "--modes", "levers",
+                     "--steps", "20", "--repeats", "5"], limit, r)
 
     figures = {}
     get = lambda *keys: _dig(r, keys)
@@ -100,6 +103,8 @@ def main():
     for k in ("e2e", "eval", "save"):
         if get("bench", "result", k):
             figures[k] = get("bench", "result", k)
+    if get("levers", "result", "levers"):
+        figures["levers"] = get("levers", "result", "levers")
     figures["startup_s"] = get("vitfood", "result", "startup_seconds")
     r["figures"] = figures
     print("\nfigure                                   value")
