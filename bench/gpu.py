@@ -23,6 +23,15 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 
+OUT = None  # --out: rewritten after every phase, so that a run cut short keeps what it measured
+
+
+def save(results):
+    if OUT:
+        with open(OUT, "w") as fh:
+            fh.write(json.dumps(results) + "\n")
+
+
 def phase(name, cmd, limit, results, json_last_line=True):
     """Run one phase; record its wall time, exit status and (when it prints one) its JSON result."""
     print(f"\n== {name}: {' '.join(cmd)}", flush=True)
@@ -43,6 +52,7 @@ def phase(name, cmd, limit, results, json_last_line=True):
     if rc != 0:
         entry["stderr_tail"] = err[-1500:]
     results[name] = entry
+    save(results)
     print(f"   {name}: rc {rc}, {wall:.1f} s" + (f"\n{err[-800:]}" if rc != 0 else ""), flush=True)
     return entry
 
@@ -53,6 +63,8 @@ def main():
     p.add_argument("--out", help="also write the JSON document here")
     p.add_argument("--workers", type=int, default=8, help="DataLoader workers, for vitfood and the Trainer alike")
     a = p.parse_args()
+    global OUT
+    OUT = a.out
     py = sys.executable
     if a.tiny:
         size, model, steps, every, extra = 240, "vit-micro", 20, 10, ["--synthetic-classes", "4", "--synthetic-max-px", "128"]
@@ -69,14 +81,14 @@ def main():
     classes, max_px = (4, 128) if a.tiny else (10, 512)
     phase("generate", [py, "-c", f"from vitfood import synthetic; synthetic.ensure({size}, {classes}, {max_px})"],
           limit, r, False)
-    phase("vitfood", [py, "-m", "vitfood.train", *recipe, "--output-dir", os.path.join(tmp, "a")], limit, r, False)
-    phase("vitfood_compile", [py, "-m", "vitfood.train", *recipe, "--compile", "--output-dir", os.path.join(tmp, "b")],
-          limit, r, False)
-    for name, run in (("vitfood", "a"), ("vitfood_compile", "b")):
+    for name, run, extra_args in (("vitfood", "a", []), ("vitfood_compile", "b", ["--compile"])):
+        phase(name, [py, "-m", "vitfood.train", *recipe, *extra_args, "--output-dir", os.path.join(tmp, run)], limit, r,
+              False)
         path = os.path.join(tmp, run, "all_results.json")
         if os.path.isfile(path):
             with open(path) as fh:
                 r[name]["result"] = json.load(fh)
+        save(r)
     phase("trainer", [py, os.path.join(HERE, "hf_trainer.py"), "--synthetic-size", str(size), "--model", model,
                       "--synthetic-classes", str(classes), "--synthetic-max-px", str(max_px),
                       "--max-steps", str(steps), "--eval-steps", str(every), "--save-steps", str(every),
@@ -111,11 +123,8 @@ def main():
     for k, v in figures.items():
         if isinstance(v, (int, float)):
             print(f"{k:<40} {v:10.3f}")
-    text = json.dumps(r)
-    if a.out:
-        with open(a.out, "w") as fh:
-            fh.write(text + "\n")
-    print(text)
+    save(r)
+    print(json.dumps(r))
 
 
 def _dig(obj, keys):

@@ -38,7 +38,8 @@ def fault_counts_from_zero():
 def tiny_run(tmp_path_factory, cache_dir):
     """One short training run shared by the tests that only read its outputs: (run dir, all_results)."""
     out = tmp_path_factory.mktemp("run") / "tiny"
-    results = train("--max-steps", 200, "--eval-steps", 40, "--save-steps", 40, "--lr", "5e-3", "--output-dir", out)
+    # TINY's lr 2e-3: at 5e-3 one seed in five, and the CUDA run, stayed at chance
+    results = train("--max-steps", 200, "--eval-steps", 40, "--save-steps", 40, "--output-dir", out)
     return out, results
 
 

@@ -66,7 +66,7 @@ def test_every_scalar_image_and_hparams(tiny_run):
     records = ea.PluginTagToContent("hparams")
     assert {metadata.EXPERIMENT_TAG, metadata.SESSION_START_INFO_TAG, metadata.SESSION_END_INFO_TAG} <= records.keys()
     values = plugin_data_pb2.HParamsPluginData.FromString(records[metadata.SESSION_START_INFO_TAG]).session_start_info.hparams
-    assert values["model"].string_value == "vit-micro" and values["lr"].number_value == 5e-3
+    assert values["model"].string_value == "vit-micro" and values["lr"].number_value == 2e-3
     assert values["total_steps"].string_value == "200" and values["precision"].string_value == "fp32"
 
 
