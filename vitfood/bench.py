@@ -34,21 +34,23 @@ import os
 import platform
 import resource
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
 import transformers
 
-from vitfood import checkpoint, hub
+from vitfood import adapt, checkpoint, hub
 from vitfood.common import (DTYPES, UserError, env_info, mixed_precision, num_workers, pick_device, resolve_precision,
                             run_main, seed_everything)
-from vitfood.config import build_parser, resolve
+from vitfood.config import Config, build_parser, resolve
 from vitfood.data import EpochBatchSampler, build_data, hub_dataset, load_splits, make_loader, normalize, transforms_for
 from vitfood.model import (build_model, compiled, hub_model, make_optimizer, make_scheduler, resolve_attn,
                            vit_flops_per_image)
 from vitfood.steps import EMA, Mixing, eval_pass, forward_backward, optimizer_step
 
-MODES = ("data", "model", "levers", "e2e", "eval", "save")
+MODES = ("data", "model", "levers", "memory", "e2e", "eval", "save")
 
 
 def parse_args(argv=None):
@@ -239,6 +241,75 @@ def bench_levers(cfg, names, device, precision, batch_size, steps, repeats):
                             layer_decay=levers.layer_decay, ema_decay=levers.ema_decay))
 
 
+# the ways to train that issue #21 compares: LoRA as peft's image-classification guide sets it up
+ADAPTATIONS = {"full": {}, "frozen": dict(freeze_backbone=True), "lora": dict(lora_rank=16, lora_alpha=16.0),
+               "checkpointing": dict(gradient_checkpointing=True)}
+
+
+def bench_memory(cfg, names, device, precision, batch_sizes, steps):
+    """Per way to train (full fine-tune, frozen backbone, LoRA r16, gradient checkpointing) and batch size,
+    each in a fresh process: parameters that train, the optimizer's state, what a forward pass keeps for the
+    backward (activations, counted through saved-tensor hooks), peak memory (the process's peak resident
+    memory on a CPU; torch's allocator peak on a GPU) and the step time."""
+    rows = []
+    for batch in batch_sizes:
+        for name, change in ADAPTATIONS.items():
+            spec = dict(cfg=dataclasses.asdict(dataclasses.replace(cfg, batch_size=batch, **change)), names=names,
+                        device=str(device), precision=precision, steps=steps)
+            p = subprocess.run([sys.executable, "-c", "import json, sys; from vitfood.bench import memory_child; "
+                                "print(json.dumps(memory_child(json.loads(sys.argv[1]))))", json.dumps(spec)],
+                               capture_output=True, text=True)
+            if p.returncode:
+                raise RuntimeError(f"memory mode, {name} at batch {batch}: {p.stderr.strip()[-600:]}")
+            row = dict(mode=name, batch_size=batch, **json.loads(p.stdout.strip().splitlines()[-1]))
+            rows.append(row)
+            print(f"{name:>14} {batch:>6} {row['trainable']:>12,} {row['optimizer_mb']:>10.1f} "
+                  f"{row['activations_mb']:>12.1f} {row['peak_mb']:>10.0f} {row['step_mb']:>10.0f} "
+                  f"{row['ms_step']:>10.0f}", flush=True)
+    return rows
+
+
+def memory_child(spec):
+    """One row of bench_memory, measured in this (fresh) process."""
+    cfg, device = Config(**spec["cfg"]), torch.device(spec["device"])
+    transformers.utils.logging.set_verbosity_error()
+    model, (mean, std), opt, sched, scaler, amp = _training_setup(cfg, spec["names"], device, spec["precision"])
+    size = model.config.image_size
+    images = torch.randint(0, 256, (cfg.batch_size, 3, size, size), dtype=torch.uint8, device=device)
+    labels = torch.randint(0, len(spec["names"]), (cfg.batch_size,), device=device)
+
+    def step():
+        forward_backward(model, images, labels, amp, scaler, mean, std, labels.numel())
+        optimizer_step(model, opt, scaler, sched, cfg.max_grad_norm)
+
+    before = _memory_mb(device)  # weights (and on a GPU nothing else yet)
+    step()  # from here the gradients and the optimizer's state exist
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept = {}
+
+    def pack(t):  # each storage once; the weights themselves are not activations
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            kept[ptr] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), amp:
+        model(pixel_values=normalize(images, mean, std))  # a forward pass as the step's, its graph then dropped
+    sec, _ = timed(step, device, 1, spec["steps"], warmup=0)
+    trains, total = adapt.trainable(model)
+    state = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
+    peak = _memory_mb(device, peak=True)
+    return dict(trainable=trains, parameters=total, optimizer_mb=state / 2 ** 20, activations_mb=sum(kept.values()) / 2 ** 20,
+                peak_mb=peak, step_mb=peak - before, ms_step=1000 * sec)
+
+
+def _memory_mb(device, peak=False):
+    if device.type == "cuda":
+        return (torch.cuda.max_memory_allocated(device) if peak else torch.cuda.memory_allocated(device)) / 2 ** 20
+    field = "VmHWM" if peak else "VmRSS"
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith(field + ":")) / 1024
+
+
 def bench_data(train_set, batch_size, workers, device, steps, repeats, mean, std, fast_decode):
     """Loader images/s, counting the uint8 -> normalized float conversion the step does on the device."""
     train_set, transform = copy.copy(train_set), copy.copy(train_set.transform)
@@ -422,6 +493,12 @@ def main(argv=None):
     profile_dir = None
     if b.profile:
         profile_dir = os.path.join("runs", f"bench-{datetime.datetime.now():%Y%m%d-%H%M%S}")
+    if "memory" in modes:
+        print(f"\n[memory] {cfg.model} at {cfg.image_size or 'its own'} px, {precision}: each way to train in a fresh "
+              f"process, {steps} timed steps\n{'mode':>14} {'batch':>6} {'trainable':>12} {'optim MB':>10} "
+              f"{'activ. MB':>12} {'peak MB':>10} {'step MB':>10} {'ms/step':>10}")
+        report["memory"] = bench_memory(cfg, names, device, precision, batch_sizes, steps)
+
     if "e2e" in modes:
         print(f"\n[e2e] the real step fed by the real loader ({precision}, batch {cfg.batch_size}, {workers} workers)")
         r = bench_e2e(cfg, train_set, names, device, precision, workers, steps, repeats, profile_dir)

@@ -183,11 +183,11 @@ def _swap_in(tmp, final):
     _fsync_dir(parent)
 
 
-def export(output_dir, model, processor, card=None):
-    """save_pretrained into <output-dir>/model, with the model card `card` as README.md, atomically;
+def export(output_dir, model, processor, card=None, name="model"):
+    """save_pretrained into <output-dir>/<name>, with the model card `card` as README.md, atomically;
     returns its path."""
-    final = os.path.join(output_dir, "model")
-    tmp = os.path.join(output_dir, f".tmp-model-{os.getpid()}")
+    final = os.path.join(output_dir, name)
+    tmp = os.path.join(output_dir, f".tmp-{name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         model.save_pretrained(tmp)

@@ -50,7 +50,13 @@ class Config:
     max_bad_share: float = _opt(0.1, "with --bad-images skip: stop, naming files, once more than this share of a split's images could not be decoded")
     # model
     model: str = _opt("google/vit-base-patch16-224-in21k", "Hub id, local model folder, or a named config: vit-tiny, vit-small, vit-base, vit-micro", decides="weights")
-    image_size: int | None = _opt(None, "input resolution in px for the named configs (unset: their own, 224)", decides="weights")
+    image_size: int | None = _opt(None, "input resolution in px (unset: the model's own); a pretrained model's position tables are resized to it once, at load", decides="weights")
+    freeze_backbone: bool = _opt(False, "train only the classification head (a linear probe); the backbone stays as loaded", decides="weights", legacy=False)
+    lora_rank: int = _opt(0, "train LoRA adapters of this rank (through peft) and the head; the rest stays as loaded (0: off)", decides="weights", legacy=0)
+    lora_alpha: float = _opt(16.0, "LoRA: scale alpha (the update is scaled by alpha / rank)", decides="weights", legacy=16.0)
+    lora_dropout: float = _opt(0.1, "LoRA: dropout on the adapters' input", decides="weights", legacy=0.1)
+    lora_targets: str | None = _opt(None, "LoRA: comma list of module names to adapt (unset: the attention's q_proj,v_proj)", decides="weights", legacy=None)
+    gradient_checkpointing: bool = _opt(False, "recompute activations in the backward pass instead of keeping them (less memory, about a third more compute)", decides="weights", legacy=False)
     trust_remote_code: bool = _opt(False, "let a Hub model run its own code (off: nothing from a repository is executed)")
     attn: str = _opt("auto", "attention implementation; auto: sdpa on CUDA, eager on the CPU (faster there, measured in bench/README.md)", ["auto", "sdpa", "eager"])
     compile: bool = _opt(False, "torch.compile the model (first steps are slow; compile time is reported)")
@@ -143,6 +149,8 @@ class Config:
             raise UserError("--export-ema needs --ema-decay (the EMA it would export)")
         if self.export_ema and self.export == "best":
             raise UserError("--export-ema exports the EMA of the last step; it does not combine with --export best")
+        from vitfood import adapt
+        adapt.check(self)
         if not 0 <= self.max_bad_share <= 1:
             raise UserError(f"--max-bad-share must be between 0 and 1, got {self.max_bad_share}")
         if not 0 < self.test_size < 1:

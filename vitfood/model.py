@@ -6,6 +6,7 @@ import os
 
 import torch
 
+from vitfood import adapt
 from vitfood.common import UserError, autocast, first_line
 from vitfood.hub import hub_error, is_path
 
@@ -38,7 +39,8 @@ def resolve_attn(attn, device):
 
 
 def build_model(cfg, class_names, device=None):
-    """(model, image_processor) with a classification head for `class_names`; `device` resolves --attn auto."""
+    """(model, image_processor) with a classification head for `class_names`, as it trains (frozen, LoRA,
+    checkpointed: adapt.prepare); `device` resolves --attn auto."""
     attn = resolve_attn(cfg.attn, device)
     from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
 
@@ -57,10 +59,8 @@ def build_model(cfg, class_names, device=None):
         model = ViTForImageClassification(config)
         s = shape["image_size"]
         processor = ViTImageProcessor(size={"height": s, "width": s}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
-        return model, processor
+        return adapt.prepare(model, cfg), processor
 
-    if cfg.image_size:
-        raise UserError("--image-size applies only to the named configs (" + ", ".join(NAMED) + ")")
     extra = {}
     if cfg.drop_path:
         from transformers import AutoConfig
@@ -71,8 +71,30 @@ def build_model(cfg, class_names, device=None):
         if config is not None and not hasattr(config, "drop_path_rate"):
             raise UserError(f"--drop-path: {type(config).__name__} has no stochastic depth (no drop_path_rate)")
         extra["drop_path_rate"] = cfg.drop_path
-    return from_pretrained(cfg.model, attn, trust_remote_code=cfg.trust_remote_code, num_labels=len(class_names),
-                           id2label=id2label, label2id=label2id, ignore_mismatched_sizes=True, **extra)
+    model, processor = from_pretrained(cfg.model, attn, trust_remote_code=cfg.trust_remote_code,
+                                       num_labels=len(class_names), id2label=id2label, label2id=label2id,
+                                       ignore_mismatched_sizes=True, **extra)
+    if cfg.image_size:
+        model, processor = adapt.resized(model, processor, cfg.image_size)
+    return adapt.prepare(model, cfg), processor
+
+
+def skeleton(cfg, num_labels=2):
+    """The model's modules without weights (on the meta device), from its config alone, for the checks that
+    come before any data is read; None where the config does not say (those checks then come at load)."""
+    import transformers
+    try:
+        if cfg.model in NAMED:
+            config = transformers.ViTConfig(**NAMED[cfg.model])
+        else:
+            config = transformers.AutoConfig.from_pretrained(os.path.expanduser(cfg.model),
+                                                             trust_remote_code=cfg.trust_remote_code)
+        config.num_labels = num_labels
+        with torch.device("meta"):
+            return transformers.AutoModelForImageClassification.from_config(config,
+                                                                             trust_remote_code=cfg.trust_remote_code)
+    except Exception:
+        return None
 
 
 def from_pretrained(name, attn, trust_remote_code=False, **model_kwargs):
@@ -207,6 +229,8 @@ def load_weights(model, path):
     import transformers
     if not os.path.isdir(path):  # never a Hub lookup for a local folder that is gone
         raise UserError(f"checkpoint {path} does not exist")
+    if adapt.is_lora(model):  # a LoRA checkpoint holds what trains; the rest is rebuilt as it was loaded
+        return adapt.load_adapter(model, path)
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # we report problems ourselves, in one line
     try:

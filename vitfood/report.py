@@ -209,6 +209,18 @@ def augmentation(cfg):
     return "".join(", " + p for p in parts)
 
 
+def trained(cfg):
+    if cfg.freeze_backbone:
+        what = "the classification head only (frozen backbone: a linear probe)"
+    elif cfg.lora_rank:
+        what = (f"LoRA adapters (rank {cfg.lora_rank}, alpha {cfg.lora_alpha:g}, dropout {cfg.lora_dropout:g}, on "
+                f"{cfg.lora_targets or 'q_proj,v_proj'}) and the head; the adapters are merged into these weights, "
+                "and saved as they trained in `../adapter` (peft's format)")
+    else:
+        what = "every weight (full fine-tune)"
+    return what + ("; gradient checkpointing" if cfg.gradient_checkpointing else "")
+
+
 def model_card(cfg, results, history, sizes, names, precision, world, step_batch, versions):
     """README.md for the exported model, in the Hugging Face model-card format (YAML front matter)."""
     hub_model = not is_path(cfg.model) and "/" in cfg.model
@@ -246,6 +258,7 @@ def model_card(cfg, results, history, sizes, names, precision, world, step_batch
         f"{cfg.mixup_prob:g}, cutmix share {cfg.mixup_switch_prob:g}); "
         + (f"EMA of the weights, decay {cfg.ema_decay:g}; exported: the {'EMA' if cfg.export_ema else 'trained'} weights"
            if cfg.ema_decay else "no EMA") + f"; layer decay {cfg.layer_decay:g}; drop path {cfg.drop_path:g}",
+        "- what trained: " + trained(cfg),
         "- augmentation: random resized crop (scale 0.08-1) and horizontal flip" + augmentation(cfg) +
         "; eval: the image processor's resize "
         "(and center crop, where it has one) of the whole decoded image, as `transformers.pipeline` applies it", "",

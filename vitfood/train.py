@@ -26,14 +26,14 @@ from dataclasses import dataclass
 import torch
 import transformers
 
-from vitfood import checkpoint, dist, hub, report
+from vitfood import adapt, checkpoint, dist, hub, report
 from vitfood.common import (UserError, env_info, first_line, mixed_precision, num_workers, resolve_precision, run_main,
                             safe_name, seconds_since_start, seed_everything)
 from vitfood.config import FIXED_ON_RESUME, build_parser, read_config_file, resolve, to_dict
 from vitfood.data import Data, build_data, check_damaged, eval_skip_warning, hub_dataset, load_splits, transforms_for
 from vitfood.hub import is_path
 from vitfood.logs import Meter, RunLog
-from vitfood.model import build_model, compiled, hub_model, load_weights, make_optimizer, make_scheduler
+from vitfood.model import build_model, compiled, hub_model, load_weights, skeleton, make_optimizer, make_scheduler
 from vitfood.state import Ledger, Progress, RNGStreams
 from vitfood.steps import EMA, Mixing, NonFiniteStreak, eval_pass, forward_backward, optimizer_step
 
@@ -219,6 +219,8 @@ def setup(cfg, resume, rank, world, device, checkpoints):
 
     # ---- data and model (rank 0 first: it downloads or generates, the others then read its cache)
     hub.prepare(hub_dataset(cfg.dataset), hub_model(cfg.model), cfg.trust_remote_code)  # fails fast, before the data
+    if (shell := skeleton(cfg)) is not None:
+        adapt.check_model(shell, cfg)  # a LoRA target or gradient checkpointing the model has not: before the data
     seed_everything(cfg.seed)
     if not main_rank:
         dist.wait_for_rank0()
@@ -286,6 +288,10 @@ def setup(cfg, resume, rank, world, device, checkpoints):
     say(f"batch: {global_batch * cfg.grad_accum_steps} images per optimizer step = {world} process(es) x --batch-size "
         f"{cfg.batch_size} x --grad-accum-steps {cfg.grad_accum_steps}; --lr applies to the mean loss over them "
         "(not scaled by processes)")
+    trains, total = adapt.trainable(model)
+    if trains < total:
+        say(f"trains: {trains:,} of {total:,} parameters ({trains / total:.2%}): "
+            + ("the head (--freeze-backbone)" if cfg.freeze_backbone else f"LoRA rank {cfg.lora_rank} and the head"))
     return r
 
 
@@ -418,7 +424,9 @@ def finish(r, stopped):
         card = report.model_card(cfg, results, r.progress.history, dict(train=len(r.data.train_set), eval=len(r.data.eval_set)),
                                  r.class_names, r.precision, r.world, r.global_batch * cfg.grad_accum_steps,
                                  {k: env[k] for k in ("torch", "transformers", "datasets")})
-        model_dir = checkpoint.export(out, r.model, r.processor, card)
+        if adapt.is_lora(r.model):  # the adapter as it trained, then the model with it merged in
+            checkpoint.export(out, r.model, r.processor, name=adapt.ADAPTER)
+        model_dir = checkpoint.export(out, adapt.merged(r.model), r.processor, card)
         checkpoint.write_json_atomic(os.path.join(out, "all_results.json"), results)
         print(f"\ndone: {out}")
         segments = f" in {ledger['segments']} segments" if ledger["segments"] > 1 else ""

@@ -1,0 +1,173 @@
+"""Issue #21: a frozen backbone, LoRA, gradient checkpointing, --image-size for pretrained models, and the
+image-classification families of transformers, each through train, resume, export, predict, evaluate and
+the pipeline. Every model is a tiny random config saved as a local folder (no download)."""
+
+import json
+import shutil
+
+import pytest
+import torch
+import transformers as t
+from PIL import Image
+from safetensors.torch import load_file
+
+from conftest import same, train
+from vitfood import adapt, checkpoint
+from vitfood.common import run_main
+
+SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32,
+             patch_size=8)
+# family: (model class, config, image processor)
+FAMILIES = {
+    "vit": (t.ViTForImageClassification, lambda: t.ViTConfig(**SMALL),
+            lambda: t.ViTImageProcessor(size={"height": 32, "width": 32})),
+    "deit": (t.DeiTForImageClassification, lambda: t.DeiTConfig(**SMALL),
+             lambda: t.DeiTImageProcessor(size={"height": 36, "width": 36}, crop_size={"height": 32, "width": 32})),
+    "beit": (t.BeitForImageClassification, lambda: t.BeitConfig(**SMALL, use_relative_position_bias=True),
+             lambda: t.BeitImageProcessor(size={"height": 32, "width": 32}, do_center_crop=False)),
+    "dinov2": (t.Dinov2ForImageClassification,
+               lambda: t.Dinov2Config(**{k: v for k, v in SMALL.items() if k != "intermediate_size"}, mlp_ratio=2),
+               lambda: t.BitImageProcessor(size={"shortest_edge": 36}, crop_size={"height": 32, "width": 32})),
+    "swin": (t.SwinForImageClassification,
+             lambda: t.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[1, 2],
+                                  window_size=4),
+             lambda: t.ViTImageProcessor(size={"height": 32, "width": 32})),
+    "convnext": (t.ConvNextForImageClassification,
+                 lambda: t.ConvNextConfig(hidden_sizes=[8, 16], depths=[1, 1], num_stages=2, image_size=32),
+                 lambda: t.ConvNextImageProcessor(size={"shortest_edge": 32}, crop_pct=0.875)),
+    "resnet": (t.ResNetForImageClassification, lambda: t.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16],
+                                                                      depths=[1, 1]),
+               lambda: t.ConvNextImageProcessor(size={"shortest_edge": 32}, crop_pct=0.875)),
+}
+# TINY's data and recipe, 6 steps, checkpoints every 3, every family in bf16 (the eval path that once crashed)
+SHORT = ["--max-steps", "6", "--eval-steps", "3", "--save-steps", "3", "--precision", "bf16"]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """{family: a local model folder}, as a user's downloaded checkpoint would be."""
+    root = tmp_path_factory.mktemp("families")
+    out = {}
+    for family, (cls, config, processor) in FAMILIES.items():
+        torch.manual_seed(0)
+        cls(config()).save_pretrained(root / family)
+        processor().save_pretrained(root / family)
+        out[family] = root / family
+    return out
+
+
+def run(out, *args):
+    return train(*SHORT, *map(str, args), "--output-dir", out)
+
+
+def resumed(out, tmp_path, *args):
+    """The run in `out` resumed from its first checkpoint in a copy (as if killed after it): the copy's path."""
+    copy = tmp_path / "resumed"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("run.lock"))
+    for name in ("model", adapt.ADAPTER, "checkpoint-6"):
+        if (copy / name).exists():
+            shutil.rmtree(copy / name)
+    for name in ("all_results.json", checkpoint.BEST):
+        (copy / name).unlink(missing_ok=True)
+    run(copy, *args, "--resume", "auto")
+    return copy
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_trains_resumes_exports_predicts_evaluates_and_pipelines(family, folders, tmp_path):
+    out = tmp_path / "run"
+    results = run(out, "--model", folders[family])
+    assert results["global_step"] == 6
+    assert same(load_file(resumed(out, tmp_path, "--model", folders[family]) / "model" / "model.safetensors"),
+                load_file(out / "model" / "model.safetensors"))
+    image = tmp_path / "x.png"
+    Image.new("RGB", (40, 30), (200, 80, 20)).save(image)
+    from vitfood.predict import main as predict
+    import contextlib
+    import io
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        predict(["--model", str(out / "model"), "--json", "--precision", "fp32", str(image)])
+    ours = json.loads(printed.getvalue())["predictions"][0]
+    clf = t.pipeline("image-classification", model=str(out / "model"), device="cpu")
+    theirs = clf(str(image))[0]
+    assert ours["label"] == theirs["label"] and ours["score"] == pytest.approx(theirs["score"], abs=1e-4)
+    from vitfood.evaluate import main as evaluate
+    with contextlib.redirect_stdout(io.StringIO()):
+        evaluated = evaluate(["--model", str(out / "model"), "--output-dir", str(tmp_path / "eval")])
+    assert evaluated["eval_accuracy"] == pytest.approx(results["eval_accuracy"], abs=0.05)
+
+
+@pytest.mark.parametrize("how", ["--freeze-backbone", "--lora-rank=4", "--gradient-checkpointing"])
+def test_adapted_runs_resume_bit_exact(how, tmp_path):
+    out = tmp_path / "run"
+    run(out, "--model", "vit-micro", how)
+    state = torch.load(out / "checkpoint-6" / checkpoint.STATE, weights_only=True)
+    if how == "--lora-rank=4":  # the checkpoint holds what trains: the adapters and the head
+        assert sorted(p.name for p in (out / "checkpoint-6").iterdir() if "safetensors" in p.name) == \
+            ["adapter_model.safetensors"]
+    copy = resumed(out, tmp_path, "--model", "vit-micro", how)
+    assert same(load_file(copy / "model" / "model.safetensors"), load_file(out / "model" / "model.safetensors"))
+    again = torch.load(copy / "checkpoint-6" / checkpoint.STATE, weights_only=True)
+    assert json.dumps(state["optimizer"], default=lambda x: x.tolist()) == \
+        json.dumps(again["optimizer"], default=lambda x: x.tolist())
+
+
+def test_a_frozen_backbone_trains_the_head_alone_and_the_optimizer_holds_only_it(tmp_path):
+    out = tmp_path / "run"
+    run(out, "--model", "vit-micro", "--freeze-backbone")
+    first, last = (load_file(out / f"checkpoint-{s}" / "model.safetensors") for s in (3, 6))
+    changed = {k for k in first if not torch.equal(first[k], last[k])}
+    assert changed == {"classifier.weight", "classifier.bias"}, changed
+    state = torch.load(out / "checkpoint-6" / checkpoint.STATE, weights_only=True)["optimizer"]
+    assert sum(s["exp_avg"].numel() for s in state["state"].values()) == sum(last[k].numel() for k in changed)
+
+
+def test_lora_exports_a_plain_merged_model_and_its_adapter_beside_it(tmp_path):
+    out = tmp_path / "run"
+    run(out, "--model", "vit-micro", "--lora-rank", "4")
+    exported = load_file(out / "model" / "model.safetensors")
+    assert not any("lora" in k or "base_model" in k for k in exported)
+    assert json.loads((out / "model" / "config.json").read_text())["architectures"] == ["ViTForImageClassification"]
+    adapter = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert any("lora_B" in k for k in adapter) and any(k.endswith("classifier.weight") for k in adapter)
+    # merged: the exported q_proj is the base weight plus B @ A x alpha / rank, the base being the initial one
+    base = load_file(out / "checkpoint-3" / "adapter_model.safetensors")
+    assert any(not torch.equal(base[k], adapter[k]) for k in adapter if "lora_B" in k)  # the adapters trained
+    card = (out / "model" / "README.md").read_text()
+    assert "LoRA adapters (rank 4" in card
+
+
+def test_gradient_checkpointing_gives_the_same_loss(tmp_path):
+    plain = run(tmp_path / "a", "--model", "vit-micro", "--precision", "fp32")
+    ckpt = run(tmp_path / "b", "--model", "vit-micro", "--precision", "fp32", "--gradient-checkpointing")
+    assert ckpt["eval_loss"] == pytest.approx(plain["eval_loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("family", ["vit", "beit", "dinov2", "convnext"])
+def test_image_size_resizes_a_pretrained_model_once_at_load(family, folders, tmp_path):
+    out = tmp_path / "run"
+    run(out, "--model", folders[family], "--image-size", "48")
+    config = json.loads((out / "model" / "config.json").read_text())
+    processor = json.loads((out / "model" / "preprocessor_config.json").read_text())
+    assert config["image_size"] == 48 and 48 in processor["size"].values()
+    clf = t.pipeline("image-classification", model=str(out / "model"), device="cpu")
+    assert clf(Image.new("RGB", (60, 50)))[0]["label"]  # runs at 48 px
+    if family == "vit":  # the position embeddings: [CLS] + a 6 x 6 grid (was 4 x 4)
+        assert load_file(out / "model" / "model.safetensors")["vit.embeddings.position_embeddings"].shape[1] == 37
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--freeze-backbone", "--lora-rank", "4"], "exclude each other"),
+    (["--lora-rank", "-1"], "--lora-rank must be at least 1"),
+    (["--lora-rank", "4", "--lora-targets", "query"], "query name no module of ViTForImageClassification"),
+    (["--gradient-checkpointing", "--freeze-backbone"], "nothing to recompute"),
+    (["--image-size", "30"], "multiple of the patch size 8"),
+])
+def test_bad_combinations_are_one_line_before_any_work(args, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("VITFOOD_CACHE", str(tmp_path / "cache"))  # where the data set would be generated
+    with pytest.raises(SystemExit) as e:
+        run_main(lambda: train(*args, "--output-dir", tmp_path / "run"))
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(lines) == 1 and message in lines[0], lines
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()  # no data read, no run folder
