@@ -171,3 +171,16 @@ def test_bad_combinations_are_one_line_before_any_work(args, message, tmp_path, 
     lines = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(lines) == 1 and message in lines[0], lines
     assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()  # no data read, no run folder
+
+
+@pytest.mark.parametrize("family, args, message", [
+    ("resnet", ["--gradient-checkpointing"], "ResNetForImageClassification has no gradient checkpointing"),
+    ("convnext", ["--lora-rank", "4"], "the default targets q_proj, v_proj name no module of ConvNextForImageClassification"),
+    ("swin", ["--layer-decay", "0.7"], "SwinForImageClassification is not one"),
+    ("vit", ["--drop-path", "0.1"], "ViTConfig has no stochastic depth"),
+])
+def test_what_a_family_lacks_is_one_line(family, args, message, folders, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        run_main(lambda: train(*args, "--model", folders[family], "--output-dir", tmp_path / "run"))
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and message in lines[-1] and not any("Traceback" in l for l in lines), lines

@@ -1,0 +1,132 @@
+"""Learning checks on real images, mean of several seeds, each setting at the same number of steps.
+- levers (issue #20): each recipe lever alone, the plain recipe and --preset finetune; from scratch and in a
+  transfer setting (a model pretrained with vitfood on digits 0-4, then fine-tuned on 5-9).
+- adapt (issue #21): with few labelled images (10 per class of 5-9), the pretrained model fine-tuned in full,
+  with a frozen backbone, with LoRA, against the same model trained from scratch.
+
+The images: scikit-learn's handwritten digits (1,797 scans, 8x8 px, 16 grey levels; they ship inside the
+package, so no download), written once as PNG image folders with a fixed 80/20 split per class. The lever
+values are the preset's (the published ViT fine-tunes'), not tuned here.
+
+    pip install scikit-learn
+    python bench/learning.py levers --out /tmp/levers.json     # ~50 minutes on 2 CPU cores
+    python bench/learning.py adapt --out /tmp/adapt.json       # ~5 minutes
+    python bench/learning.py levers --steps 20 --seeds 0 --settings plain,preset   # a quick check
+"""
+
+import argparse
+import contextlib
+import gc
+import io
+import json
+import os
+import statistics
+import tempfile
+
+import numpy as np
+from PIL import Image
+
+LEVERS = {  # name -> flags; each alone against plain, then the preset with all of its levers (lr 2e-3 / 1e-3)
+    "plain": [],
+    "label-smoothing": ["--label-smoothing", "0.1"],
+    "mixup": ["--mixup", "0.8"],
+    "cutmix": ["--cutmix", "1.0"],
+    "randaugment": ["--auto-augment", "randaugment"],
+    "random-erasing": ["--random-erasing", "0.25"],
+    "layer-decay": ["--layer-decay", "0.65"],
+    "ema": ["--ema-decay", "0.9998"],
+    "preset": ["--preset", "finetune"],
+}
+ADAPT = {  # on 10 labelled images per class: the pretrained model (lr 1e-3 for all), and one from scratch
+    "scratch": ["--lr", "2e-3"],
+    "full": ["--lr", "1e-3"],
+    "frozen": ["--lr", "1e-3", "--freeze-backbone"],
+    "lora": ["--lr", "1e-3", "--lora-rank", "4", "--lora-alpha", "4"],
+}
+
+
+def write_digits(root, classes, name, per_class=None):
+    """An image folder root/name/{train,test}/<digit>/<n>.png of the given digits; the same split every time
+    (`per_class`: only the first that many of each digit's training images)."""
+    from sklearn.datasets import load_digits
+    folder = os.path.join(root, name)
+    if os.path.isdir(folder):
+        return folder
+    digits = load_digits()
+    rng = np.random.default_rng(0)
+    tmp = tempfile.mkdtemp(dir=root)
+    for c in classes:
+        index = rng.permutation(np.flatnonzero(digits.target == c))
+        cut = int(0.8 * len(index))
+        for split, part in (("train", index[:cut][:per_class]), ("test", index[cut:])):
+            os.makedirs(os.path.join(tmp, split, str(c)))
+            for i in part:
+                pixels = (digits.images[i] * 255 / 16).round().astype(np.uint8)
+                Image.fromarray(pixels, "L").convert("RGB").save(os.path.join(tmp, split, str(c), f"{i}.png"))
+    os.replace(tmp, folder)
+    return folder
+
+
+def train(args, out):
+    """vitfood.train in this process (no start-up per run); its all_results."""
+    from vitfood.train import main
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        results = main([*map(str, args), "--output-dir", out])
+    gc.collect()  # the run's loader workers end with it, not at some later collection
+    return results
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("experiment", choices=["levers", "adapt"])
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--steps", type=int, help="steps of every run (default: levers 1500, adapt 300)")
+    p.add_argument("--settings", help="comma list of the experiment's settings (default: all)")
+    p.add_argument("--model", default="vit-micro")
+    p.add_argument("--image-size", default="32")
+    p.add_argument("--out", help="also write the JSON document here")
+    a = p.parse_args()
+    table = LEVERS if a.experiment == "levers" else ADAPT
+    steps = a.steps or (1500 if a.experiment == "levers" else 300)
+    seeds, names = [int(s) for s in a.seeds.split(",")], (a.settings.split(",") if a.settings else list(table))
+    root = os.path.join(os.environ.get("VITFOOD_CACHE", os.path.expanduser("~/.cache/vitfood")), "digits")
+    os.makedirs(root, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix="vitfood-learning-")
+    common = ["--train-split", "train", "--eval-split", "test", "--batch-size", "32", "--num-workers", "1"]
+    schedule = lambda n: ["--max-steps", n, "--eval-steps", n, "--save-steps", n, "--warmup-steps", n // 10]
+    size = ["--image-size", a.image_size]  # a pretrained model keeps the size it was trained at
+    pretrained = {}
+    for seed in seeds:  # the transfer setting's models: the plain recipe on digits 0-4, 1,500 steps
+        out = os.path.join(tmp, f"pretrain-{seed}")
+        r = train(["--dataset", write_digits(root, range(5), "0-4"), "--model", a.model, "--lr", "2e-3", "--seed", seed,
+                   *common, *schedule(1500), *size], out)
+        pretrained[seed] = os.path.join(out, "model")
+        print(f"pretrained on 0-4, seed {seed}: accuracy {r['eval_accuracy']:.4f}", flush=True)
+
+    if a.experiment == "levers":  # (setting, data, model, lr, flags) per run
+        runs = [(f"{where}/{name}", data, model, lr, table[name]) for where, data, model, lr in (
+            ("scratch", write_digits(root, range(10), "all"), None, "2e-3"),
+            ("transfer", write_digits(root, range(5, 10), "5-9"), "pretrained", "1e-3")) for name in names]
+    else:
+        few = write_digits(root, range(5, 10), "5-9-few", per_class=10)
+        runs = [(name, few, None if name == "scratch" else "pretrained", None, table[name]) for name in names]
+    results = {}
+    for name, data, model, lr, flags in runs:
+        accs = []
+        for seed in seeds:
+            args = ["--dataset", data, "--seed", seed, *common, *schedule(steps), *(["--lr", lr] if lr else []), *flags]
+            args += ["--model", pretrained[seed]] if model else ["--model", a.model, *size]
+            r = train(args, os.path.join(tmp, f"{name.replace('/', '-')}-{seed}"))
+            accs.append(r["eval_ema_accuracy"] if "--ema-decay" in flags else r["eval_accuracy"])
+        results[name] = dict(mean=statistics.mean(accs), accuracies=accs)
+        print(f"{name:<28} {statistics.mean(accs):.4f}  {' '.join(f'{x:.4f}' for x in accs)}", flush=True)
+    doc = dict(experiment=a.experiment, steps=steps, seeds=seeds, model=a.model, image_size=a.image_size,
+               results=results)
+    if a.out:
+        with open(a.out, "w") as fh:
+            json.dump(doc, fh, indent=1)
+    print(json.dumps(doc))
+
+
+if __name__ == "__main__":
+    main()
