@@ -51,7 +51,7 @@ def test_every_scalar_image_and_hparams(tiny_run):
     ea = _events(out)
     tags = ea.Tags()
     for tag in ("loss/train", "optim/lr", "optim/grad_norm", "speed/img_per_s", "speed/data_wait_percent",
-                "loss/eval", "accuracy/top1", "accuracy/top5"):
+                "loss/eval", "accuracy/top1", "accuracy/top5", "accuracy/balanced", "accuracy/f1_macro"):
         values = [e.value for e in ea.Scalars(tag)]
         assert values and all(math.isfinite(v) for v in values), tag
     assert [int(e.step) for e in ea.Scalars("accuracy/top1")] == [40, 80, 120, 160, 200]
@@ -103,6 +103,32 @@ def test_captions_wrap_at_word_ends_and_are_never_cut():
     mistakes = [dict(confidence=0.9, true=0, pred=1, image=torch.zeros(3, 64, 64, dtype=torch.uint8))]
     card = report.mistakes_card(mistakes, ["chicken_quesadilla", "beef_carpaccio"])
     assert card.size == report.CARD  # drawn at the size TensorBoard shows, so nothing is shrunk
+
+
+def test_long_class_names_keep_every_caption_line_on_the_cards():
+    """Food-101's grilled_cheese_sandwich, a 47-character plant disease: each card keeps the true class, the
+    predicted one and the score, a name cut with an ellipsis where it must be."""
+    import numpy as np
+    fnt = ImageFont.load_default(size=12)
+    long = ["grilled_cheese_sandwich", "Tomato___Tomato_Yellow_Leaf_Curl_Virus_disease", "apple pie with whipped cream",
+            "x" * 60]
+    for name in long:
+        lines = report.fit(name, fnt, 90, 2)
+        assert len(lines) <= 2 and all(fnt.getlength(line) <= 90 for line in lines), lines
+        assert lines[-1].endswith("…") == (len(report.wrap(name, fnt, 90)) > 2 or fnt.getlength(name) > 180)
+    mistakes = [dict(confidence=0.9, true=i, pred=(i + 1) % 4, image=torch.zeros(3, 64, 64, dtype=torch.uint8))
+                for i in range(4)]
+    for mk in mistakes:  # the card's tiles hold 7 lines: the score's is the last of them
+        lines = [line for line, _ in report.card_caption(mk, long, fnt, 90)]
+        assert len(lines) <= 7 and lines[-1] == "p = 0.90" and "true" in lines and "pred" in lines, lines
+    assert report.mistakes_card(mistakes, long).size == report.CARD
+    m = np.zeros((20, 20), dtype=int)
+    m[1, 3], m[3, 1] = 50, 40  # the two longest names confused: the pair is shortened, the count keeps its place
+    card = np.asarray(report.confusion_card(m.tolist(), long + [f"c{i}" for i in range(16)]).convert("L"))
+    row = card[24:44]
+    text = np.flatnonzero((row < 100).any(0))  # dark text (the bar is light) across the row
+    gaps = np.flatnonzero(np.diff(text) > 8)  # the pair's text, then a gap, then the count at the right
+    assert len(gaps) >= 1 and text[-1] >= report.CARD[0] - 12
 
 
 @pytest.mark.parametrize("classes", [4, 11, 20, 101])

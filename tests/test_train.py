@@ -18,7 +18,8 @@ def test_training_lowers_loss_and_lifts_accuracy(tiny_run):
     assert loss[-1] < loss[0] * 0.8, loss
     assert acc[-1] > 0.5 and acc[-1] > acc[0], acc  # 4 classes: chance is 0.25
     assert results["global_step"] == 200 and results["eval_accuracy"] == pytest.approx(acc[-1])
-    for key in ("eval_loss", "eval_accuracy", "eval_top5", "global_step", "train_runtime", "train_samples_per_second"):
+    for key in ("eval_loss", "eval_accuracy", "eval_top5", "eval_balanced_accuracy", "eval_f1_macro", "global_step",
+                "train_runtime", "train_samples_per_second"):
         assert key in json.loads((out / "all_results.json").read_text())
 
 

@@ -109,7 +109,8 @@ def main(argv=None):
     mistakes_png.save(os.path.join(out, "mistakes.png"))
     results = dict(model=a.model, dataset=cfg.dataset, split=cfg.eval_split or f"{cfg.train_split} (held out)",
                    precision=precision, batch_size=batch_size, eval_loss=r["loss"], eval_accuracy=r["acc1"],
-                   eval_top5=r["acc5"], eval_samples=r["samples"], correct=round(r["acc1"] * r["samples"]),
+                   eval_top5=r["acc5"], eval_balanced_accuracy=r["balanced_acc"], eval_f1_macro=r["f1_macro"],
+                   eval_samples=r["samples"], correct=round(r["acc1"] * r["samples"]),
                    skipped_images=r["skipped"], per_class=rows, confusion_matrix=r["confusion"])
     checkpoint.write_json_atomic(os.path.join(out, "eval_results.json"), results)
     if a.tensorboard:
@@ -119,7 +120,8 @@ def main(argv=None):
     if r["skipped"]:
         print(eval_skip_warning(r["skipped"], len(data.eval_set)))
     print(f"{a.model} on {cfg.dataset} ({results['split']}, {r['samples']} images, {precision}): "
-          f"loss {r['loss']:.4f}  top-1 {r['acc1']:.4f}  top-5 {r['acc5']:.4f}")
+          f"loss {r['loss']:.4f}  top-1 {r['acc1']:.4f}  top-5 {r['acc5']:.4f}  balanced accuracy "
+          f"{r['balanced_acc']:.4f}  macro F1 {r['f1_macro']:.4f}")
     worst = sorted(rows, key=lambda x: x["f1"])[:3]
     print("lowest F1: " + ", ".join(f"{x['label']} {x['f1']:.3f}" for x in worst))
     print(f"results: {out}/ (eval_results.json, per_class.csv, confusion_matrix.png, mistakes.png)")

@@ -32,6 +32,7 @@ def eval_records(writer, step, metrics, class_names, mistakes=8):
     """An eval's scalars, its confusion matrix and mistakes as images, and its per-class table as text: the
     same records for a training run and for vitfood.evaluate --tensorboard."""
     for tag, key in (("loss/eval", "loss"), ("accuracy/top1", "acc1"), ("accuracy/top5", "acc5"),
+                     ("accuracy/balanced", "balanced_acc"), ("accuracy/f1_macro", "f1_macro"),
                      ("loss/ema_eval", "ema_loss"), ("accuracy/ema_top1", "ema_acc1"), ("accuracy/ema_top5", "ema_acc5")):
         if key in metrics:  # the EMA's only with --ema-decay
             writer.add_scalar(tag, metrics[key], step)
@@ -135,8 +136,8 @@ class RunLog:
         if self.main:
             eval_records(self.writer, step, metrics, class_names)
             ema = f" | EMA loss {metrics['ema_loss']:.4f} acc1 {metrics['ema_acc1']:.4f}" if "ema_loss" in metrics else ""
-            self.say(f"step {step}: eval loss {metrics['loss']:.4f} acc1 {metrics['acc1']:.4f} acc5 {metrics['acc5']:.4f}"
-                     + ema)
+            self.say(f"step {step}: eval loss {metrics['loss']:.4f} acc1 {metrics['acc1']:.4f} acc5 {metrics['acc5']:.4f} "
+                     f"balanced {metrics['balanced_acc']:.4f} f1 {metrics['f1_macro']:.4f}" + ema)
 
     def train(self, step, loss, lrs, grad_norm, img_s, data_wait, scale=None, damaged_files=0, skipped_steps=0):
         """A logging step's scalars; `lrs`: the learning rate of each parameter group (the head's is logged

@@ -58,6 +58,25 @@ def wrap(text, fnt, width):
     return lines + [line.rstrip()] if line else lines
 
 
+def shorten(text, fnt, width):
+    """`text`, cut at the end with an ellipsis where it is wider than `width` px."""
+    if fnt.getlength(text) <= width:
+        return text
+    while len(text) > 1 and fnt.getlength(text + "…") > width:
+        text = text[:-1]
+    return text.rstrip(" _") + "…"
+
+
+def fit(text, fnt, width, max_lines):
+    """`text` wrapped into at most `max_lines` lines no wider than `width` px; what does not fit is cut with
+    an ellipsis, so that a long class name never pushes the lines after it off a card."""
+    lines = wrap(text, fnt, width)
+    if len(lines) > max_lines:  # the rest did not fit on one line, so shorten ends it with the ellipsis
+        rest = "".join(line if line.endswith("_") else line + " " for line in lines[max_lines - 1:])
+        lines = lines[:max_lines - 1] + [rest.rstrip()]
+    return [shorten(line, fnt, width) for line in lines]
+
+
 def shade(share):
     """White (0) to dark blue (1)."""
     return tuple(int(255 - share * (255 - c)) for c in (8, 48, 107))
@@ -106,14 +125,23 @@ def confusion_card(confusion, names):
         y = 24 + k * 23
         of_class = count / max(1, m[i].sum())
         draw.rectangle([4, y, 4 + int((CARD[0] - 8) * count / biggest), y + 20], fill=shade(0.25))
-        draw.text((8, y + 10), f"{names[i]}  as  {names[j]}", fill="black", font=small, anchor="lm")
-        draw.text((CARD[0] - 6, y + 10), f"{count} ({of_class:.0%})", fill="black", font=small, anchor="rm")
+        figure = f"{count} ({of_class:.0%})"
+        room = CARD[0] - 8 - small.getlength(figure) - 14 - small.getlength("  as  ")  # the count keeps its place
+        true, pred = names[i], names[j]
+        while small.getlength(true) + small.getlength(pred) > room and max(len(true), len(pred)) > 2:
+            if len(true) >= len(pred):  # shorten the longer name of the pair, a character at a time
+                true = shorten(true, small, small.getlength(true) - 1)
+            else:
+                pred = shorten(pred, small, small.getlength(pred) - 1)
+        draw.text((8, y + 10), f"{true}  as  {pred}", fill="black", font=small, anchor="lm")
+        draw.text((CARD[0] - 6, y + 10), figure, fill="black", font=small, anchor="rm")
     return img
 
 
 def mistakes_card(mistakes, names, count=4):
     """The `count` most confident mistakes for a TensorBoard card: 2 x 2 tiles, each the image as the model
-    saw it, its true and predicted class (wrapped, never cut) and the confidence."""
+    saw it, its true and predicted class (wrapped; a name longer than two lines cut with an ellipsis) and
+    the confidence, which always stays on the card."""
     img = Image.new("RGB", CARD, "white")
     draw = ImageDraw.Draw(img)
     small = font(12)
@@ -125,12 +153,16 @@ def mistakes_card(mistakes, names, count=4):
         x, y = (k % 2) * tile_w, (k // 2) * tile_h
         picture = Image.fromarray(mk["image"].permute(1, 2, 0).numpy()).resize((thumb, thumb), Image.BILINEAR)
         img.paste(picture, (x + 2, y + 4))
-        lines = [("true", (0, 110, 0))] + [(t, (0, 110, 0)) for t in wrap(names[mk["true"]], small, tile_w - thumb - 10)]
-        lines += [("pred", (180, 0, 0))] + [(t, (180, 0, 0)) for t in wrap(names[mk["pred"]], small, tile_w - thumb - 10)]
-        lines += [(f"p = {mk['confidence']:.2f}", (60, 60, 60))]
-        for i, (line, colour) in enumerate(lines[:7]):
+        for i, (line, colour) in enumerate(card_caption(mk, names, small, tile_w - thumb - 10)):
             draw.text((x + thumb + 8, y + 3 + i * 14), line, fill=colour, font=small)
     return img
+
+
+def card_caption(mistake, names, fnt, width):
+    """[(line, colour)] beside a mistake's thumbnail: at most 7 lines of 14 px, the tile's height."""
+    lines = [("true", (0, 110, 0))] + [(t, (0, 110, 0)) for t in fit(names[mistake["true"]], fnt, width, 2)]
+    lines += [("pred", (180, 0, 0))] + [(t, (180, 0, 0)) for t in fit(names[mistake["pred"]], fnt, width, 2)]
+    return lines + [(f"p = {mistake['confidence']:.2f}", (60, 60, 60))]
 
 
 def cell_size(num_classes):
@@ -263,10 +295,12 @@ def model_card(cfg, results, history, sizes, names, precision, world, step_batch
         "; eval: the image processor's resize "
         "(and center crop, where it has one) of the whole decoded image, as `transformers.pipeline` applies it", "",
         "## Training results", "",
-        "| step | training loss | eval loss | top-1 | top-5 |", "| ---: | ---: | ---: | ---: | ---: |"]
+        "| step | training loss | eval loss | top-1 | top-5 | balanced accuracy | macro F1 |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    figure = lambda h, k: "-" if h.get(k) is None else f"{h[k]:.4f}"  # older runs lack some
     for h in history:
-        train_loss = "-" if h.get("train_loss") is None else f"{h['train_loss']:.4f}"
-        lines.append(f"| {h['step']} | {train_loss} | {h['loss']:.4f} | {h['acc1']:.4f} | {h['acc5']:.4f} |")
+        lines.append(f"| {h['step']} | {figure(h, 'train_loss')} | {h['loss']:.4f} | {h['acc1']:.4f} | {h['acc5']:.4f} | "
+                     f"{figure(h, 'balanced_acc')} | {figure(h, 'f1_macro')} |")
     if history:
         best = max(history, key=lambda h: h["acc1"])
         lines += ["", f"Best eval top-1 {best['acc1']:.4f} at step {best['step']}; "

@@ -26,7 +26,8 @@ class Progress:
     best: dict | None = None  # dict(step, eval_accuracy, eval_loss)
 
     def evaluated(self, metrics, train_loss):
-        keep = ("loss", "acc1", "acc5", "samples", "skipped", "ema_loss", "ema_acc1", "ema_acc5")
+        keep = ("loss", "acc1", "acc5", "balanced_acc", "f1_macro", "samples", "skipped", "ema_loss", "ema_acc1",
+                "ema_acc5", "ema_balanced_acc", "ema_f1_macro")
         self.metrics = {k: metrics[k] for k in keep if k in metrics}
         self.history.append(dict(step=self.step, train_loss=train_loss, **self.metrics))
 

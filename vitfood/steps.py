@@ -158,6 +158,18 @@ class NonFiniteStreak:
         return skipped
 
 
+def class_balanced(confusion):
+    """Balanced accuracy (the mean recall over the classes the split holds) and macro F1 (over the classes
+    that are held or predicted), from a [true, predicted] count matrix: what top-1 hides on imbalanced data."""
+    m = torch.tensor(confusion, dtype=torch.float64)
+    tp, actual, predicted = m.diag(), m.sum(1), m.sum(0)
+    held, seen = actual > 0, (actual + predicted) > 0
+    recall = tp[held] / actual[held]
+    f1 = 2 * tp[seen] / (actual[seen] + predicted[seen])
+    return dict(balanced_acc=recall.mean().item() if held.any() else 0.0,
+                f1_macro=f1.mean().item() if seen.any() else 0.0)
+
+
 @torch.inference_mode()
 def eval_pass(model, loader, device, precision, mean, std, progress=True, num_classes=None, mistakes=0):
     """Metrics summed over every sample of `loader` (no sample dropped or repeated), and over ranks.
@@ -208,6 +220,7 @@ def eval_pass(model, loader, device, precision, mean, std, progress=True, num_cl
                   damaged=sorted(i for part in dist.gather(damaged) for i in part) if skipped else [])
     if num_classes:
         result["confusion"] = dist.all_sum(confusion).tolist()
+        result.update(class_balanced(result["confusion"]))
     gathered = [m for part in dist.gather(worst) for m in part] if mistakes else []
     result["mistakes"] = sorted(gathered, key=lambda m: -m["confidence"])[:mistakes]
     return result

@@ -352,7 +352,7 @@ def train_loop(r):
         t_pause = time.perf_counter()
         evaluated = r.step % cfg.eval_steps == 0 or last_step  # also when stopping: history and best stay whole
         if evaluated:  # eval
-            metrics = evaluate(r, num_classes=len(r.class_names), mistakes=8)
+            metrics = evaluate(r, mistakes=8)
             log.eval(r.step, metrics, r.class_names)
             r.progress.evaluated(metrics, train_loss)
         if r.step % cfg.save_steps == 0 or last_step or stopped:  # save
@@ -403,16 +403,19 @@ def finish(r, stopped):
     if export_step != r.step:
         load_weights(r.model, os.path.join(out, f"checkpoint-{export_step}"))
         final = None
-    if final is None:  # the best's weights, or a run resumed at its last step from a save between evals
+    if final is None or "balanced_acc" not in final:  # the best's weights, or a run resumed at its last step
+        # from a save between evals (or written by a vitfood without these metrics)
         final = evaluate(r)
     if cfg.export_ema:  # the EMA's weights and eval stand for the model
         r.model.load_state_dict(r.ema.model.state_dict())
-        final = dict(final, loss=final["ema_loss"], acc1=final["ema_acc1"], acc5=final["ema_acc5"])
+        final = dict(final, loss=final["ema_loss"], acc1=final["ema_acc1"], acc5=final["ema_acc5"],
+                     balanced_acc=final["ema_balanced_acc"], f1_macro=final["ema_f1_macro"])
     if not math.isfinite(final["loss"]):
         raise UserError(f"the final eval loss is {final['loss']}: the weights at step {export_step} are not finite "
                         f"(a damaged checkpoint?); nothing exported. The checkpoints in {out} are untouched")
     runtime = ledger["train_runtime"]
     results = dict(eval_loss=final["loss"], eval_accuracy=final["acc1"], eval_top5=final["acc5"],
+                   eval_balanced_accuracy=final["balanced_acc"], eval_f1_macro=final["f1_macro"],
                    global_step=r.step, exported_step=export_step, train_runtime=round(runtime, 3),
                    train_samples_per_second=round(ledger["images"] / runtime, 3), segments=ledger["segments"],
                    damaged_train_files=bad_train, damaged_train_encounters=ledger["damaged_encounters"],
@@ -447,10 +450,11 @@ def evaluate(r, **details):
     """The eval of the weights, and with --ema-decay of the EMA weights too (keys ema_loss, ema_acc1,
     ema_acc5); `details`: eval_pass's confusion matrix and mistakes, for the weights."""
     metrics = eval_pass(r.train_model, r.data.eval_loader, r.device, r.precision, r.mean, r.std, progress=r.main,
-                        **details)
+                        num_classes=len(r.class_names), **details)
     if r.ema:
-        ema = eval_pass(r.ema.model, r.data.eval_loader, r.device, r.precision, r.mean, r.std, progress=r.main)
-        metrics.update(ema_loss=ema["loss"], ema_acc1=ema["acc1"], ema_acc5=ema["acc5"])
+        ema = eval_pass(r.ema.model, r.data.eval_loader, r.device, r.precision, r.mean, r.std, progress=r.main,
+                        num_classes=len(r.class_names))
+        metrics.update({f"ema_{k}": ema[k] for k in ("loss", "acc1", "acc5", "balanced_acc", "f1_macro")})
     return metrics
 
 
