@@ -149,6 +149,17 @@ def test_nonfinite_loss_stops_with_the_step_and_keeps_good_checkpoints(tmp_path,
         assert json.load(fh)["max_nonfinite_steps"] == 3
 
 
+def test_a_logging_window_of_skipped_steps_logs_no_gradient_norm(tmp_path):
+    from vitfood.common import run_main
+    from conftest import events
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit):  # the first step is taken; from the second on, every step is skipped
+        run_main(lambda: train("--max-steps", 10, "--lr", "1e30", "--max-grad-norm", "0", "--logging-steps", 1,
+                               "--max-nonfinite-steps", 4, "--output-dir", out))
+    logged = {int(e.step): e.value for e in events(out).Scalars("optim/grad_norm")}
+    assert logged and all(v > 0 for v in logged.values()) and max(logged) < 5, logged
+
+
 def test_a_killed_loader_worker_is_a_clear_error_not_a_hang(tmp_path):
     out = tmp_path / "run"
     p = start(out, "--save-steps", "7", env=HOLD)  # saves at steps 7 and 14: none at the kill

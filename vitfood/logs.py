@@ -143,7 +143,9 @@ class RunLog:
         """A logging step's scalars; `lrs`: the learning rate of each parameter group (the head's is logged
         as optim/lr, and with --layer-decay the lowest as optim/lr_lowest)."""
         lr = max(lrs)
-        values = {"loss/train": loss, "optim/lr": lr, "optim/grad_norm": grad_norm}
+        values = {"loss/train": loss, "optim/lr": lr}
+        if grad_norm is not None:  # None: every step of the window was skipped (non-finite)
+            values["optim/grad_norm"] = grad_norm
         if min(lrs) < lr:
             values["optim/lr_lowest"] = min(lrs)
         self.windows += 1

@@ -301,7 +301,7 @@ def train_loop(r):
     stopper = r.stopper = dist.Stopper(r.device, log.say)
     meter = Meter()
     ledger.begin()
-    loss_sum, norm_sum = torch.zeros((), device=r.device), torch.zeros((), device=r.device)
+    loss_sum, norm_sum, kept = (torch.zeros((), device=r.device) for _ in range(3))
     last_log, train_loss, stopped, bad_train = r.step, None, None, set()
     while r.step < r.max_steps:
         # fetch and step: the loss is summed over samples and divided by the step's global sample count, so
@@ -328,7 +328,8 @@ def train_loop(r):
         ledger.stepped(step_samples)
         checkpoint.fault_point("step")
         log.stepped()
-        norm_sum += torch.where(finite, norm, 0.0)  # a skipped step (non-finite) left the weights as they were
+        norm_sum += torch.where(finite, norm, 0.0)  # a skipped step (non-finite) left the weights as they were:
+        kept += finite  # the norm is the mean over the steps that were taken
         ledger.nonfinite.update(finite, r.step)
         last_step = r.step == r.max_steps
         stop, write_failed = dist.any_rank((stopper.signal, r.checkpoints.failed), r.device)  # all ranks alike
@@ -340,15 +341,16 @@ def train_loop(r):
         if r.step % cfg.logging_steps == 0 or last_step:  # log: sums over ranks; .item() syncs, only here
             n, last_log = r.step - last_log, r.step
             counts = torch.tensor([meter.images, len(ledger.damaged)], dtype=torch.float32, device=r.device)
-            totals = dist.all_sum(torch.cat([torch.stack([loss_sum, norm_sum]) / r.world, counts]))
+            totals = dist.all_sum(torch.cat([torch.stack([loss_sum, norm_sum, kept]) / r.world, counts]))
             train_loss = round((totals[0] / n).item(), 6)
-            img_s, wait = meter.window(int(totals[2].item()))
-            bad_train = ledger.damaged_files()[0] if totals[3].item() else set()  # a gather only when there are any
+            img_s, wait = meter.window(int(totals[3].item()))
+            bad_train = ledger.damaged_files()[0] if totals[4].item() else set()  # a gather only when there are any
             skipped = ledger.nonfinite.check(r.checkpoints.latest)
-            log.train(r.step, train_loss, lrs, (totals[1] / n).item(), img_s, wait,
+            taken = totals[2].item()  # none: every step of the window was skipped, and there is no norm to log
+            log.train(r.step, train_loss, lrs, (totals[1] / taken).item() if taken else None, img_s, wait,
                       r.scaler.get_scale() if r.scaler.is_enabled() else None, len(bad_train), skipped)
-            loss_sum.zero_()
-            norm_sum.zero_()
+            for total in (loss_sum, norm_sum, kept):
+                total.zero_()
         t_pause = time.perf_counter()
         evaluated = r.step % cfg.eval_steps == 0 or last_step  # also when stopping: history and best stay whole
         if evaluated:  # eval
