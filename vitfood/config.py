@@ -81,6 +81,8 @@ class Config:
     cutmix: float = _opt(0.0, "CutMix's Beta(A, A) (0: off); with --mixup too, one of the two per batch", decides="weights", legacy=0.0)
     mixup_prob: float = _opt(1.0, "share of batches mixed when --mixup or --cutmix is on", decides="weights", legacy=1.0)
     mixup_switch_prob: float = _opt(0.5, "with both --mixup and --cutmix: share of mixed batches that use CutMix", decides="weights", legacy=0.5)
+    class_weights: str = _opt("none", "weight the loss of each class: balanced, n / (classes x n_class) from the training split's counts", ["none", "balanced"], decides="weights", legacy="none")
+    sampler: str = _opt("uniform", "training order: uniform (each image once an epoch) or balanced (each epoch drawn with replacement, classes equally likely; keyed on seed and epoch)", ["uniform", "balanced"], decides="data", legacy="uniform")
     ema_decay: float = _opt(0.0, "keep an exponential moving average of the weights with this decay (0: none; its decay warms up as in timm: min(D, 1 - (1 + updates)^(-2/3))); evaluated beside the weights at each eval", decides="weights", legacy=0.0)
     export_ema: bool = _opt(False, "export the EMA weights to model/ instead of the trained ones (needs --ema-decay)", run_only=True)
     max_nonfinite_steps: int = _opt(25, "stop after this many consecutive steps with non-finite loss or gradients (each is skipped)", run_only=True)

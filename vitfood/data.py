@@ -431,11 +431,11 @@ class EpochBatchSampler(torch.utils.data.Sampler):
     G = `global_batch` (--batch-size x processes): the same global batches for any number of processes.
     Rank r takes the r-th of `world` contiguous parts: G / world each, near-equal in an epoch's last,
     short batch, where a part may even be empty. Every sample is seen once per epoch, none is padded
-    or dropped.
+    or dropped; with per-sample `weights` (--sampler balanced), an epoch is n draws with replacement.
     """
 
-    def __init__(self, n, seed, global_batch, rank=0, world=1, shuffle=True):
-        self.n, self.seed, self.shuffle = n, seed, shuffle
+    def __init__(self, n, seed, global_batch, rank=0, world=1, shuffle=True, weights=None):
+        self.n, self.seed, self.shuffle, self.weights = n, seed, shuffle, weights
         self.rank, self.world, self.global_batch = rank, world, global_batch
         self.batches_per_epoch = math.ceil(n / self.global_batch)
         self.epoch, self.batch = 0, 0
@@ -452,8 +452,11 @@ class EpochBatchSampler(torch.utils.data.Sampler):
         return sum(self.global_size((first + j) % self.batches_per_epoch) for j in range(count))
 
     def __iter__(self):
-        if self.shuffle:
-            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch))
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        if self.weights is not None:  # --sampler balanced: n draws with replacement, each by its weight
+            order = torch.multinomial(self.weights, self.n, replacement=True, generator=generator)
+        elif self.shuffle:
+            order = torch.randperm(self.n, generator=generator)
         else:
             order = torch.arange(self.n)
         for k in range(self.batch, self.batches_per_epoch):
@@ -539,13 +542,24 @@ def build_data(cfg, train_ds, eval_ds, transforms, num_classes, device, workers,
     if train_ds is not None:
         train_set = ImageDataset(train_ds, cfg.image_column, cfg.label_column, train_tf, seed=cfg.seed, skip_bad=skip_bad)
         check_labels(train_set, num_classes, "train")
-        sampler = EpochBatchSampler(len(train_set), cfg.seed, global_batch, rank, world)
+        weights = balanced_weights(train_set.labels, num_classes)[train_set.labels] if cfg.sampler == "balanced" else None
+        sampler = EpochBatchSampler(len(train_set), cfg.seed, global_batch, rank, world, weights=weights)
         train_loader = make_loader(train_set, cfg.batch_size, workers, device, sampler, seed=cfg.seed)
         batches = BatchStream(train_loader, sampler)
     eval_set = ImageDataset(eval_ds, cfg.image_column, cfg.label_column, eval_tf, skip_bad=skip_bad, relabel=relabel)
     check_labels(eval_set, num_classes, "eval")
     eval_loader = make_loader(eval_set, eval_batch or cfg.eval_bs, workers, device, range(rank, len(eval_set), world))
     return Data(train_set, eval_set, sampler, train_loader, eval_loader, batches)
+
+
+def balanced_weights(labels, num_classes):
+    """Per class, n / (classes x n_class): each class weighs as much as if the split were balanced (a
+    class with no training image: 0)."""
+    counts = torch.bincount(torch.as_tensor(labels, dtype=torch.long), minlength=num_classes).double()
+    present = counts > 0
+    weights = torch.zeros(num_classes, dtype=torch.float64)
+    weights[present] = len(labels) / (int(present.sum()) * counts[present])
+    return weights.float()
 
 
 def check_damaged(dataset, damaged, which, limit):

@@ -291,6 +291,7 @@ def model_card(cfg, results, history, sizes, names, precision, world, step_batch
         + (f"EMA of the weights, decay {cfg.ema_decay:g}; exported: the {'EMA' if cfg.export_ema else 'trained'} weights"
            if cfg.ema_decay else "no EMA") + f"; layer decay {cfg.layer_decay:g}; drop path {cfg.drop_path:g}",
         "- what trained: " + trained(cfg),
+        f"- class balance: loss weights {cfg.class_weights}, sampler {cfg.sampler}",
         "- augmentation: random resized crop (scale 0.08-1) and horizontal flip" + augmentation(cfg) +
         "; eval: the image processor's resize "
         "(and center crop, where it has one) of the whole decoded image, as `transformers.pipeline` applies it", "",

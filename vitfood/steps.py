@@ -17,11 +17,12 @@ from vitfood.data import normalize
 from vitfood.model import for_inference
 
 
-def forward_backward(model, images, labels, amp, scaler, mean, std, divisor, label_smoothing=0.0, mix=None):
+def forward_backward(model, images, labels, amp, scaler, mean, std, divisor, label_smoothing=0.0, mix=None,
+                     class_weight=None):
     """One micro-batch: uint8 images to the device, forward under autocast, backward of the summed loss
     over `divisor` (scaled for fp16). Returns that loss. An empty micro-batch still runs a backward (of
     zero), so that DDP's all-reduce finds every rank. `mix`: a Mixing draw for this micro-batch, whose soft
-    targets then replace the labels."""
+    targets then replace the labels. `class_weight`: each class's weight in the loss (--class-weights)."""
     device = next(model.parameters()).device
     weight = 1.0
     if labels.numel() == 0:  # an empty share of a short global batch: a zero-weighted stand-in image
@@ -33,9 +34,12 @@ def forward_backward(model, images, labels, amp, scaler, mean, std, divisor, lab
     with amp:
         logits = model(pixel_values=images).logits
     if mix is not None:
+        if class_weight is not None:
+            targets = targets * class_weight
         loss = -(targets * F.log_softmax(logits.float(), dim=-1)).sum() * weight / divisor
     else:
-        loss = F.cross_entropy(logits.float(), labels, reduction="sum", label_smoothing=label_smoothing) * weight / divisor
+        loss = F.cross_entropy(logits.float(), labels, weight=class_weight, reduction="sum",
+                               label_smoothing=label_smoothing) * weight / divisor
     scaler.scale(loss).backward()
     return loss.detach()
 

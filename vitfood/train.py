@@ -30,7 +30,7 @@ from vitfood import adapt, checkpoint, dist, hub, report
 from vitfood.common import (UserError, env_info, first_line, mixed_precision, num_workers, resolve_precision, run_main,
                             safe_name, seconds_since_start, seed_everything)
 from vitfood.config import FIXED_ON_RESUME, build_parser, read_config_file, resolve, to_dict
-from vitfood.data import Data, build_data, check_damaged, eval_skip_warning, hub_dataset, load_splits, transforms_for
+from vitfood.data import Data, balanced_weights, build_data, check_damaged, eval_skip_warning, hub_dataset, load_splits, transforms_for
 from vitfood.hub import is_path
 from vitfood.logs import Meter, RunLog
 from vitfood.model import build_model, compiled, hub_model, load_weights, skeleton, make_optimizer, make_scheduler
@@ -161,6 +161,7 @@ class Run:
     rng: RNGStreams
     ema: EMA | None = None  # --ema-decay: the moving average of the weights
     mixing: Mixing | None = None  # --mixup, --cutmix
+    class_weight: torch.Tensor | None = None  # --class-weights balanced: each class's weight in the loss
     startup: float = 0.0  # seconds from process start to the loop
     ddp: torch.nn.Module | None = None  # the model as DDP sees it (the model itself for one process)
     train_model: torch.nn.Module | None = None  # what the step calls: ddp, compiled with --compile
@@ -250,7 +251,9 @@ def setup(cfg, resume, rank, world, device, checkpoints):
             progress=progress, ledger=Ledger(NonFiniteStreak(cfg.max_nonfinite_steps, device)),
             rng=RNGStreams(rank, world, cfg.seed, progress), ema=EMA(model, cfg.ema_decay) if cfg.ema_decay else None,
             mixing=Mixing(cfg.mixup, cfg.cutmix, cfg.mixup_prob, cfg.mixup_switch_prob, cfg.label_smoothing,
-                          len(class_names), cfg.seed, rank) if cfg.mixup or cfg.cutmix else None)
+                          len(class_names), cfg.seed, rank) if cfg.mixup or cfg.cutmix else None,
+            class_weight=balanced_weights(data.train_set.labels, len(class_names)).to(device)
+            if cfg.class_weights == "balanced" else None)
 
     # ---- restore
     if state:
@@ -320,7 +323,7 @@ def train_loop(r):
             with contextlib.nullcontext() if sync else r.ddp.no_sync():  # DDP averages over ranks: / world
                 loss_sum += forward_backward(r.train_model, images, labels, r.amp, r.scaler, r.mean, r.std,
                                              step_samples / r.world, cfg.label_smoothing,
-                                             r.mixing and r.mixing.at(r.step, micro))
+                                             r.mixing and r.mixing.at(r.step, micro), r.class_weight)
         norm, finite = optimizer_step(r.model, r.optimizer, r.scaler, r.scheduler, cfg.max_grad_norm)
         if r.ema:
             r.ema.update()
