@@ -3,6 +3,9 @@
   transfer setting (a model pretrained with vitfood on digits 0-4, then fine-tuned on 5-9).
 - adapt (issue #21): with few labelled images (10 per class of 5-9), the pretrained model fine-tuned in full,
   with a frozen backbone, with LoRA, against the same model trained from scratch.
+- imbalance (issue #22): the pretrained model fine-tuned on 5-9 made imbalanced (digit 5 keeps all its
+  training images, each next digit fewer, digit 9 a tenth of them), evaluated on a balanced test split:
+  plain, --class-weights balanced, --sampler balanced; balanced accuracy and macro F1.
 
 The images: scikit-learn's handwritten digits (1,797 scans, 8x8 px, 16 grey levels; they ship inside the
 package, so no download), written once as PNG image folders with a fixed 80/20 split per class. The lever
@@ -11,6 +14,7 @@ values are the preset's (the published ViT fine-tunes'), not tuned here.
     pip install scikit-learn
     python bench/learning.py levers --out /tmp/levers.json     # ~50 minutes on 2 CPU cores
     python bench/learning.py adapt --out /tmp/adapt.json       # ~5 minutes
+    python bench/learning.py imbalance --out /tmp/imbalance.json  # ~8 minutes
     python bench/learning.py levers --steps 20 --seeds 0 --settings plain,preset   # a quick check
 """
 
@@ -20,6 +24,7 @@ import gc
 import io
 import json
 import os
+import shutil
 import statistics
 import tempfile
 
@@ -43,11 +48,14 @@ ADAPT = {  # on 10 labelled images per class: the pretrained model (lr 1e-3 for 
     "frozen": ["--lr", "1e-3", "--freeze-backbone"],
     "lora": ["--lr", "1e-3", "--lora-rank", "4", "--lora-alpha", "4"],
 }
+IMBALANCE = {"plain": [], "class-weights": ["--class-weights", "balanced"], "sampler": ["--sampler", "balanced"]}
 
 
-def write_digits(root, classes, name, per_class=None):
+def write_digits(root, classes, name, per_class=None, imbalance=1):
     """An image folder root/name/{train,test}/<digit>/<n>.png of the given digits; the same split every time
-    (`per_class`: only the first that many of each digit's training images)."""
+    (`per_class`: only the first that many of each digit's training images; `imbalance` F: the first digit
+    keeps all of its training images, the last 1/F of them, geometrically in between, and the test split
+    the same number of each digit)."""
     from sklearn.datasets import load_digits
     folder = os.path.join(root, name)
     if os.path.isdir(folder):
@@ -55,10 +63,16 @@ def write_digits(root, classes, name, per_class=None):
     digits = load_digits()
     rng = np.random.default_rng(0)
     tmp = tempfile.mkdtemp(dir=root)
-    for c in classes:
+    classes = list(classes)
+    fewest = min(int(np.sum(digits.target == c)) for c in classes)
+    for k, c in enumerate(classes):
         index = rng.permutation(np.flatnonzero(digits.target == c))
         cut = int(0.8 * len(index))
-        for split, part in (("train", index[:cut][:per_class]), ("test", index[cut:])):
+        train, test = index[:cut][:per_class], index[cut:]
+        if imbalance > 1:
+            train = train[:round(len(train) * imbalance ** (-k / (len(classes) - 1)))]
+            test = test[:fewest - int(0.8 * fewest)]
+        for split, part in (("train", train), ("test", test)):
             os.makedirs(os.path.join(tmp, split, str(c)))
             for i in part:
                 pixels = (digits.images[i] * 255 / 16).round().astype(np.uint8)
@@ -78,7 +92,7 @@ def train(args, out):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("experiment", choices=["levers", "adapt"])
+    p.add_argument("experiment", choices=["levers", "adapt", "imbalance"])
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--steps", type=int, help="steps of every run (default: levers 1500, adapt 300)")
     p.add_argument("--settings", help="comma list of the experiment's settings (default: all)")
@@ -86,8 +100,8 @@ def main():
     p.add_argument("--image-size", default="32")
     p.add_argument("--out", help="also write the JSON document here")
     a = p.parse_args()
-    table = LEVERS if a.experiment == "levers" else ADAPT
-    steps = a.steps or (1500 if a.experiment == "levers" else 300)
+    table = dict(levers=LEVERS, adapt=ADAPT, imbalance=IMBALANCE)[a.experiment]
+    steps = a.steps or dict(levers=1500, adapt=300, imbalance=600)[a.experiment]
     seeds, names = [int(s) for s in a.seeds.split(",")], (a.settings.split(",") if a.settings else list(table))
     root = os.path.join(os.environ.get("VITFOOD_CACHE", os.path.expanduser("~/.cache/vitfood")), "digits")
     os.makedirs(root, exist_ok=True)
@@ -96,30 +110,42 @@ def main():
     schedule = lambda n: ["--max-steps", n, "--eval-steps", n, "--save-steps", n, "--warmup-steps", n // 10]
     size = ["--image-size", a.image_size]  # a pretrained model keeps the size it was trained at
     pretrained = {}
-    for seed in seeds:  # the transfer setting's models: the plain recipe on digits 0-4, 1,500 steps
-        out = os.path.join(tmp, f"pretrain-{seed}")
-        r = train(["--dataset", write_digits(root, range(5), "0-4"), "--model", a.model, "--lr", "2e-3", "--seed", seed,
+    for seed in seeds:  # the transfer setting's models: the plain recipe on digits 0-4, 1,500 steps (kept)
+        out = os.path.join(root, f"pretrained-{a.model}-{a.image_size}-{seed}")
+        if not os.path.isfile(os.path.join(out, "all_results.json")):
+            shutil.rmtree(out, ignore_errors=True)
+            train(["--dataset", write_digits(root, range(5), "0-4"), "--model", a.model, "--lr", "2e-3", "--seed", seed,
                    *common, *schedule(1500), *size], out)
         pretrained[seed] = os.path.join(out, "model")
-        print(f"pretrained on 0-4, seed {seed}: accuracy {r['eval_accuracy']:.4f}", flush=True)
+        with open(os.path.join(out, "all_results.json")) as fh:
+            print(f"pretrained on 0-4, seed {seed}: accuracy {json.load(fh)['eval_accuracy']:.4f}", flush=True)
 
     if a.experiment == "levers":  # (setting, data, model, lr, flags) per run
         runs = [(f"{where}/{name}", data, model, lr, table[name]) for where, data, model, lr in (
             ("scratch", write_digits(root, range(10), "all"), None, "2e-3"),
             ("transfer", write_digits(root, range(5, 10), "5-9"), "pretrained", "1e-3")) for name in names]
+    elif a.experiment == "imbalance":
+        skewed = write_digits(root, range(5, 10), "5-9-imbalanced-10x", imbalance=10)
+        runs = [(name, skewed, "pretrained", "1e-3", table[name]) for name in names]
     else:
         few = write_digits(root, range(5, 10), "5-9-few", per_class=10)
         runs = [(name, few, None if name == "scratch" else "pretrained", None, table[name]) for name in names]
     results = {}
     for name, data, model, lr, flags in runs:
-        accs = []
+        accs, f1 = [], []
         for seed in seeds:
             args = ["--dataset", data, "--seed", seed, *common, *schedule(steps), *(["--lr", lr] if lr else []), *flags]
             args += ["--model", pretrained[seed]] if model else ["--model", a.model, *size]
             r = train(args, os.path.join(tmp, f"{name.replace('/', '-')}-{seed}"))
-            accs.append(r["eval_ema_accuracy"] if "--ema-decay" in flags else r["eval_accuracy"])
+            key = "eval_balanced_accuracy" if a.experiment == "imbalance" else "eval_accuracy"
+            accs.append(r["eval_ema_accuracy"] if "--ema-decay" in flags else r[key])
+            if a.experiment == "imbalance":
+                f1.append(r["eval_f1_macro"])
         results[name] = dict(mean=statistics.mean(accs), accuracies=accs)
-        print(f"{name:<28} {statistics.mean(accs):.4f}  {' '.join(f'{x:.4f}' for x in accs)}", flush=True)
+        if f1:
+            results[name].update(f1_macro_mean=statistics.mean(f1), f1_macro=f1)
+        print(f"{name:<28} {statistics.mean(accs):.4f}  {' '.join(f'{x:.4f}' for x in accs)}"
+              + (f"  macro F1 {statistics.mean(f1):.4f}" if f1 else ""), flush=True)
     doc = dict(experiment=a.experiment, steps=steps, seeds=seeds, model=a.model, image_size=a.image_size,
                results=results)
     if a.out:
