@@ -69,3 +69,53 @@ def test_a_balanced_run_resumes_bit_exact_and_reports_balanced_metrics(tmp_path)
     assert same(load_file(copy / "model" / "model.safetensors"), load_file(out / "model" / "model.safetensors"))
     card = (out / "model" / "README.md").read_text()
     assert "loss weights balanced, sampler balanced" in card and "balanced accuracy" in card
+
+
+def _labelled_folder(root, fmt, classes=("pizza", "sushi", "ramen"), eval_classes=None, missing=False):
+    """An imagefolder whose labels are in a metadata file (no class subfolders): train/ and test/ splits."""
+    import csv
+    import json
+    from PIL import Image
+    for split, names in (("train", classes), ("test", eval_classes or classes)):
+        (root / split).mkdir(parents=True)
+        rows = []
+        for i in range(4 * len(names)):
+            Image.new("RGB", (24, 24), (60 * (i % len(names)), 40, 90)).save(root / split / f"photo_{i}.jpg")
+            rows.append(dict(file_name=f"photo_{i}.jpg", dish=names[i % len(names)]))
+        if missing and split == "train":
+            rows.append(dict(file_name="gone.jpg", dish=names[0]))
+        if fmt == "csv":
+            with open(root / split / "metadata.csv", "w", newline="") as fh:
+                w = csv.DictWriter(fh, fieldnames=["file_name", "dish"])
+                w.writeheader()
+                w.writerows(rows)
+        else:
+            (root / split / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+FROM_FILE = ["--train-split", "train", "--eval-split", "test", "--label-column", "dish", "--max-steps", 2,
+             "--eval-steps", 2, "--save-steps", 2]
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_labels_from_a_metadata_file_name_the_classes(fmt, tmp_path):
+    import json
+    data = _labelled_folder(tmp_path / "photos", fmt)
+    results = train("--dataset", data, *FROM_FILE, "--output-dir", tmp_path / "run")
+    assert results["global_step"] == 2
+    config = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
+    assert sorted(config["id2label"].values()) == ["pizza", "ramen", "sushi"]
+
+
+@pytest.mark.parametrize("problem, message", [
+    (dict(missing=True), "gone.jpg is named in a metadata file"),
+    (dict(eval_classes=("pizza", "sushi", "udon")), "class 'udon' appears only in the eval split"),
+])
+def test_a_bad_metadata_file_is_one_line(problem, message, tmp_path, capsys):
+    from vitfood.common import run_main
+    data = _labelled_folder(tmp_path / "photos", "csv", **problem)
+    with pytest.raises(SystemExit) as e:
+        run_main(lambda: train("--dataset", data, *FROM_FILE, "--output-dir", tmp_path / "run"))
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and message in lines[-1] and not any("Traceback" in l for l in lines), lines[-3:]

@@ -60,7 +60,38 @@ def _load_local(path):
     if not any(os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS for _, _, files in os.walk(path) for f in files):
         raise UserError(f"the data set folder {path} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)} "
                         "files, in one subfolder per class) and is not a save_to_disk folder")
-    return datasets.load_dataset("imagefolder", data_dir=path)
+    splits = datasets.load_dataset("imagefolder", data_dir=path)
+    if any(f in ("metadata.csv", "metadata.jsonl") for _, _, files in os.walk(path) for f in files):
+        _check_listed_files(path, splits)
+    return splits
+
+
+def _check_listed_files(path, splits):
+    """An image that a metadata file names but that is not there is one line (datasets lists it all the same)."""
+    import datasets
+    for name, split in splits.items():
+        if "image" not in split.column_names:
+            continue
+        for row in split.cast_column("image", datasets.Image(decode=False))["image"]:
+            if row and row.get("path") and not os.path.isfile(row["path"]):
+                raise UserError(f"{os.path.relpath(row['path'], path)} is named in a metadata file of {path} "
+                                f"(split {name!r}) but does not exist; add it, or remove its line")
+
+
+def _names_to_classes(train, evals, column, train_split):
+    """Labels written as class names (an imagefolder's metadata.csv or metadata.jsonl): the classes are the
+    training split's names, sorted; a class found only in the eval split is one line."""
+    import datasets
+    names = train.unique(column)
+    if any(not isinstance(n, str) or not n.strip() for n in names):
+        raise UserError(f"the label column {column!r} of split {train_split!r} has an empty label")
+    feature = datasets.ClassLabel(names=sorted(names))
+    if evals is not None:
+        extra = sorted(set(evals.unique(column)) - set(names), key=str)
+        if extra:
+            raise UserError(f"class {extra[0]!r} appears only in the eval split ({len(extra)} such class(es)); "
+                            f"the training split {train_split!r} has no image of it")
+    return train.cast_column(column, feature), evals if evals is None else evals.cast_column(column, feature)
 
 
 def hub_dataset(name):
@@ -117,12 +148,15 @@ def load_splits(cfg, log=print):
                 raise UserError(f"column {col!r} not found in the {which} split; columns: {', '.join(ds.column_names)}"
                                 f" (set --{'image' if col == cfg.image_column else 'label'}-column)")
     label_feature = train.features[cfg.label_column]
+    if isinstance(label_feature, datasets.Value) and label_feature.dtype in ("string", "large_string"):
+        train, evals = _names_to_classes(train, evals, cfg.label_column, cfg.train_split)
+        label_feature = train.features[cfg.label_column]
     if isinstance(label_feature, datasets.ClassLabel):
         names = list(label_feature.names)
     elif isinstance(label_feature, datasets.Value) and label_feature.dtype.startswith(("int", "uint")):
         names = [str(i) for i in range(max(train[cfg.label_column], default=-1) + 1)]
     else:
-        raise UserError(f"label column {cfg.label_column!r} must hold integers or a ClassLabel, found {label_feature}")
+        raise UserError(f"label column {cfg.label_column!r} must hold integers, class names or a ClassLabel, found {label_feature}")
 
     if evals is None:
         if len(train) < 2:
