@@ -65,6 +65,9 @@ def test_every_scalar_image_and_hparams(tiny_run):
     # HParams: the experiment, the session's start with the run's values, and its end
     records = ea.PluginTagToContent("hparams")
     assert {metadata.EXPERIMENT_TAG, metadata.SESSION_START_INFO_TAG, metadata.SESSION_END_INFO_TAG} <= records.keys()
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(records[metadata.EXPERIMENT_TAG]).experiment
+    columns = {m.name.tag: m.display_name for m in experiment.metric_infos}
+    assert columns["run/end_status"].startswith("status") and "accuracy/balanced" in columns
     values = plugin_data_pb2.HParamsPluginData.FromString(records[metadata.SESSION_START_INFO_TAG]).session_start_info.hparams
     assert values["model"].string_value == "vit-micro" and values["lr"].number_value == 2e-3
     assert values["total_steps"].string_value == "200" and values["precision"].string_value == "fp32"
@@ -78,6 +81,12 @@ def test_a_failed_run_is_marked_failed(tmp_path, monkeypatch, capsys):
     ea = _events(tmp_path / "run")
     assert _end_status(ea) == "STATUS_FAILURE"
     assert "fault injected" in _texts(ea, "run/status")[-1][1]
+    monkeypatch.delenv("VITFOOD_FAULT")
+    train("--max-steps", 20, "--save-steps", 5, "--eval-steps", 5, "--output-dir", tmp_path / "run", "--resume", "auto")
+    ea = _events(tmp_path / "run")
+    assert _end_status(ea) == "STATUS_FAILURE"  # TensorBoard keeps the first: the status column tells the end
+    # the failure at step 7 came after the last checkpoint (5): the resumed run purged it with the curves
+    assert [(e.step, e.value) for e in ea.Scalars("run/end_status")] == [(20, 1.0)]
 
 
 def test_a_stopped_run_says_so_and_ends_as_success_once_resumed(sigterm_stopped, tmp_path):
@@ -89,7 +98,9 @@ def test_a_stopped_run_says_so_and_ends_as_success_once_resumed(sigterm_stopped,
     assert _end_status(ea) is None  # a stop is not an end: HParams keeps the first end status it sees
     assert _texts(ea, "run/status")[-1][1].startswith("**stopped** at step 11")
     finish(out)
-    assert _end_status(_events(out)) == "STATUS_SUCCESS"
+    ea = _events(out)
+    assert _end_status(ea) == "STATUS_SUCCESS"
+    assert [(e.step, e.value) for e in ea.Scalars("run/end_status")] == [(11, 0.0), (30, 1.0)]
 
 
 def test_captions_wrap_at_word_ends_and_are_never_cut():

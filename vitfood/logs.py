@@ -23,7 +23,13 @@ LAYOUT = {"vitfood": {
     "eval accuracy: top-1 and top-5": ["Multiline", ["accuracy/top1", "accuracy/top5"]],
     "learning rate": ["Multiline", ["optim/lr"]],
     "training images/s": ["Multiline", ["speed/img_per_s"]]}}
-METRICS = ("accuracy/top1", "accuracy/top5", "loss/eval", "loss/train")  # HParams' metric columns
+# HParams' metric columns (tag: the column's title); a column shows the tag's last value. run/end_status: how the
+# run's last segment ended, as a number: TensorBoard keeps only the first end status a run writes (a filter,
+# not a column), so the column is what tells a run resumed to success from one that failed or was stopped
+METRICS = {"accuracy/top1": "top-1", "accuracy/top5": "top-5", "accuracy/balanced": "balanced accuracy",
+           "loss/eval": "eval loss", "loss/train": "train loss",
+           "run/end_status": "status: 1 success, 0 stopped, -1 failure"}
+STATUS = {"success": 1, "stopped": 0, "failure": -1}
 # HParams lists first, and shows by default, the hyperparameters marked as differing, then the rest by name
 KEY_HPARAMS = ("lr", "model", "precision", "seed", "total_steps")
 
@@ -74,7 +80,7 @@ def hparams_summaries(values, metrics, status=None):
             start.hparams[name].string_value, kind = "" if v is None else str(v), api_pb2.DATA_TYPE_STRING
         infos.append(api_pb2.HParamInfo(name=name, type=kind, differs=name in KEY_HPARAMS))
     experiment = api_pb2.Experiment(hparam_infos=infos, metric_infos=[
-        api_pb2.MetricInfo(name=api_pb2.MetricName(tag=m)) for m in metrics])
+        api_pb2.MetricInfo(name=api_pb2.MetricName(tag=m), display_name=title) for m, title in metrics.items()])
     return [summary(metadata.EXPERIMENT_TAG, experiment=experiment),
             summary(metadata.SESSION_START_INFO_TAG, session_start_info=start)]
 
@@ -130,6 +136,7 @@ class RunLog:
                 for summary in hparams_summaries({}, (), status):
                     self.writer.file_writer.add_summary(summary)
             self.writer.add_text("run/status", f"**{status}** at step {step}: {note}", step)
+            self.writer.add_scalar("run/end_status", STATUS[status], step)
 
     def eval(self, step, metrics, class_names):
         """The eval's TensorBoard records, and a console line."""
