@@ -113,6 +113,18 @@ def test_adapted_runs_resume_bit_exact(how, tmp_path):
         json.dumps(again["optimizer"], default=lambda x: x.tolist())
 
 
+def test_a_frozen_resnet_keeps_its_batch_norm_statistics_and_a_lora_checkpoint_is_not_a_model(folders, tmp_path):
+    out = tmp_path / "run"
+    run(out, "--model", folders["resnet"], "--freeze-backbone")
+    before = load_file(folders["resnet"] / "model.safetensors")
+    after = load_file(out / "model" / "model.safetensors")
+    assert all(torch.equal(before[k], after[k]) for k in before if "classifier" not in k)  # buffers too
+    run(tmp_path / "lora", "--model", "vit-micro", "--lora-rank", "4")
+    with pytest.raises(SystemExit):
+        from vitfood.predict import main as predict
+        run_main(lambda: predict(["--model", str(tmp_path / "lora" / "checkpoint-6"), str(tmp_path)]))
+
+
 def test_a_frozen_backbone_trains_the_head_alone_and_the_optimizer_holds_only_it(tmp_path):
     out = tmp_path / "run"
     run(out, "--model", "vit-micro", "--freeze-backbone")
@@ -150,7 +162,8 @@ def test_image_size_resizes_a_pretrained_model_once_at_load(family, folders, tmp
     run(out, "--model", folders[family], "--image-size", "48")
     config = json.loads((out / "model" / "config.json").read_text())
     processor = json.loads((out / "model" / "preprocessor_config.json").read_text())
-    assert config["image_size"] == 48 and 48 in processor["size"].values()
+    shown = processor["crop_size"] if processor.get("do_center_crop") else processor["size"]
+    assert config["image_size"] == 48 and 48 in shown.values()  # resized and cropped alike: its crop ratio stays
     clf = t.pipeline("image-classification", model=str(out / "model"), device="cpu")
     assert clf(Image.new("RGB", (60, 50)))[0]["label"]  # runs at 48 px
     if family == "vit":  # the position embeddings: [CLS] + a 6 x 6 grid (was 4 x 4)
@@ -160,9 +173,12 @@ def test_image_size_resizes_a_pretrained_model_once_at_load(family, folders, tmp
 @pytest.mark.parametrize("args, message", [
     (["--freeze-backbone", "--lora-rank", "4"], "exclude each other"),
     (["--lora-rank", "-1"], "--lora-rank must be at least 1"),
-    (["--lora-rank", "4", "--lora-targets", "query"], "query name no module of ViTForImageClassification"),
+    (["--lora-rank", "4", "--lora-targets", "query"], "query name no Linear, Conv2d or Embedding layer of ViTFor"),
     (["--gradient-checkpointing", "--freeze-backbone"], "nothing to recompute"),
     (["--image-size", "30"], "multiple of the patch size 8"),
+    (["--lora-rank", "4", "--lora-targets", "classifier"], "classifier name no Linear, Conv2d or Embedding layer"),
+    (["--lora-rank", "4", "--lora-targets", "layernorm_before"], "layernorm_before name no Linear"),
+    (["--class-weights", "balanced", "--sampler", "balanced"], "corrects the imbalance twice"),
 ])
 def test_bad_combinations_are_one_line_before_any_work(args, message, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("VITFOOD_CACHE", str(tmp_path / "cache"))  # where the data set would be generated
@@ -175,7 +191,7 @@ def test_bad_combinations_are_one_line_before_any_work(args, message, tmp_path, 
 
 @pytest.mark.parametrize("family, args, message", [
     ("resnet", ["--gradient-checkpointing"], "ResNetForImageClassification has no gradient checkpointing"),
-    ("convnext", ["--lora-rank", "4"], "the default targets q_proj, v_proj name no module of ConvNextForImageClassification"),
+    ("convnext", ["--lora-rank", "4"], "the default targets q_proj, v_proj name no Linear, Conv2d or Embedding layer of ConvNext"),
     ("swin", ["--layer-decay", "0.7"], "SwinForImageClassification is not one"),
     ("vit", ["--drop-path", "0.1"], "ViTConfig has no stochastic depth"),
 ])

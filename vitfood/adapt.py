@@ -14,8 +14,15 @@ ADAPTER = "adapter"  # <output-dir>/adapter: the LoRA adapter in peft's own form
 
 
 def head_names(model):
-    """The top-level modules outside the backbone: the classification head (`classifier` in every family)."""
-    return [name for name, _ in model.named_children() if name != model.base_model_prefix]
+    """The top-level modules outside the backbone: the classification head (`classifier` in every family).
+    One line for a model whose backbone is not a top-level module of its own name (CLIP, SigLIP)."""
+    children = [name for name, _ in model.named_children()]
+    heads = [name for name in children if name != model.base_model_prefix]
+    if model.base_model_prefix not in children or not heads:
+        raise UserError(f"{type(model).__name__} does not keep its backbone ({model.base_model_prefix!r}) and its head "
+                        f"apart as top-level modules ({', '.join(children)}): --freeze-backbone and LoRA cannot "
+                        "tell what to train")
+    return heads
 
 
 def check(cfg):
@@ -25,6 +32,9 @@ def check(cfg):
                         "(its adapters train); pick one")
     if cfg.lora_rank < 0 or (cfg.lora_rank == 0 and cfg.lora_targets):
         raise UserError(f"--lora-rank must be at least 1 (0: no LoRA), got {cfg.lora_rank}")
+    if cfg.class_weights == "balanced" and cfg.sampler == "balanced":
+        raise UserError("--class-weights balanced with --sampler balanced corrects the imbalance twice (a rare "
+                        "class would weigh about n_max / n_min times too much); pick one")
     if cfg.lora_rank and not 0 <= cfg.lora_dropout < 1:
         raise UserError(f"--lora-dropout must be in [0, 1), got {cfg.lora_dropout}")
     if cfg.lora_rank and cfg.lora_alpha <= 0:
@@ -32,11 +42,6 @@ def check(cfg):
     if cfg.gradient_checkpointing and cfg.freeze_backbone:
         raise UserError("--gradient-checkpointing with --freeze-backbone: a frozen backbone keeps no activations "
                         "for the backward pass, so there is nothing to recompute")
-    if cfg.lora_rank:
-        try:
-            import peft  # noqa: F401
-        except ImportError:
-            raise UserError("--lora-rank needs the peft package: pip install 'vitfood[lora]' (or pip install peft)")
 
 
 def check_model(model, cfg):
@@ -45,22 +50,37 @@ def check_model(model, cfg):
     if cfg.gradient_checkpointing and not model.supports_gradient_checkpointing:
         raise UserError(f"--gradient-checkpointing: {type(model).__name__} has no gradient checkpointing in "
                         "transformers")
+    if cfg.freeze_backbone or cfg.lora_rank:
+        head_names(model)
     if cfg.lora_rank:
+        try:
+            import peft  # noqa: F401
+        except ImportError:
+            raise UserError("--lora-rank needs the peft package: pip install 'vitfood[lora]' (or pip install peft)")
         lora_targets(model, cfg)
+    if cfg.image_size and getattr(model.config, "patch_size", None) and not hasattr(model.config, "image_size"):
+        raise UserError(f"--image-size: {type(model).__name__}'s config has no image_size to change (its vision "
+                        "settings sit elsewhere); train at its own size")
     patch = getattr(model.config, "patch_size", None)
     if cfg.image_size and isinstance(patch, int) and cfg.image_size % patch:
         raise UserError(f"--image-size {cfg.image_size} must be a multiple of the patch size {patch}")
 
 
+LORA_LAYERS = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Embedding)  # what peft's LoRA adapts
+
+
 def lora_targets(model, cfg):
-    targets = cfg.lora_targets.split(",") if cfg.lora_targets else list(LORA_DEFAULT)
-    names = [n for n, _ in model.named_modules()]
-    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    """The --lora-targets names (or the defaults), each naming at least one layer LoRA can adapt, none in the
+    head (which trains fully)."""
+    targets = [t.strip() for t in cfg.lora_targets.split(",") if t.strip()] if cfg.lora_targets else list(LORA_DEFAULT)
+    heads = head_names(model)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, LORA_LAYERS) and n.split(".")[0] not in heads}
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in layers)]
     if missing:
-        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in layers.items() if isinstance(m, torch.nn.Linear)})
         what = "the default targets " if not cfg.lora_targets else ""
-        raise UserError(f"--lora-targets: {what}{', '.join(missing)} name no module of {type(model).__name__}; its "
-                        f"Linear layers are named {', '.join(linear)}")
+        raise UserError(f"--lora-targets: {what}{', '.join(missing)} name no Linear, Conv2d or Embedding layer of "
+                        f"{type(model).__name__}'s backbone; its Linear layers are named {', '.join(linear)}")
     return targets
 
 
@@ -75,6 +95,12 @@ def prepare(model, cfg):
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if cfg.freeze_backbone or cfg.lora_rank:
+        # batch norm keeps running statistics (buffers, not weights): in a frozen backbone they stay as loaded,
+        # as the weights do (and a LoRA checkpoint, which holds what trains, need not hold them)
+        for module in getattr(model, model.base_model_prefix).modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.register_forward_pre_hook(_frozen_statistics)
     if cfg.freeze_backbone:
         heads = head_names(model)
         for name, p in model.named_parameters():
@@ -86,6 +112,10 @@ def prepare(model, cfg):
                                  modules_to_save=head_names(model))  # the head trains fully
         model = peft.get_peft_model(model, config)
     return model
+
+
+def _frozen_statistics(module, args):
+    module.train(False)  # normalizes with, and leaves, the loaded running statistics
 
 
 def is_lora(model):
@@ -141,13 +171,13 @@ def resized(model, processor, size):
                 state[key] = value
         fresh.load_state_dict({k: state[k] for k in own})
         model = fresh
-    size_field = dict(processor.size)
-    if "height" in size_field:
-        processor.size = {"height": size, "width": size}
-    elif "shortest_edge" in size_field:
-        processor.size = {"shortest_edge": size}
-    if getattr(processor, "crop_size", None):
-        processor.crop_size = {"height": size, "width": size}
+    crop = getattr(processor, "crop_size", None) if getattr(processor, "do_center_crop", False) else None
+    now = dict(crop)["height"] if crop else next(iter(dict(processor.size).values()))
+    if now != size:  # resize and crop scaled alike: the processor's crop ratio stays
+        scale = size / now
+        processor.size = {k: round(v * scale) for k, v in dict(processor.size).items()}
+        if crop:
+            processor.crop_size = {"height": size, "width": size}
     return model, processor
 
 

@@ -242,8 +242,10 @@ def bench_levers(cfg, names, device, precision, batch_size, steps, repeats):
 
 
 # the ways to train that issue #21 compares: LoRA as peft's image-classification guide sets it up
-ADAPTATIONS = {"full": {}, "frozen": dict(freeze_backbone=True), "lora": dict(lora_rank=16, lora_alpha=16.0),
-               "checkpointing": dict(gradient_checkpointing=True)}
+_PLAIN = dict(freeze_backbone=False, lora_rank=0, gradient_checkpointing=False)  # whatever flags were given
+ADAPTATIONS = {"full": _PLAIN, "frozen": dict(_PLAIN, freeze_backbone=True),
+               "lora": dict(_PLAIN, lora_rank=16, lora_alpha=16.0, lora_targets=None),
+               "checkpointing": dict(_PLAIN, gradient_checkpointing=True)}
 
 
 def bench_memory(cfg, names, device, precision, batch_sizes, steps):

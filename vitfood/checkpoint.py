@@ -268,7 +268,7 @@ def cleanup(output_dir):
         m = re.match(r"^\.old-(checkpoint-\d+|model)-\d+$", name)
         if m and not os.path.exists(os.path.join(output_dir, m.group(1))) and (m.group(1) == "model" or is_complete(path)):
             os.replace(path, os.path.join(output_dir, m.group(1)))
-        elif name.startswith((".tmp-checkpoint-", ".trash-", ".old-", ".tmp-model-")):
+        elif name.startswith((".tmp-checkpoint-", ".trash-", ".old-", ".tmp-model-", ".tmp-adapter-")):
             shutil.rmtree(path, ignore_errors=True)
         elif ".json.tmp-" in name:
             os.remove(path)
@@ -320,7 +320,7 @@ def clear_run(output_dir):
     """--overwrite-output-dir: remove a previous run's checkpoints, exported model, results and events."""
     for name in os.listdir(output_dir):
         path = os.path.join(output_dir, name)
-        if _NAME.match(name) or name == "model":
+        if _NAME.match(name) or name in ("model", "adapter"):
             trash = os.path.join(output_dir, f".trash-{name}-{os.getpid()}")
             os.replace(path, trash)
             shutil.rmtree(trash)

@@ -413,8 +413,9 @@ class ImageDataset(torch.utils.data.Dataset):
         return self.ds[i][self.image_column].get("path") or f"image {i} (embedded bytes)"
 
     def __getitem__(self, key):
-        epoch, i = key if isinstance(key, tuple) else (0, key)
-        rng = random.Random(f"{self.seed}-{epoch}-{i}")  # string seeds hash with sha512: stable everywhere
+        epoch, i, *draw = key if isinstance(key, tuple) else (0, key)
+        # string seeds hash with sha512: stable everywhere; `draw`: the position of a balanced sampler's draw
+        rng = random.Random(f"{self.seed}-{epoch}-{i}" + "".join(f"-{d}" for d in draw))
         cell = self.ds[i][self.image_column]
         try:
             image = self.transform(open_image(cell), rng)
@@ -497,7 +498,10 @@ class EpochBatchSampler(torch.utils.data.Sampler):
             m = self.global_size(k)
             start = k * self.global_batch + self.rank * (m // self.world) + min(self.rank, m % self.world)
             size = m // self.world + (self.rank < m % self.world)
-            yield [(self.epoch, i) for i in order[start:start + size].tolist()]
+            if self.weights is None:
+                yield [(self.epoch, i) for i in order[start:start + size].tolist()]
+            else:  # an image drawn twice in an epoch is augmented twice: its key holds the draw's position
+                yield [(self.epoch, i, start + j) for j, i in enumerate(order[start:start + size].tolist())]
 
     def __len__(self):
         return self.batches_per_epoch - self.batch

@@ -110,6 +110,10 @@ def from_pretrained(name, attn, trust_remote_code=False, **model_kwargs):
     path = os.path.expanduser(name)
     if local and not os.path.isdir(path):
         raise UserError(f"model path {name} does not exist (or is not a folder)")
+    if local and os.path.isfile(os.path.join(path, "adapter_config.json")) and \
+            not os.path.isfile(os.path.join(path, "config.json")):
+        raise UserError(f"{name} holds a LoRA adapter, not a whole model (a LoRA run's checkpoints hold what trains): "
+                        "use the run's model/ folder, where the adapters are merged, or resume the run to export one")
     try:
         processor = AutoImageProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
         model = AutoModelForImageClassification.from_pretrained(
