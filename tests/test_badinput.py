@@ -119,8 +119,9 @@ def test_bad_labels(tmp_path, capsys):
     import datasets
     path = _saved(tmp_path, [0, 1, 0, 1], [0, 3])
     assert "label 3 outside the 2 classes" in _error(capsys, "--dataset", path, "--eval-split", "validation")
-    path = _saved(tmp_path, ["a", "b"], ["a"], datasets.Value("string"))
-    assert "must hold integers or a ClassLabel" in _error(capsys, "--dataset", path, "--eval-split", "validation")
+    path = _saved(tmp_path, [0.5, 1.5], [0.5], datasets.Value("float32"))  # class names (strings) are labels too
+    assert "must hold integers, class names or a ClassLabel" in _error(capsys, "--dataset", path, "--eval-split",
+                                                                       "validation")
     path = _saved(tmp_path, [0, 0, 0], [0])
     assert "at least 2" in _error(capsys, "--dataset", path, "--eval-split", "validation")
 
