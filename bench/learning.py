@@ -47,6 +47,9 @@ ADAPT = {  # on 10 labelled images per class: the pretrained model (lr 1e-3 for 
     "full": ["--lr", "1e-3"],
     "frozen": ["--lr", "1e-3", "--freeze-backbone"],
     "lora": ["--lr", "1e-3", "--lora-rank", "4", "--lora-alpha", "4"],
+    # the lr peft's image-classification guide uses for LoRA, for the two that train few parameters
+    "frozen-lr5e-3": ["--lr", "5e-3", "--freeze-backbone"],
+    "lora-lr5e-3": ["--lr", "5e-3", "--lora-rank", "4", "--lora-alpha", "4"],
 }
 IMBALANCE = {"plain": [], "class-weights": ["--class-weights", "balanced"], "sampler": ["--sampler", "balanced"]}
 
