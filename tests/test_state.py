@@ -117,11 +117,13 @@ def test_options_that_decide_the_weights_or_the_data_order_are_fixed_on_resume(t
                    synthetic_classes=3, synthetic_max_px=99, fast_decode=False, model="vit-tiny", image_size=96,
                    grad_accum_steps=2, lr=0.5, weight_decay=0.5, seed=7, label_smoothing=0.1, layer_decay=0.5,
                    drop_path=0.1, auto_augment="randaugment", randaugment_ops=3, randaugment_magnitude=5,
-                   random_erasing=0.5, mixup=0.5, cutmix=0.5, mixup_prob=0.5, mixup_switch_prob=0.2, ema_decay=0.5)
+                   random_erasing=0.5, mixup=0.5, cutmix=0.5, mixup_prob=0.5, mixup_switch_prob=0.2, ema_decay=0.5,
+                   freeze_backbone=True, lora_rank=4, lora_alpha=8.0, lora_dropout=0.2, lora_targets="q_proj",
+                   gradient_checkpointing=True, class_weights="balanced", sampler="balanced")
     assert set(changed) == set(FIXED_ON_RESUME)  # the marks in Config say what decides the weights and data order
     for name, value in changed.items():
         flag = f"--{name.replace('_', '-')}"
-        args = [f"--no-{flag[2:]}"] if value is False else [flag, str(value)]
+        args = [f"--no-{flag[2:]}"] if value is False else [flag] if value is True else [flag, str(value)]
         with pytest.raises(UserError, match=f"{flag} differs from the run being resumed"):
             parse_run(["--resume", "auto", "--output-dir", str(run), *args])
     cfg, _, _ = parse_run(["--resume", "auto", "--output-dir", str(run), "--max-steps", "9", "--eval-steps", "3",

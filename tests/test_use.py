@@ -193,7 +193,8 @@ def test_tensorboard_serves_the_run(tiny_run):
         metrics = [m["name"]["tag"] for m in experiment["metricInfos"]]
         assert {"lr", "batch_size", "global_batch", "world_size"} <= set(hparams)
         assert hparams[:5] == ["lr", "model", "precision", "seed", "total_steps"]  # the columns shown by default
-        assert metrics == ["accuracy/top1", "accuracy/top5", "loss/eval", "loss/train"]  # one set of metrics
+        assert metrics == ["accuracy/top1", "accuracy/top5", "accuracy/balanced", "loss/eval", "loss/train",
+                           "run/end_status"]  # one set of metrics
         types = {h["name"]: h["type"] for h in experiment["hparamInfos"]}
         assert (types["lr"], types["compile"], types["model"]) == ("DATA_TYPE_FLOAT64", "DATA_TYPE_BOOL", "DATA_TYPE_STRING")
     finally:

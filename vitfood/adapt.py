@@ -30,7 +30,7 @@ def check(cfg):
     if cfg.freeze_backbone and cfg.lora_rank:
         raise UserError("--freeze-backbone and --lora-rank exclude each other: LoRA already freezes the backbone "
                         "(its adapters train); pick one")
-    if cfg.lora_rank < 0 or (cfg.lora_rank == 0 and cfg.lora_targets):
+    if cfg.lora_rank < 0:
         raise UserError(f"--lora-rank must be at least 1 (0: no LoRA), got {cfg.lora_rank}")
     if cfg.class_weights == "balanced" and cfg.sampler == "balanced":
         raise UserError("--class-weights balanced with --sampler balanced corrects the imbalance twice (a rare "
