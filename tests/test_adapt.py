@@ -200,3 +200,13 @@ def test_what_a_family_lacks_is_one_line(family, args, message, folders, tmp_pat
         run_main(lambda: train(*args, "--model", folders[family], "--output-dir", tmp_path / "run"))
     lines = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and message in lines[-1] and not any("Traceback" in l for l in lines), lines
+
+
+@pytest.mark.parametrize("family, how", [("swin", "--lora-rank=4"), ("resnet", "--freeze-backbone"),
+                                         ("beit", "--gradient-checkpointing")])
+def test_adaptations_on_other_families_in_fp32_resume_bit_exact(family, how, folders, tmp_path):
+    args = ["--model", folders[family], "--precision", "fp32", how]
+    out = tmp_path / "run"
+    run(out, *args)
+    copy = resumed(out, tmp_path, *args)
+    assert same(load_file(copy / "model" / "model.safetensors"), load_file(out / "model" / "model.safetensors"))
