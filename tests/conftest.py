@@ -140,6 +140,20 @@ def finish(out, *extra):
     return results
 
 
+def resumed_copy(out, dest, *args, later=("checkpoint-6",)):
+    """The run in `out` resumed in a copy at `dest`, as if killed after its first checkpoint: what came
+    later (`later` checkpoints, the export, the results) removed, then --resume auto with `args`."""
+    import shutil
+    from vitfood import adapt, checkpoint
+    shutil.copytree(out, dest, ignore=shutil.ignore_patterns("run.lock"))
+    for name in ("model", adapt.ADAPTER, *later):
+        shutil.rmtree(dest / name, ignore_errors=True)
+    for name in ("all_results.json", checkpoint.BEST):
+        (dest / name).unlink(missing_ok=True)
+    train(*args, "--resume", "auto", "--output-dir", dest)
+    return dest
+
+
 def weights(out):
     from safetensors.torch import load_file
     return load_file(out / "model" / "model.safetensors")

@@ -3,7 +3,6 @@ image-classification families of transformers, each through train, resume, expor
 the pipeline. Every model is a tiny random config saved as a local folder (no download)."""
 
 import json
-import shutil
 
 import pytest
 import torch
@@ -11,8 +10,8 @@ import transformers as t
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import same, train
-from vitfood import adapt, checkpoint
+from conftest import resumed_copy, same, train
+from vitfood import checkpoint
 from vitfood.common import run_main
 
 SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32,
@@ -62,15 +61,7 @@ def run(out, *args):
 
 def resumed(out, tmp_path, *args):
     """The run in `out` resumed from its first checkpoint in a copy (as if killed after it): the copy's path."""
-    copy = tmp_path / "resumed"
-    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("run.lock"))
-    for name in ("model", adapt.ADAPTER, "checkpoint-6"):
-        if (copy / name).exists():
-            shutil.rmtree(copy / name)
-    for name in ("all_results.json", checkpoint.BEST):
-        (copy / name).unlink(missing_ok=True)
-    run(copy, *args, "--resume", "auto")
-    return copy
+    return resumed_copy(out, tmp_path / "resumed", *SHORT, *map(str, args))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -210,3 +201,4 @@ def test_adaptations_on_other_families_in_fp32_resume_bit_exact(family, how, fol
     run(out, *args)
     copy = resumed(out, tmp_path, *args)
     assert same(load_file(copy / "model" / "model.safetensors"), load_file(out / "model" / "model.safetensors"))
+

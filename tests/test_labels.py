@@ -1,13 +1,10 @@
 """Issue #22: imbalanced classes (--class-weights, --sampler balanced) and the metrics that show them."""
 
-import shutil
-
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import same, train
-from vitfood import checkpoint
+from conftest import resumed_copy, same, train
 from vitfood.data import EpochBatchSampler, balanced_weights
 
 
@@ -60,13 +57,7 @@ def test_a_balanced_run_resumes_bit_exact_and_reports_balanced_metrics(tmp_path)
     args = ["--max-steps", 6, "--eval-steps", 3, "--save-steps", 3, "--sampler", "balanced", "--random-erasing", "0.5"]
     results = train(*args, "--output-dir", out)
     assert 0 <= results["eval_balanced_accuracy"] <= 1 and 0 <= results["eval_f1_macro"] <= 1
-    copy = tmp_path / "resumed"
-    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("run.lock"))
-    for name in ("model", "checkpoint-6"):
-        shutil.rmtree(copy / name)
-    for name in ("all_results.json", checkpoint.BEST):
-        (copy / name).unlink(missing_ok=True)
-    train(*args, "--output-dir", copy, "--resume", "auto")
+    copy = resumed_copy(out, tmp_path / "resumed", *args)
     assert same(load_file(copy / "model" / "model.safetensors"), load_file(out / "model" / "model.safetensors"))
     card = (out / "model" / "README.md").read_text()
     assert "loss weights none, sampler balanced" in card and "balanced accuracy" in card
