@@ -202,3 +202,26 @@ def test_adaptations_on_other_families_in_fp32_resume_bit_exact(family, how, fol
     copy = resumed(out, tmp_path, *args)
     assert same(load_file(copy / "model" / "model.safetensors"), load_file(out / "model" / "model.safetensors"))
 
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", [["--freeze-backbone"], ["--lora-rank", "4"], ["--gradient-checkpointing"],
+                                 ["--sampler", "balanced"], ["--class-weights", "balanced"]])
+def test_new_options_resume_bit_exact_after_kill_9(how, tmp_path, cache_dir):
+    import os
+    import signal
+    import subprocess
+    import sys
+    from conftest import TINY
+
+    def run(out, env=None):
+        return subprocess.run([sys.executable, "-m", "vitfood.train", *TINY, "--max-steps", "12", "--save-steps", "5",
+                               "--eval-steps", "5", "--num-workers", "2", *how, "--output-dir", str(out),
+                               "--resume", "auto"], capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})})
+    assert run(tmp_path / "ref").returncode == 0
+    p = run(tmp_path / "killed", env={"VITFOOD_FAULT": "renamed:1"})  # killed as checkpoint-5 is renamed in
+    assert p.returncode == -signal.SIGKILL
+    p = run(tmp_path / "killed")
+    assert p.returncode == 0 and "resuming from" in p.stdout, p.stderr[-2000:]
+    assert same(load_file(tmp_path / "killed" / "model" / "model.safetensors"),
+                load_file(tmp_path / "ref" / "model" / "model.safetensors"))
