@@ -91,3 +91,23 @@ def test_a_failing_rank_ends_the_job_with_its_message(tmp_path):
     r = launch(tmp_path / "killed", "--batch-size", "16", env={"VITFOOD_FAULT": "step:2", "VITFOOD_FAULT_RANK": "1"},
                timeout=120)  # SIGKILL: no message of its own; torchrun names it
     assert r.returncode != 0 and "SIGKILL" in r.stderr, r.stderr[-3000:]
+
+
+@pytest.mark.parametrize("extra, score", [(["--synthetic-dishes", "3"], "eval_map"),
+                                          (["--sampler", "balanced"], "eval_balanced_accuracy")],
+                         ids=["multi-label", "balanced-sampler"])
+def test_multi_label_and_balanced_sampler_runs_under_two_processes(extra, score, tmp_path):
+    """The same global batches on 1 and 2 processes (multi-hot labels and balanced draws alike), the eval
+    whole across ranks, and a resume under 2 processes bit for bit."""
+    one = launch(tmp_path / "one", "--batch-size", "32", *extra, nproc=1)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = launch(tmp_path / "two", "--batch-size", "16", "--num-workers", "1", *extra)
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert max_diff(weights(tmp_path / "one"), weights(tmp_path / "two")) < ATOL
+    r1, r2 = (json.load(open(tmp_path / r / "all_results.json")) for r in ("one", "two"))
+    assert r1[score] == pytest.approx(r2[score], abs=1e-3) and r1["eval_loss"] == pytest.approx(r2["eval_loss"], abs=1e-4)
+    run = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "two", run, ignore=shutil.ignore_patterns("checkpoint-8", "model", "all_results.json"))
+    r = launch(run, "--resume", "auto", "--batch-size", "16", *extra)
+    assert r.returncode == 0 and "resuming from" in r.stdout, r.stderr[-2000:]
+    assert max_diff(weights(run), weights(tmp_path / "two")) == 0

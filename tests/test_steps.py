@@ -176,7 +176,7 @@ def test_fp16_scaler_skips_a_step_with_inf_gradient():
 
 
 def test_balanced_accuracy_and_macro_f1_from_the_confusion_matrix():
-    from vitfood.steps import class_balanced
+    from vitfood.metrics import class_balanced
     # class 0: 8 of 10 right; class 1: 1 of 2; class 2: not in the split and never predicted
     m = class_balanced([[8, 2, 0], [1, 1, 0], [0, 0, 0]])
     assert m["balanced_acc"] == pytest.approx((0.8 + 0.5) / 2)  # top-1 would say 9/12 = 0.75

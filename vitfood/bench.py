@@ -144,7 +144,7 @@ def bench_save(cfg, names, device, precision, steps):
     labels = torch.randint(0, len(names), (batch,), device=device)
 
     def step():
-        forward_backward(model, images, labels, amp, scaler, mean, std, labels.numel())
+        forward_backward(model, images, labels, amp, scaler, mean, std, labels.shape[0])
         optimizer_step(model, opt, scaler, sched, cfg.max_grad_norm)
 
     step_s, _ = timed(step, device, steps, 1, warmup=2)  # the warm-up also makes the optimizer state
@@ -186,7 +186,7 @@ def bench_model(cfg, names, device, precision, batch_size, compile_it, attn, ste
     labels = torch.randint(0, len(names), (batch_size,), device=device)
 
     def step():
-        forward_backward(step_model, images, labels, amp, scaler, mean, std, labels.numel())
+        forward_backward(step_model, images, labels, amp, scaler, mean, std, labels.shape[0])
         optimizer_step(model, opt, scaler, sched, c.max_grad_norm)
 
     if device.type == "cuda":
@@ -221,7 +221,7 @@ def bench_levers(cfg, names, device, precision, batch_size, steps, repeats):
         count = itertools.count()
 
         def step():
-            forward_backward(model, images, labels, amp, scaler, mean, std, labels.numel(), c.label_smoothing,
+            forward_backward(model, images, labels, amp, scaler, mean, std, labels.shape[0], c.label_smoothing,
                              mixing and mixing.at(next(count), 0))
             optimizer_step(model, opt, scaler, sched, c.max_grad_norm)
             if ema:
@@ -281,7 +281,7 @@ def memory_child(spec):
     labels = torch.randint(0, len(spec["names"]), (cfg.batch_size,), device=device)
 
     def step():
-        forward_backward(model, images, labels, amp, scaler, mean, std, labels.numel())
+        forward_backward(model, images, labels, amp, scaler, mean, std, labels.shape[0])
         optimizer_step(model, opt, scaler, sched, cfg.max_grad_norm)
 
     before = _memory_mb(device)  # weights (and on a GPU nothing else yet)
@@ -349,7 +349,7 @@ def bench_e2e(cfg, train_set, names, device, precision, workers, steps, repeats,
     fixed = [t.to(device) for t in next(it)[:2]]
 
     def train_on(images, labels):
-        forward_backward(step_model, images, labels, amp, scaler, mean, std, labels.numel())
+        forward_backward(step_model, images, labels, amp, scaler, mean, std, labels.shape[0])
         optimizer_step(model, opt, scaler, sched, cfg.max_grad_norm)
 
     def e2e_step():
@@ -391,13 +391,15 @@ def bench_eval(cfg, eval_set, names, device, precision, workers, max_images):
     model, processor = build_model(cfg, names, device)
     model.to(device)
     _, _, (mean, std) = transforms_for(processor)
-    subset = torch.utils.data.Subset(eval_set, range(min(len(eval_set), max_images)))
-    loader = make_loader(subset, cfg.eval_bs, workers, device)
-    eval_pass(model, loader, device, precision, mean, std, progress=False)  # warm-up: workers, kernels
+    subset = range(min(len(eval_set), max_images))
+    loader = make_loader(eval_set, cfg.eval_bs, workers, device, subset)
+    run = lambda: eval_pass(model, loader, device, precision, mean, std, progress=False, num_classes=len(names),
+                            multi_label=eval_set.multi_hot is not None)
+    run()  # warm-up: workers, kernels
     times = []
     for _ in range(2):
         t0 = time.perf_counter()
-        n = eval_pass(model, loader, device, precision, mean, std, progress=False)["samples"]
+        n = run()["samples"]
         times.append(n / (time.perf_counter() - t0))
     return dict(img_s=statistics.median(times), images=len(subset), batch_size=loader.batch_size, workers=workers)
 

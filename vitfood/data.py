@@ -78,20 +78,86 @@ def _check_listed_files(path, splits):
                                 f"(split {name!r}) but does not exist; add it, or remove its line")
 
 
-def _names_to_classes(train, evals, column, train_split):
-    """Labels written as class names (an imagefolder's metadata.csv or metadata.jsonl): the classes are the
-    training split's names, sorted; a class found only in the eval split is one line."""
+def is_multi_label(ds, column):
+    """Whether `ds`'s label column holds a list of classes per image (after load_splits: List(ClassLabel))."""
+    return _is_list(ds.features[column])
+
+
+def _is_list(feature):
     import datasets
-    names = train.unique(column)
-    if any(not isinstance(n, str) or not n.strip() for n in names):
-        raise UserError(f"the label column {column!r} of split {train_split!r} has an empty label")
-    feature = datasets.ClassLabel(names=sorted(names))
-    if evals is not None:
-        extra = sorted(set(evals.unique(column)) - set(names), key=str)
+    return isinstance(feature, (datasets.List, getattr(datasets, "LargeList", datasets.List), list))
+
+
+def _class_ids(train, evals, cfg):
+    """Labels as a data set writes them, made class ids: (train, evals, class names), the label column then a
+    ClassLabel (or integers) or, multi-label, a List(ClassLabel). Single-label: a ClassLabel, integers or
+    class names. Multi-label: per image a list of ClassLabel, of integers or of class names, or names in one
+    string separated by --label-separator (a metadata.csv); --multi-label makes a single label a list of one.
+    Names become the training split's classes, sorted."""
+    import datasets
+    col, sep = cfg.label_column, cfg.label_separator
+    feature = train.features[col]
+    listed = _is_list(feature)
+    inner = feature.feature if listed else feature
+    text = isinstance(inner, datasets.Value) and inner.dtype in ("string", "large_string")
+    whole = isinstance(inner, datasets.Value) and inner.dtype.startswith(("int", "uint"))
+    if not (text or whole or isinstance(inner, datasets.ClassLabel)):
+        raise UserError(f"label column {col!r} must hold integers, class names or a ClassLabel (or a list of them "
+                        f"per image, for multi-label data), found {feature}")
+    joined = text and not listed and (cfg.multi_label or any(sep in v for v in train[col] if isinstance(v, str)))
+    multi = listed or joined or cfg.multi_label
+    if not (text or multi):  # single-label ids, as the data set has them
+        if isinstance(inner, datasets.ClassLabel):
+            return train, evals, list(inner.names)
+        return train, evals, [str(i) for i in range(max(train[col], default=-1) + 1)]
+
+    def rows(ds, split):
+        values = ds[col]
+        if joined:
+            values = [None if v is None else [p.strip() for p in v.split(sep) if p.strip()] for v in values]
+        elif multi and not listed:
+            values = [None if v is None else [v] for v in values]
+        for i, v in enumerate(values):
+            if v is None or (multi and not v) or (text and any(not isinstance(n, str) or not n.strip() for n in (v if multi else [v]))):
+                raise UserError(f"image {i} of split {split!r} names no class in the label column {col!r} "
+                                f"({v!r}); every image needs at least one")
+        return values
+
+    train_rows = rows(train, cfg.train_split)
+    eval_rows = rows(evals, cfg.eval_split) if evals is not None else None
+    flat = lambda values: (n for v in values for n in (v if multi else [v]))
+    if isinstance(inner, datasets.ClassLabel):
+        names = list(inner.names)
+    elif whole:
+        names = [str(i) for i in range(max(flat(train_rows), default=-1) + 1)]
+    else:
+        names = sorted(set(flat(train_rows)))
+        extra = sorted(set(flat(eval_rows or [])) - set(names), key=str)
         if extra:
             raise UserError(f"class {extra[0]!r} appears only in the eval split ({len(extra)} such class(es)); "
-                            f"the training split {train_split!r} has no image of it")
-    return train.cast_column(column, feature), evals if evals is None else evals.cast_column(column, feature)
+                            f"the training split {cfg.train_split!r} has no image of it")
+    ids = {n: i for i, n in enumerate(names)} if text else None
+    labels = datasets.ClassLabel(names=names)
+    new = datasets.List(labels) if multi else labels
+
+    def convert(ds, values):
+        if listed and not text:  # a list of ids already
+            return ds
+        if text:
+            values = [[ids[n] for n in v] if multi else ids[v] for v in values]
+        return ds.remove_columns(col).add_column(col, values, feature=new)
+    return convert(train, train_rows), evals if evals is None else convert(evals, eval_rows), names
+
+
+def _mixed_forms(error):
+    """A metadata.jsonl column whose rows differ in form (pyarrow stops at the first that differs), in words."""
+    m = re.search(r"Column\(/?([^)]*)\) changed from (\w+) to (\w+) in row (\d+)", str(error))
+    if not m:
+        return None
+    forms = {m[2], m[3]}
+    what = "a list of classes and a single class" if "array" in forms else f"{m[2]} and {m[3]} values"
+    return (f"column {m[1]!r} of its metadata.jsonl mixes {what} (row {m[4]}); write every image's label in "
+            "one form (a list of classes per image, for multi-label data)")
 
 
 def hub_dataset(name):
@@ -116,7 +182,8 @@ def load_splits(cfg, log=print):
 
     name = cfg.dataset
     if name == "synthetic":
-        name = synthetic.ensure(cfg.synthetic_size, cfg.synthetic_classes, cfg.synthetic_max_px, seed=0, log=log)
+        name = synthetic.ensure(cfg.synthetic_size, cfg.synthetic_classes, cfg.synthetic_max_px, seed=0, log=log,
+                                dishes=cfg.synthetic_dishes)
     if is_path(name):
         path = os.path.expanduser(name)
         if not os.path.isdir(path):
@@ -126,7 +193,7 @@ def load_splits(cfg, log=print):
         except UserError:
             raise
         except Exception as e:
-            raise UserError(f"cannot read data set folder {name}: {first_line(e)}")
+            raise UserError(f"cannot read data set folder {name}: {_mixed_forms(e) or first_line(e)}")
         train = _take_split(splits, cfg.train_split)
         evals = _take_split(splits, cfg.eval_split) if cfg.eval_split else None
         if cfg.label_column not in train.column_names and cfg.label_column == "label":
@@ -147,16 +214,7 @@ def load_splits(cfg, log=print):
             if col not in ds.column_names:
                 raise UserError(f"column {col!r} not found in the {which} split; columns: {', '.join(ds.column_names)}"
                                 f" (set --{'image' if col == cfg.image_column else 'label'}-column)")
-    label_feature = train.features[cfg.label_column]
-    if isinstance(label_feature, datasets.Value) and label_feature.dtype in ("string", "large_string"):
-        train, evals = _names_to_classes(train, evals, cfg.label_column, cfg.train_split)
-        label_feature = train.features[cfg.label_column]
-    if isinstance(label_feature, datasets.ClassLabel):
-        names = list(label_feature.names)
-    elif isinstance(label_feature, datasets.Value) and label_feature.dtype.startswith(("int", "uint")):
-        names = [str(i) for i in range(max(train[cfg.label_column], default=-1) + 1)]
-    else:
-        raise UserError(f"label column {cfg.label_column!r} must hold integers, class names or a ClassLabel, found {label_feature}")
+    train, evals, names = _class_ids(train, evals, cfg)
 
     if evals is None:
         if len(train) < 2:
@@ -391,18 +449,25 @@ DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.Decompression
 
 class ImageDataset(torch.utils.data.Dataset):
     """Per-index access to a `datasets.Dataset`: (uint8 image, label). Keys are (epoch, index) or index.
+    A label is a class id, or for multi-label data (a list of classes per image) a multi-hot uint8 row of
+    `num_classes`.
 
     An image that fails to decode gives (None, index) (skipped and reported by `collate`), or raises
     BadImageError naming it when `skip_bad` is off.
     """
 
-    def __init__(self, ds, image_column, label_column, transform, seed=0, skip_bad=True, relabel=None):
+    def __init__(self, ds, image_column, label_column, transform, seed=0, skip_bad=True, relabel=None, num_classes=None):
         import datasets
         self.ds = ds.select_columns([image_column]).cast_column(image_column, datasets.Image(decode=False))
         self.image_column = image_column
-        self.labels = [int(v) for v in ds[label_column]]
+        self.multi_hot = num_classes if is_multi_label(ds, label_column) else None  # classes of a multi-hot row
+        if self.multi_hot is None:
+            self.labels = [int(v) for v in ds[label_column]]
+        else:
+            self.labels = [tuple(int(c) for c in v) for v in ds[label_column]]
         if relabel:  # the data set's class i is the model's class relabel[i]
-            self.labels = [relabel[v] if 0 <= v < len(relabel) else v for v in self.labels]
+            new = lambda v: relabel[v] if 0 <= v < len(relabel) else v
+            self.labels = [new(v) if self.multi_hot is None else tuple(map(new, v)) for v in self.labels]
         self.transform, self.seed, self.skip_bad = transform, seed, skip_bad
 
     def __len__(self):
@@ -425,20 +490,28 @@ class ImageDataset(torch.utils.data.Dataset):
             where = cell.get("path") or "embedded bytes"
             raise BadImageError(f"image {i} ({where}) cannot be decoded: {type(e).__name__}: {e}"
                                 " (--bad-images skip skips and counts such images)") from None
-        return image, self.labels[i]
+        if self.multi_hot is None:
+            return image, self.labels[i]
+        hot = torch.zeros(self.multi_hot, dtype=torch.uint8)
+        hot[list(self.labels[i])] = 1
+        return image, hot
 
 
-def collate(samples, size=None):
+def collate(samples, size=None, classes=None):
     """Stack (image, label) pairs; damaged images, (None, index), are dropped: (images, labels, their indices).
 
     An empty list (a rank's share of an epoch's last, short global batch), or a batch in which every image
     is damaged, gives an empty batch of `size`: a training step goes on without it, an eval pass past it.
+    Multi-hot labels (multi-label data, `classes` of them) stack into rows.
     """
     good = [s for s in samples if s[0] is not None]
     bad = [i for image, i in samples if image is None]
     if not good:
-        return torch.empty((0, 3, *size), dtype=torch.uint8), torch.empty(0, dtype=torch.int64), bad
+        labels = torch.empty(0, dtype=torch.int64) if classes is None else torch.empty((0, classes), dtype=torch.uint8)
+        return torch.empty((0, 3, *size), dtype=torch.uint8), labels, bad
     images = torch.stack([img for img, _ in good])
+    if classes is not None:
+        return images, torch.stack([label for _, label in good]), bad
     labels = torch.tensor([label for _, label in good], dtype=torch.int64)
     return images, labels, bad
 
@@ -550,7 +623,8 @@ def make_loader(dataset, batch_size, num_workers, device, sampler=None, seed=0):
         batching = dict(batch_size=batch_size, sampler=sampler, drop_last=False)
     size = getattr(getattr(dataset, "transform", None), "size", None)
     return torch.utils.data.DataLoader(
-        dataset, **batching, num_workers=num_workers, collate_fn=functools.partial(collate, size=size),
+        dataset, **batching, num_workers=num_workers,
+        collate_fn=functools.partial(collate, size=size, classes=getattr(dataset, "multi_hot", None)),
         pin_memory=device.type == "cuda", persistent_workers=num_workers > 0,
         generator=torch.Generator().manual_seed(seed),  # own generator: the global RNG is never touched
         worker_init_fn=functools.partial(_worker_init, parent=os.getpid()),
@@ -578,13 +652,18 @@ def build_data(cfg, train_ds, eval_ds, transforms, num_classes, device, workers,
     skip_bad = cfg.bad_images == "skip"
     train_set = sampler = train_loader = batches = None
     if train_ds is not None:
-        train_set = ImageDataset(train_ds, cfg.image_column, cfg.label_column, train_tf, seed=cfg.seed, skip_bad=skip_bad)
+        train_set = ImageDataset(train_ds, cfg.image_column, cfg.label_column, train_tf, seed=cfg.seed, skip_bad=skip_bad,
+                                 num_classes=num_classes)
         check_labels(train_set, num_classes, "train")
+        if train_set.multi_hot and "balanced" in (cfg.sampler, cfg.class_weights):
+            raise UserError("--sampler balanced and --class-weights balanced are for single-label data; this data set "
+                            "is multi-label (a list of classes per image)")
         weights = balanced_weights(train_set.labels, num_classes)[train_set.labels] if cfg.sampler == "balanced" else None
         sampler = EpochBatchSampler(len(train_set), cfg.seed, global_batch, rank, world, weights=weights)
         train_loader = make_loader(train_set, cfg.batch_size, workers, device, sampler, seed=cfg.seed)
         batches = BatchStream(train_loader, sampler)
-    eval_set = ImageDataset(eval_ds, cfg.image_column, cfg.label_column, eval_tf, skip_bad=skip_bad, relabel=relabel)
+    eval_set = ImageDataset(eval_ds, cfg.image_column, cfg.label_column, eval_tf, skip_bad=skip_bad, relabel=relabel,
+                            num_classes=num_classes)
     check_labels(eval_set, num_classes, "eval")
     eval_loader = make_loader(eval_set, eval_batch or cfg.eval_bs, workers, device, range(rank, len(eval_set), world))
     return Data(train_set, eval_set, sampler, train_loader, eval_loader, batches)
@@ -616,6 +695,7 @@ def eval_skip_warning(skipped, total):
 def check_labels(dataset, num_classes, which):
     if num_classes < 2:
         raise UserError(f"the data set has {num_classes} class(es); a classifier needs at least 2")
-    bad = [v for v in dataset.labels if not 0 <= v < num_classes]
+    ids = dataset.labels if dataset.multi_hot is None else [c for v in dataset.labels for c in v]
+    bad = [v for v in ids if not 0 <= v < num_classes]
     if bad:
         raise UserError(f"the {which} split has label {bad[0]} outside the {num_classes} classes (0..{num_classes - 1})")

@@ -19,10 +19,10 @@ import os
 
 import transformers
 
-from vitfood import checkpoint, hub, report
+from vitfood import checkpoint, hub, metrics, report
 from vitfood.common import UserError, num_workers, pick_device, resolve_precision, run_main, safe_name
 from vitfood.config import OneLineParser, read_config_file, resolve, run_config_path
-from vitfood.data import build_data, eval_skip_warning, hub_dataset, load_splits, transforms_for
+from vitfood.data import build_data, eval_skip_warning, hub_dataset, is_multi_label, load_splits, transforms_for
 from vitfood.hub import is_path
 from vitfood.logs import eval_records
 from vitfood.model import hub_model, load_for_inference
@@ -59,11 +59,15 @@ def main(argv=None):
     p.add_argument("--device", default="auto")
     p.add_argument("--num-workers", type=int, default=-1)
     p.add_argument("--mistakes", type=int, default=16, help="most confident mistakes to draw")
+    p.add_argument("--threshold", type=float, help="multi-label: a class is predicted at a sigmoid score of at least "
+                                                   "this (unset: the run's --threshold, else 0.5)")
     p.add_argument("--output-dir", help="where the results go (unset: eval-<model folder> beside it)")
     p.add_argument("--tensorboard", metavar="DIR", help="also log the results as a TensorBoard run in DIR")
     a = p.parse_args(argv)
     if a.batch_size is not None and a.batch_size < 1 or a.mistakes < 0:
         raise UserError("--batch-size must be positive and --mistakes not negative")
+    if a.threshold is not None and not 0 < a.threshold < 1:
+        raise UserError(f"--threshold must be between 0 and 1, got {a.threshold}")
 
     saved = run_config_path(a.model) if is_path(a.model) else None
     if a.dataset:
@@ -90,28 +94,36 @@ def main(argv=None):
     if names != model_names and sorted(names) != sorted(model_names):
         raise UserError(f"the model's {len(model_names)} labels ({', '.join(model_names[:5])}, ...) are not "
                         f"the data set's {len(names)} classes ({', '.join(names[:5])}, ...)")
+    multi = model.config.problem_type == "multi_label_classification"
+    if multi != is_multi_label(eval_ds, cfg.label_column):
+        raise UserError(f"{a.model} is a {'multi' if multi else 'single'}-label classifier, and the data set's "
+                        f"label column {cfg.label_column!r} holds {'one class' if multi else 'a list of classes'} per image")
     train_tf, eval_tf, (mean, std) = transforms_for(processor, cfg.fast_decode)
     data = build_data(cfg, None, eval_ds, (train_tf, eval_tf), len(names), device, num_workers(a.num_workers),
                       eval_batch=batch_size, relabel=[model_names.index(n) for n in names])  # same classes, any order
     step = model_step(a.model) if a.tensorboard else 0  # read before a rotation can take the checkpoint away
+    threshold = a.threshold if a.threshold is not None else cfg.threshold
     r = eval_pass(model, data.eval_loader, device, precision, mean, std, num_classes=len(model_names),
-                  mistakes=a.mistakes)
+                  mistakes=a.mistakes, multi_label=multi, threshold=threshold)
 
     model_dir = os.path.abspath(os.path.expanduser(a.model))
     out = a.output_dir or (os.path.join(os.path.dirname(model_dir), f"eval-{os.path.basename(model_dir)}")
                            if is_path(a.model) else f"eval-{safe_name(a.model)}")
     os.makedirs(out, exist_ok=True)
-    rows = report.per_class(r["confusion"], model_names)
+    rows = report.per_class(r, model_names)
     report.write_csv(os.path.join(out, "per_class.csv"), rows)
-    confusion_png = report.confusion_image(r["confusion"], model_names)
-    mistakes_png = report.mistakes_image(r["mistakes"], model_names)
-    confusion_png.save(os.path.join(out, "confusion_matrix.png"))
-    mistakes_png.save(os.path.join(out, "mistakes.png"))
+    files = ["eval_results.json", "per_class.csv", "mistakes.png"]
+    report.mistakes_image(r["mistakes"], model_names).save(os.path.join(out, "mistakes.png"))
+    table = metrics.table(r)
     results = dict(model=a.model, dataset=cfg.dataset, split=cfg.eval_split or f"{cfg.train_split} (held out)",
-                   precision=precision, batch_size=batch_size, eval_loss=r["loss"], eval_accuracy=r["acc1"],
-                   eval_top5=r["acc5"], eval_balanced_accuracy=r["balanced_acc"], eval_f1_macro=r["f1_macro"],
-                   eval_samples=r["samples"], correct=round(r["acc1"] * r["samples"]),
-                   skipped_images=r["skipped"], per_class=rows, confusion_matrix=r["confusion"])
+                   precision=precision, batch_size=batch_size, **{key: r[k] for k, key, *_ in table},
+                   eval_samples=r["samples"], skipped_images=r["skipped"], per_class=rows)
+    if multi:
+        results.update(threshold=threshold)
+    else:
+        report.confusion_image(r["confusion"], model_names).save(os.path.join(out, "confusion_matrix.png"))
+        files.insert(2, "confusion_matrix.png")
+        results.update(correct=round(r["acc1"] * r["samples"]), confusion_matrix=r["confusion"])
     checkpoint.write_json_atomic(os.path.join(out, "eval_results.json"), results)
     if a.tensorboard:
         from torch.utils.tensorboard import SummaryWriter
@@ -119,13 +131,15 @@ def main(argv=None):
             eval_records(w, step, r, model_names, mistakes=4)
     if r["skipped"]:
         print(eval_skip_warning(r["skipped"], len(data.eval_set)))
-    print(f"{a.model} on {cfg.dataset} ({results['split']}, {r['samples']} images, {precision}): "
-          f"loss {r['loss']:.4f}  top-1 {r['acc1']:.4f}  top-5 {r['acc5']:.4f}  balanced accuracy "
-          f"{r['balanced_acc']:.4f}  macro F1 {r['f1_macro']:.4f}")
+    at = f", threshold {threshold:g}" if multi else ""
+    print(f"{a.model} on {cfg.dataset} ({results['split']}, {r['samples']} images, {precision}{at}): "
+          + "  ".join(f"{report.HEADINGS[k]} {r[k]:.4f}" for k, *_ in table))
+    if multi:
+        print(report.per_class_markdown(rows))
     worst = sorted(rows, key=lambda x: x["f1"])[:3]
     print("lowest F1: " + ", ".join(f"{x['label']} {x['f1']:.3f}" for x in worst))
-    print(f"results: {out}/ (eval_results.json, per_class.csv, confusion_matrix.png, mistakes.png)")
-    print(json.dumps(dict(eval_loss=r["loss"], eval_accuracy=r["acc1"], eval_top5=r["acc5"], samples=r["samples"])))
+    print(f"results: {out}/ ({', '.join(files)})")
+    print(json.dumps({key: r[k] for k, key, *_ in table[:3]} | dict(samples=r["samples"])))
     return results
 
 

@@ -14,43 +14,53 @@ import time
 import numpy as np
 from tqdm import tqdm
 
-from vitfood import report
+from vitfood import metrics, report
 from vitfood.common import Console
 
-# The custom-scalars page: the overview on four charts
-LAYOUT = {"vitfood": {
-    "loss: train and eval": ["Multiline", ["loss/train", "loss/eval"]],
-    "eval accuracy: top-1 and top-5": ["Multiline", ["accuracy/top1", "accuracy/top5"]],
-    "learning rate": ["Multiline", ["optim/lr"]],
-    "training images/s": ["Multiline", ["speed/img_per_s"]]}}
+
+
+def layout(multi_label=False):
+    """The custom-scalars page: the overview on four charts."""
+    scores = ["Multiline", ["accuracy/map", "accuracy/f1_micro", "accuracy/f1_macro"]] if multi_label else \
+        ["Multiline", ["accuracy/top1", "accuracy/top5"]]
+    return {"vitfood": {
+        "loss: train and eval": ["Multiline", ["loss/train", "loss/eval"]],
+        ("eval: mAP, F1 micro and macro" if multi_label else "eval accuracy: top-1 and top-5"): scores,
+        "learning rate": ["Multiline", ["optim/lr"]],
+        "training images/s": ["Multiline", ["speed/img_per_s"]]}}
+
+
 # HParams' metric columns (tag: the column's title); a column shows the tag's last value. run/end_status: how the
 # run's last segment ended, as a number: TensorBoard keeps only the first end status a run writes (a filter,
 # not a column), so the column is what tells a run resumed to success from one that failed or was stopped
 METRICS = {"accuracy/top1": "top-1", "accuracy/top5": "top-5", "accuracy/balanced": "balanced accuracy",
            "loss/eval": "eval loss", "loss/train": "train loss",
            "run/end_status": "status: 1 success, 0 stopped, -1 failure"}
+MULTI_METRICS = {"accuracy/map": "mAP", "accuracy/f1_micro": "F1 micro", "accuracy/f1_macro": "F1 macro",
+                 "accuracy/exact_match": "exact match", "loss/eval": "eval loss", "loss/train": "train loss",
+                 "run/end_status": METRICS["run/end_status"]}
 STATUS = {"success": 1, "stopped": 0, "failure": -1}
 # HParams lists first, and shows by default, the hyperparameters marked as differing, then the rest by name
 KEY_HPARAMS = ("lr", "model", "precision", "seed", "total_steps")
 
 
-def eval_records(writer, step, metrics, class_names, mistakes=8):
-    """An eval's scalars, its confusion matrix and mistakes as images, and its per-class table as text: the
-    same records for a training run and for vitfood.evaluate --tensorboard."""
-    for tag, key in (("loss/eval", "loss"), ("accuracy/top1", "acc1"), ("accuracy/top5", "acc5"),
-                     ("accuracy/balanced", "balanced_acc"), ("accuracy/f1_macro", "f1_macro"),
-                     ("loss/ema_eval", "ema_loss"), ("accuracy/ema_top1", "ema_acc1"), ("accuracy/ema_top5", "ema_acc5")):
-        if key in metrics:  # the EMA's only with --ema-decay
-            writer.add_scalar(tag, metrics[key], step)
-    if metrics.get("skipped"):
-        writer.add_scalar("skipped/damaged_eval_files", metrics["skipped"], step)
+def eval_records(writer, step, result, class_names, mistakes=8):
+    """An eval's scalars, its confusion matrix (single-label) and mistakes as images, and its per-class table
+    as text: the same records for a training run and for vitfood.evaluate --tensorboard."""
+    for key, _, tag, _ in metrics.table(result):
+        writer.add_scalar(tag, result[key], step)
+        if f"ema_{key}" in result:  # with --ema-decay: loss/ema_eval, accuracy/ema_top1, ...
+            ema_tag = tag.replace("/eval", "/ema_eval") if tag == "loss/eval" else tag.replace("/", "/ema_", 1)
+            writer.add_scalar(ema_tag, result[f"ema_{key}"], step)
+    if result.get("skipped"):
+        writer.add_scalar("skipped/damaged_eval_files", result["skipped"], step)
     card = lambda image: np.asarray(image)
-    writer.add_image("predictions/confusion_matrix", card(report.confusion_card(metrics["confusion"], class_names)), step,
+    if "confusion" in result:
+        writer.add_image("predictions/confusion_matrix", card(report.confusion_card(result["confusion"], class_names)),
+                         step, dataformats="HWC")
+    writer.add_image("predictions/mistakes", card(report.mistakes_card(result["mistakes"][:mistakes], class_names)), step,
                      dataformats="HWC")
-    writer.add_image("predictions/mistakes", card(report.mistakes_card(metrics["mistakes"][:mistakes], class_names)), step,
-                     dataformats="HWC")
-    writer.add_text("predictions/per_class", report.per_class_markdown(report.per_class(metrics["confusion"], class_names)),
-                    step)
+    writer.add_text("predictions/per_class", report.per_class_markdown(report.per_class(result, class_names)), step)
 
 
 def hparams_summaries(values, metrics, status=None):
@@ -117,13 +127,13 @@ class RunLog:
             from torchvision.utils import make_grid
             self.writer.add_image("train/augmented_images", make_grid(images[:16], nrow=4), 0)
 
-    def start(self, hparams, records):
+    def start(self, hparams, records, multi_label=False):
         """A fresh run: its hyperparameters (HParams), the overview layout (Custom Scalars), and `records`,
         {name: dict} such as the config and environment, as JSON text at step 0."""
         if self.main:
-            for summary in hparams_summaries(hparams, METRICS):
+            for summary in hparams_summaries(hparams, MULTI_METRICS if multi_label else METRICS):
                 self.writer.file_writer.add_summary(summary)
-            self.writer.add_custom_scalars(LAYOUT)
+            self.writer.add_custom_scalars(layout(multi_label))
             for name, record in records.items():
                 self.writer.add_text(f"run/{name}", "```json\n" + json.dumps(record, indent=2) + "\n```", 0)
 
@@ -138,13 +148,12 @@ class RunLog:
             self.writer.add_text("run/status", f"**{status}** at step {step}: {note}", step)
             self.writer.add_scalar("run/end_status", STATUS[status], step)
 
-    def eval(self, step, metrics, class_names):
+    def eval(self, step, result, class_names):
         """The eval's TensorBoard records, and a console line."""
         if self.main:
-            eval_records(self.writer, step, metrics, class_names)
-            ema = f" | EMA loss {metrics['ema_loss']:.4f} acc1 {metrics['ema_acc1']:.4f}" if "ema_loss" in metrics else ""
-            self.say(f"step {step}: eval loss {metrics['loss']:.4f} acc1 {metrics['acc1']:.4f} acc5 {metrics['acc5']:.4f} "
-                     f"balanced {metrics['balanced_acc']:.4f} f1 {metrics['f1_macro']:.4f}" + ema)
+            eval_records(self.writer, step, result, class_names)
+            ema = f" | EMA {metrics.summary(result, 'ema_')}" if "ema_loss" in result else ""
+            self.say(f"step {step}: eval {metrics.summary(result)}" + ema)
 
     def train(self, step, loss, lrs, grad_norm, img_s, data_wait, scale=None, damaged_files=0, skipped_steps=0):
         """A logging step's scalars; `lrs`: the learning rate of each parameter group (the head's is logged

@@ -38,14 +38,16 @@ def resolve_attn(attn, device):
     return "sdpa" if device is not None and torch.device(device).type == "cuda" else "eager"
 
 
-def build_model(cfg, class_names, device=None):
+def build_model(cfg, class_names, device=None, multi_label=False):
     """(model, image_processor) with a classification head for `class_names`, as it trains (frozen, LoRA,
-    checkpointed: adapt.prepare); `device` resolves --attn auto."""
+    checkpointed: adapt.prepare); `device` resolves --attn auto. `multi_label`: the config says so, and
+    transformers then computes binary cross-entropy and its pipeline applies a sigmoid."""
     attn = resolve_attn(cfg.attn, device)
     from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
 
     id2label = {i: name for i, name in enumerate(class_names)}
     label2id = {name: i for i, name in id2label.items()}
+    problem = "multi_label_classification" if multi_label else None  # None: softmax, as transformers infers it
     if cfg.model in NAMED:
         if cfg.drop_path:
             raise UserError(f"--drop-path: {cfg.model} is a ViTConfig, which has no stochastic depth (no drop_path_rate)")
@@ -54,7 +56,7 @@ def build_model(cfg, class_names, device=None):
             if cfg.image_size % shape["patch_size"]:
                 raise UserError(f"--image-size {cfg.image_size} must be a multiple of the patch size {shape['patch_size']}")
             shape["image_size"] = cfg.image_size
-        config = ViTConfig(**shape, num_labels=len(class_names), id2label=id2label, label2id=label2id)
+        config = ViTConfig(**shape, num_labels=len(class_names), id2label=id2label, label2id=label2id, problem_type=problem)
         config._attn_implementation = attn
         model = ViTForImageClassification(config)
         s = shape["image_size"]
@@ -73,7 +75,7 @@ def build_model(cfg, class_names, device=None):
         extra["drop_path_rate"] = cfg.drop_path
     model, processor = from_pretrained(cfg.model, attn, trust_remote_code=cfg.trust_remote_code,
                                        num_labels=len(class_names), id2label=id2label, label2id=label2id,
-                                       ignore_mismatched_sizes=True, **extra)
+                                       problem_type=problem, ignore_mismatched_sizes=True, **extra)
     if cfg.image_size:
         model, processor = adapt.resized(model, processor, cfg.image_size)
     return adapt.prepare(model, cfg), processor

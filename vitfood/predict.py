@@ -1,4 +1,5 @@
-"""Classify images with a trained model: top-k labels and probabilities for each image.
+"""Classify images with a trained model: top-k labels and probabilities for each image (for a multi-label
+model, every class whose sigmoid score reaches --threshold).
 
     python -m vitfood.predict --model runs/<run>/model photo.jpg more_photos/
     python -m vitfood.predict --model runs/<run>/checkpoint-300 --json --top-k 3 dish.png
@@ -46,12 +47,15 @@ def find_images(paths):
 
 
 @torch.inference_mode()
-def predict(model, processor, files, device, precision, top_k=5, batch_size=32):
-    """Yield one dict per file: {'file', 'predictions': [{'label', 'score'}...]} or {'file', 'error'}."""
+def predict(model, processor, files, device, precision, top_k=5, batch_size=32, threshold=0.5):
+    """Yield one dict per file: {'file', 'predictions': [{'label', 'score'}...]} or {'file', 'error'}. The
+    top `top_k` by softmax; for a multi-label model (its config's problem_type), every class whose sigmoid
+    score is at least `threshold`, highest first, as transformers' pipeline scores them."""
     from PIL import Image
     _, eval_tf, (mean, std) = transforms_for(processor)
     model, amp = for_inference(model, precision, device, keep=False)
-    k = min(top_k, model.config.num_labels)
+    multi = model.config.problem_type == "multi_label_classification"
+    k = model.config.num_labels if multi else min(top_k, model.config.num_labels)
     for start in range(0, len(files), batch_size):
         batch, names, results = [], [], {}
         for f in files[start:start + batch_size]:
@@ -64,11 +68,13 @@ def predict(model, processor, files, device, precision, top_k=5, batch_size=32):
         if batch:
             with amp:
                 logits = model(pixel_values=normalize(torch.stack(batch).to(device), mean, std)).logits
-            probs = logits.float().softmax(-1)
+            probs = logits.float().sigmoid() if multi else logits.float().softmax(-1)
             scores, ids = probs.topk(k, dim=-1)
             for f, s, i in zip(names, scores.tolist(), ids.tolist()):
                 results[f] = dict(file=f, predictions=[dict(label=model.config.id2label[j], score=round(p, 6))
-                                                       for p, j in zip(s, i)])
+                                                       for p, j in zip(s, i) if not multi or p >= threshold])
+                if multi:
+                    results[f]["highest"] = dict(label=model.config.id2label[i[0]], score=round(s[0], 6))
         for f in files[start:start + batch_size]:
             yield results[f]
 
@@ -78,7 +84,9 @@ def main(argv=None):
                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="model/ or checkpoint-<step>/ folder, or a Hub model id")
     p.add_argument("images", nargs="+", help="image files or folders")
-    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--top-k", type=int, default=5, help="single-label models: the k most likely classes")
+    p.add_argument("--threshold", type=float, default=0.5,
+                   help="multi-label models: every class whose sigmoid score is at least this")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
     p.add_argument("--device", default="auto")
@@ -86,6 +94,8 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.top_k < 1 or a.batch_size < 1:
         raise UserError("--top-k and --batch-size must be positive")
+    if not 0 <= a.threshold <= 1:
+        raise UserError(f"--threshold must be between 0 and 1, got {a.threshold}")
     device = pick_device(a.device)
     precision = resolve_precision(a.precision, device)
     files = find_images(a.images)
@@ -94,7 +104,7 @@ def main(argv=None):
     hub.prepare(model=hub_model(a.model))
     model, processor = load_for_inference(a.model, device)
     failed = 0
-    for r in predict(model, processor, files, device, precision, a.top_k, a.batch_size):
+    for r in predict(model, processor, files, device, precision, a.top_k, a.batch_size, a.threshold):
         if "error" in r:
             failed += 1
             print(f"error: {r['file']}: {r['error']}", file=sys.stderr)
@@ -104,6 +114,8 @@ def main(argv=None):
             print(json.dumps(r))
         else:
             best = "  ".join(f"{p['label']} {p['score']:.3f}" for p in r["predictions"])
+            if not r["predictions"]:  # multi-label, no class at the threshold
+                best = f"(no class at {a.threshold:g}; highest {r['highest']['label']} {r['highest']['score']:.3f})"
             print(f"{r['file']}: {best}")
     if failed:
         sys.exit(1)  # every image that could be read was classified all the same

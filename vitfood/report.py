@@ -7,21 +7,32 @@ import json
 import numpy as np
 from PIL import Image, ImageDraw
 
+from vitfood import metrics
 from vitfood.hub import is_path
 
 LABEL_W = 150  # room for class names beside and above the matrix
+HEADINGS = dict(loss="eval loss", acc1="top-1", acc5="top-5", balanced_acc="balanced accuracy", f1_macro="macro F1",
+                map="mAP", f1_micro="micro F1", exact_match="exact match")  # the model card's results table
 
 
-def per_class(confusion, names):
-    """Rows of class, precision, recall, f1, support from a [true, predicted] count matrix."""
-    m = np.asarray(confusion, dtype=np.float64)
-    tp, predicted, actual = np.diag(m), m.sum(0), m.sum(1)
+def per_class(result, names):
+    """Rows of class, precision, recall, f1, support of an eval: from its [true, predicted] count matrix, or
+    for multi-label from its per-class counts at the threshold, with each class's average precision (ap;
+    None for a class the split does not hold)."""
+    if "confusion" in result:
+        m = np.asarray(result["confusion"], dtype=np.float64)
+        tp, predicted, actual, ap = np.diag(m), m.sum(0), m.sum(1), None
+    else:
+        c = result["per_class"]
+        tp, fp, fn, ap = (np.asarray(c[k], dtype=np.float64) for k in ("tp", "fp", "fn", "ap"))
+        predicted, actual = tp + fp, tp + fn
     rows = []
     for c, name in enumerate(names):
         p = tp[c] / predicted[c] if predicted[c] else 0.0
         r = tp[c] / actual[c] if actual[c] else 0.0
         f1 = 2 * p * r / (p + r) if p + r else 0.0
-        rows.append(dict(label=name, precision=round(p, 6), recall=round(r, 6), f1=round(f1, 6), support=int(actual[c])))
+        row = dict(label=name) if ap is None else dict(label=name, ap=None if np.isnan(ap[c]) else round(ap[c], 6))
+        rows.append(dict(row, precision=round(p, 6), recall=round(r, 6), f1=round(f1, 6), support=int(actual[c])))
     return rows
 
 
@@ -34,8 +45,10 @@ def write_csv(path, rows):
 
 def per_class_markdown(rows):
     """The per-class table as Markdown, for TensorBoard's text view."""
-    lines = ["| class | precision | recall | f1 | support |", "|---|---:|---:|---:|---:|"]
-    lines += [f"| {r['label']} | {r['precision']:.3f} | {r['recall']:.3f} | {r['f1']:.3f} | {r['support']} |" for r in rows]
+    ap = "ap" in rows[0]
+    lines = ["| class |" + " AP |" * ap + " precision | recall | f1 | support |", "|---|" + "---:|" * (4 + ap)]
+    lines += [f"| {r['label']} |" + (f" {'-' if r['ap'] is None else format(r['ap'], '.3f')} |" if ap else "") +
+              f" {r['precision']:.3f} | {r['recall']:.3f} | {r['f1']:.3f} | {r['support']} |" for r in rows]
     return "\n".join(lines)
 
 
@@ -158,10 +171,15 @@ def mistakes_card(mistakes, names, count=4):
     return img
 
 
+def named(ids, names):
+    """A mistake's class (an id) or classes (multi-label: a list of ids) as text."""
+    return names[ids] if isinstance(ids, int) else ", ".join(names[i] for i in ids) or "(none)"
+
+
 def card_caption(mistake, names, fnt, width):
     """[(line, colour)] beside a mistake's thumbnail: at most 7 lines of 14 px, the tile's height."""
-    lines = [("true", (0, 110, 0))] + [(t, (0, 110, 0)) for t in fit(names[mistake["true"]], fnt, width, 2)]
-    lines += [("pred", (180, 0, 0))] + [(t, (180, 0, 0)) for t in fit(names[mistake["pred"]], fnt, width, 2)]
+    lines = [("true", (0, 110, 0))] + [(t, (0, 110, 0)) for t in fit(named(mistake["true"], names), fnt, width, 2)]
+    lines += [("pred", (180, 0, 0))] + [(t, (180, 0, 0)) for t in fit(named(mistake["pred"], names), fnt, width, 2)]
     return lines + [(f"p = {mistake['confidence']:.2f}", (60, 60, 60))]
 
 
@@ -212,8 +230,10 @@ def mistakes_image(mistakes, names, columns=4):
     for m in mistakes:
         tile = Image.fromarray(m["image"].permute(1, 2, 0).numpy())
         width = max(tile.width, 150)
-        lines = [(f"true: {t}" if i == 0 else t, (0, 110, 0)) for i, t in enumerate(wrap(names[m["true"]], small, width - 40))]
-        lines += [(f"pred: {t}" if i == 0 else t, (180, 0, 0)) for i, t in enumerate(wrap(names[m["pred"]], small, width - 40))]
+        lines = [(f"true: {t}" if i == 0 else t, (0, 110, 0))
+                 for i, t in enumerate(wrap(named(m["true"], names), small, width - 40))]
+        lines += [(f"pred: {t}" if i == 0 else t, (180, 0, 0))
+                  for i, t in enumerate(wrap(named(m["pred"], names), small, width - 40))]
         lines += [(f"p = {m['confidence']:.2f}", (60, 60, 60))]
         canvas = Image.new("RGB", (width, tile.height + 14 * len(lines) + 4), "white")
         canvas.paste(tile, (0, 14 * len(lines) + 4))
@@ -257,7 +277,10 @@ def model_card(cfg, results, history, sizes, names, precision, world, step_batch
     """README.md for the exported model, in the Hugging Face model-card format (YAML front matter)."""
     hub_model = not is_path(cfg.model) and "/" in cfg.model
     hub_data = not is_path(cfg.dataset) and cfg.dataset != "synthetic"
-    acc = results["eval_accuracy"]
+    multi = "eval_map" in results
+    rows = metrics.MULTI if multi else metrics.SINGLE
+    title = "macro mAP" if multi else "top-1 accuracy"
+    acc = results[rows[1][1]]
     meta = ["---", "library_name: transformers", "pipeline_tag: image-classification",
             "tags:", "- image-classification", "- vision", "- vitfood"]
     if hub_model:
@@ -268,18 +291,23 @@ def model_card(cfg, results, history, sizes, names, precision, world, step_batch
              "  results:", "  - task:", "      type: image-classification", "      name: Image Classification",
              "    dataset:", f"      name: {json.dumps(cfg.dataset)}", f"      type: {json.dumps(cfg.dataset)}",
              f"      split: {json.dumps(cfg.eval_split or f'{cfg.train_split} (held-out {cfg.test_size:g})')}",
-             "    metrics:", "    - type: accuracy", f"      value: {acc:.4f}", "      name: top-1 accuracy", "---", ""]
+             "    metrics:", f"    - type: {'map' if multi else 'accuracy'}", f"      value: {acc:.4f}", f"      name: {title}",
+             "---", ""]
     lines = [
         f"# {cfg.output_dir.rstrip('/').split('/')[-1]}", "",
         f"An image classifier fine-tuned from `{cfg.model}` on `{cfg.dataset}` with "
         "vitfood, a plain PyTorch training loop that follows the Hugging Face image-classification guide.",
         "",
-        f"It reaches **{acc:.4f}** top-1 accuracy ({results['eval_top5']:.4f} top-5, loss "
-        f"{results['eval_loss']:.4f}) on the evaluation split, at step {results['exported_step']}.", "",
+        (f"It reaches a macro mAP of **{acc:.4f}** (F1 micro {results['eval_f1_micro']:.4f}, macro "
+         f"{results['eval_f1_macro']:.4f} and exact match {results['eval_exact_match']:.4f} at threshold "
+         f"{cfg.threshold:g}; loss {results['eval_loss']:.4f})" if multi else
+         f"It reaches **{acc:.4f}** top-1 accuracy ({results['eval_top5']:.4f} top-5, loss "
+         f"{results['eval_loss']:.4f})") + f" on the evaluation split, at step {results['exported_step']}.", "",
         "## Data", "",
         f"- data set: `{cfg.dataset}`; train split `{cfg.train_split}`, eval split "
         f"`{cfg.eval_split or f'held out from {cfg.train_split} (test_size {cfg.test_size:g}, seed {cfg.seed})'}`",
-        f"- {sizes['train']} training images, {sizes['eval']} evaluation images, {len(names)} classes", "",
+        f"- {sizes['train']} training images, {sizes['eval']} evaluation images, {len(names)} classes"
+        + (" (multi-label: a list of classes per image; binary cross-entropy, sigmoid scores)" if multi else ""), "",
         "## Training hyperparameters", "",
         f"- learning rate {cfg.lr:g} (AdamW, weight decay {cfg.weight_decay:g}, linear warmup {cfg.warmup_steps} "
         "steps then linear decay)",
@@ -296,18 +324,19 @@ def model_card(cfg, results, history, sizes, names, precision, world, step_batch
         "; eval: the image processor's resize "
         "(and center crop, where it has one) of the whole decoded image, as `transformers.pipeline` applies it", "",
         "## Training results", "",
-        "| step | training loss | eval loss | top-1 | top-5 | balanced accuracy | macro F1 |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        "| step | training loss | " + " | ".join(HEADINGS[key] for key, *_ in rows) + " |",
+        "| ---: | ---: |" + " ---: |" * len(rows)]
     figure = lambda h, k: "-" if h.get(k) is None else f"{h[k]:.4f}"  # older runs lack some
     for h in history:
-        lines.append(f"| {h['step']} | {figure(h, 'train_loss')} | {h['loss']:.4f} | {h['acc1']:.4f} | {h['acc5']:.4f} | "
-                     f"{figure(h, 'balanced_acc')} | {figure(h, 'f1_macro')} |")
+        lines.append(f"| {h['step']} | {figure(h, 'train_loss')} | " + " | ".join(figure(h, key) for key, *_ in rows) + " |")
     if history:
-        best = max(history, key=lambda h: h["acc1"])
-        lines += ["", f"Best eval top-1 {best['acc1']:.4f} at step {best['step']}; "
+        best = max(history, key=metrics.score)
+        lines += ["", f"Best eval {title} {metrics.score(best):.4f} at step {best['step']}; "
                       f"training ran {results['train_runtime']:.0f} s at {results['train_samples_per_second']:.1f} images/s."]
     lines += ["", "## Use", "", "```python", "from transformers import pipeline",
               "classify = pipeline(\"image-classification\", model=\"path/to/this/folder\")",
-              "classify(\"dish.jpg\")", "```", "", "## Framework versions", ""]
+              "classify(\"dish.jpg\"" + (", top_k=None)  # every class's sigmoid score; those over "
+                                          f"{cfg.threshold:g} are its labels" if multi else ")"),
+              "```", "", "## Framework versions", ""]
     lines += [f"- {k} {v}" for k, v in versions.items()]
     return "\n".join(meta + lines) + "\n"

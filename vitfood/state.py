@@ -12,30 +12,31 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from vitfood import dist
+from vitfood import dist, metrics
 from vitfood.common import seed_everything
 
 
 @dataclass
 class Progress:
     """Where the run is: optimizer steps taken, the latest eval, every eval so far, and the best checkpoint
-    (judged at saves that coincide with an eval, by top-1 accuracy)."""
+    (judged at saves that coincide with an eval, by top-1 accuracy, or for multi-label by macro mAP)."""
     step: int = 0
     metrics: dict | None = None  # the latest eval
     history: list = field(default_factory=list)  # every eval: step, train_loss, metrics
-    best: dict | None = None  # dict(step, eval_accuracy, eval_loss)
+    best: dict | None = None  # dict(step, eval_accuracy or eval_map, eval_loss)
 
-    def evaluated(self, metrics, train_loss):
-        keep = ("loss", "acc1", "acc5", "balanced_acc", "f1_macro", "samples", "skipped", "ema_loss", "ema_acc1",
-                "ema_acc5", "ema_balanced_acc", "ema_f1_macro")
-        self.metrics = {k: metrics[k] for k in keep if k in metrics}
+    def evaluated(self, result, train_loss):
+        keep = {k for rows in (metrics.SINGLE, metrics.MULTI) for k, *_ in rows}
+        keep |= {"samples", "skipped"} | {f"ema_{k}" for k in keep}
+        self.metrics = {k: v for k, v in result.items() if k in keep}
         self.history.append(dict(step=self.step, train_loss=train_loss, **self.metrics))
 
     def consider_best(self):
         """At a save right after an eval: True when this step's eval is the best so far (it becomes the best)."""
-        if self.best is not None and self.metrics["acc1"] <= self.best["eval_accuracy"]:
+        key = metrics.table(self.metrics)[1][1]  # eval_accuracy, or eval_map
+        if self.best is not None and metrics.score(self.metrics) <= self.best[key]:
             return False
-        self.best = dict(step=self.step, eval_accuracy=self.metrics["acc1"], eval_loss=self.metrics["loss"])
+        self.best = {"step": self.step, key: metrics.score(self.metrics), "eval_loss": self.metrics["loss"]}
         return True
 
     def current(self):

@@ -14,7 +14,8 @@ from tqdm import tqdm
 from vitfood import dist
 from vitfood.common import Console, UserError
 from vitfood.data import normalize
-from vitfood.model import for_inference
+from vitfood.metrics import MultiLabel, SingleLabel
+from vitfood.model import for_inference, unwrap
 
 
 def forward_backward(model, images, labels, amp, scaler, mean, std, divisor, label_smoothing=0.0, mix=None,
@@ -22,26 +23,42 @@ def forward_backward(model, images, labels, amp, scaler, mean, std, divisor, lab
     """One micro-batch: uint8 images to the device, forward under autocast, backward of the summed loss
     over `divisor` (scaled for fp16). Returns that loss. An empty micro-batch still runs a backward (of
     zero), so that DDP's all-reduce finds every rank. `mix`: a Mixing draw for this micro-batch, whose soft
-    targets then replace the labels. `class_weight`: each class's weight in the loss (--class-weights)."""
+    targets then replace the labels. `class_weight`: each class's weight in the loss (--class-weights).
+    Labels as multi-hot rows (multi-label data): binary cross-entropy per class, each image's loss the mean
+    over its classes (as transformers computes it for problem_type multi_label_classification)."""
     device = next(model.parameters()).device
     weight = 1.0
-    if labels.numel() == 0:  # an empty share of a short global batch: a zero-weighted stand-in image
-        images, labels, weight = torch.zeros((1, *images.shape[1:]), dtype=images.dtype), torch.zeros(1).long(), 0.0
+    if labels.shape[0] == 0:  # an empty share of a short global batch: a zero-weighted stand-in image
+        images, weight = torch.zeros((1, *images.shape[1:]), dtype=images.dtype), 0.0
+        labels = torch.zeros((1, *labels.shape[1:]), dtype=labels.dtype)
     images = normalize(images.to(device, non_blocking=True), mean, std)
     labels = labels.to(device, non_blocking=True)
+    multi = labels.ndim == 2
     if mix is not None:
         images, targets = mix(images, labels)
+    elif multi:
+        targets = smoothed(labels, label_smoothing)
     with amp:
         logits = model(pixel_values=images).logits
-    if mix is not None:
+    logits = logits.float()
+    if multi:
+        loss = F.binary_cross_entropy_with_logits(logits, targets, reduction="sum") / logits.shape[1]
+    elif mix is not None:
         if class_weight is not None:
             targets = targets * class_weight
-        loss = -(targets * F.log_softmax(logits.float(), dim=-1)).sum() * weight / divisor
+        loss = -(targets * F.log_softmax(logits, dim=-1)).sum()
     else:
-        loss = F.cross_entropy(logits.float(), labels, weight=class_weight, reduction="sum",
-                               label_smoothing=label_smoothing) * weight / divisor
+        loss = F.cross_entropy(logits, labels, weight=class_weight, reduction="sum", label_smoothing=label_smoothing)
+    loss = loss * weight / divisor
     scaler.scale(loss).backward()
     return loss.detach()
+
+
+def smoothed(labels, smoothing, num_classes=None):
+    """Soft targets: class indices as one-hot rows, or multi-hot rows as they are, times 1 - smoothing, plus
+    smoothing / classes (timm's label smoothing, for softmax and for binary cross-entropy alike)."""
+    hot = F.one_hot(labels, num_classes).float() if labels.ndim == 1 else labels.float()
+    return hot * (1 - smoothing) + smoothing / hot.shape[1] if smoothing else hot
 
 
 def optimizer_step(model, optimizer, scaler, scheduler, max_grad_norm):
@@ -81,8 +98,7 @@ class Mixing:
         return functools.partial(self._mix, random.Random(f"{self.seed}-mix-{step}-{micro}-{self.rank}"))
 
     def _mix(self, rng, images, labels):
-        k, s = self.num_classes, self.smoothing
-        targets = F.one_hot(labels, k).float() * (1 - s) + s / k
+        targets = smoothed(labels, self.smoothing, self.num_classes)  # multi-hot rows (multi-label) mix as they are
         if rng.random() >= self.prob:
             return images, targets
         cut = self.cutmix > 0 and (self.mixup == 0 or rng.random() < self.switch_prob)
@@ -162,69 +178,35 @@ class NonFiniteStreak:
         return skipped
 
 
-def class_balanced(confusion):
-    """Balanced accuracy (the mean recall over the classes the split holds) and macro F1 (over the classes
-    that are held or predicted), from a [true, predicted] count matrix: what top-1 hides on imbalanced data."""
-    m = torch.tensor(confusion, dtype=torch.float64)
-    tp, actual, predicted = m.diag(), m.sum(1), m.sum(0)
-    held, seen = actual > 0, (actual + predicted) > 0
-    recall = tp[held] / actual[held]
-    f1 = 2 * tp[seen] / (actual[seen] + predicted[seen])
-    return dict(balanced_acc=recall.mean().item() if held.any() else 0.0,
-                f1_macro=f1.mean().item() if seen.any() else 0.0)
-
-
 @torch.inference_mode()
-def eval_pass(model, loader, device, precision, mean, std, progress=True, num_classes=None, mistakes=0):
-    """Metrics summed over every sample of `loader` (no sample dropped or repeated), and over ranks.
-
-    With `num_classes`, also the [true, predicted] count matrix; with `mistakes`, that many of the most
-    confident misclassified images (uint8, as the model saw them) with their labels.
+def eval_pass(model, loader, device, precision, mean, std, progress=True, num_classes=None, mistakes=0,
+              multi_label=False, threshold=0.5):
+    """Metrics summed over every sample of `loader` (no sample dropped or repeated), and over ranks: those of
+    metrics.SingleLabel (with its confusion matrix), or with `multi_label` of metrics.MultiLabel at
+    `threshold`. `mistakes`: that many of the most confident wrong answers (images uint8, as the model saw
+    them) with their labels. `num_classes`: the model's, unless given.
     """
     was_training = model.training
     model.eval()
     net, amp = for_inference(model, precision, device)
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    correct1 = torch.zeros((), dtype=torch.int64, device=device)
-    correct5 = torch.zeros((), dtype=torch.int64, device=device)
-    confusion = torch.zeros((num_classes or 1, num_classes or 1), dtype=torch.int64, device=device)
-    worst, damaged = [], []
-    n = 0
+    k = num_classes or unwrap(model).config.num_labels
+    meter = MultiLabel(k, device, threshold, mistakes) if multi_label else SingleLabel(k, device, mistakes)
+    damaged, n = [], 0
     for raw, labels, bad in tqdm(loader, desc="eval", leave=False, disable=not progress or not sys.stderr.isatty(),
                                  dynamic_ncols=True, file=Console(sys.stderr)):  # off a terminal: no cursor moves
         damaged += bad  # each image is met once in a pass: files, not encounters
-        if labels.numel() == 0:  # every image of the batch was damaged
+        if labels.shape[0] == 0:  # every image of the batch was damaged
             continue
         images = normalize(raw.to(device, non_blocking=True), mean, std)
-        labels = labels.to(device, non_blocking=True)
         with amp:
             logits = net(pixel_values=images).logits
-        logits = logits.float()
-        loss_sum += F.cross_entropy(logits, labels, reduction="sum")
-        top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
-        hits = top == labels[:, None]
-        correct1 += hits[:, 0].sum()
-        correct5 += hits.any(dim=-1).sum()
-        if num_classes:
-            confusion.index_put_((labels, top[:, 0]), torch.ones_like(labels), accumulate=True)
-        if mistakes:  # keep the most confident wrong answers seen so far (a sync per batch, only here)
-            conf = logits.softmax(-1).max(-1).values.cpu()
-            for i in (~hits[:, 0]).nonzero().flatten().tolist():
-                worst.append(dict(confidence=conf[i].item(), true=labels[i].item(), pred=top[i, 0].item(),
-                                  image=raw[i].clone()))
-            worst = sorted(worst, key=lambda m: -m["confidence"])[:mistakes]
-        n += labels.numel()
+        meter.add(logits.float(), labels.to(device, non_blocking=True), raw)
+        n += labels.shape[0]
     model.train(was_training)
-    # under torchrun each rank saw its own part of the split: add the sums over ranks (one sync, at the end)
-    counts = torch.tensor([n, len(damaged)], dtype=torch.float64, device=device)
-    sums = dist.all_sum(torch.cat([loss_sum.view(1), correct1.double().view(1), correct5.double().view(1), counts]))
-    loss_sum, correct1, correct5, n, skipped = sums.tolist()
-    d = max(n, 1)
-    result = dict(loss=loss_sum / d, acc1=correct1 / d, acc5=correct5 / d, samples=int(n), skipped=int(skipped),
+    # under torchrun each rank saw its own part of the split: add the counts over ranks (one sync, at the end)
+    n, skipped = (int(v) for v in dist.all_sum(torch.tensor([n, len(damaged)], dtype=torch.float64, device=device)).tolist())
+    result = dict(meter.result(n), samples=n, skipped=skipped,
                   damaged=sorted(i for part in dist.gather(damaged) for i in part) if skipped else [])
-    if num_classes:
-        result["confusion"] = dist.all_sum(confusion).tolist()
-        result.update(class_balanced(result["confusion"]))
-    gathered = [m for part in dist.gather(worst) for m in part] if mistakes else []
+    gathered = [m for part in dist.gather(meter.worst) for m in part] if mistakes else []
     result["mistakes"] = sorted(gathered, key=lambda m: -m["confidence"])[:mistakes]
     return result

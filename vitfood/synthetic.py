@@ -9,6 +9,9 @@ of the two is the light one), drawn as a random stripe or check pattern with jit
 noise. The two colours cover half the image each, so every class averages to the same grey:
 the average colour says nothing, while every crop and flip keeps the cue. Past 10 classes,
 the pattern's orientation set is part of the class too.
+
+With `dishes` > 1 it is multi-label: each image a plate of 1 to `dishes` dishes of different classes, in the
+cells of a 4 x 4 grid, labelled with the list of them.
 """
 
 import io
@@ -48,15 +51,17 @@ def _hue_direction(deg):
     return rgb - rgb.mean()
 
 
-def make_image(label, rng, max_px, num_classes=COLOURS):
-    """One RGB uint8 image of class `label`, drawn with the numpy Generator `rng`."""
+def make_image(label, rng, max_px, num_classes=COLOURS, size=None, where=None):
+    """One RGB uint8 image of class `label`, drawn with the numpy Generator `rng`. `size`: (w, h), else drawn;
+    `where`: a boolean (h, w) mask: then only those pixels, as float32 rows of RGB, without pixel noise."""
     colour, pattern = label % COLOURS, label // COLOURS
     if num_classes <= COLOURS:  # the pattern is free: any orientation set
         pattern = int(rng.integers(0, len(COMBOS)))
-    w, h = (int(v) for v in rng.integers(max_px // 2, max_px + 1, size=2))
+    w, h = size or (int(v) for v in rng.integers(max_px // 2, max_px + 1, size=2))
     period = min(w, h) / rng.uniform(12, 24)  # a few stripes in every 16 px patch after cropping
-    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
-    field = np.zeros((h, w), np.float32)
+    y, x = (np.mgrid[0:h, 0:w] if where is None else np.nonzero(where))
+    y, x = y.astype(np.float32), x.astype(np.float32)
+    field = np.zeros(y.shape, np.float32)
     for atom in COMBOS[pattern]:
         for deg in ATOMS[atom]:
             t = np.deg2rad(deg)
@@ -68,20 +73,45 @@ def make_image(label, rng, max_px, num_classes=COLOURS):
     delta = rng.uniform(50, 90) * _hue_direction(hue) + light * rng.uniform(25, 50)
     grey = 127.5 + rng.uniform(-15, 15)
     img = grey + (2 * mask - 1) * delta  # colour A where mask, its complement elsewhere
+    return noise(img, rng) if where is None else img
+
+
+def noise(img, rng):
+    """A float (h, w, 3) image with luminance and chroma noise, as uint8."""
+    h, w = img.shape[:2]
     img += 20 * rng.standard_normal(size=(h, w, 1), dtype=np.float32)  # luminance noise
     img += 8 * rng.standard_normal(size=(h, w, 3), dtype=np.float32)   # chroma noise
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
+def make_plate(labels, rng, max_px, num_classes=COLOURS):
+    """A plate of several dishes, laid out as a bento box: a 4 x 4 grid of cells, each dish in as many cells
+    as the others (within one), scattered at random, so that most random crops of training still show every
+    dish (a crop missing one would be a wrong label)."""
+    w, h = (int(v) for v in rng.integers(max_px // 2, max_px + 1, size=2))
+    cells = rng.permutation(np.resize(np.arange(len(labels)), 16)).reshape(4, 4)  # each cell's dish
+    rows, cols = np.linspace(0, 4, h, endpoint=False).astype(int), np.linspace(0, 4, w, endpoint=False).astype(int)
+    owner = cells[rows[:, None], cols[None, :]]  # each pixel's dish
+    img = np.empty((h, w, 3), np.float32)
+    for i, label in enumerate(labels):
+        img[owner == i] = make_image(label, rng, max_px, num_classes, size=(w, h), where=owner == i)
+    return noise(img, rng)
+
+
 def _jpeg(seed, index, label, max_px, num_classes=COLOURS):
     rng = np.random.default_rng([seed, index])
     buf = io.BytesIO()
-    Image.fromarray(make_image(label, rng, max_px, num_classes)).save(buf, format="JPEG", quality=90)
+    image = make_plate(label, rng, max_px, num_classes) if isinstance(label, list) else make_image(label, rng, max_px, num_classes)
+    Image.fromarray(image).save(buf, format="JPEG", quality=90)
     return {"bytes": buf.getvalue(), "path": None}
 
 
-def _split(seed, offset, n, num_classes, max_px):
-    labels = [int(v) for v in np.random.default_rng([seed, offset, 7]).integers(0, num_classes, size=n)]
+def _split(seed, offset, n, num_classes, max_px, dishes=1):
+    rng = np.random.default_rng([seed, offset, 7])
+    labels = [int(v) for v in rng.integers(0, num_classes, size=n)]
+    if dishes > 1:  # 1 to `dishes` different classes per image, sorted
+        labels = [sorted(int(c) for c in rng.choice(num_classes, size=int(rng.integers(1, dishes + 1)), replace=False))
+                  for _ in range(n)]
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # numpy and libjpeg release the GIL
         images = list(pool.map(_jpeg, [seed] * n, range(offset, offset + n), labels, [max_px] * n, [num_classes] * n))
     return images, labels
@@ -91,8 +121,9 @@ def cache_dir():
     return os.environ.get("VITFOOD_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "vitfood")
 
 
-def ensure(size, num_classes=10, max_px=512, seed=0, log=print):
-    """Path of the save_to_disk folder for these parameters, generating it on first use."""
+def ensure(size, num_classes=10, max_px=512, seed=0, log=print, dishes=1):
+    """Path of the save_to_disk folder for these parameters, generating it on first use. `dishes` > 1: plates
+    of 1 to `dishes` dishes, each image labelled with a list of classes (multi-label)."""
     import datasets
 
     if num_classes > MAX_CLASSES:
@@ -100,16 +131,18 @@ def ensure(size, num_classes=10, max_px=512, seed=0, log=print):
     if max_px < 16:
         raise UserError(f"--synthetic-max-px must be at least 16, got {max_px}")
     root = cache_dir()
-    path = os.path.join(root, f"synthetic-v{VERSION}-n{size}-c{num_classes}-px{max_px}-s{seed}")
+    plates = f"-d{dishes}" if dishes > 1 else ""
+    path = os.path.join(root, f"synthetic-v{VERSION}-n{size}-c{num_classes}{plates}-px{max_px}-s{seed}")
     if os.path.isfile(os.path.join(path, "dataset_dict.json")):
         return path
     os.makedirs(root, exist_ok=True)
     n_val = max(num_classes, size // 10)
     log(f"generating the synthetic data set in {path}: {size} images in its 'train' split, {n_val} in 'validation'")
-    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=class_names(num_classes))})
+    label = datasets.ClassLabel(names=class_names(num_classes))
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.List(label) if dishes > 1 else label})
     splits = {}
     for name, offset, n in [("train", 0, size), ("validation", size, n_val)]:
-        images, labels = _split(seed, offset, n, num_classes, max_px)
+        images, labels = _split(seed, offset, n, num_classes, max_px, dishes)
         splits[name] = datasets.Dataset.from_dict({"image": images, "label": labels}, features=features)
     tmp = tempfile.mkdtemp(prefix=".tmp-synthetic-", dir=root)
     try:

@@ -26,11 +26,12 @@ from dataclasses import dataclass
 import torch
 import transformers
 
-from vitfood import adapt, checkpoint, dist, hub, report
+from vitfood import adapt, checkpoint, dist, hub, metrics, report
 from vitfood.common import (UserError, env_info, first_line, mixed_precision, num_workers, resolve_precision, run_main,
                             safe_name, seconds_since_start, seed_everything)
 from vitfood.config import FIXED_ON_RESUME, build_parser, read_config_file, resolve, to_dict
-from vitfood.data import Data, balanced_weights, build_data, check_damaged, eval_skip_warning, hub_dataset, load_splits, transforms_for
+from vitfood.data import (Data, balanced_weights, build_data, check_damaged, eval_skip_warning, hub_dataset, is_multi_label,
+                          load_splits, transforms_for)
 from vitfood.hub import is_path
 from vitfood.logs import Meter, RunLog
 from vitfood.model import build_model, compiled, hub_model, load_weights, skeleton, make_optimizer, make_scheduler
@@ -147,6 +148,7 @@ class Run:
     checkpoints: checkpoint.Checkpoints
     data: Data
     class_names: list
+    multi_label: bool  # a list of classes per image: binary cross-entropy, sigmoid scores, mAP
     model: torch.nn.Module
     processor: object
     optimizer: torch.optim.Optimizer
@@ -226,7 +228,8 @@ def setup(cfg, resume, rank, world, device, checkpoints):
     if not main_rank:
         dist.wait_for_rank0()
     train_ds, eval_ds, class_names = load_splits(cfg)
-    model, processor = build_model(cfg, class_names, device)
+    multi_label = is_multi_label(train_ds, cfg.label_column)
+    model, processor = build_model(cfg, class_names, device, multi_label)
     if main_rank:
         dist.wait_for_rank0()
     if world > 1:  # same initial weights everywhere (above); from here, each rank its own dropout masks
@@ -246,7 +249,8 @@ def setup(cfg, resume, rank, world, device, checkpoints):
     amp, scaler = mixed_precision(precision, device)
     progress = Progress()
     r = Run(cfg=cfg, rank=rank, world=world, device=device, precision=precision, global_batch=global_batch,
-            checkpoints=checkpoints, data=data, class_names=class_names, model=model, processor=processor,
+            checkpoints=checkpoints, data=data, class_names=class_names, multi_label=multi_label, model=model,
+            processor=processor,
             optimizer=optimizer, scheduler=scheduler, scaler=scaler, amp=amp, mean=mean, std=std, max_steps=max_steps,
             progress=progress, ledger=Ledger(NonFiniteStreak(cfg.max_nonfinite_steps, device)),
             rng=RNGStreams(rank, world, cfg.seed, progress), ema=EMA(model, cfg.ema_decay) if cfg.ema_decay else None,
@@ -283,10 +287,10 @@ def setup(cfg, resume, rank, world, device, checkpoints):
     r.log = RunLog(out, r.step, max_steps, main_rank)
     if not state:
         r.log.start(hparams(cfg, precision, max_steps, world, global_batch * cfg.grad_accum_steps),
-                    dict(config=to_dict(cfg), env=env))
+                    dict(config=to_dict(cfg), env=env), multi_label)
     held_out = "" if cfg.eval_split else f" (held out of split {cfg.train_split!r}: --test-size {cfg.test_size:g})"
     say(f"run: {out} | {len(data.train_set)} train / {len(data.eval_set)} eval images{held_out}, "
-        f"{len(class_names)} classes | {cfg.model} on {device} in {precision}, {model.config._attn_implementation} "
+        f"{len(class_names)} classes{' (multi-label)' * multi_label} | {cfg.model} on {device} in {precision}, {model.config._attn_implementation} "
         f"attention, {workers} worker{'s' * (workers != 1)} | {max_steps} steps")
     say(f"batch: {global_batch * cfg.grad_accum_steps} images per optimizer step = {world} process(es) x --batch-size "
         f"{cfg.batch_size} x --grad-accum-steps {cfg.grad_accum_steps}; --lr applies to the mean loss over them "
@@ -357,15 +361,15 @@ def train_loop(r):
         t_pause = time.perf_counter()
         evaluated = r.step % cfg.eval_steps == 0 or last_step  # also when stopping: history and best stay whole
         if evaluated:  # eval
-            metrics = evaluate(r, mistakes=8)
-            log.eval(r.step, metrics, r.class_names)
-            r.progress.evaluated(metrics, train_loss)
+            scores = evaluate(r, mistakes=8)
+            log.eval(r.step, scores, r.class_names)
+            r.progress.evaluated(scores, train_loss)
         if r.step % cfg.save_steps == 0 or last_step or stopped:  # save
             save(r, evaluated)
         # too many damaged images: stop, naming some (after the save, so a higher --max-bad-share can resume)
         check_damaged(r.data.train_set, bad_train, "training", cfg.max_bad_share)
         if evaluated:
-            check_damaged(r.data.eval_set, metrics["damaged"], "eval", cfg.max_bad_share)
+            check_damaged(r.data.eval_set, scores["damaged"], "eval", cfg.max_bad_share)
         meter.pause(time.perf_counter() - t_pause)  # eval and save time is not training throughput
         if stopped:
             break
@@ -408,25 +412,23 @@ def finish(r, stopped):
     if export_step != r.step:
         load_weights(r.model, os.path.join(out, f"checkpoint-{export_step}"))
         final = None
-    if final is None or "balanced_acc" not in final:  # the best's weights, or a run resumed at its last step
+    if final is None or "f1_macro" not in final:  # the best's weights, or a run resumed at its last step
         # from a save between evals (or written by a vitfood without these metrics)
         final = evaluate(r)
+    rows = metrics.table(final)  # what the eval measured: single-label or multi-label
     if cfg.export_ema:  # the EMA's weights and eval stand for the model
         r.model.load_state_dict(r.ema.model.state_dict())
-        final = dict(final, loss=final["ema_loss"], acc1=final["ema_acc1"], acc5=final["ema_acc5"],
-                     balanced_acc=final["ema_balanced_acc"], f1_macro=final["ema_f1_macro"])
+        final = dict(final, **{k: final[f"ema_{k}"] for k, *_ in rows})
     if not math.isfinite(final["loss"]):
         raise UserError(f"the final eval loss is {final['loss']}: the weights at step {export_step} are not finite "
                         f"(a damaged checkpoint?); nothing exported. The checkpoints in {out} are untouched")
     runtime = ledger["train_runtime"]
-    results = dict(eval_loss=final["loss"], eval_accuracy=final["acc1"], eval_top5=final["acc5"],
-                   eval_balanced_accuracy=final["balanced_acc"], eval_f1_macro=final["f1_macro"],
-                   global_step=r.step, exported_step=export_step, train_runtime=round(runtime, 3),
+    results = dict({key: final[k] for k, key, *_ in rows}, global_step=r.step, exported_step=export_step, train_runtime=round(runtime, 3),
                    train_samples_per_second=round(ledger["images"] / runtime, 3), segments=ledger["segments"],
                    damaged_train_files=bad_train, damaged_train_encounters=ledger["damaged_encounters"],
                    damaged_eval_files=final["skipped"], startup_seconds=round(r.startup, 2))
-    if r.ema:
-        results.update(eval_ema_loss=final["ema_loss"], eval_ema_accuracy=final["ema_acc1"])
+    if r.ema:  # eval_ema_loss, and eval_ema_accuracy or eval_ema_map
+        results.update({key.replace("eval_", "eval_ema_"): final[f"ema_{k}"] for k, key, *_ in rows[:2]})
     if r.main:
         env = env_info(r.device)
         card = report.model_card(cfg, results, r.progress.history, dict(train=len(r.data.train_set), eval=len(r.data.eval_set)),
@@ -438,12 +440,12 @@ def finish(r, stopped):
         checkpoint.write_json_atomic(os.path.join(out, "all_results.json"), results)
         print(f"\ndone: {out}")
         segments = f" in {ledger['segments']} segments" if ledger["segments"] > 1 else ""
-        print(f"  eval_loss {results['eval_loss']:.4f}  eval_accuracy {results['eval_accuracy']:.4f}  "
-              f"eval_top5 {results['eval_top5']:.4f}  ({r.step} steps, {runtime:.0f} s{segments})")
+        print("  " + "  ".join(f"{key} {results[key]:.4f}" for _, key, *_ in rows[:3]) +
+              f"  ({r.step} steps, {runtime:.0f} s{segments})")
         print(f"  model: {model_dir}")
         print(f"  tensorboard --logdir {shlex.quote(out)}")
-    log.end("success", r.step, f"eval top-1 {final['acc1']:.4f}, loss {final['loss']:.4f} (the exported model, "
-            f"step {export_step})")
+    log.end("success", r.step, f"eval {rows[1][3]} {metrics.score(final):.4f}, loss {final['loss']:.4f} (the "
+            f"exported model, step {export_step})")
     log.close()
     dist.barrier()
     dist.close()
@@ -452,15 +454,16 @@ def finish(r, stopped):
 
 
 def evaluate(r, **details):
-    """The eval of the weights, and with --ema-decay of the EMA weights too (keys ema_loss, ema_acc1,
-    ema_acc5); `details`: eval_pass's confusion matrix and mistakes, for the weights."""
-    metrics = eval_pass(r.train_model, r.data.eval_loader, r.device, r.precision, r.mean, r.std, progress=r.main,
-                        num_classes=len(r.class_names), **details)
+    """The eval of the weights, and with --ema-decay of the EMA weights too (keys ema_loss, ema_acc1, ...);
+    `details`: how many mistakes to keep, for the weights."""
+    def run(model, **more):
+        return eval_pass(model, r.data.eval_loader, r.device, r.precision, r.mean, r.std, progress=r.main,
+                         num_classes=len(r.class_names), multi_label=r.multi_label, threshold=r.cfg.threshold, **more)
+    result = run(r.train_model, **details)
     if r.ema:
-        ema = eval_pass(r.ema.model, r.data.eval_loader, r.device, r.precision, r.mean, r.std, progress=r.main,
-                        num_classes=len(r.class_names))
-        metrics.update({f"ema_{k}": ema[k] for k in ("loss", "acc1", "acc5", "balanced_acc", "f1_macro")})
-    return metrics
+        ema = run(r.ema.model)
+        result.update({f"ema_{k}": ema[k] for k, *_ in metrics.table(ema)})
+    return result
 
 
 def step_to_export(r):
@@ -469,7 +472,7 @@ def step_to_export(r):
     best = r.progress.best
     if r.cfg.export != "best" or not best or best["step"] == r.step:
         return r.step
-    scores = {h["step"]: h["acc1"] for h in r.progress.history}
+    scores = {h["step"]: metrics.score(h) for h in r.progress.history}
     left = dict(checkpoint.complete_checkpoints(r.cfg.output_dir))
     for step in sorted(scores, key=lambda s: (s != best["step"], -scores[s])):  # the best first
         if step == r.step or (step in left and not checkpoint.damage(left[step])):

@@ -1,0 +1,221 @@
+"""Issue #22: multi-label data (a list of classes per image): the label forms, BCE, mAP/F1/exact match,
+resume, export to transformers' pipeline, predict and evaluate."""
+
+import csv
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import events, resumed_copy, same, train
+from vitfood.metrics import MultiLabel, average_precision
+
+# The generated plates of 1 to 3 dishes, 4 classes, at TINY's scale.
+PLATES = ["--synthetic-dishes", "3", "--max-steps", 6, "--eval-steps", 3, "--save-steps", 3]
+
+
+def test_average_precision_is_scikit_learns_with_ties_and_nan_for_a_class_never_present():
+    scores = torch.tensor([[0.9, 0.2], [0.8, 0.4], [0.8, 0.1], [0.1, 0.3]])
+    targets = torch.tensor([[1, 0], [0, 0], [1, 0], [0, 0]], dtype=torch.bool)
+    ap = average_precision(scores, targets)
+    # thresholds 0.9 (P 1, R 1/2), 0.8 (a tie: P 2/3, R 1), 0.1 (P 1/2, R 1): 1/2 x 1 + 1/2 x 2/3
+    assert ap[0] == pytest.approx(0.5 + 0.5 * 2 / 3) and math.isnan(ap[1])
+    sklearn = pytest.importorskip("sklearn.metrics")
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.rand(200, 5, generator=g).round(decimals=1), torch.rand(200, 5, generator=g) < 0.3  # many ties
+    assert average_precision(s, t) == pytest.approx([sklearn.average_precision_score(t[:, c], s[:, c]) for c in range(5)])
+
+
+def test_multi_label_metrics_at_the_threshold():
+    logits = torch.tensor([[3.0, -3.0, 0.5], [2.0, 1.0, -1.0], [-2.0, -2.0, -2.0]])  # p ~ .95 .05 .62 / .88 .73 .27
+    labels = torch.tensor([[1, 0, 1], [1, 0, 0], [0, 0, 1]], dtype=torch.uint8)
+    meter = MultiLabel(3, "cpu", threshold=0.5)
+    meter.add(logits, labels, None)
+    r = meter.result(3)
+    # predicted sets {0, 2}, {0, 1}, {}: class 0 tp 2; class 1 fp 1; class 2 tp 1, fn 1
+    assert r["per_class"]["tp"] == [2, 0, 1] and r["per_class"]["fp"] == [0, 1, 0] and r["per_class"]["fn"] == [0, 0, 1]
+    assert r["exact_match"] == pytest.approx(1 / 3)
+    assert r["f1_micro"] == pytest.approx(2 * 3 / (2 * 3 + 1 + 1))
+    assert r["f1_macro"] == pytest.approx((1.0 + 0.0 + 2 / 3) / 3)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels.float())  # the mean over every entry
+    assert r["loss"] == pytest.approx(bce.item())
+
+
+def test_mixing_mixes_multi_hot_targets():
+    from vitfood.steps import Mixing
+    images = torch.rand(4, 3, 8, 8)
+    labels = torch.tensor([[1, 1, 0], [0, 1, 0], [0, 0, 1], [1, 0, 1]], dtype=torch.uint8)
+    mixing = Mixing(mixup=0.8, cutmix=0.0, prob=1.0, switch_prob=0.5, smoothing=0.1, num_classes=3, seed=0)
+    mixed, targets = mixing.at(0, 0)(images, labels)
+    smooth = labels.float() * 0.9 + 0.1 / 3
+    lam = ((mixed - images.flip(0)) / (images - images.flip(0)))[0, 0, 0, 0].item()
+    assert torch.allclose(targets, smooth * lam + smooth.flip(0) * (1 - lam), atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- label forms
+
+def _folder(root, fmt, rows, split="train"):
+    """An imagefolder split whose labels are in a metadata file: `rows` = the label of each image, as written."""
+    from PIL import Image
+    (root / split).mkdir(parents=True, exist_ok=True)
+    for i in range(len(rows)):
+        Image.new("RGB", (24, 24), (40 * i % 255, 60, 90)).save(root / split / f"p{i}.jpg")
+    if fmt == "csv":
+        with open(root / split / "metadata.csv", "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["file_name", "dishes"])
+            w.writerows([f"p{i}.jpg", label] for i, label in enumerate(rows))
+    else:
+        (root / split / "metadata.jsonl").write_text(
+            "".join(json.dumps(dict(file_name=f"p{i}.jpg", dishes=label)) + "\n" for i, label in enumerate(rows)))
+    return root
+
+
+def _splits(data, **options):
+    from vitfood.config import Config
+    from vitfood.data import is_multi_label, load_splits
+    cfg = Config(dataset=str(data), train_split="train", eval_split="test", label_column="dishes", **options)
+    train_ds, eval_ds, names = load_splits(cfg, log=lambda *_: None)
+    return names, is_multi_label(train_ds, "dishes"), train_ds["dishes"], eval_ds["dishes"]
+
+
+@pytest.mark.parametrize("fmt, train_rows, eval_rows", [
+    ("jsonl", [["sushi", "pizza"], ["ramen"], ["pizza"]], [["ramen", "sushi"]]),
+    ("csv", ["sushi;pizza", "ramen", "pizza"], ["ramen; sushi"]),
+])
+def test_lists_of_class_names_become_a_list_of_class_labels(fmt, train_rows, eval_rows, tmp_path):
+    data = _folder(_folder(tmp_path / "d", fmt, train_rows), fmt, eval_rows, "test")
+    names, multi, train_labels, eval_labels = _splits(data)
+    assert names == ["pizza", "ramen", "sushi"] and multi
+    assert train_labels == [[2, 0], [1], [0]] and eval_labels == [[1, 2]]
+
+
+def test_a_saved_list_of_class_labels_and_multi_label_forced_on_single_labels(tmp_path):
+    import datasets
+    from PIL import Image
+    image = Image.new("RGB", (8, 8))
+    listed = datasets.Features({"image": datasets.Image(), "dishes": datasets.List(datasets.ClassLabel(names=["a", "b", "c"]))})
+    datasets.DatasetDict({s: datasets.Dataset.from_dict({"image": [image] * 2, "dishes": [[0, 2], [1]]}, features=listed)
+                          for s in ("train", "test")}).save_to_disk(tmp_path / "saved")
+    assert _splits(tmp_path / "saved")[:3] == (["a", "b", "c"], True, [[0, 2], [1]])
+    data = _folder(_folder(tmp_path / "single", "csv", ["b", "a"]), "csv", ["a"], "test")
+    assert _splits(data)[:2] == (["a", "b"], False)
+    assert _splits(data, multi_label=True)[1:] == (True, [[1], [0]], [[0]])
+
+
+@pytest.mark.parametrize("fmt, rows, message", [
+    ("jsonl", [["a", "b"], "b", ["a"]], "mixes a list of classes and a single class"),
+    ("jsonl", [["a", "b"], [], ["a"]], "image 1 of split 'train' names no class"),
+    ("csv", ["a;b", ";", "a"], "image 1 of split 'train' names no class"),
+])
+def test_a_label_column_that_mixes_forms_or_names_no_class_is_one_line(fmt, rows, message, tmp_path, capsys):
+    from vitfood.common import run_main
+    data = _folder(_folder(tmp_path / "d", fmt, rows), fmt, [["a"]] if fmt == "jsonl" else ["a"], "test")
+    with pytest.raises(SystemExit) as e:
+        run_main(lambda: train("--dataset", data, "--train-split", "train", "--eval-split", "test", "--label-column",
+                               "dishes", "--max-steps", 1, "--output-dir", tmp_path / "run"))
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and message in lines[-1] and not any("Traceback" in l for l in lines), lines[-3:]
+
+
+# ---------------------------------------------------------------------------------------------- a multi-label run
+
+@pytest.fixture(scope="module")
+def plates_run(tmp_path_factory):
+    """A multi-label run on the generated plates, mixup and label smoothing on: (run dir, all_results)."""
+    out = tmp_path_factory.mktemp("plates") / "run"
+    return out, train(*PLATES, "--mixup", "0.8", "--label-smoothing", "0.1", "--output-dir", out)
+
+
+def test_a_multi_label_run_reports_map_f1_and_exact_match(plates_run):
+    out, results = plates_run
+    for key in ("eval_map", "eval_f1_micro", "eval_f1_macro", "eval_exact_match", "eval_loss"):
+        assert 0 <= results[key] <= (1 if key != "eval_loss" else 10), key
+    assert "eval_accuracy" not in results
+    config = json.loads((out / "model" / "config.json").read_text())
+    assert config["problem_type"] == "multi_label_classification"
+    card = (out / "model" / "README.md").read_text()
+    assert f"macro mAP of **{results['eval_map']:.4f}**" in card and "| mAP | micro F1 | macro F1 | exact match |" in card
+    ea = events(out)
+    assert {"accuracy/map", "accuracy/f1_micro", "accuracy/f1_macro", "accuracy/exact_match"} <= set(ea.Tags()["scalars"])
+    assert ea.Scalars("accuracy/map")[-1].value == pytest.approx(results["eval_map"], abs=1e-6)
+    table = ea.Tensors("predictions/per_class/text_summary")[-1].tensor_proto.string_val[0].decode()
+    assert table.startswith("| class | AP | precision | recall | f1 | support |")
+    assert "predictions/mistakes" in ea.Tags()["images"] and "predictions/confusion_matrix" not in ea.Tags()["images"]
+    best = json.loads((out / "best_checkpoint.json").read_text())
+    assert set(best) == {"step", "eval_map", "eval_loss"}
+
+
+def test_the_loss_is_the_one_transformers_computes(plates_run):
+    """Our eval loss, on a batch, is what the exported model computes itself with problem_type multi-label."""
+    from transformers import AutoModelForImageClassification
+    from vitfood.data import normalize
+    out, _ = plates_run
+    model = AutoModelForImageClassification.from_pretrained(out / "model").eval()
+    images = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8)
+    labels = torch.tensor([[1, 0, 1, 0], [0, 1, 0, 0], [1, 1, 1, 0], [0, 0, 0, 1]], dtype=torch.uint8)
+    pixels = normalize(images, [0.5] * 3, [0.5] * 3)
+    meter = MultiLabel(4, "cpu")
+    with torch.no_grad():
+        theirs = model(pixel_values=pixels, labels=labels.float()).loss
+        meter.add(model(pixel_values=pixels).logits, labels, images)
+    assert meter.result(4)["loss"] == pytest.approx(theirs.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_multi_label_run_resumes_bit_exact(precision, plates_run, tmp_path):
+    args = [*PLATES, "--mixup", "0.8", "--label-smoothing", "0.1", "--precision", precision]
+    out = tmp_path / "run"
+    if precision == "fp32":  # the shared run is this one
+        out = plates_run[0]
+    else:
+        train(*args, "--output-dir", out)
+    copy = resumed_copy(out, tmp_path / "resumed", *args)
+    assert same(load_file(copy / "model" / "model.safetensors"), load_file(out / "model" / "model.safetensors"))
+
+
+def test_pipeline_scores_are_vitfood_predict_scores_and_predict_prints_classes_over_the_threshold(plates_run, tmp_path,
+                                                                                                   capsys):
+    from PIL import Image
+    from transformers import pipeline
+    from vitfood.model import load_for_inference
+    from vitfood.predict import main as predict_main, predict
+    from vitfood.synthetic import make_plate
+    import numpy as np
+    out, _ = plates_run
+    files = []
+    for i, dishes in enumerate(([0], [1, 3], [0, 2, 3])):
+        Image.fromarray(make_plate(dishes, np.random.default_rng(i), 128, 4)).save(tmp_path / f"plate{i}.jpg")
+        files.append(str(tmp_path / f"plate{i}.jpg"))
+    clf = pipeline("image-classification", model=str(out / "model"), device="cpu")
+    model, processor = load_for_inference(str(out / "model"), torch.device("cpu"))
+    ours = list(predict(model, processor, files, torch.device("cpu"), "fp32", threshold=0.0))
+    for f, mine in zip(files, ours):
+        theirs = {p["label"]: p["score"] for p in clf(f, top_k=None)}
+        assert len(mine["predictions"]) == 4 and sum(theirs.values()) != pytest.approx(1.0)  # sigmoid, not softmax
+        for p in mine["predictions"]:
+            assert p["score"] == pytest.approx(theirs[p["label"]], abs=1e-4)
+    predict_main(["--model", str(out / "model"), "--json", "--threshold", "0.5", *files])
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    for line, mine in zip(lines, ours):
+        assert [p["label"] for p in line["predictions"]] == [p["label"] for p in mine["predictions"] if p["score"] >= 0.5]
+
+
+def test_evaluate_a_multi_label_model_reports_per_class_ap(plates_run, tmp_path):
+    from vitfood.evaluate import main as evaluate_main
+    out, results = plates_run
+    r = evaluate_main(["--model", str(out / "model"), "--output-dir", str(tmp_path / "eval"), "--num-workers", "0"])
+    assert r["eval_map"] == pytest.approx(results["eval_map"], abs=1e-6)  # the run's own eval split and precision
+    rows = list(csv.DictReader(open(tmp_path / "eval" / "per_class.csv")))
+    assert list(rows[0]) == ["label", "ap", "precision", "recall", "f1", "support"] and len(rows) == 4
+    assert not (tmp_path / "eval" / "confusion_matrix.png").exists() and (tmp_path / "eval" / "mistakes.png").is_file()
+
+
+def test_balanced_sampling_of_multi_label_data_is_one_line(tmp_path, capsys):
+    from vitfood.common import run_main
+    with pytest.raises(SystemExit) as e:
+        run_main(lambda: train(*PLATES, "--sampler", "balanced", "--output-dir", tmp_path / "run"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and "are for single-label data" in err[-1], err[-3:]

@@ -1,0 +1,150 @@
+"""What an eval measures, and the names each figure goes by.
+
+Single-label: loss, top-1, top-5, and from the confusion matrix balanced accuracy and macro F1. Multi-label:
+loss (binary cross-entropy, the mean over classes, as transformers computes it), macro mAP, micro and macro F1
+at a threshold and the exact-match ratio. Counts are kept on the device as sums, so they add over ranks; the
+multi-label scores are gathered once, at the end, for the average precision.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from vitfood import dist
+
+# (metric, all_results.json key, TensorBoard tag, console name). The second row is the score: what the best
+# checkpoint is judged by.
+SINGLE = (("loss", "eval_loss", "loss/eval", "loss"), ("acc1", "eval_accuracy", "accuracy/top1", "acc1"),
+          ("acc5", "eval_top5", "accuracy/top5", "acc5"),
+          ("balanced_acc", "eval_balanced_accuracy", "accuracy/balanced", "balanced"),
+          ("f1_macro", "eval_f1_macro", "accuracy/f1_macro", "f1"))
+MULTI = (("loss", "eval_loss", "loss/eval", "loss"), ("map", "eval_map", "accuracy/map", "mAP"),
+         ("f1_micro", "eval_f1_micro", "accuracy/f1_micro", "f1 micro"),
+         ("f1_macro", "eval_f1_macro", "accuracy/f1_macro", "f1 macro"),
+         ("exact_match", "eval_exact_match", "accuracy/exact_match", "exact match"))
+
+
+def table(metrics):
+    """The rows above for an eval's metrics (or a run's history entry)."""
+    return MULTI if "map" in metrics else SINGLE
+
+
+def score(metrics):
+    """The eval's score: top-1 accuracy, or for multi-label the macro mAP."""
+    return metrics[table(metrics)[1][0]]
+
+
+def summary(metrics, prefix=""):
+    """'loss 0.4321 acc1 0.9000 ...': an eval's figures for a console line (`prefix`: 'ema_' for the EMA's)."""
+    return " ".join(f"{name} {metrics[prefix + key]:.4f}" for key, _, _, name in table(metrics)
+                    if prefix + key in metrics)
+
+
+class SingleLabel:
+    """Loss, top-1/top-5 hits and the [true, predicted] count matrix of single-label batches; with
+    `mistakes`, that many of the most confident misclassified images."""
+
+    def __init__(self, num_classes, device, mistakes=0):
+        self.k, self.keep = num_classes, mistakes
+        self.loss = torch.zeros((), dtype=torch.float64, device=device)
+        self.hits = torch.zeros(2, dtype=torch.int64, device=device)  # top-1, top-5
+        self.confusion = torch.zeros((num_classes, num_classes), dtype=torch.int64, device=device)
+        self.worst = []
+
+    def add(self, logits, labels, raw):
+        self.loss += F.cross_entropy(logits, labels, reduction="sum")
+        top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+        hits = top == labels[:, None]
+        self.hits += torch.stack([hits[:, 0].sum(), hits.any(dim=-1).sum()])
+        self.confusion.index_put_((labels, top[:, 0]), torch.ones_like(labels), accumulate=True)
+        if self.keep:  # the most confident wrong answers so far (a sync per batch, only here)
+            conf = logits.softmax(-1).max(-1).values.cpu()
+            for i in (~hits[:, 0]).nonzero().flatten().tolist():
+                self.worst.append(dict(confidence=conf[i].item(), true=labels[i].item(), pred=top[i, 0].item(),
+                                       image=raw[i].clone()))
+            self.worst = sorted(self.worst, key=lambda m: -m["confidence"])[:self.keep]
+
+    def result(self, n):
+        """The metrics over every rank's batches, `n` images in all."""
+        loss, top1, top5 = dist.all_sum(torch.cat([self.loss.view(1), self.hits.double()])).tolist()
+        confusion = dist.all_sum(self.confusion).tolist()
+        d = max(n, 1)
+        return dict(loss=loss / d, acc1=top1 / d, acc5=top5 / d, confusion=confusion, **class_balanced(confusion))
+
+
+def class_balanced(confusion):
+    """Balanced accuracy (the mean recall over the classes the split holds) and macro F1 (over the classes
+    that are held or predicted), from a [true, predicted] count matrix: what top-1 hides on imbalanced data."""
+    m = torch.tensor(confusion, dtype=torch.float64)
+    tp, actual, predicted = m.diag(), m.sum(1), m.sum(0)
+    held, seen = actual > 0, (actual + predicted) > 0
+    recall = tp[held] / actual[held]
+    f1 = 2 * tp[seen] / (actual[seen] + predicted[seen])
+    return dict(balanced_acc=recall.mean().item() if held.any() else 0.0,
+                f1_macro=f1.mean().item() if seen.any() else 0.0)
+
+
+class MultiLabel:
+    """Loss, per-class true/false positives and false negatives at `threshold`, exact matches and every
+    image's sigmoid scores (for the average precision) of multi-label batches (labels: multi-hot rows); with
+    `mistakes`, that many images whose predicted set is wrong, the most confident wrong decision first."""
+
+    def __init__(self, num_classes, device, threshold=0.5, mistakes=0):
+        self.k, self.threshold, self.keep = num_classes, threshold, mistakes
+        self.loss = torch.zeros((), dtype=torch.float64, device=device)
+        self.exact = torch.zeros((), dtype=torch.int64, device=device)
+        self.counts = torch.zeros((3, num_classes), dtype=torch.int64, device=device)  # tp, fp, fn
+        self.scores, self.targets, self.worst = [], [], []
+
+    def add(self, logits, labels, raw):
+        truth = labels.bool()
+        self.loss += F.binary_cross_entropy_with_logits(logits, labels.float(), reduction="sum") / self.k
+        probs = logits.sigmoid()
+        pred = probs >= self.threshold
+        self.counts += torch.stack([(pred & truth).sum(0), (pred & ~truth).sum(0), (~pred & truth).sum(0)])
+        right = (pred == truth).all(1)
+        self.exact += right.sum()
+        self.scores.append(probs)
+        self.targets.append(truth)
+        if self.keep:  # confidence of a wrong decision: p for a class predicted wrongly, 1 - p for one missed
+            conf = torch.where(pred == truth, 0.0, torch.where(pred, probs, 1 - probs)).max(1).values.cpu()
+            pred, truth = pred.cpu(), truth.cpu()
+            for i in (~right).nonzero().flatten().tolist():
+                self.worst.append(dict(confidence=conf[i].item(), true=truth[i].nonzero().flatten().tolist(),
+                                       pred=pred[i].nonzero().flatten().tolist(), image=raw[i].clone()))
+            self.worst = sorted(self.worst, key=lambda m: -m["confidence"])[:self.keep]
+
+    def result(self, n):
+        loss, exact = dist.all_sum(torch.stack([self.loss, self.exact.double()])).tolist()
+        tp, fp, fn = dist.all_sum(self.counts).double().cpu()
+        empty = torch.zeros((0, self.k))
+        parts = dist.gather((torch.cat(self.scores).cpu() if self.scores else empty,
+                             torch.cat(self.targets).cpu() if self.targets else empty.bool()))
+        ap = average_precision(torch.cat([s for s, _ in parts]), torch.cat([t for _, t in parts]))
+        held = [a for a in ap if not math.isnan(a)]
+        seen = (tp + fp + fn) > 0
+        f1 = 2 * tp / (2 * tp + fp + fn).clamp(min=1)
+        d = max(n, 1)
+        return dict(loss=loss / d, map=sum(held) / len(held) if held else 0.0,
+                    f1_micro=(2 * tp.sum() / max(1.0, (2 * tp + fp + fn).sum().item())).item(),
+                    f1_macro=f1[seen].mean().item() if seen.any() else 0.0, exact_match=exact / d,
+                    per_class=dict(ap=ap, tp=tp.long().tolist(), fp=fp.long().tolist(), fn=fn.long().tolist()))
+
+
+def average_precision(scores, targets):
+    """Each class's average precision, as scikit-learn's average_precision_score computes it: the precision at
+    each distinct score, weighted by the recall it adds. NaN for a class with no positive image (macro mAP
+    is the mean over the classes the split holds)."""
+    aps = []
+    for s, y in zip(scores.double().T, targets.double().T):
+        if not y.any():
+            aps.append(float("nan"))
+            continue
+        order = torch.argsort(s, descending=True, stable=True)
+        s, y = s[order], y[order]
+        last = torch.cat([(s[1:] != s[:-1]).nonzero().flatten(), torch.tensor([len(s) - 1])])  # ends of ties
+        tp = y.cumsum(0)[last]
+        precision, recall = tp / (last + 1), tp / tp[-1]
+        aps.append((torch.diff(recall, prepend=torch.zeros(1)) * precision).sum().item())
+    return aps
