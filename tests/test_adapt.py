@@ -205,7 +205,8 @@ def test_adaptations_on_other_families_in_fp32_resume_bit_exact(family, how, fol
 
 @pytest.mark.slow
 @pytest.mark.parametrize("how", [["--freeze-backbone"], ["--lora-rank", "4"], ["--gradient-checkpointing"],
-                                 ["--sampler", "balanced"], ["--class-weights", "balanced"]])
+                                 ["--sampler", "balanced"], ["--class-weights", "balanced"],
+                                 ["--synthetic-dishes", "3", "--mixup", "0.8"]])
 def test_new_options_resume_bit_exact_after_kill_9(how, tmp_path, cache_dir):
     import os
     import signal

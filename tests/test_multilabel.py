@@ -14,6 +14,7 @@ from vitfood.metrics import MultiLabel, average_precision
 
 # The generated plates of 1 to 3 dishes, 4 classes, at TINY's scale.
 PLATES = ["--synthetic-dishes", "3", "--max-steps", 6, "--eval-steps", 3, "--save-steps", 3]
+LEVERS = ["--mixup", "0.8", "--label-smoothing", "0.1", "--ema-decay", "0.9"]
 
 
 def test_average_precision_is_scikit_learns_with_ties_and_nan_for_a_class_never_present():
@@ -124,22 +125,23 @@ def test_a_label_column_that_mixes_forms_or_names_no_class_is_one_line(fmt, rows
 
 @pytest.fixture(scope="module")
 def plates_run(tmp_path_factory):
-    """A multi-label run on the generated plates, mixup and label smoothing on: (run dir, all_results)."""
+    """A multi-label run on the generated plates, mixup, label smoothing and EMA on: (run dir, all_results)."""
     out = tmp_path_factory.mktemp("plates") / "run"
-    return out, train(*PLATES, "--mixup", "0.8", "--label-smoothing", "0.1", "--output-dir", out)
+    return out, train(*PLATES, *LEVERS, "--output-dir", out)
 
 
 def test_a_multi_label_run_reports_map_f1_and_exact_match(plates_run):
     out, results = plates_run
     for key in ("eval_map", "eval_f1_micro", "eval_f1_macro", "eval_exact_match", "eval_loss"):
         assert 0 <= results[key] <= (1 if key != "eval_loss" else 10), key
-    assert "eval_accuracy" not in results
+    assert "eval_accuracy" not in results and 0 <= results["eval_ema_map"] <= 1
     config = json.loads((out / "model" / "config.json").read_text())
     assert config["problem_type"] == "multi_label_classification"
     card = (out / "model" / "README.md").read_text()
     assert f"macro mAP of **{results['eval_map']:.4f}**" in card and "| mAP | micro F1 | macro F1 | exact match |" in card
     ea = events(out)
-    assert {"accuracy/map", "accuracy/f1_micro", "accuracy/f1_macro", "accuracy/exact_match"} <= set(ea.Tags()["scalars"])
+    assert {"accuracy/map", "accuracy/f1_micro", "accuracy/f1_macro", "accuracy/exact_match",
+            "accuracy/ema_map"} <= set(ea.Tags()["scalars"])
     assert ea.Scalars("accuracy/map")[-1].value == pytest.approx(results["eval_map"], abs=1e-6)
     table = ea.Tensors("predictions/per_class/text_summary")[-1].tensor_proto.string_val[0].decode()
     assert table.startswith("| class | AP | precision | recall | f1 | support |")
@@ -166,7 +168,7 @@ def test_the_loss_is_the_one_transformers_computes(plates_run):
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_a_multi_label_run_resumes_bit_exact(precision, plates_run, tmp_path):
-    args = [*PLATES, "--mixup", "0.8", "--label-smoothing", "0.1", "--precision", precision]
+    args = [*PLATES, *LEVERS, "--precision", precision]
     out = tmp_path / "run"
     if precision == "fp32":  # the shared run is this one
         out = plates_run[0]
