@@ -221,3 +221,22 @@ def test_balanced_sampling_of_multi_label_data_is_one_line(tmp_path, capsys):
         run_main(lambda: train(*PLATES, "--sampler", "balanced", "--output-dir", tmp_path / "run"))
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and "are for single-label data" in err[-1], err[-3:]
+
+
+def test_evaluate_reads_another_data_set_as_multi_label_for_a_multi_label_model(plates_run, tmp_path):
+    from vitfood.evaluate import main as evaluate_main
+    from vitfood.synthetic import class_names
+    names = class_names(4)
+    data = _folder(tmp_path / "d", "csv", [names[0], f"{names[1]}|{names[2]}", names[3]], "test")  # one: a list of one
+    out, _ = plates_run
+    r = evaluate_main(["--model", str(out / "model"), "--dataset", str(data), "--split", "test", "--label-column",
+                       "dishes", "--label-separator", "|", "--output-dir", str(tmp_path / "eval"), "--num-workers", "0"])
+    assert r["eval_samples"] == 3 and 0 <= r["eval_map"] <= 1
+    assert [row["support"] for row in r["per_class"]] == [1, 1, 1, 1]
+
+
+def test_more_dishes_than_classes_is_one_line():
+    from vitfood.config import Config
+    from vitfood.common import UserError
+    with pytest.raises(UserError, match="at most --synthetic-classes"):
+        Config(synthetic_classes=2, synthetic_dishes=3).validate()

@@ -126,8 +126,9 @@ class Config:
             raise UserError(f"--threshold must be between 0 and 1, got {self.threshold}")
         if len(self.label_separator) != 1 or self.label_separator.isalnum():
             raise UserError(f"--label-separator must be one character, not a letter or digit, got {self.label_separator!r}")
-        if not 1 <= self.synthetic_dishes <= 4:
-            raise UserError(f"--synthetic-dishes must be between 1 and 4, got {self.synthetic_dishes}")
+        if not 1 <= self.synthetic_dishes <= min(4, self.synthetic_classes):
+            raise UserError(f"--synthetic-dishes must be between 1 and 4, and at most --synthetic-classes "
+                            f"({self.synthetic_classes}), got {self.synthetic_dishes}")
         if self.synthetic_classes < 2:
             raise UserError(f"--synthetic-classes must be at least 2, got {self.synthetic_classes}")
         for name in ("epochs", "lr", "weight_decay", "max_grad_norm", "test_size"):

@@ -85,10 +85,11 @@ def is_multi_label(ds, column):
 
 def _is_list(feature):
     import datasets
-    return isinstance(feature, (datasets.List, getattr(datasets, "LargeList", datasets.List), list))
+    kinds = tuple(k for k in (getattr(datasets, n, None) for n in ("List", "LargeList", "Sequence")) if isinstance(k, type))
+    return isinstance(feature, (*kinds, list))  # List in datasets 4+, Sequence before; a plain [feature] too
 
 
-def _class_ids(train, evals, cfg):
+def _class_ids(train, evals, cfg, log=print):
     """Labels as a data set writes them, made class ids: (train, evals, class names), the label column then a
     ClassLabel (or integers) or, multi-label, a List(ClassLabel). Single-label: a ClassLabel, integers or
     class names. Multi-label: per image a list of ClassLabel, of integers or of class names, or names in one
@@ -98,13 +99,16 @@ def _class_ids(train, evals, cfg):
     col, sep = cfg.label_column, cfg.label_separator
     feature = train.features[col]
     listed = _is_list(feature)
-    inner = feature.feature if listed else feature
+    inner = (feature[0] if isinstance(feature, list) else feature.feature) if listed else feature
     text = isinstance(inner, datasets.Value) and inner.dtype in ("string", "large_string")
     whole = isinstance(inner, datasets.Value) and inner.dtype.startswith(("int", "uint"))
     if not (text or whole or isinstance(inner, datasets.ClassLabel)):
         raise UserError(f"label column {col!r} must hold integers, class names or a ClassLabel (or a list of them "
                         f"per image, for multi-label data), found {feature}")
     joined = text and not listed and (cfg.multi_label or any(sep in v for v in train[col] if isinstance(v, str)))
+    if joined and not cfg.multi_label:
+        log(f"the label column {col!r} names several classes in one cell, separated by {sep!r}: training "
+            "multi-label (--label-separator sets another character)")
     multi = listed or joined or cfg.multi_label
     if not (text or multi):  # single-label ids, as the data set has them
         if isinstance(inner, datasets.ClassLabel):
@@ -138,7 +142,7 @@ def _class_ids(train, evals, cfg):
                             f"the training split {cfg.train_split!r} has no image of it")
     ids = {n: i for i, n in enumerate(names)} if text else None
     labels = datasets.ClassLabel(names=names)
-    new = datasets.List(labels) if multi else labels
+    new = datasets.Sequence(labels) if multi else labels  # a List in datasets 4+
 
     def convert(ds, values):
         if listed and not text:  # a list of ids already
@@ -214,7 +218,7 @@ def load_splits(cfg, log=print):
             if col not in ds.column_names:
                 raise UserError(f"column {col!r} not found in the {which} split; columns: {', '.join(ds.column_names)}"
                                 f" (set --{'image' if col == cfg.image_column else 'label'}-column)")
-    train, evals, names = _class_ids(train, evals, cfg)
+    train, evals, names = _class_ids(train, evals, cfg, log)
 
     if evals is None:
         if len(train) < 2:

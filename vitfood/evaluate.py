@@ -45,6 +45,14 @@ def model_step(path):
     return 0
 
 
+def problem_type(name):
+    """The model's problem_type, from its config alone (None where that cannot be read: loading it says why)."""
+    try:
+        return transformers.AutoConfig.from_pretrained(os.path.expanduser(name)).problem_type
+    except Exception:
+        return None
+
+
 def main(argv=None):
     p = OneLineParser(prog="python -m vitfood.evaluate", description=__doc__,
                       formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -54,6 +62,8 @@ def main(argv=None):
     p.add_argument("--split", help="split to evaluate, with --dataset (default: validation)")
     p.add_argument("--image-column", default="image")
     p.add_argument("--label-column", default="label")
+    p.add_argument("--label-separator", default=";", help="with --dataset: the character between an image's classes "
+                                                          "in a text label column (multi-label)")
     p.add_argument("--batch-size", type=int, help="images per batch (unset: the run's eval batch, else 32)")
     p.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"], help="unset: the run's, else auto")
     p.add_argument("--device", default="auto")
@@ -73,7 +83,7 @@ def main(argv=None):
     if a.dataset:
         split = a.split or "validation"
         cfg = resolve(dict(dataset=a.dataset, train_split=split, eval_split=split, image_column=a.image_column,
-                           label_column=a.label_column, model=a.model))
+                           label_column=a.label_column, label_separator=a.label_separator, model=a.model))
     elif saved:
         cfg = resolve({}, {k: v for k, v in read_config_file(saved, run=True).items() if k not in ("resume", "output_dir")})
         if a.split:
@@ -87,6 +97,8 @@ def main(argv=None):
                                   inherited=a.precision is None)
     batch_size = a.batch_size or (cfg.eval_bs if own_run else 32)
     hub.prepare(hub_dataset(cfg.dataset), hub_model(a.model))  # before the data: a missing model fails fast
+    if a.dataset:  # a multi-label model reads a data set's single labels as lists of one
+        cfg.multi_label = problem_type(a.model) == "multi_label_classification"
     _, eval_ds, names = load_splits(cfg, log=lambda *args: None)  # then data: a wrong split fails fast
     transformers.utils.logging.disable_progress_bar()
     model, processor = load_for_inference(a.model, device, cfg.attn if own_run else "auto")
@@ -133,7 +145,7 @@ def main(argv=None):
         print(eval_skip_warning(r["skipped"], len(data.eval_set)))
     at = f", threshold {threshold:g}" if multi else ""
     print(f"{a.model} on {cfg.dataset} ({results['split']}, {r['samples']} images, {precision}{at}): "
-          + "  ".join(f"{report.HEADINGS[k]} {r[k]:.4f}" for k, *_ in table))
+          + "  ".join(f"{heading} {r[k]:.4f}" for k, *_, heading in table))
     if multi:
         print(report.per_class_markdown(rows))
     worst = sorted(rows, key=lambda x: x["f1"])[:3]

@@ -47,9 +47,9 @@ KEY_HPARAMS = ("lr", "model", "precision", "seed", "total_steps")
 def eval_records(writer, step, result, class_names, mistakes=8):
     """An eval's scalars, its confusion matrix (single-label) and mistakes as images, and its per-class table
     as text: the same records for a training run and for vitfood.evaluate --tensorboard."""
-    for key, _, tag, _ in metrics.table(result):
+    for i, (key, _, tag, *_) in enumerate(metrics.table(result)):
         writer.add_scalar(tag, result[key], step)
-        if f"ema_{key}" in result:  # with --ema-decay: loss/ema_eval, accuracy/ema_top1, ...
+        if f"ema_{key}" in result and i < 3:  # with --ema-decay: loss/ema_eval, accuracy/ema_top1 (or ema_map), ...
             ema_tag = tag.replace("/eval", "/ema_eval") if tag == "loss/eval" else tag.replace("/", "/ema_", 1)
             writer.add_scalar(ema_tag, result[f"ema_{key}"], step)
     if result.get("skipped"):
@@ -152,7 +152,7 @@ class RunLog:
         """The eval's TensorBoard records, and a console line."""
         if self.main:
             eval_records(self.writer, step, result, class_names)
-            ema = f" | EMA {metrics.summary(result, 'ema_')}" if "ema_loss" in result else ""
+            ema = f" | EMA {metrics.summary(result, 'ema_', rows=2)}" if "ema_loss" in result else ""
             self.say(f"step {step}: eval {metrics.summary(result)}" + ema)
 
     def train(self, step, loss, lrs, grad_norm, img_s, data_wait, scale=None, damaged_files=0, skipped_steps=0):

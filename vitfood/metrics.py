@@ -13,16 +13,16 @@ import torch.nn.functional as F
 
 from vitfood import dist
 
-# (metric, all_results.json key, TensorBoard tag, console name). The second row is the score: what the best
-# checkpoint is judged by.
-SINGLE = (("loss", "eval_loss", "loss/eval", "loss"), ("acc1", "eval_accuracy", "accuracy/top1", "acc1"),
-          ("acc5", "eval_top5", "accuracy/top5", "acc5"),
-          ("balanced_acc", "eval_balanced_accuracy", "accuracy/balanced", "balanced"),
-          ("f1_macro", "eval_f1_macro", "accuracy/f1_macro", "f1"))
-MULTI = (("loss", "eval_loss", "loss/eval", "loss"), ("map", "eval_map", "accuracy/map", "mAP"),
-         ("f1_micro", "eval_f1_micro", "accuracy/f1_micro", "f1 micro"),
-         ("f1_macro", "eval_f1_macro", "accuracy/f1_macro", "f1 macro"),
-         ("exact_match", "eval_exact_match", "accuracy/exact_match", "exact match"))
+# (metric, all_results.json key, TensorBoard tag, console name, heading in tables and text). The second row is
+# the score: what the best checkpoint is judged by.
+SINGLE = (("loss", "eval_loss", "loss/eval", "loss", "loss"), ("acc1", "eval_accuracy", "accuracy/top1", "acc1", "top-1"),
+          ("acc5", "eval_top5", "accuracy/top5", "acc5", "top-5"),
+          ("balanced_acc", "eval_balanced_accuracy", "accuracy/balanced", "balanced", "balanced accuracy"),
+          ("f1_macro", "eval_f1_macro", "accuracy/f1_macro", "f1", "macro F1"))
+MULTI = (("loss", "eval_loss", "loss/eval", "loss", "loss"), ("map", "eval_map", "accuracy/map", "mAP", "mAP"),
+         ("f1_micro", "eval_f1_micro", "accuracy/f1_micro", "f1 micro", "micro F1"),
+         ("f1_macro", "eval_f1_macro", "accuracy/f1_macro", "f1 macro", "macro F1"),
+         ("exact_match", "eval_exact_match", "accuracy/exact_match", "exact match", "exact match"))
 
 
 def table(metrics):
@@ -35,9 +35,10 @@ def score(metrics):
     return metrics[table(metrics)[1][0]]
 
 
-def summary(metrics, prefix=""):
-    """'loss 0.4321 acc1 0.9000 ...': an eval's figures for a console line (`prefix`: 'ema_' for the EMA's)."""
-    return " ".join(f"{name} {metrics[prefix + key]:.4f}" for key, _, _, name in table(metrics)
+def summary(metrics, prefix="", rows=None):
+    """'loss 0.4321 acc1 0.9000 ...': an eval's figures (the first `rows`) for a console line (`prefix`: 'ema_'
+    for the EMA's)."""
+    return " ".join(f"{name} {metrics[prefix + key]:.4f}" for key, _, _, name, _ in table(metrics)[:rows]
                     if prefix + key in metrics)
 
 
@@ -87,7 +88,7 @@ def class_balanced(confusion):
 
 class MultiLabel:
     """Loss, per-class true/false positives and false negatives at `threshold`, exact matches and every
-    image's sigmoid scores (for the average precision) of multi-label batches (labels: multi-hot rows); with
+    image's logits (for the average precision) of multi-label batches (labels: multi-hot rows); with
     `mistakes`, that many images whose predicted set is wrong, the most confident wrong decision first."""
 
     def __init__(self, num_classes, device, threshold=0.5, mistakes=0):
@@ -105,7 +106,7 @@ class MultiLabel:
         self.counts += torch.stack([(pred & truth).sum(0), (pred & ~truth).sum(0), (~pred & truth).sum(0)])
         right = (pred == truth).all(1)
         self.exact += right.sum()
-        self.scores.append(probs)
+        self.scores.append(logits)  # AP ranks by them: sigmoids tie at 1.0 in float32 past a logit of about 17
         self.targets.append(truth)
         if self.keep:  # confidence of a wrong decision: p for a class predicted wrongly, 1 - p for one missed
             conf = torch.where(pred == truth, 0.0, torch.where(pred, probs, 1 - probs)).max(1).values.cpu()

@@ -11,8 +11,6 @@ from vitfood import metrics
 from vitfood.hub import is_path
 
 LABEL_W = 150  # room for class names beside and above the matrix
-HEADINGS = dict(loss="eval loss", acc1="top-1", acc5="top-5", balanced_acc="balanced accuracy", f1_macro="macro F1",
-                map="mAP", f1_micro="micro F1", exact_match="exact match")  # the model card's results table
 
 
 def per_class(result, names):
@@ -324,14 +322,14 @@ def model_card(cfg, results, history, sizes, names, precision, world, step_batch
         "; eval: the image processor's resize "
         "(and center crop, where it has one) of the whole decoded image, as `transformers.pipeline` applies it", "",
         "## Training results", "",
-        "| step | training loss | " + " | ".join(HEADINGS[key] for key, *_ in rows) + " |",
+        "| step | training loss | eval " + " | ".join(heading for *_, heading in rows) + " |",
         "| ---: | ---: |" + " ---: |" * len(rows)]
     figure = lambda h, k: "-" if h.get(k) is None else f"{h[k]:.4f}"  # older runs lack some
     for h in history:
         lines.append(f"| {h['step']} | {figure(h, 'train_loss')} | " + " | ".join(figure(h, key) for key, *_ in rows) + " |")
     if history:
         best = max(history, key=metrics.score)
-        lines += ["", f"Best eval {title} {metrics.score(best):.4f} at step {best['step']}; "
+        lines += ["", f"Best eval {rows[1][4]} {metrics.score(best):.4f} at step {best['step']}; "
                       f"training ran {results['train_runtime']:.0f} s at {results['train_samples_per_second']:.1f} images/s."]
     lines += ["", "## Use", "", "```python", "from transformers import pipeline",
               "classify = pipeline(\"image-classification\", model=\"path/to/this/folder\")",

@@ -139,7 +139,7 @@ def ensure(size, num_classes=10, max_px=512, seed=0, log=print, dishes=1):
     n_val = max(num_classes, size // 10)
     log(f"generating the synthetic data set in {path}: {size} images in its 'train' split, {n_val} in 'validation'")
     label = datasets.ClassLabel(names=class_names(num_classes))
-    features = datasets.Features({"image": datasets.Image(), "label": datasets.List(label) if dishes > 1 else label})
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.Sequence(label) if dishes > 1 else label})
     splits = {}
     for name, offset, n in [("train", 0, size), ("validation", size, n_val)]:
         images, labels = _split(seed, offset, n, num_classes, max_px, dishes)

@@ -444,7 +444,7 @@ def finish(r, stopped):
               f"  ({r.step} steps, {runtime:.0f} s{segments})")
         print(f"  model: {model_dir}")
         print(f"  tensorboard --logdir {shlex.quote(out)}")
-    log.end("success", r.step, f"eval {rows[1][3]} {metrics.score(final):.4f}, loss {final['loss']:.4f} (the "
+    log.end("success", r.step, f"eval {rows[1][4]} {metrics.score(final):.4f}, loss {final['loss']:.4f} (the "
             f"exported model, step {export_step})")
     log.close()
     dist.barrier()
