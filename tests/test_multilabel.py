@@ -240,3 +240,12 @@ def test_more_dishes_than_classes_is_one_line():
     from vitfood.common import UserError
     with pytest.raises(UserError, match="at most --synthetic-classes"):
         Config(synthetic_classes=2, synthetic_dishes=3).validate()
+
+
+def test_a_multi_label_mistake_card_says_what_was_missed_and_what_is_not_there():
+    from vitfood import report
+    names = ["grilled_cheese_sandwich", "apple_pie", "tomato_yellow_leaf_curl_virus_on_leaves", "pizza", "eggs_benedict"]
+    mistake = dict(confidence=0.97, true=[0, 2, 4], pred=[1, 4], image=torch.zeros(3, 8, 8, dtype=torch.uint8))
+    lines = [text for text, _ in report.card_caption(mistake, names, report.font(12), 100)]
+    assert lines[0] == "missed (2)" and lines[1].startswith("grilled_") and "not there" in lines
+    assert lines[lines.index("not there") + 1] == "apple_pie" and lines[-1] == "p = 0.97" and len(lines) <= 7

@@ -175,9 +175,20 @@ def named(ids, names):
 
 
 def card_caption(mistake, names, fnt, width):
-    """[(line, colour)] beside a mistake's thumbnail: at most 7 lines of 14 px, the tile's height."""
-    lines = [("true", (0, 110, 0))] + [(t, (0, 110, 0)) for t in fit(named(mistake["true"], names), fnt, width, 2)]
-    lines += [("pred", (180, 0, 0))] + [(t, (180, 0, 0)) for t in fit(named(mistake["pred"], names), fnt, width, 2)]
+    """[(line, colour)] beside a mistake's thumbnail: at most 7 lines of 14 px, the tile's height. Multi-label:
+    what is wrong, the classes missed and those predicted but absent (with their count when several), as a
+    card has no room for whole sets."""
+    green, red = (0, 110, 0), (180, 0, 0)
+    if isinstance(mistake["true"], int):
+        parts = [("true", mistake["true"], green), ("pred", mistake["pred"], red)]
+    else:
+        true, pred = set(mistake["true"]), set(mistake["pred"])
+        parts = [(title, sorted(ids), colour) for title, ids, colour in
+                 (("missed", true - pred, green), ("not there", pred - true, red)) if ids]
+        parts = [(f"{title} ({len(ids)})" if len(ids) > 1 else title, ids, colour) for title, ids, colour in parts]
+    lines = []
+    for title, ids, colour in parts:
+        lines += [(title, colour)] + [(t, colour) for t in fit(named(ids, names), fnt, width, 2)]
     return lines + [(f"p = {mistake['confidence']:.2f}", (60, 60, 60))]
 
 
