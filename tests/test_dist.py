@@ -94,11 +94,14 @@ def test_a_failing_rank_ends_the_job_with_its_message(tmp_path):
 
 
 @pytest.mark.parametrize("extra, score", [(["--synthetic-dishes", "3"], "eval_map"),
-                                          (["--sampler", "balanced"], "eval_balanced_accuracy")],
-                         ids=["multi-label", "balanced-sampler"])
-def test_multi_label_and_balanced_sampler_runs_under_two_processes(extra, score, tmp_path):
-    """The same global batches on 1 and 2 processes (multi-hot labels and balanced draws alike), the eval
-    whole across ranks, and a resume under 2 processes bit for bit."""
+                                          (["--sampler", "balanced"], "eval_balanced_accuracy"),
+                                          # dropout draws per rank: no LoRA dropout, or 1 and 2 processes differ
+                                          (["--lora-rank", "4", "--lora-dropout", "0"], "eval_accuracy"),
+                                          (["--freeze-backbone"], "eval_accuracy")],
+                         ids=["multi-label", "balanced-sampler", "lora", "frozen"])
+def test_levers_under_two_processes(extra, score, tmp_path):
+    """The same global batches on 1 and 2 processes (multi-hot labels, balanced draws, LoRA adapters, a frozen
+    backbone), the eval whole across ranks, and a resume under 2 processes bit for bit."""
     one = launch(tmp_path / "one", "--batch-size", "32", *extra, nproc=1)
     assert one.returncode == 0, one.stderr[-2000:]
     two = launch(tmp_path / "two", "--batch-size", "16", "--num-workers", "1", *extra)

@@ -17,13 +17,16 @@ PLATES = ["--synthetic-dishes", "3", "--max-steps", 6, "--eval-steps", 3, "--sav
 LEVERS = ["--mixup", "0.8", "--label-smoothing", "0.1", "--ema-decay", "0.9"]
 
 
-def test_average_precision_is_scikit_learns_with_ties_and_nan_for_a_class_never_present():
+def test_average_precision_is_scikit_learns_definition_with_ties_and_nan_for_a_class_never_present():
     scores = torch.tensor([[0.9, 0.2], [0.8, 0.4], [0.8, 0.1], [0.1, 0.3]])
     targets = torch.tensor([[1, 0], [0, 0], [1, 0], [0, 0]], dtype=torch.bool)
     ap = average_precision(scores, targets)
     # thresholds 0.9 (P 1, R 1/2), 0.8 (a tie: P 2/3, R 1), 0.1 (P 1/2, R 1): 1/2 x 1 + 1/2 x 2/3
     assert ap[0] == pytest.approx(0.5 + 0.5 * 2 / 3) and math.isnan(ap[1])
-    sklearn = pytest.importorskip("sklearn.metrics")
+
+
+def test_average_precision_matches_scikit_learn_on_random_scores_with_many_ties():
+    sklearn = pytest.importorskip("sklearn.metrics")  # in the bench extra, not the test extra
     g = torch.Generator().manual_seed(0)
     s, t = torch.rand(200, 5, generator=g).round(decimals=1), torch.rand(200, 5, generator=g) < 0.3  # many ties
     assert average_precision(s, t) == pytest.approx([sklearn.average_precision_score(t[:, c], s[:, c]) for c in range(5)])
