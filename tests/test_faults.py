@@ -185,9 +185,12 @@ def _held(pid, timeout=60):
 
 
 def _children(pid, timeout=60):
-    """The child processes of `pid` (its loader workers), once it has some."""
+    """The child processes of `pid` (its loader workers), once it has some; none when it has ended (a run can
+    reach its last step between two looks)."""
     deadline = time.monotonic() + timeout
     while not (children := [int(c) for c in open(f"/proc/{pid}/task/{pid}/children").read().split()]):
+        if not _alive(pid):
+            return []
         assert time.monotonic() < deadline, f"process {pid} started no loader worker in {timeout} s"
         time.sleep(0.02)
     return children
