@@ -203,26 +203,49 @@ def test_adaptations_on_other_families_in_fp32_resume_bit_exact(family, how, fol
     assert same(load_file(copy / "model" / "model.safetensors"), load_file(out / "model" / "model.safetensors"))
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("how", [["--freeze-backbone"], ["--lora-rank", "4"], ["--gradient-checkpointing"],
-                                 ["--sampler", "balanced"], ["--class-weights", "balanced"],
-                                 ["--synthetic-dishes", "3", "--mixup", "0.8"]])
-def test_new_options_resume_bit_exact_after_kill_9(how, tmp_path, cache_dir):
+@pytest.mark.parametrize("family, precision", [("convnext", "fp32"), ("resnet", "bf16"), ("swin", "bf16")])
+def test_multi_label_on_other_families_resumes_bit_exact(family, precision, folders, tmp_path):
+    args = ["--model", folders[family], "--precision", precision, "--synthetic-dishes", "3", "--mixup", "0.8"]
+    out = tmp_path / "run"
+    assert 0 <= run(out, *args)["eval_map"] <= 1
+    assert json.loads((out / "model" / "config.json").read_text())["problem_type"] == "multi_label_classification"
+    copy = resumed(out, tmp_path, *args)
+    assert same(load_file(copy / "model" / "model.safetensors"), load_file(out / "model" / "model.safetensors"))
+
+
+def _killed_and_resumed_is_the_same(tmp_path, *args):
+    """A run killed -9 as checkpoint-5 is renamed in, then --resume auto, ends with the weights of one never
+    killed."""
     import os
     import signal
     import subprocess
     import sys
     from conftest import TINY
 
-    def run(out, env=None):
+    def go(out, env=None):
         return subprocess.run([sys.executable, "-m", "vitfood.train", *TINY, "--max-steps", "12", "--save-steps", "5",
-                               "--eval-steps", "5", "--num-workers", "2", *how, "--output-dir", str(out),
+                               "--eval-steps", "5", "--num-workers", "2", *map(str, args), "--output-dir", str(out),
                                "--resume", "auto"], capture_output=True, text=True, timeout=300,
                               env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})})
-    assert run(tmp_path / "ref").returncode == 0
-    p = run(tmp_path / "killed", env={"VITFOOD_FAULT": "renamed:1"})  # killed as checkpoint-5 is renamed in
+    assert go(tmp_path / "ref").returncode == 0
+    p = go(tmp_path / "killed", env={"VITFOOD_FAULT": "renamed:1"})  # killed as checkpoint-5 is renamed in
     assert p.returncode == -signal.SIGKILL
-    p = run(tmp_path / "killed")
+    p = go(tmp_path / "killed")
     assert p.returncode == 0 and "resuming from" in p.stdout, p.stderr[-2000:]
     assert same(load_file(tmp_path / "killed" / "model" / "model.safetensors"),
                 load_file(tmp_path / "ref" / "model" / "model.safetensors"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", [["--freeze-backbone"], ["--lora-rank", "4"], ["--gradient-checkpointing"],
+                                 ["--sampler", "balanced"], ["--class-weights", "balanced"],
+                                 ["--synthetic-dishes", "3", "--mixup", "0.8"]])
+def test_new_options_resume_bit_exact_after_kill_9(how, tmp_path, cache_dir):
+    _killed_and_resumed_is_the_same(tmp_path, *how)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family, precision", [("resnet", "bf16"), ("swin", "fp32")])
+def test_multi_label_on_other_families_resumes_bit_exact_after_kill_9(family, precision, folders, tmp_path):
+    _killed_and_resumed_is_the_same(tmp_path, "--model", folders[family], "--precision", precision,
+                                    "--synthetic-dishes", "3")
