@@ -25,7 +25,7 @@ from vitfood.config import OneLineParser, read_config_file, resolve, run_config_
 from vitfood.data import build_data, eval_skip_warning, hub_dataset, is_multi_label, load_splits, transforms_for
 from vitfood.hub import is_path
 from vitfood.logs import eval_records
-from vitfood.model import hub_model, load_for_inference
+from vitfood.model import hub_model, load_for_inference, read_config
 from vitfood.steps import eval_pass
 
 
@@ -43,14 +43,6 @@ def model_step(path):
     except (OSError, ValueError, KeyError, RuntimeError, UserError):
         pass
     return 0
-
-
-def problem_type(name):
-    """The model's problem_type, from its config alone (None where that cannot be read: loading it says why)."""
-    try:
-        return transformers.AutoConfig.from_pretrained(os.path.expanduser(name)).problem_type
-    except Exception:
-        return None
 
 
 def main(argv=None):
@@ -98,7 +90,7 @@ def main(argv=None):
     batch_size = a.batch_size or (cfg.eval_bs if own_run else 32)
     hub.prepare(hub_dataset(cfg.dataset), hub_model(a.model))  # before the data: a missing model fails fast
     if a.dataset:  # a multi-label model reads a data set's single labels as lists of one
-        cfg.multi_label = problem_type(a.model) == "multi_label_classification"
+        cfg.multi_label = getattr(read_config(a.model), "problem_type", None) == "multi_label_classification"
     _, eval_ds, names = load_splits(cfg, log=lambda *args: None)  # then data: a wrong split fails fast
     transformers.utils.logging.disable_progress_bar()
     model, processor = load_for_inference(a.model, device, cfg.attn if own_run else "auto")

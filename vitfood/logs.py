@@ -50,8 +50,7 @@ def eval_records(writer, step, result, class_names, mistakes=8):
     for i, (key, _, tag, *_) in enumerate(metrics.table(result)):
         writer.add_scalar(tag, result[key], step)
         if f"ema_{key}" in result and i < 3:  # with --ema-decay: loss/ema_eval, accuracy/ema_top1 (or ema_map), ...
-            ema_tag = tag.replace("/eval", "/ema_eval") if tag == "loss/eval" else tag.replace("/", "/ema_", 1)
-            writer.add_scalar(ema_tag, result[f"ema_{key}"], step)
+            writer.add_scalar(tag.replace("/", "/ema_", 1), result[f"ema_{key}"], step)
     if result.get("skipped"):
         writer.add_scalar("skipped/damaged_eval_files", result["skipped"], step)
     card = lambda image: np.asarray(image)

@@ -65,11 +65,7 @@ def build_model(cfg, class_names, device=None, multi_label=False):
 
     extra = {}
     if cfg.drop_path:
-        from transformers import AutoConfig
-        try:
-            config = AutoConfig.from_pretrained(os.path.expanduser(cfg.model), trust_remote_code=cfg.trust_remote_code)
-        except Exception:
-            config = None  # from_pretrained below says what is wrong
+        config = read_config(cfg.model, cfg.trust_remote_code)  # None: from_pretrained below says what is wrong
         if config is not None and not hasattr(config, "drop_path_rate"):
             raise UserError(f"--drop-path: {type(config).__name__} has no stochastic depth (no drop_path_rate)")
         extra["drop_path_rate"] = cfg.drop_path
@@ -85,16 +81,25 @@ def skeleton(cfg, num_labels=2):
     """The model's modules without weights (on the meta device), from its config alone, for the checks that
     come before any data is read; None where the config does not say (those checks then come at load)."""
     import transformers
+    config = transformers.ViTConfig(**NAMED[cfg.model]) if cfg.model in NAMED else read_config(cfg.model,
+                                                                                                cfg.trust_remote_code)
+    if config is None:
+        return None
     try:
-        if cfg.model in NAMED:
-            config = transformers.ViTConfig(**NAMED[cfg.model])
-        else:
-            config = transformers.AutoConfig.from_pretrained(os.path.expanduser(cfg.model),
-                                                             trust_remote_code=cfg.trust_remote_code)
         config.num_labels = num_labels
         with torch.device("meta"):
             return transformers.AutoModelForImageClassification.from_config(config,
                                                                              trust_remote_code=cfg.trust_remote_code)
+    except Exception:
+        return None
+
+
+def read_config(name, trust_remote_code=False):
+    """A Hub or local model's config alone (no weights), or None where it cannot be read (loading the model
+    then says why, in one line)."""
+    from transformers import AutoConfig
+    try:
+        return AutoConfig.from_pretrained(os.path.expanduser(name), trust_remote_code=trust_remote_code)
     except Exception:
         return None
 
