@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Issue #13's GPU measurements in one command, for a lent GPU machine (../shared/gpu/NOTES.md):
-#   bash bench/gpu.sh          # about 7 minutes on one H100 (figures of 2026-11-27 in bench/README.md); results in $OUT (or /tmp/vitfood-gpu)
+# The GPU measurements in one command (under 10 minutes on one H100 or H200; figures in bench/README.md):
+#   bash bench/gpu.sh          # results in $OUT (or /tmp/vitfood-gpu): gpu.json, gpu.log, gpu.txt, pytest.log
 #   bash bench/gpu.sh --tiny   # toy sizes: check the script on a CPU first
-# datasets is not installed on that machine: wheels carried in .gpu/whl are installed into /tmp/site.
-# Fetch them where pip can reach an index (.gpu/ is not committed):
+# 1. bench/gpu.py: the disk, the data set, vitfood's recipe, the Trainer's, vitfood.bench (about 5 minutes);
+# 2. the tests that need CUDA (the whole step as a CUDA graph, the step's syncs);
+# 3. vitfood's recipe with an eager step (--no-cuda-graph), into the same gpu.json.
+# A machine without `datasets` gets it from wheels in .gpu/whl (ignored by git), installed into /tmp/site:
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .gpu/whl \
-#     datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 fsspec==2026.9.0 pytest pluggy iniconfig pygments
+#     datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 fsspec==2026.9.0
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/vitfood-gpu}
@@ -15,9 +17,13 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if ! python3 -c "import datasets, pytest" 2>/dev/null && ls .gpu/whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/whl/*.whl && export PYTHONPATH="/tmp/site:$PYTHONPATH"
 fi
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$OUT/gpu.txt" 2>&1
-timeout -k 10 490 python3 bench/gpu.py "$@" --out "$OUT/gpu.json" 2>&1 | tee "$OUT/gpu.log" | tail -40
-# what time is left: the tests that need CUDA, then the rest, bounded
-# (to a file, not through a pipe: test subprocesses killed by timeout would hold a pipe open)
-timeout -k 10 95 python3 -m pytest -x -q -p no:cacheprovider tests/test_steps.py > "$OUT/pytest.log" 2>&1
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python3 -c "import torch, transformers, datasets; print(torch.__version__, transformers.__version__, datasets.__version__)"
+  nproc; df -h /tmp . | tail -2; } > "$OUT/gpu.txt" 2>&1
+timeout -k 10 330 python3 bench/gpu.py "$@" --out "$OUT/gpu.json" > "$OUT/gpu.log" 2>&1
+tail -25 "$OUT/gpu.log"
+# to a file, not through a pipe: test subprocesses killed by timeout would hold a pipe open
+timeout -k 10 100 python3 -m pytest -q -rfEs -p no:cacheprovider tests/test_graph.py tests/test_steps.py > "$OUT/pytest.log" 2>&1
 tail -15 "$OUT/pytest.log"
+timeout -k 10 150 python3 bench/gpu.py "$@" --phases vitfood_eager --out "$OUT/gpu.json" >> "$OUT/gpu.log" 2>&1
+tail -12 "$OUT/gpu.log"

@@ -306,4 +306,4 @@ def test_bench_help_lists_what_bench_uses():
     flags = set(re.findall(r"^\s+(--[a-z-]+)", p.stdout, re.M))
     assert {"--model", "--dataset", "--batch-size", "--modes", "--precision"} <= flags
     assert not flags & {"--resume", "--export", "--overwrite-output-dir", "--output-dir", "--save-steps", "--max-steps"}
-    assert "data,model,levers,memory,e2e,eval,save" in p.stdout
+    assert "data,model,levers,memory,e2e,loop,eval,save" in p.stdout

@@ -171,14 +171,20 @@ def resized(model, processor, size):
                 state[key] = value
         fresh.load_state_dict({k: state[k] for k in own})
         model = fresh
+    return model, resize_processor(processor, size)
+
+
+def resize_processor(processor, size):
+    """`processor` made to give images of `size` px (in place; returned): resize and crop scaled alike, so its
+    crop ratio stays."""
     crop = getattr(processor, "crop_size", None) if getattr(processor, "do_center_crop", False) else None
     now = dict(crop)["height"] if crop else next(iter(dict(processor.size).values()))
-    if now != size:  # resize and crop scaled alike: the processor's crop ratio stays
+    if now != size:
         scale = size / now
         processor.size = {k: round(v * scale) for k, v in dict(processor.size).items()}
         if crop:
             processor.crop_size = {"height": size, "width": size}
-    return model, processor
+    return processor
 
 
 def _resize_table(key, value, shape, family):

@@ -9,6 +9,7 @@ Modes (all by default):
   model  a full training step on tensors already on the device: images/s, ms/step, peak memory,
          achieved FLOP/s and MFU against the dense matmul peak measured here, for the same dtype
   e2e    the real step fed by the real loader: images/s and the share of time waiting for data
+  loop   vitfood.train's whole loop (a child process) against the bare step: the loop's own cost
   eval   inference images/s over the eval split
   save   how long a checkpoint save holds up the loop (the copy to host memory, and steps slowed down
          while the write runs in the background), against the time a synchronous write takes
@@ -45,12 +46,12 @@ from vitfood import adapt, checkpoint, hub
 from vitfood.common import (DTYPES, UserError, env_info, mixed_precision, num_workers, pick_device, resolve_precision,
                             run_main, seed_everything)
 from vitfood.config import Config, build_parser, resolve
-from vitfood.data import EpochBatchSampler, build_data, hub_dataset, load_splits, make_loader, normalize, transforms_for
+from vitfood.data import EpochBatchSampler, KeptBatches, build_data, hub_dataset, load_splits, make_loader, normalize, transforms_for
 from vitfood.model import (build_model, compiled, hub_model, make_optimizer, make_scheduler, resolve_attn,
                            vit_flops_per_image)
-from vitfood.steps import EMA, Mixing, eval_pass, forward_backward, optimizer_step
+from vitfood.steps import EMA, GraphedStep, Mixing, eval_pass, forward_backward, optimizer_step
 
-MODES = ("data", "model", "levers", "memory", "e2e", "eval", "save")
+MODES = ("data", "model", "levers", "memory", "e2e", "loop", "eval", "save")
 
 
 def parse_args(argv=None):
@@ -61,7 +62,9 @@ def parse_args(argv=None):
     g.add_argument("--quick", action="store_true", help="few repeats, small sweep, no compile: under a minute")
     g.add_argument("--batch-sizes", help="comma list for the model sweep (default: --batch-size; full: x1, x2, x4)")
     g.add_argument("--precisions", help="comma list of fp32,fp16,bf16 (default: every one the device runs)")
-    g.add_argument("--compile-modes", help="comma list of off,on (default: off,on; --quick: off)")
+    g.add_argument("--compile-modes", help="comma list of how the step runs: eager, compile (torch.compile), graph "
+                   "(the whole step as one CUDA graph), graph+compile (default: eager,compile, and graph on CUDA; "
+                   "--quick: eager); off and on mean eager and compile")
     g.add_argument("--attns", help="comma list of sdpa,eager (default: sdpa,eager; --quick: --attn)")
     g.add_argument("--worker-counts", help="comma list of DataLoader worker counts for data mode")
     g.add_argument("--decode-modes", default="fast,full", help="comma list of fast,full: the JPEG decode path in data mode")
@@ -176,29 +179,81 @@ def bench_save(cfg, names, device, precision, steps):
                 steps_during_write=n, step_ms=1000 * step_s, batch_size=batch, checkpoint_mb=mb)
 
 
-def bench_model(cfg, names, device, precision, batch_size, compile_it, attn, steps, repeats):
-    """One training step on synthetic uint8 tensors already on the device."""
+def bench_model(cfg, names, device, precision, batch_size, compile_it, attn, steps, repeats, graph=False):
+    """One training step on synthetic uint8 tensors already on the device; with `graph` (CUDA), the whole step
+    replayed as one CUDA graph, as vitfood.train runs it there."""
     c = dataclasses.replace(cfg, attn=attn)
     model, (mean, std), opt, sched, scaler, amp = _training_setup(c, names, device, precision)
     size = model.config.image_size
-    step_model = compiled(model, device) if compile_it else model
+    step_model = compiled(model, device, graphed=graph) if compile_it else model
     images = torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8, device=device)
     labels = torch.randint(0, len(names), (batch_size,), device=device)
-
-    def step():
-        forward_backward(step_model, images, labels, amp, scaler, mean, std, labels.shape[0])
-        optimizer_step(model, opt, scaler, sched, c.max_grad_norm)
+    if graph:
+        graphed = GraphedStep(step_model, opt, scaler, sched, precision, mean, std, c.max_grad_norm, 0.0, None, images,
+                              labels, batch_size)
+        step = lambda: graphed(images, labels, batch_size)
+    else:
+        def step():
+            forward_backward(step_model, images, labels, amp, scaler, mean, std, labels.shape[0])
+            optimizer_step(model, opt, scaler, sched, c.max_grad_norm)
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
-    step()
+    for _ in range(GraphedStep.WARMUP if graph else 1):  # a graph is captured after its eager warm-up steps
+        step()
     sync(device)
-    first = time.perf_counter() - t0  # includes compilation when compiled
+    first = time.perf_counter() - t0  # includes compilation when compiled, and the capture with `graph`
+    if graph and graphed.failed:
+        raise RuntimeError("the step could not be captured as a CUDA graph (its reason is above)")
     sec, times = timed(step, device, steps, repeats, warmup=2)
     flops = vit_flops_per_image(model.config, training=True) * batch_size / sec if model.config.model_type == "vit" else None
     return dict(img_s=batch_size / sec, ms_step=1000 * sec, spread_ms=[1000 * min(times), 1000 * max(times)],
                 first_step_s=first, peak_mem_mb=peak_memory_mb(device), flops=flops)
+
+
+def bench_loop(cfg, names, device, precision, steps, repeats):
+    """vitfood.train's loop itself against the bare step, alternated (bare, loop, bare, ...): a run of `steps`
+    optimizer steps in a child process (evaluating and saving once, at its end), its training images/s taken
+    from its phases.json (from its first batch to its last step, eval and save left out); the bare step on the
+    same model, batch and precision as that loop runs it (one CUDA graph on CUDA unless --no-cuda-graph)."""
+    graph = device.type == "cuda" and cfg.cuda_graph
+    attn = resolve_attn(cfg.attn, device)
+    bare, loops = [], []
+    bare_step = lambda: bench_model(cfg, names, device, precision, cfg.batch_size, cfg.compile, attn, 10, 3,
+                                    graph)["img_s"]
+    with tempfile.TemporaryDirectory(prefix="vitfood-loop-") as tmp:
+        config = os.path.join(tmp, "config.json")
+        with open(config, "w") as fh:
+            json.dump({k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("output_dir", "resume", "preset")}, fh)
+        for i in range(repeats):
+            bare.append(bare_step())
+            out = os.path.join(tmp, f"run{i}")
+            child = subprocess.run([sys.executable, "-m", "vitfood.train", "--config", config, "--max-steps", str(steps),
+                                    "--eval-steps", str(steps), "--save-steps", str(steps), "--output-dir", out],
+                                   capture_output=True, text=True)
+            if child.returncode:
+                raise RuntimeError(f"loop mode: the training run failed: {child.stderr.strip()[-600:]}")
+            loops.append(loop_rate(out, cfg.batch_size))
+        bare.append(bare_step())
+    rates = [r["img_s"] for r in loops]
+    ratios = sorted(loop["img_s"] / ((a + b) / 2) for loop, a, b in zip(loops, bare, bare[1:]))
+    return dict(img_s=statistics.median(rates), bare_img_s=statistics.median(bare), vs_bare=statistics.median(ratios),
+                vs_bare_spread=[ratios[0], ratios[-1]], data_wait=statistics.median(r["data_wait"] for r in loops),
+                first_batch_s=statistics.median(r["first_batch_s"] for r in loops), steps=steps,
+                step_mode="graph" if graph else "eager")
+
+
+def loop_rate(run_dir, batch_size):
+    """A finished run's training images/s from its phases.json: from its first batch to the end of its loop,
+    eval and save pauses left out; its data wait; its start-up."""
+    with open(os.path.join(run_dir, "phases.json")) as fh:
+        seg = json.load(fh)["segments"][-1]
+    get = lambda name: [p for p in seg["phases"] if p["name"] == name]
+    loop, first = get("loop")[0], get("first batch")[0]
+    paused = sum(p["end"] - p["start"] for p in get("eval") + get("save"))
+    seconds = loop["end"] - first["start"] - paused
+    return dict(img_s=loop["images"] / seconds, data_wait=loop["data_wait_s"] / seconds, first_batch_s=first["start"])
 
 
 def bench_levers(cfg, names, device, precision, batch_size, steps, repeats):
@@ -387,21 +442,28 @@ def bench_e2e(cfg, train_set, names, device, precision, workers, steps, repeats,
 
 
 def bench_eval(cfg, eval_set, names, device, precision, workers, max_images):
+    """Inference images/s over (part of) the eval split at the run's eval batch: the first pass, which decodes,
+    and the passes after it, which find the decoded images kept (KeptBatches), as a training run's evals do."""
     seed_everything(cfg.seed)
     model, processor = build_model(cfg, names, device)
     model.to(device)
     _, _, (mean, std) = transforms_for(processor)
     subset = range(min(len(eval_set), max_images))
-    loader = make_loader(eval_set, cfg.eval_bs, workers, device, subset)
-    run = lambda: eval_pass(model, loader, device, precision, mean, std, progress=False, num_classes=len(names),
-                            multi_label=eval_set.multi_hot is not None)
-    run()  # warm-up: workers, kernels
+    loader = make_loader(eval_set, cfg.eval_batch(device), workers, device, subset)
+    room = torch.cuda.get_device_properties(device).total_memory // 20 if device.type == "cuda" else 0
+    kept = KeptBatches(loader, device, room)
+    run = lambda data: eval_pass(model, data, device, precision, mean, std, progress=False, num_classes=len(names),
+                                 multi_label=eval_set.multi_hot is not None)["samples"]
+    run(loader)  # warm-up: workers, kernels
+    t0 = time.perf_counter()
+    first = run(kept) / (time.perf_counter() - t0)
     times = []
-    for _ in range(2):
+    for _ in range(3):
         t0 = time.perf_counter()
-        n = run()["samples"]
+        n = run(kept)
         times.append(n / (time.perf_counter() - t0))
-    return dict(img_s=statistics.median(times), images=len(subset), batch_size=loader.batch_size, workers=workers)
+    return dict(img_s=statistics.median(times), first_pass_img_s=first, images=len(subset), batch_size=loader.batch_size,
+                workers=workers, kept_on=str(kept.device or "host"))
 
 
 def model_mode(cfg, names, device, precisions, batch_sizes, compiles, attns, steps, repeats, quick):
@@ -410,22 +472,23 @@ def model_mode(cfg, names, device, precisions, batch_sizes, compiles, attns, ste
     print("\n[model] full training step on tensors already on the device")
     peaks = {p: matmul_peak(DTYPES[p], device, quick) for p in precisions}
     print("matmul peak measured here: " + ", ".join(f"{p} {v / 1e12:.2f} TFLOP/s" for p, v in peaks.items()))
-    print(f"{'precision':>9} {'batch':>6} {'compile':>7} {'attn':>5} {'img/s':>9} {'ms/step':>9} "
+    print(f"{'precision':>9} {'batch':>6} {'step':>13} {'attn':>5} {'img/s':>9} {'ms/step':>9} "
           f"{'TFLOP/s':>8} {'MFU':>6} {'peak MB':>8} {'1st step s':>10}")
     rows = []
-    for p, bs, comp, attn in itertools.product(precisions, batch_sizes, compiles, attns):
-        row = dict(precision=p, batch_size=bs, compile=comp, attn=attn)
+    for p, bs, mode, attn in itertools.product(precisions, batch_sizes, compiles, attns):
+        comp, graph = "compile" in mode, "graph" in mode
+        row = dict(precision=p, batch_size=bs, compile=comp, graph=graph, step=mode, attn=attn)
         rows.append(row)
         try:
-            row.update(bench_model(cfg, names, device, p, bs, comp, attn, steps, repeats))
+            row.update(bench_model(cfg, names, device, p, bs, comp, attn, steps, repeats, graph))
         except torch.OutOfMemoryError:
             row["error"] = "out of memory"
-            print(f"{p:>9} {bs:>6} {str(comp):>7} {attn:>5}  out of memory: skipped")
+            print(f"{p:>9} {bs:>6} {mode:>13} {attn:>5}  out of memory: skipped")
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             continue
         row["mfu"] = row["flops"] / peaks[p] if row["flops"] else None
-        print(f"{p:>9} {bs:>6} {str(comp):>7} {attn:>5} {row['img_s']:>9.1f} {row['ms_step']:>9.1f} "
+        print(f"{p:>9} {bs:>6} {mode:>13} {attn:>5} {row['img_s']:>9.1f} {row['ms_step']:>9.1f} "
               f"{(row['flops'] or 0) / 1e12:>8.3f} {(row['mfu'] or 0):>6.1%} {row['peak_mem_mb']:>8.0f} "
               f"{row['first_step_s']:>10.2f}")
     return peaks, rows
@@ -448,7 +511,14 @@ def main(argv=None):
     for p in precisions:
         resolve_precision(p, device)  # refuses fp16 on the CPU, bf16 on old GPUs
     batch_sizes = _list(b.batch_sizes, int) or ([cfg.batch_size] if quick else [cfg.batch_size * k for k in (1, 2, 4)])
-    compiles = [v == "on" for v in (_list(b.compile_modes) or (["off"] if quick else ["off", "on"]))]
+    steps_modes = ["eager", "compile", "graph", "graph+compile"]
+    compiles = _list(b.compile_modes) or (["eager"] if quick else ["eager", "compile"] + ["graph"] * (device.type == "cuda"))
+    compiles = [{"off": "eager", "on": "compile"}.get(m, m) for m in compiles]
+    for m in compiles:
+        if m not in steps_modes:
+            raise UserError(f"--compile-modes: unknown mode {m!r}; use {', '.join(steps_modes)} (off/on: eager/compile)")
+        if "graph" in m and device.type != "cuda":
+            raise UserError(f"--compile-modes {m}: a CUDA graph needs a CUDA device")
     attns = _list(b.attns) or ([resolve_attn(cfg.attn, device)] if quick else ["sdpa", "eager"])
     workers = num_workers(cfg.num_workers)
     worker_counts = _list(b.worker_counts, int) or sorted({0, workers, min(os.cpu_count() or 1, 2 * workers)} if not quick else {0, workers})
@@ -503,6 +573,13 @@ def main(argv=None):
               f"{'activ. MB':>12} {'peak MB':>10} {'step MB':>10} {'ms/step':>10}")
         report["memory"] = bench_memory(cfg, names, device, precision, batch_sizes, steps)
 
+    if "loop" in modes:
+        r = report["loop"] = bench_loop(cfg, names, device, precision, max(steps, 50) * 10, max(repeats // 2, 2))
+        lo, hi = r["vs_bare_spread"]
+        print(f"\n[loop] vitfood.train's loop, {r['steps']} steps: {r['img_s']:.1f} img/s (data wait {r['data_wait']:.1%}; "
+              f"first batch at {r['first_batch_s']:.1f} s) against the bare {r['step_mode']} step's {r['bare_img_s']:.1f}: "
+              f"{r['vs_bare']:.3f} (range {lo:.3f}-{hi:.3f})")
+
     if "e2e" in modes:
         print(f"\n[e2e] the real step fed by the real loader ({precision}, batch {cfg.batch_size}, {workers} workers)")
         r = bench_e2e(cfg, train_set, names, device, precision, workers, steps, repeats, profile_dir)
@@ -515,9 +592,10 @@ def main(argv=None):
             print(f"profiler trace: {r['trace']} (open in chrome://tracing or ui.perfetto.dev)")
 
     if "eval" in modes:
-        r = bench_eval(cfg, eval_set, names, device, precision, workers, max_images=64 if quick else 512)
+        r = bench_eval(cfg, eval_set, names, device, precision, workers, max_images=64 if quick else 1024)
         report["eval"] = r
-        print(f"\n[eval] inference: {r['img_s']:.1f} img/s over {r['images']} images, batch {r['batch_size']}")
+        print(f"\n[eval] inference: {r['img_s']:.1f} img/s over {r['images']} images, batch {r['batch_size']}, the decoded "
+              f"images kept ({r['kept_on']}); the first pass, decoding with {r['workers']} workers: {r['first_pass_img_s']:.1f}")
 
     if "save" in modes:
         r = bench_save(cfg, names, device, precision, steps)

@@ -117,18 +117,22 @@ def upgrade(state):
                           global_batch=state.get("global_batch")))
 
 
-def save(output_dir, step, model, processor, training_state, weights=None):
+def save(output_dir, step, model, processor, training_state, weights=None, timing=None):
     """Write checkpoint-<step> atomically and return its path. `weights`: the model's state dict to write
-    (a snapshot), instead of the model's current one."""
+    (a snapshot), instead of the model's current one. `timing`: a dict that gets the seconds spent writing
+    the files, and sealing them (fsync, SHA-256, marker)."""
     final = os.path.join(output_dir, f"checkpoint-{step}")
     tmp = os.path.join(output_dir, f".tmp-checkpoint-{step}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
+    timing = {} if timing is None else timing
     try:
+        t0 = time.perf_counter()
         model.save_pretrained(tmp, state_dict=weights)
         processor.save_pretrained(tmp)
         fault_point("weights_written")
         torch.save(training_state, os.path.join(tmp, STATE))
-        _seal(tmp, step)
+        timing["files_s"] = round(time.perf_counter() - t0, 3)
+        _seal(tmp, step, timing)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # never leave a partial folder behind, even on a full disk
         raise
@@ -137,18 +141,25 @@ def save(output_dir, step, model, processor, training_state, weights=None):
     return final
 
 
-def _finish_files(folder):
+def _finish_files(folder, digest=True, timing=None):
     """{name: (size, sha256)} of a folder's files, each fsynced and given the permissions the umask allows
-    (safetensors writes its files private, 0600; an exported model is meant to be shared)."""
-    files = {}
+    (safetensors writes its files private, 0600; an exported model is meant to be shared). `digest` False:
+    sizes alone (the SHA-256 reads every byte back). `timing`: a dict that gets the seconds of fsync and hashing."""
+    files, fsync_s, sha_s = {}, 0.0, 0.0
     for name in sorted(os.listdir(folder)):
         path = os.path.join(folder, name)
         if not os.path.isfile(path):
             continue
         os.chmod(path, _FILE_MODE)
+        t0 = time.perf_counter()
         with open(path, "rb") as fh:  # fsync needs no write access (a umask may have taken it away)
             os.fsync(fh.fileno())
-        files[name] = dict(size=os.path.getsize(path), sha256=_sha256(path))
+        t1 = time.perf_counter()
+        files[name] = dict(size=os.path.getsize(path), sha256=_sha256(path) if digest else None)
+        fsync_s, sha_s = fsync_s + t1 - t0, sha_s + time.perf_counter() - t1
+    if timing is not None:
+        timing.update(fsync_s=round(fsync_s, 3), sha256_s=round(sha_s, 3),
+                      mb=round(sum(f["size"] for f in files.values()) / 2 ** 20, 1))
     return files
 
 
@@ -160,10 +171,10 @@ def _sha256(path):
     return digest.hexdigest()
 
 
-def _seal(tmp, step):
+def _seal(tmp, step, timing=None):
     """fsync every file, then write the marker that makes the folder a complete checkpoint: each file's
     size (checked whenever checkpoints are listed) and SHA-256 (checked when one is resumed from)."""
-    files = _finish_files(tmp)
+    files = _finish_files(tmp, timing=timing)
     fault_point("marker")
     write_json_atomic(os.path.join(tmp, MARKER), dict(step=step, files=files))
     _fsync_dir(tmp)
@@ -183,25 +194,66 @@ def _swap_in(tmp, final):
     _fsync_dir(parent)
 
 
+class Export:
+    """<output-dir>/<name> (a model folder: weights, config, image processor, the card as README.md), built in a
+    temporary folder and renamed into place by `seal()`. With `weights_of`, a checkpoint folder that holds these
+    very weights, its weights files are hard-linked at `seal()` instead of written again (so it may still be
+    being written until then); elsewhere they are written now."""
+
+    def __init__(self, output_dir, model, processor, card=None, name="model", weights_of=None):
+        self.output_dir, self.weights_of = output_dir, weights_of
+        self.final = os.path.join(output_dir, name)
+        self.tmp = os.path.join(output_dir, f".tmp-{name}-{os.getpid()}")
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        with self._guard():
+            if weights_of:
+                os.makedirs(self.tmp)
+            else:
+                model.save_pretrained(self.tmp)
+            processor.save_pretrained(self.tmp)
+            if card:
+                with open(os.path.join(self.tmp, "README.md"), "w") as fh:
+                    fh.write(card)
+
+    @contextlib.contextmanager
+    def _guard(self):
+        try:
+            yield
+        except Exception as e:  # a full disk raises OSError, SafetensorError or RuntimeError: one line, no leftovers
+            self.discard()
+            raise UserError(f"cannot write the exported model in {self.output_dir}: {write_error(e, self.output_dir)}; "
+                            "the checkpoints are intact") from None
+
+    def seal(self):
+        """The folder in place, every file synced; returns its path."""
+        with self._guard():
+            if self.weights_of:
+                for name in os.listdir(self.weights_of):
+                    if name == "config.json":  # save_pretrained wrote it with the weights: the same model's
+                        shutil.copyfile(os.path.join(self.weights_of, name), os.path.join(self.tmp, name))
+                    elif name.startswith("model") and ".safetensors" in name:  # model.safetensors, or its shards
+                        link(os.path.join(self.weights_of, name), os.path.join(self.tmp, name))
+            _finish_files(self.tmp, digest=False)
+        _swap_in(self.tmp, self.final)
+        return self.final
+
+    def discard(self):
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
 def export(output_dir, model, processor, card=None, name="model"):
     """save_pretrained into <output-dir>/<name>, with the model card `card` as README.md, atomically;
     returns its path."""
-    final = os.path.join(output_dir, name)
-    tmp = os.path.join(output_dir, f".tmp-{name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    return Export(output_dir, model, processor, card, name).seal()
+
+
+def link(source, target):
+    """A hard link to a sealed file (both names then share its bytes, which nothing rewrites: every write here
+    goes to a new file, renamed into place); a copy where the file system has no hard links."""
     try:
-        model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
-        if card:
-            with open(os.path.join(tmp, "README.md"), "w") as fh:
-                fh.write(card)
-        _finish_files(tmp)
-    except Exception as e:  # a full disk raises OSError, SafetensorError or RuntimeError: one line, no leftovers
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(f"cannot write the exported model in {output_dir}: {write_error(e, output_dir)}; "
-                        "the checkpoints are intact") from None
-    _swap_in(tmp, final)
-    return final
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
 
 
 def _listed(path):
@@ -365,8 +417,8 @@ class Checkpoints:
     writes, fsyncs, seals and renames the checkpoint and rotates. At most one write is in flight: the next
     save, `wait()` and the end of the run wait for it. A failed write stops the run at the next `check()`."""
 
-    def __init__(self, out, keep, main=True):
-        self.out, self.keep, self.main = out, keep, main
+    def __init__(self, out, keep, main=True, phases=None):
+        self.out, self.keep, self.main, self.phases = out, keep, main, phases  # phases: a phases.Phases, or None
         self._created = os.path.realpath(out) in _claimed  # a new run's folder, claimed in parse_run
         self._buffers = {}  # host copies, reused from save to save (about 3x the weights with AdamW)
         self._writer = None  # the thread writing the latest save
@@ -402,6 +454,9 @@ class Checkpoints:
     def save(self, step, model, processor, state, best=None, new_best=False):
         """Start writing checkpoint-<step> holding the model's weights and `state` as they are now; keep the
         best, `best` (dict(step, ...)), and record it when it is `new_best`."""
+        if self.phases and self.writing():
+            with self.phases.span("save wait", step=step):  # the previous write is still going: the loop waits
+                self.wait()
         self.wait()  # at most one write in flight (and its buffers are free again)
         if not self.main:
             return
@@ -418,16 +473,22 @@ class Checkpoints:
         self._writer.start()
 
     def _write(self, step, model, processor, weights, state, best, new_best, copied):
+        with self.phases.span("write", step=step) if self.phases else contextlib.nullcontext({}) as timing:
+            self._write_now(step, model, processor, weights, state, best, new_best, copied, timing)
+
+    def _write_now(self, step, model, processor, weights, state, best, new_best, copied, timing):
         what = f"checkpoint-{step}"
         try:
             if copied:
                 copied.synchronize()  # the copies to host memory are done
-            save(self.out, step, model, processor, state, weights)
+            save(self.out, step, model, processor, state, weights, timing)
             what = f"{BEST} (checkpoint-{step} itself is complete)"
             if new_best:
                 write_json_atomic(os.path.join(self.out, BEST), best)
             what = f"the rotation after checkpoint-{step} (which is complete)"
+            t0 = time.perf_counter()
             rotate(self.out, self.keep, best.get("step"))
+            timing["rotate_s"] = round(time.perf_counter() - t0, 3)
         except BaseException as e:  # a full disk raises OSError, or RuntimeError from torch.save, or SafetensorError
             self._failure = (what, e)
 

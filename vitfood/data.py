@@ -592,19 +592,25 @@ class BatchStream:
         self.loader, self.sampler = loader, sampler
         self.position, self._batches = 0, None  # global micro-batches taken, over all epochs
 
-    def __next__(self):
+    def start(self):
+        """Start the loader's workers on the next batches (they decode while the model is being built)."""
         if self._batches is None:
-            self._batches = self._from(self.position)
+            epoch, batch = divmod(self.position, self.sampler.batches_per_epoch)
+            self.sampler.set_position(epoch, batch)
+            self._batches = self._epochs(epoch, iter(self.loader))  # iter(): the workers start, and prefetch
+
+    def __next__(self):
+        self.start()
         batch = next(self._batches)
         self.position += 1
         return batch
 
-    def _from(self, first):
-        epoch, batch = divmod(first, self.sampler.batches_per_epoch)
+    def _epochs(self, epoch, batches):
         while True:
-            self.sampler.set_position(epoch, batch)
-            yield from self.loader
-            epoch, batch = epoch + 1, 0
+            yield from batches
+            epoch += 1
+            self.sampler.set_position(epoch, 0)
+            batches = iter(self.loader)
 
     def state_dict(self):
         epoch, batch = divmod(self.position, self.sampler.batches_per_epoch)
@@ -616,7 +622,9 @@ class BatchStream:
             keep = f"pass --batch-size {g // world}" if g % world == 0 else "that cannot be split evenly"
             raise UserError(f"the run being resumed used a global batch of {g} ({procs} process(es) x --batch-size "
                             f"{g // procs}); keep it: with {world} process(es), {keep}")
-        self.position, self._batches = state["epoch"] * self.sampler.batches_per_epoch + state["batch"], None
+        position = state["epoch"] * self.sampler.batches_per_epoch + state["batch"]
+        if position != self.position:  # else a stream started at this position goes on as it is
+            self.position, self._batches = position, None
 
 
 def make_loader(dataset, batch_size, num_workers, device, sampler=None, seed=0):
@@ -635,6 +643,34 @@ def make_loader(dataset, batch_size, num_workers, device, sampler=None, seed=0):
         prefetch_factor=4 if num_workers > 0 else None)
 
 
+class KeptBatches:
+    """The eval loader, whose decoded batches are kept after its first whole pass (the eval transform has no
+    randomness), so that every later eval decodes nothing: in GPU memory when they fit in `gpu_bytes`, else
+    in pinned host memory. A pass cut short keeps nothing."""
+
+    def __init__(self, loader, device, gpu_bytes=0):
+        self.loader, self.batches = loader, None
+        self.device = device if device.type == "cuda" and gpu_bytes > 0 else None
+        self.batch_size = loader.batch_size
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        if self.batches is not None:
+            yield from self.batches
+            return
+        kept = []
+        for images, labels, bad in self.loader:
+            if self.device is not None:
+                images, labels = images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+            elif not images.is_pinned():  # from a worker, in shared memory (a file descriptor each): copy it out
+                images, labels = images.clone(), labels.clone()
+            kept.append((images, labels, bad))
+            yield kept[-1]
+        self.batches = kept
+
+
 class Data(NamedTuple):
     """What a run reads: the image sets, the training sampler and the loaders (train parts None for eval only)."""
     train_set: ImageDataset | None
@@ -646,11 +682,13 @@ class Data(NamedTuple):
 
 
 def build_data(cfg, train_ds, eval_ds, transforms, num_classes, device, workers, global_batch=None, rank=0, world=1,
-               eval_batch=None, relabel=None):
+               eval_batch=None, relabel=None, keep_eval=False):
     """The data sets and loaders of a run, as train, bench and evaluate all read them.
 
     Training (when `train_ds` is given) gets rank `rank`'s share of each global batch of `global_batch`
     images; eval takes every `world`-th image from `rank` on, so the sums over ranks cover the split once.
+    `keep_eval`: the decoded eval images are kept between passes (KeptBatches) when this rank's share takes at
+    most --eval-cache-gb; on CUDA in GPU memory when that is at most 5% of the GPU's.
     """
     train_tf, eval_tf = transforms
     skip_bad = cfg.bad_images == "skip"
@@ -669,7 +707,11 @@ def build_data(cfg, train_ds, eval_ds, transforms, num_classes, device, workers,
     eval_set = ImageDataset(eval_ds, cfg.image_column, cfg.label_column, eval_tf, skip_bad=skip_bad, relabel=relabel,
                             num_classes=num_classes)
     check_labels(eval_set, num_classes, "eval")
-    eval_loader = make_loader(eval_set, eval_batch or cfg.eval_bs, workers, device, range(rank, len(eval_set), world))
+    eval_loader = make_loader(eval_set, eval_batch or cfg.eval_batch(device), workers, device, range(rank, len(eval_set), world))
+    size = len(range(rank, len(eval_set), world)) * 3 * math.prod(eval_tf.size)  # uint8 pixels
+    if keep_eval and size <= cfg.eval_cache_gb * 2 ** 30:
+        room = torch.cuda.get_device_properties(device).total_memory // 20 if device.type == "cuda" else 0
+        eval_loader = KeptBatches(eval_loader, device, room if size <= room else 0)
     return Data(train_set, eval_set, sampler, train_loader, eval_loader, batches)
 
 

@@ -87,7 +87,7 @@ def main(argv=None):
     own_run = saved and not a.dataset  # the run's own eval split: its precision, eval batch and attention
     precision = resolve_precision(a.precision or (cfg.precision if own_run else "auto"), device,
                                   inherited=a.precision is None)
-    batch_size = a.batch_size or (cfg.eval_bs if own_run else 32)
+    batch_size = a.batch_size or (cfg.eval_batch(device) if own_run else 32)
     hub.prepare(hub_dataset(cfg.dataset), hub_model(a.model))  # before the data: a missing model fails fast
     if a.dataset:  # a multi-label model reads a data set's single labels as lists of one
         cfg.multi_label = getattr(read_config(a.model), "problem_type", None) == "multi_label_classification"

@@ -42,6 +42,32 @@ def summary(metrics, prefix="", rows=None):
                     if prefix + key in metrics)
 
 
+class Worst:
+    """The `keep` most confident wrong answers so far, kept on the device (no read per batch): for each, its
+    confidence, what was true, what was predicted and the image (uint8, as the model saw it)."""
+
+    def __init__(self, keep):
+        self.keep, self.kept = keep, None
+
+    def add(self, confidence, wrong, *rows):
+        """`confidence` of each image's answer, `wrong` where the answer was wrong; `rows`: the truth, the
+        prediction and the image of each, along the first dimension."""
+        candidates = (torch.where(wrong, confidence.float(), -1.0), *rows)  # a right answer never qualifies
+        if self.kept is not None:
+            candidates = tuple(torch.cat([old, new]) for old, new in zip(self.kept, candidates))
+        order = candidates[0].topk(min(self.keep, len(candidates[0]))).indices
+        self.kept = tuple(c[order] for c in candidates)
+
+    def result(self, describe):
+        """[dict(confidence, true, pred, image)], the most confident first (one read from the device);
+        `describe(true, pred)` turns a row's truth and prediction into what the dict holds."""
+        if self.kept is None:
+            return []
+        confidence, true, pred, images = (t.cpu() for t in self.kept)
+        return [dict(confidence=c.item(), **describe(t, p), image=image)
+                for c, t, p, image in zip(confidence, true, pred, images) if c >= 0]
+
+
 class SingleLabel:
     """Loss, top-1/top-5 hits and the [true, predicted] count matrix of single-label batches; with
     `mistakes`, that many of the most confident misclassified images."""
@@ -51,7 +77,7 @@ class SingleLabel:
         self.loss = torch.zeros((), dtype=torch.float64, device=device)
         self.hits = torch.zeros(2, dtype=torch.int64, device=device)  # top-1, top-5
         self.confusion = torch.zeros((num_classes, num_classes), dtype=torch.int64, device=device)
-        self.worst = []
+        self.worst = Worst(mistakes)
 
     def add(self, logits, labels, raw):
         self.loss += F.cross_entropy(logits, labels, reduction="sum")
@@ -59,12 +85,11 @@ class SingleLabel:
         hits = top == labels[:, None]
         self.hits += torch.stack([hits[:, 0].sum(), hits.any(dim=-1).sum()])
         self.confusion.index_put_((labels, top[:, 0]), torch.ones_like(labels), accumulate=True)
-        if self.keep:  # the most confident wrong answers so far (a sync per batch, only here)
-            conf = logits.softmax(-1).max(-1).values.cpu()
-            for i in (~hits[:, 0]).nonzero().flatten().tolist():
-                self.worst.append(dict(confidence=conf[i].item(), true=labels[i].item(), pred=top[i, 0].item(),
-                                       image=raw[i].clone()))
-            self.worst = sorted(self.worst, key=lambda m: -m["confidence"])[:self.keep]
+        if self.keep:
+            self.worst.add(logits.softmax(-1).max(-1).values, ~hits[:, 0], labels, top[:, 0], raw)
+
+    def mistakes(self):
+        return self.worst.result(lambda true, pred: dict(true=true.item(), pred=pred.item()))
 
     def result(self, n):
         """The metrics over every rank's batches, `n` images in all."""
@@ -96,7 +121,7 @@ class MultiLabel:
         self.loss = torch.zeros((), dtype=torch.float64, device=device)
         self.exact = torch.zeros((), dtype=torch.int64, device=device)
         self.counts = torch.zeros((3, num_classes), dtype=torch.int64, device=device)  # tp, fp, fn
-        self.scores, self.targets, self.worst = [], [], []
+        self.scores, self.targets, self.worst = [], [], Worst(mistakes)
 
     def add(self, logits, labels, raw):
         truth = labels.bool()
@@ -109,12 +134,12 @@ class MultiLabel:
         self.scores.append(logits)  # AP ranks by them: sigmoids tie at 1.0 in float32 past a logit of about 17
         self.targets.append(truth)
         if self.keep:  # confidence of a wrong decision: p for a class predicted wrongly, 1 - p for one missed
-            conf = torch.where(pred == truth, 0.0, torch.where(pred, probs, 1 - probs)).max(1).values.cpu()
-            pred, truth = pred.cpu(), truth.cpu()
-            for i in (~right).nonzero().flatten().tolist():
-                self.worst.append(dict(confidence=conf[i].item(), true=truth[i].nonzero().flatten().tolist(),
-                                       pred=pred[i].nonzero().flatten().tolist(), image=raw[i].clone()))
-            self.worst = sorted(self.worst, key=lambda m: -m["confidence"])[:self.keep]
+            conf = torch.where(pred == truth, 0.0, torch.where(pred, probs, 1 - probs)).max(1).values
+            self.worst.add(conf, ~right, truth, pred, raw)
+
+    def mistakes(self):
+        return self.worst.result(lambda true, pred: dict(true=true.nonzero().flatten().tolist(),
+                                                         pred=pred.nonzero().flatten().tolist()))
 
     def result(self, n):
         loss, exact = dist.all_sum(torch.stack([self.loss, self.exact.double()])).tolist()

@@ -7,7 +7,7 @@ import os
 import torch
 
 from vitfood import adapt
-from vitfood.common import UserError, autocast, first_line
+from vitfood.common import UserError, autocast, first_line, keep_compiled_kernels
 from vitfood.hub import hub_error, is_path
 
 # Named ViT shapes built from ViTConfig without any download. vit-tiny/small/base are the
@@ -38,12 +38,35 @@ def resolve_attn(attn, device):
     return "sdpa" if device is not None and torch.device(device).type == "cuda" else "eager"
 
 
-def build_model(cfg, class_names, device=None, multi_label=False):
+def load_processor(cfg):
+    """The image processor of --model at --image-size: what the transforms are built from (before the model, so
+    that the loader's workers can start while the model is built)."""
+    if cfg.model in NAMED:
+        from transformers import ViTImageProcessor
+        s = named_shape(cfg)["image_size"]
+        return ViTImageProcessor(size={"height": s, "width": s}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    _, processor = from_pretrained(cfg.model, None, trust_remote_code=cfg.trust_remote_code)
+    return adapt.resize_processor(processor, cfg.image_size) if cfg.image_size else processor
+
+
+def named_shape(cfg):
+    """The ViTConfig fields of a named shape, at --image-size."""
+    shape = dict(NAMED[cfg.model])
+    if cfg.image_size:
+        if cfg.image_size % shape["patch_size"]:
+            raise UserError(f"--image-size {cfg.image_size} must be a multiple of the patch size {shape['patch_size']}")
+        shape["image_size"] = cfg.image_size
+    return shape
+
+
+def build_model(cfg, class_names, device=None, multi_label=False, processor=None):
     """(model, image_processor) with a classification head for `class_names`, as it trains (frozen, LoRA,
-    checkpointed: adapt.prepare); `device` resolves --attn auto. `multi_label`: the config says so, and
-    transformers then computes binary cross-entropy and its pipeline applies a sigmoid."""
+    checkpointed: adapt.prepare); `device` resolves --attn auto, and a named shape is built there (a random
+    initialisation on the GPU takes a fraction of the CPU's time). `multi_label`: the config says so, and
+    transformers then computes binary cross-entropy and its pipeline applies a sigmoid. `processor`: the one
+    load_processor gave, else it is loaded here."""
     attn = resolve_attn(cfg.attn, device)
-    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+    from transformers import ViTConfig, ViTForImageClassification
 
     id2label = {i: name for i, name in enumerate(class_names)}
     label2id = {name: i for i, name in id2label.items()}
@@ -51,17 +74,12 @@ def build_model(cfg, class_names, device=None, multi_label=False):
     if cfg.model in NAMED:
         if cfg.drop_path:
             raise UserError(f"--drop-path: {cfg.model} is a ViTConfig, which has no stochastic depth (no drop_path_rate)")
-        shape = dict(NAMED[cfg.model])
-        if cfg.image_size:
-            if cfg.image_size % shape["patch_size"]:
-                raise UserError(f"--image-size {cfg.image_size} must be a multiple of the patch size {shape['patch_size']}")
-            shape["image_size"] = cfg.image_size
-        config = ViTConfig(**shape, num_labels=len(class_names), id2label=id2label, label2id=label2id, problem_type=problem)
+        config = ViTConfig(**named_shape(cfg), num_labels=len(class_names), id2label=id2label, label2id=label2id,
+                           problem_type=problem)
         config._attn_implementation = attn
-        model = ViTForImageClassification(config)
-        s = shape["image_size"]
-        processor = ViTImageProcessor(size={"height": s, "width": s}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
-        return adapt.prepare(model, cfg), processor
+        with torch.device(device or "cpu"):
+            model = ViTForImageClassification(config)
+        return adapt.prepare(model, cfg), processor or load_processor(cfg)
 
     extra = {}
     if cfg.drop_path:
@@ -69,7 +87,7 @@ def build_model(cfg, class_names, device=None, multi_label=False):
         if config is not None and not hasattr(config, "drop_path_rate"):
             raise UserError(f"--drop-path: {type(config).__name__} has no stochastic depth (no drop_path_rate)")
         extra["drop_path_rate"] = cfg.drop_path
-    model, processor = from_pretrained(cfg.model, attn, trust_remote_code=cfg.trust_remote_code,
+    model, processor = from_pretrained(cfg.model, attn, trust_remote_code=cfg.trust_remote_code, processor=processor,
                                        num_labels=len(class_names), id2label=id2label, label2id=label2id,
                                        problem_type=problem, ignore_mismatched_sizes=True, **extra)
     if cfg.image_size:
@@ -104,8 +122,9 @@ def read_config(name, trust_remote_code=False):
         return None
 
 
-def from_pretrained(name, attn, trust_remote_code=False, **model_kwargs):
-    """(model, image_processor) from a Hub id or a local folder; one clear line when it cannot be loaded."""
+def from_pretrained(name, attn, trust_remote_code=False, processor=None, **model_kwargs):
+    """(model, image_processor) from a Hub id or a local folder; one clear line when it cannot be loaded.
+    `attn` None: the processor alone (model None); `processor`: that one instead of the folder's."""
     from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
     from transformers import AutoImageProcessor, AutoModelForImageClassification
     from transformers.utils import logging
@@ -122,8 +141,8 @@ def from_pretrained(name, attn, trust_remote_code=False, **model_kwargs):
         raise UserError(f"{name} holds a LoRA adapter, not a whole model (a LoRA run's checkpoints hold what trains): "
                         "use the run's model/ folder, where the adapters are merged, or resume the run to export one")
     try:
-        processor = AutoImageProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
-        model = AutoModelForImageClassification.from_pretrained(
+        processor = processor or AutoImageProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = None if attn is None else AutoModelForImageClassification.from_pretrained(
             path, attn_implementation=attn, trust_remote_code=trust_remote_code, **model_kwargs)
     except UserError:
         raise
@@ -201,11 +220,13 @@ def vit_flops_per_image(config, training=True):
     return 3 * forward if training else forward
 
 
-def compiled(model, device, world=1):
+def compiled(model, device, world=1, graphed=False):
     """torch.compile for training. On one GPU, mode "reduce-overhead": the forward and backward replay as
-    CUDA graphs, one launch instead of hundreds, which a small batch is bound by. Under DDP (whose gradient
-    hooks a graph cannot hold) and on the CPU, the default mode (fused kernels)."""
-    mode = "reduce-overhead" if device.type == "cuda" and world == 1 else None
+    CUDA graphs, one launch instead of hundreds, which a small batch is bound by; inside a graph of the whole
+    step (`graphed`: steps.GraphedStep), the default mode. Under DDP (whose gradient hooks a graph cannot hold)
+    and on the CPU, the default mode (fused kernels)."""
+    mode = "reduce-overhead" if device.type == "cuda" and world == 1 and not graphed else None
+    keep_compiled_kernels()
     return torch.compile(model, mode=mode)
 
 

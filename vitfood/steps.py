@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from vitfood import dist
-from vitfood.common import Console, UserError
+from vitfood.common import Console, UserError, autocast, first_line
 from vitfood.data import normalize
 from vitfood.metrics import MultiLabel, SingleLabel
 from vitfood.model import for_inference, unwrap
@@ -62,8 +62,17 @@ def smoothed(labels, smoothing, num_classes=None):
 
 
 def optimizer_step(model, optimizer, scaler, scheduler, max_grad_norm):
-    """Unscale, clip, step, update, zero, with no host-device sync. Returns (grad norm, finite), both
-    tensors on the device, to be read only at logging steps.
+    """Unscale, clip, step, update, zero, with no host-device sync; then the schedule's next learning rate.
+    Returns (grad norm, finite), both tensors on the device, to be read only at logging steps."""
+    norm, finite = update(model, optimizer, scaler, max_grad_norm)
+    scheduler.step()
+    return norm, finite
+
+
+def update(model, optimizer, scaler, max_grad_norm, lrs=None):
+    """The optimizer step's device work: unscale, clip, AdamW, the loss scale's update, gradients released.
+    Returns (grad norm, finite). `lrs`: device tensors that stand in for the parameter groups' learning rates
+    (a CUDA graph replays with them, filled before each replay); None: the groups' own numbers.
 
     A step whose gradients are not finite is skipped in every precision, on the device: the fused AdamW
     kernel takes `found_inf` and then leaves weights, moments and step count as they were (the fp16
@@ -73,14 +82,98 @@ def optimizer_step(model, optimizer, scaler, scheduler, max_grad_norm):
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm or float("inf"))
     finite = torch.isfinite(norm)
     optimizer.found_inf = (~finite).float()  # read by fused AdamW only: make_optimizer builds it fused
+    numbers = [group["lr"] for group in optimizer.param_groups]
     try:
+        for group, lr in zip(optimizer.param_groups, lrs or ()):
+            group["lr"] = lr
         optimizer.step()
     finally:
         del optimizer.found_inf
+        for group, lr in zip(optimizer.param_groups, numbers):
+            group["lr"] = lr
     scaler.update()  # fp16: a lower scale after an overflow (its inf checks are the unscale's, on the device)
-    scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return norm, finite
+
+
+class GraphedStep:
+    """The whole training step on one micro-batch (normalize, forward, loss, backward, unscale, clip, AdamW,
+    the loss scale's update) as one CUDA graph, replayed at every step: one launch instead of hundreds of
+    kernels, each of which costs the host more than the GPU at a small batch.
+
+    The first `WARMUP` steps run eagerly on the capture stream (they create the optimizer's state and the
+    libraries' handles), then the step is captured once. Replays run the same kernels on the same numbers as
+    those steps did. The learning rates are device tensors, filled before each step, so the schedule moves on
+    without a new capture; every step of a graphed run takes them (float32, where the eager path passes
+    AdamW a double), so that its steps are alike whichever way they run. A batch of another shape (an epoch's
+    short last batch, one that lost damaged images) runs eagerly. If the capture fails, every step stays eager
+    and the run says why, once."""
+
+    WARMUP = 3
+
+    def __init__(self, model, optimizer, scaler, scheduler, precision, mean, std, max_grad_norm, label_smoothing,
+                 class_weight, images, labels, divisor, say=print):
+        self.model, self.optimizer, self.scaler, self.scheduler = model, optimizer, scaler, scheduler
+        self.mean, self.std, self.max_grad_norm, self.label_smoothing = mean, std, max_grad_norm, label_smoothing
+        self.class_weight, self.divisor, self.say = class_weight, divisor, say
+        self.device = next(model.parameters()).device
+        self.amp = autocast(precision, self.device, cache=False)  # autocast's weight cache cannot live in a graph
+        self.images = torch.zeros(images.shape, dtype=images.dtype, device=self.device)  # the graph's input
+        self.labels = torch.zeros(labels.shape, dtype=labels.dtype, device=self.device)
+        self.lrs = [torch.zeros((), dtype=torch.float32, device=self.device) for _ in optimizer.param_groups]
+        self.stream = torch.cuda.Stream(self.device)
+        self.graph, self.out, self.eager_steps, self.failed = None, None, 0, False
+
+    def _step(self, images, labels, divisor):
+        loss = forward_backward(self.model, images, labels, self.amp, self.scaler, self.mean, self.std, divisor,
+                                self.label_smoothing, None, self.class_weight)
+        return (loss, *update(self.model, self.optimizer, self.scaler, self.max_grad_norm, self.lrs))
+
+    def __call__(self, images, labels, samples):
+        """One optimizer step on this micro-batch, whose loss is divided by `samples`: (loss, grad norm, finite),
+        device tensors."""
+        for lr, group in zip(self.lrs, self.optimizer.param_groups):
+            lr.fill_(group["lr"])
+        if self.failed or labels.shape != self.labels.shape or samples != self.divisor:
+            out = self._step(images, labels, samples)  # eagerly, on the current stream
+        else:
+            self.images.copy_(images, non_blocking=True)
+            self.labels.copy_(labels, non_blocking=True)
+            if self.graph is not None:
+                self.graph.replay()
+                out = self.out
+            else:
+                self.stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(self.stream):
+                    out = self._step(self.images, self.labels, self.divisor)
+                torch.cuda.current_stream().wait_stream(self.stream)
+                self.eager_steps += 1
+                if self.eager_steps == self.WARMUP:
+                    self._capture()
+        self.scheduler.step()
+        return out
+
+    def _capture(self):
+        groups = self.optimizer.param_groups
+        graph = torch.cuda.CUDAGraph()
+        try:
+            for group in groups:  # the optimizer's own check that its step may be captured
+                group["capturable"] = True
+            # thread_local: the loader's pin-memory thread keeps working meanwhile, and the autograd engine's
+            # threads launch the backward onto the capture stream
+            with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
+                out = self._step(self.images, self.labels, self.divisor)
+        except Exception as e:
+            self.failed = True
+            self.scaler._per_optimizer_states.clear()  # a step cut short between unscale_ and update
+            self.optimizer.zero_grad(set_to_none=True)
+            self.say(f"note: the training step could not be captured as a CUDA graph ({first_line(e, 160)}); it "
+                     "runs eagerly")
+            return
+        finally:
+            for group in groups:
+                group["capturable"] = False
+        self.graph, self.out = graph, out
 
 
 class Mixing:
@@ -197,9 +290,9 @@ def eval_pass(model, loader, device, precision, mean, std, progress=True, num_cl
         damaged += bad  # each image is met once in a pass: files, not encounters
         if labels.shape[0] == 0:  # every image of the batch was damaged
             continue
-        images = normalize(raw.to(device, non_blocking=True), mean, std)
+        raw = raw.to(device, non_blocking=True)
         with amp:
-            logits = net(pixel_values=images).logits
+            logits = net(pixel_values=normalize(raw, mean, std)).logits
         meter.add(logits.float(), labels.to(device, non_blocking=True), raw)
         n += labels.shape[0]
     model.train(was_training)
@@ -207,6 +300,6 @@ def eval_pass(model, loader, device, precision, mean, std, progress=True, num_cl
     n, skipped = (int(v) for v in dist.all_sum(torch.tensor([n, len(damaged)], dtype=torch.float64, device=device)).tolist())
     result = dict(meter.result(n), samples=n, skipped=skipped,
                   damaged=sorted(i for part in dist.gather(damaged) for i in part) if skipped else [])
-    gathered = [m for part in dist.gather(meter.worst) for m in part] if mistakes else []
+    gathered = [m for part in dist.gather(meter.mistakes()) for m in part] if mistakes else []
     result["mistakes"] = sorted(gathered, key=lambda m: -m["confidence"])[:mistakes]
     return result

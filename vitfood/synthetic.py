@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from PIL import Image
 
-from vitfood.common import UserError
+from vitfood.common import UserError, cache_dir
 
 VERSION = 2  # bump when the images change, so old caches are not reused
 
@@ -115,10 +115,6 @@ def _split(seed, offset, n, num_classes, max_px, dishes=1):
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # numpy and libjpeg release the GIL
         images = list(pool.map(_jpeg, [seed] * n, range(offset, offset + n), labels, [max_px] * n, [num_classes] * n))
     return images, labels
-
-
-def cache_dir():
-    return os.environ.get("VITFOOD_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "vitfood")
 
 
 def ensure(size, num_classes=10, max_px=512, seed=0, log=print, dishes=1):

@@ -27,16 +27,18 @@ import torch
 import transformers
 
 from vitfood import adapt, checkpoint, dist, hub, metrics, report
+from vitfood.phases import Phases
 from vitfood.common import (UserError, env_info, first_line, mixed_precision, num_workers, resolve_precision, run_main,
-                            safe_name, seconds_since_start, seed_everything)
+                            safe_name, seconds_since_start, seed_everything, start_cuda)
 from vitfood.config import FIXED_ON_RESUME, build_parser, read_config_file, resolve, to_dict
 from vitfood.data import (Data, balanced_weights, build_data, check_damaged, eval_skip_warning, hub_dataset, is_multi_label,
                           load_splits, transforms_for)
 from vitfood.hub import is_path
 from vitfood.logs import Meter, RunLog
-from vitfood.model import build_model, compiled, hub_model, load_weights, skeleton, make_optimizer, make_scheduler
+from vitfood.model import (build_model, compiled, hub_model, load_processor, load_weights, make_optimizer, make_scheduler,
+                           skeleton)
 from vitfood.state import Ledger, Progress, RNGStreams
-from vitfood.steps import EMA, Mixing, NonFiniteStreak, eval_pass, forward_backward, optimizer_step
+from vitfood.steps import EMA, GraphedStep, Mixing, NonFiniteStreak, eval_pass, forward_backward, optimizer_step
 
 EXIT_STOPPED = 75  # stopped by SIGTERM/SIGHUP/SIGINT after saving a checkpoint (sysexits' EX_TEMPFAIL: run again)
 
@@ -146,6 +148,7 @@ class Run:
     precision: str
     global_batch: int  # images per micro-step over all ranks; x grad_accum_steps per optimizer step
     checkpoints: checkpoint.Checkpoints
+    phases: Phases  # where the time goes: phases.json
     data: Data
     class_names: list
     multi_label: bool  # a list of classes per image: binary cross-entropy, sigmoid scores, mAP
@@ -167,6 +170,7 @@ class Run:
     startup: float = 0.0  # seconds from process start to the loop
     ddp: torch.nn.Module | None = None  # the model as DDP sees it (the model itself for one process)
     train_model: torch.nn.Module | None = None  # what the step calls: ddp, compiled with --compile
+    graph: GraphedStep | None = None  # on CUDA: the whole step as one CUDA graph (--cuda-graph)
     log: RunLog | None = None
     stopper: dist.Stopper | None = None  # SIGTERM/SIGINT/SIGHUP: save and exit 75, until nothing is left to write
 
@@ -189,13 +193,17 @@ def resumable(r):
 
 
 def main(argv=None):
-    cfg, out, resume = parse_run(argv)
-    rank, world, device = dist.setup(cfg.device, cfg.dist_timeout)
-    cfg.output_dir = dist.from_rank0(out)  # a default name holds a timestamp: rank 0's for all
-    checkpoints = checkpoint.Checkpoints(cfg.output_dir, cfg.save_total_limit, main=rank == 0)
+    phases = Phases()
+    phases.add("imports", 0.0, seconds_since_start())  # the interpreter's start and the imports above
+    with phases.span("arguments"):
+        cfg, out, resume = parse_run(argv)
+        rank, world, device = dist.setup(cfg.device, cfg.dist_timeout)
+        cfg.output_dir = dist.from_rank0(out)  # a default name holds a timestamp: rank 0's for all
+    cuda_ready = start_cuda(device)
+    checkpoints = checkpoint.Checkpoints(cfg.output_dir, cfg.save_total_limit, main=rank == 0, phases=phases)
     r = None
     try:
-        r = setup(cfg, resume, rank, world, device, checkpoints)
+        r = setup(cfg, resume, rank, world, device, checkpoints, phases, cuda_ready)
         if r is None:
             return None  # the run had already finished
         return finish(r, train_loop(r))
@@ -203,53 +211,69 @@ def main(argv=None):
         if r is not None and r.log is not None:  # TensorBoard's HParams marks the run failed
             r.log.end("failure", r.step, first_line(e))
             r.log.close()
+        if r is not None and r.main:
+            with contextlib.suppress(OSError):
+                phases.write(cfg.output_dir, "failure")
         raise
     finally:
         checkpoints.discard_if_unused()  # a run that failed before writing anything leaves no empty folder
 
 
-def setup(cfg, resume, rank, world, device, checkpoints):
+def setup(cfg, resume, rank, world, device, checkpoints, phases=None, cuda_ready=None):
     """The run directory, data, model, optimizer and logs, restored from a checkpoint when resuming;
-    None when the run being resumed had already finished."""
+    None when the run being resumed had already finished. `cuda_ready`: the thread creating the CUDA context."""
     main_rank = rank == 0
     say = print if main_rank else (lambda *args, **kwargs: None)
-    hub.check_local(dataset=cfg.dataset, model=cfg.model)  # a typo in a path is named before anything else
-    hub_model(cfg.model)  # and a near miss of a named config
-    resume_from = open_run(cfg, checkpoints, resume, main_rank)
-    precision = resolve_precision(cfg.precision, device)
-    state = checkpoint.load_state(resume_from) if resume_from else None
+    phases = phases or Phases()
+    with phases.span("open run"):
+        hub.check_local(dataset=cfg.dataset, model=cfg.model)  # a typo in a path is named before anything else
+        hub_model(cfg.model)  # and a near miss of a named config
+        resume_from = open_run(cfg, checkpoints, resume, main_rank)
+        precision = resolve_precision(cfg.precision, device)
+        state = checkpoint.load_state(resume_from) if resume_from else None
     global_batch = cfg.batch_size * world
 
     # ---- data and model (rank 0 first: it downloads or generates, the others then read its cache)
-    hub.prepare(hub_dataset(cfg.dataset), hub_model(cfg.model), cfg.trust_remote_code)  # fails fast, before the data
-    if (shell := skeleton(cfg)) is not None:
-        adapt.check_model(shell, cfg)  # a LoRA target or gradient checkpointing the model has not: before the data
-    seed_everything(cfg.seed)
-    if not main_rank:
-        dist.wait_for_rank0()
-    train_ds, eval_ds, class_names = load_splits(cfg)
-    multi_label = is_multi_label(train_ds, cfg.label_column)
-    model, processor = build_model(cfg, class_names, device, multi_label)
+    with phases.span("checks"):  # imports the model's code, as its skeleton is built
+        hub.prepare(hub_dataset(cfg.dataset), hub_model(cfg.model), cfg.trust_remote_code)  # fails fast, before the data
+        if (shell := skeleton(cfg)) is not None:
+            adapt.check_model(shell, cfg)  # a LoRA target or gradient checkpointing the model has not: before the data
+    with phases.span("data"):
+        seed_everything(cfg.seed)
+        if not main_rank:
+            dist.wait_for_rank0()
+        train_ds, eval_ds, class_names = load_splits(cfg)
+        multi_label = is_multi_label(train_ds, cfg.label_column)
+    with phases.span("loader"):  # the workers start decoding the first batches while the model is built
+        processor = load_processor(cfg)
+        train_tf, eval_tf, (mean, std) = transforms_for(processor, cfg.fast_decode, cfg)
+        workers = num_workers(cfg.num_workers)
+        data = build_data(cfg, train_ds, eval_ds, (train_tf, eval_tf), len(class_names), device, workers, global_batch,
+                          rank, world, keep_eval=True)
+        if state:
+            data.batches.load_state_dict(state["data"])  # where the resumed run reads on (restore sets it again)
+        if cuda_ready is not None:
+            cuda_ready.join()  # no worker is forked while another thread is inside the CUDA driver
+        data.batches.start()
+    with phases.span("model"):
+        model, processor = build_model(cfg, class_names, device, multi_label, processor)
     if main_rank:
         dist.wait_for_rank0()
     if world > 1:  # same initial weights everywhere (above); from here, each rank its own dropout masks
         seed_everything(cfg.seed + 7919 * rank)
     dist.same_on_all((len(train_ds), len(eval_ds), class_names), "the data set")
     transformers.utils.logging.disable_progress_bar()  # downloads are done; no bar per checkpoint write
-    train_tf, eval_tf, (mean, std) = transforms_for(processor, cfg.fast_decode, cfg)
-    workers = num_workers(cfg.num_workers)
-    data = build_data(cfg, train_ds, eval_ds, (train_tf, eval_tf), len(class_names), device, workers, global_batch,
-                      rank, world)
     max_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * data.sampler.batches_per_epoch / cfg.grad_accum_steps))
 
     # ---- optimizer and precision
-    model.to(device)
-    optimizer = make_optimizer(model, cfg)
-    scheduler = make_scheduler(optimizer, cfg.warmup_steps, max_steps)
-    amp, scaler = mixed_precision(precision, device)
+    with phases.span("device"):
+        model.to(device)
+        optimizer = make_optimizer(model, cfg)
+        scheduler = make_scheduler(optimizer, cfg.warmup_steps, max_steps)
+        amp, scaler = mixed_precision(precision, device)
     progress = Progress()
     r = Run(cfg=cfg, rank=rank, world=world, device=device, precision=precision, global_batch=global_batch,
-            checkpoints=checkpoints, data=data, class_names=class_names, multi_label=multi_label, model=model,
+            checkpoints=checkpoints, phases=phases, data=data, class_names=class_names, multi_label=multi_label, model=model,
             processor=processor,
             optimizer=optimizer, scheduler=scheduler, scaler=scaler, amp=amp, mean=mean, std=std, max_steps=max_steps,
             progress=progress, ledger=Ledger(NonFiniteStreak(cfg.max_nonfinite_steps, device)),
@@ -261,7 +285,8 @@ def setup(cfg, resume, rank, world, device, checkpoints):
 
     # ---- restore
     if state:
-        checkpoint.restore(resume_from, state, model, resumable(r))
+        with phases.span("restore"):
+            checkpoint.restore(resume_from, state, model, resumable(r))
         dist.same_on_all(r.step, "the step of the checkpoint resumed from (is --output-dir on shared storage?)")
         if r.step >= max_steps and os.path.isfile(os.path.join(cfg.output_dir, "all_results.json")):
             say(f"{cfg.output_dir}: the run already finished at step {r.step} (of {max_steps}); nothing to do")
@@ -275,23 +300,32 @@ def setup(cfg, resume, rank, world, device, checkpoints):
     r.ddp = model
     if world > 1:  # PyTorch's DDP: gradients averaged across ranks during backward
         r.ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-    r.train_model = compiled(r.ddp, device, world) if cfg.compile else r.ddp
+    graphed, how = step_mode(r)
+    r.train_model = compiled(r.ddp, device, world, graphed) if cfg.compile else r.ddp
+    if graphed:
+        size = data.train_set.transform.size
+        r.graph = GraphedStep(r.train_model, optimizer, scaler, scheduler, precision, mean, std, cfg.max_grad_norm,
+                              cfg.label_smoothing, r.class_weight, torch.empty((cfg.batch_size, 3, *size), dtype=torch.uint8),
+                              torch.empty((cfg.batch_size, len(class_names)) if multi_label else (cfg.batch_size,),
+                                          dtype=torch.uint8 if multi_label else torch.int64), global_batch, say)
 
     # ---- the run directory's records and logs (rank 0)
-    out, env = cfg.output_dir, dict(env_info(device), world_size=world)
-    if main_rank:
-        if cfg.overwrite_output_dir and not state:
-            checkpoint.clear_run(out)  # the user asked: the old run's checkpoints would outrank the new ones
-        checkpoint.write_json_atomic(os.path.join(out, "train_config.json"), to_dict(cfg))
-        checkpoint.write_json_atomic(os.path.join(out, "env.json"), env)
-    r.log = RunLog(out, r.step, max_steps, main_rank)
-    if not state:
-        r.log.start(hparams(cfg, precision, max_steps, world, global_batch * cfg.grad_accum_steps),
-                    dict(config=to_dict(cfg), env=env), multi_label)
+    with phases.span("logs"):
+        out, env = cfg.output_dir, dict(env_info(device), world_size=world)
+        if main_rank:
+            if cfg.overwrite_output_dir and not state:
+                checkpoint.clear_run(out)  # the user asked: the old run's checkpoints would outrank the new ones
+            checkpoint.write_json_atomic(os.path.join(out, "train_config.json"), to_dict(cfg))
+            checkpoint.write_json_atomic(os.path.join(out, "env.json"), env)
+        r.log = RunLog(out, r.step, max_steps, main_rank)
+        if not state:
+            r.log.start(hparams(cfg, precision, max_steps, world, global_batch * cfg.grad_accum_steps),
+                        dict(config=to_dict(cfg), env=env), multi_label)
     held_out = "" if cfg.eval_split else f" (held out of split {cfg.train_split!r}: --test-size {cfg.test_size:g})"
     say(f"run: {out} | {len(data.train_set)} train / {len(data.eval_set)} eval images{held_out}, "
         f"{len(class_names)} classes{' (multi-label)' * multi_label} | {cfg.model} on {device} in {precision}, {model.config._attn_implementation} "
         f"attention, {workers} worker{'s' * (workers != 1)} | {max_steps} steps")
+    say(f"step: {how}")
     say(f"batch: {global_batch * cfg.grad_accum_steps} images per optimizer step = {world} process(es) x --batch-size "
         f"{cfg.batch_size} x --grad-accum-steps {cfg.grad_accum_steps}; --lr applies to the mean loss over them "
         "(not scaled by processes)")
@@ -302,6 +336,19 @@ def setup(cfg, resume, rank, world, device, checkpoints):
     return r
 
 
+def step_mode(r):
+    """(whether the step is one CUDA graph, how the step runs, in words)."""
+    cfg = r.cfg
+    compiled_model = ", the model compiled (--compile)" if cfg.compile else ""
+    why = ("not on CUDA" if r.device.type != "cuda" else "--no-cuda-graph" if not cfg.cuda_graph else
+           "several processes" if r.world > 1 else "--grad-accum-steps" if cfg.grad_accum_steps > 1 else
+           "--mixup/--cutmix" if r.mixing else None)
+    if why:
+        return False, f"eager{compiled_model} (no CUDA graph of the whole step: {why})"
+    return True, (f"one CUDA graph of the whole step (forward, backward, clipping, AdamW{compiled_model}), captured "
+                  f"after {GraphedStep.WARMUP} eager steps; --no-cuda-graph for eager")
+
+
 def train_loop(r):
     """Optimizer steps from r.step to r.max_steps, or until a stop signal. Returns the stop signal, or None."""
     cfg, log, accum, ledger = r.cfg, r.log, r.cfg.grad_accum_steps, r.ledger
@@ -310,25 +357,36 @@ def train_loop(r):
     ledger.begin()
     loss_sum, norm_sum, kept = (torch.zeros((), device=r.device) for _ in range(3))
     last_log, train_loss, stopped, bad_train = r.step, None, None, set()
+    started, first_step, waited = seconds_since_start(), r.step, 0.0
     while r.step < r.max_steps:
         # fetch and step: the loss is summed over samples and divided by the step's global sample count, so
         # the gradient is the mean over the whole global batch, however it is split in micro-batches and ranks
         lrs = r.scheduler.get_last_lr()  # with --layer-decay, the head's is the highest
         step_samples = r.data.sampler.samples_in(r.step * accum, accum)
+        batches = []
         for micro in range(accum):
             t0 = time.perf_counter()
             images, labels, damaged = next(r.data.batches)
+            waited += time.perf_counter() - t0
             meter.fetched(labels.shape[0], time.perf_counter() - t0)
             ledger.fetched(damaged)
-            r.startup = r.startup or seconds_since_start()  # process start to the first batch in hand
+            if not r.startup:
+                r.startup = seconds_since_start()  # process start to the first batch in hand
+                r.phases.mark("first batch", step=r.step)
             if r.step == 0 and micro == 0:
                 log.augmented(images)
-            sync = r.world == 1 or micro == accum - 1  # all-reduce gradients once, on the last micro-batch
-            with contextlib.nullcontext() if sync else r.ddp.no_sync():  # DDP averages over ranks: / world
-                loss_sum += forward_backward(r.train_model, images, labels, r.amp, r.scaler, r.mean, r.std,
-                                             step_samples / r.world, cfg.label_smoothing,
-                                             r.mixing and r.mixing.at(r.step, micro), r.class_weight)
-        norm, finite = optimizer_step(r.model, r.optimizer, r.scaler, r.scheduler, cfg.max_grad_norm)
+            batches.append((images, labels))
+        if r.graph is not None:  # the whole step, replayed as one CUDA graph
+            loss, norm, finite = r.graph(images, labels, step_samples)
+            loss_sum += loss
+        else:
+            for micro, (images, labels) in enumerate(batches):
+                sync = r.world == 1 or micro == accum - 1  # all-reduce gradients once, on the last micro-batch
+                with contextlib.nullcontext() if sync else r.ddp.no_sync():  # DDP averages over ranks: / world
+                    loss_sum += forward_backward(r.train_model, images, labels, r.amp, r.scaler, r.mean, r.std,
+                                                 step_samples / r.world, cfg.label_smoothing,
+                                                 r.mixing and r.mixing.at(r.step, micro), r.class_weight)
+            norm, finite = optimizer_step(r.model, r.optimizer, r.scaler, r.scheduler, cfg.max_grad_norm)
         if r.ema:
             r.ema.update()
         r.progress.step += 1
@@ -361,11 +419,14 @@ def train_loop(r):
         t_pause = time.perf_counter()
         evaluated = r.step % cfg.eval_steps == 0 or last_step  # also when stopping: history and best stay whole
         if evaluated:  # eval
-            scores = evaluate(r, mistakes=8)
+            with r.phases.span("eval", step=r.step) as info:
+                scores = evaluate(r, mistakes=8)
+                info["images"] = scores["samples"] * (2 if r.ema else 1)  # with an EMA, a second pass
             log.eval(r.step, scores, r.class_names)
             r.progress.evaluated(scores, train_loss)
         if r.step % cfg.save_steps == 0 or last_step or stopped:  # save
-            save(r, evaluated)
+            with r.phases.span("save", step=r.step):
+                save(r, evaluated)
         # too many damaged images: stop, naming some (after the save, so a higher --max-bad-share can resume)
         check_damaged(r.data.train_set, bad_train, "training", cfg.max_bad_share)
         if evaluated:
@@ -373,6 +434,8 @@ def train_loop(r):
         meter.pause(time.perf_counter() - t_pause)  # eval and save time is not training throughput
         if stopped:
             break
+    r.phases.add("loop", started, seconds_since_start(), steps=r.step - first_step, images=ledger.segment_images,
+                 data_wait_s=round(waited, 3))
     return stopped
 
 
@@ -387,12 +450,15 @@ def save(r, evaluated):
 
 
 def finish(r, stopped):
-    """Export the model and write the results; or, after a stop signal, say how to continue and exit 75."""
-    cfg, out, log = r.cfg, r.cfg.output_dir, r.log
-    r.checkpoints.wait()  # the last checkpoint is complete before anything reads it or the process ends
+    """Export the model and write the results; or, after a stop signal, say how to continue and exit 75.
+    The last checkpoint's write goes on while the export is prepared; model/ then takes its weights file
+    (a hard link: the same bytes are not written twice)."""
+    cfg, out, log, phases = r.cfg, r.cfg.output_dir, r.log, r.phases
     log.pbar.close()
     # a signal during the last eval or the last checkpoint's write: that checkpoint is complete; stop there
     stopped = stopped or (dist.any_rank([r.stopper.signal], r.device)[0] and (r.stopper.signal or "another rank"))
+    if stopped:
+        stop(r, stopped)
     ledger = r.ledger.state_dict()  # every rank: it adds up over ranks
     bad_train, bad_eval = len(ledger["damaged_files"]), (r.progress.metrics or {}).get("skipped", 0)
     if bad_train:
@@ -400,21 +466,17 @@ def finish(r, stopped):
                 "not be decoded and were skipped (--bad-images error to stop instead)")
     if bad_eval:
         log.say(eval_skip_warning(bad_eval, len(r.data.eval_set)))
-    if stopped:
-        log.end("stopped", r.step, f"by {stopped}; resume with --resume auto")
-        log.close()
-        log.say(f"stopped by {stopped} at step {r.step}: saved {os.path.join(out, f'checkpoint-{r.step}')}; "
-                f"continue with --resume auto --output-dir {shlex.quote(out)}")
-        dist.close()
-        raise SystemExit(EXIT_STOPPED)
 
+    if cfg.export == "best" or cfg.export_ema:  # maybe other weights than the last write's: no overlap with
+        r.checkpoints.wait()  # it (nor its rotation beside the reading of an older checkpoint)
     final, export_step = r.progress.current(), step_to_export(r)
     if export_step != r.step:
         load_weights(r.model, os.path.join(out, f"checkpoint-{export_step}"))
         final = None
     if final is None or "f1_macro" not in final:  # the best's weights, or a run resumed at its last step
         # from a save between evals (or written by a vitfood without these metrics)
-        final = evaluate(r)
+        with phases.span("final eval"):
+            final = evaluate(r)
     rows = metrics.table(final)  # what the eval measured: single-label or multi-label
     if cfg.export_ema:  # the EMA's weights and eval stand for the model
         r.model.load_state_dict(r.ema.model.state_dict())
@@ -429,21 +491,37 @@ def finish(r, stopped):
                    damaged_eval_files=final["skipped"], startup_seconds=round(r.startup, 2))
     if r.ema:  # eval_ema_loss, and eval_ema_accuracy or eval_ema_map
         results.update({key.replace("eval_", "eval_ema_"): final[f"ema_{k}"] for k, key, *_ in rows[:2]})
+    export = None
     if r.main:
         env = env_info(r.device)
         card = report.model_card(cfg, results, r.progress.history, dict(train=len(r.data.train_set), eval=len(r.data.eval_set)),
                                  r.class_names, r.precision, r.world, r.global_batch * cfg.grad_accum_steps,
                                  {k: env[k] for k in ("torch", "transformers", "datasets")})
-        if adapt.is_lora(r.model):  # the adapter as it trained, then the model with it merged in
-            checkpoint.export(out, r.model, r.processor, name=adapt.ADAPTER)
-        model_dir = checkpoint.export(out, adapt.merged(r.model), r.processor, card)
-        checkpoint.write_json_atomic(os.path.join(out, "all_results.json"), results)
+        with phases.span("export"):
+            if adapt.is_lora(r.model):  # the adapter as it trained, then the model with it merged in
+                checkpoint.export(out, r.model, r.processor, name=adapt.ADAPTER)
+            # the checkpoint of the exported step holds these very weights, unless they are merged or the EMA's
+            same = not (adapt.is_lora(r.model) or cfg.export_ema)
+            export = checkpoint.Export(out, adapt.merged(r.model), r.processor, card,
+                                       weights_of=os.path.join(out, f"checkpoint-{export_step}") if same else None)
+    with phases.span("final wait"):
+        r.checkpoints.wait()  # the last checkpoint is complete before its weights are linked or the process ends
+    if dist.any_rank([r.stopper.signal], r.device)[0]:  # a signal while it was written: stop, as during the eval
+        if export:
+            export.discard()
+        stop(r, r.stopper.signal or "another rank")
+    if r.main:
+        with phases.span("export"):
+            model_dir = export.seal()
+            checkpoint.write_json_atomic(os.path.join(out, "all_results.json"), results)
         print(f"\ndone: {out}")
         segments = f" in {ledger['segments']} segments" if ledger["segments"] > 1 else ""
         print("  " + "  ".join(f"{key} {results[key]:.4f}" for _, key, *_ in rows[:3]) +
               f"  ({r.step} steps, {runtime:.0f} s{segments})")
         print(f"  model: {model_dir}")
         print(f"  tensorboard --logdir {shlex.quote(out)}")
+        print(f"  {phases.summary()}")
+        phases.write(out, "success")
     log.end("success", r.step, f"eval {rows[1][4]} {metrics.score(final):.4f}, loss {final['loss']:.4f} (the "
             f"exported model, step {export_step})")
     log.close()
@@ -451,6 +529,20 @@ def finish(r, stopped):
     dist.close()
     r.stopper.close()  # nothing left to write: signals act as usual again
     return results
+
+
+def stop(r, by):
+    """After a stop signal: the last checkpoint complete, say how to continue, exit 75."""
+    out, log = r.cfg.output_dir, r.log
+    r.checkpoints.wait()
+    log.end("stopped", r.step, f"by {by}; resume with --resume auto")
+    log.close()
+    log.say(f"stopped by {by} at step {r.step}: saved {os.path.join(out, f'checkpoint-{r.step}')}; "
+            f"continue with --resume auto --output-dir {shlex.quote(out)}")
+    if r.main:
+        r.phases.write(out, "stopped")
+    dist.close()
+    raise SystemExit(EXIT_STOPPED)
 
 
 def evaluate(r, **details):
