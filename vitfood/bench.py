@@ -46,7 +46,7 @@ from vitfood import adapt, checkpoint, hub
 from vitfood.common import (DTYPES, UserError, env_info, mixed_precision, num_workers, pick_device, resolve_precision,
                             run_main, seed_everything)
 from vitfood.config import Config, build_parser, resolve
-from vitfood.data import EpochBatchSampler, KeptBatches, build_data, hub_dataset, load_splits, make_loader, normalize, transforms_for
+from vitfood.data import EpochBatchSampler, KeptBatches, build_data, stop_workers, hub_dataset, load_splits, make_loader, normalize, transforms_for
 from vitfood.model import (build_model, compiled, hub_model, make_optimizer, make_scheduler, resolve_attn,
                            vit_flops_per_image)
 from vitfood.steps import EMA, GraphedStep, Mixing, eval_pass, forward_backward, optimizer_step
@@ -380,6 +380,7 @@ def bench_data(train_set, batch_size, workers, device, steps, repeats, mean, std
         t0 = time.perf_counter()
         n = sum(normalize(next(it)[0].to(device), mean, std).shape[0] for _ in range(steps))
         times.append(n / (time.perf_counter() - t0))
+    stop_workers(loader)
     del it, loader
     img_s = statistics.median(times)
     return dict(img_s=img_s, img_s_per_core=img_s / max(1, workers), batches=need)
@@ -438,6 +439,7 @@ def bench_e2e(cfg, train_set, names, device, precision, workers, steps, repeats,
         os.makedirs(profile_dir, exist_ok=True)
         result["trace"] = os.path.join(profile_dir, "trace.json")
         prof.export_chrome_trace(result["trace"])
+    stop_workers(loader)
     return result
 
 
@@ -462,6 +464,7 @@ def bench_eval(cfg, eval_set, names, device, precision, workers, max_images):
         t0 = time.perf_counter()
         n = run(kept)
         times.append(n / (time.perf_counter() - t0))
+    stop_workers(loader)
     return dict(img_s=statistics.median(times), first_pass_img_s=first, images=len(subset), batch_size=loader.batch_size,
                 workers=workers, kept_on=str(kept.device or "host"))
 
@@ -604,6 +607,7 @@ def main(argv=None):
               f"memory); {r['steps_during_write']} step(s) ran beside the background write, {r['slowdown_s']:.3f} s slower "
               f"in all; stall {r['stall_s']:.3f} s per save, against {r['sync_write_s']:.2f} s for a synchronous write")
 
+    data.close()
     _check_finite(report)
     text = json.dumps(report, default=float)
     if b.out:

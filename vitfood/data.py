@@ -605,6 +605,11 @@ class BatchStream:
         self.position += 1
         return batch
 
+    def close(self):
+        if self._batches is not None:
+            self._batches.close()  # the generator lets go of the loader's iterator
+            self._batches = None
+
     def _epochs(self, epoch, batches):
         while True:
             yield from batches
@@ -671,6 +676,18 @@ class KeptBatches:
         self.batches = kept
 
 
+def stop_workers(*loaders):
+    """Stop these DataLoaders' worker processes now, while the interpreter is whole. Left to the interpreter's
+    exit, persistent workers with pinned memory (CUDA) hold it up 5 s each (pytorch/pytorch#81794): 40 s at the
+    end of a run with 8 workers, measured on an H200."""
+    for loader in loaders:
+        loader = getattr(loader, "loader", loader)  # KeptBatches' own loader
+        iterator = getattr(loader, "_iterator", None)
+        if iterator is not None:
+            iterator._shutdown_workers()
+            loader._iterator = None
+
+
 class Data(NamedTuple):
     """What a run reads: the image sets, the training sampler and the loaders (train parts None for eval only)."""
     train_set: ImageDataset | None
@@ -679,6 +696,12 @@ class Data(NamedTuple):
     train_loader: torch.utils.data.DataLoader | None
     eval_loader: torch.utils.data.DataLoader
     batches: BatchStream | None  # the training micro-batches, resumable
+
+    def close(self):
+        """Stop every loader's workers (the end of a run)."""
+        if self.batches is not None:
+            self.batches.close()
+        stop_workers(*(loader for loader in (self.train_loader, self.eval_loader) if loader is not None))
 
 
 def build_data(cfg, train_ds, eval_ds, transforms, num_classes, device, workers, global_batch=None, rank=0, world=1,

@@ -109,6 +109,7 @@ def main(argv=None):
     threshold = a.threshold if a.threshold is not None else cfg.threshold
     r = eval_pass(model, data.eval_loader, device, precision, mean, std, num_classes=len(model_names),
                   mistakes=a.mistakes, multi_label=multi, threshold=threshold)
+    data.close()
 
     model_dir = os.path.abspath(os.path.expanduser(a.model))
     out = a.output_dir or (os.path.join(os.path.dirname(model_dir), f"eval-{os.path.basename(model_dir)}")

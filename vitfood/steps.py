@@ -1,6 +1,7 @@
 """The compute of a run, shared by train, bench and evaluate: a micro-batch's forward and backward, the
 optimizer step, and the eval pass."""
 
+import contextlib
 import copy
 import functools
 import math
@@ -161,11 +162,13 @@ class GraphedStep:
                 group["capturable"] = True
             # thread_local: the loader's pin-memory thread keeps working meanwhile, and the autograd engine's
             # threads launch the backward onto the capture stream
-            with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
+            with unmasked_attention(self.model), \
+                    torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
                 out = self._step(self.images, self.labels, self.divisor)
         except Exception as e:
             self.failed = True
-            self.scaler._per_optimizer_states.clear()  # a step cut short between unscale_ and update
+            if self.scaler.is_enabled():  # a step cut short between unscale_ and update: the scaler starts afresh
+                self.scaler._per_optimizer_states.clear()
             self.optimizer.zero_grad(set_to_none=True)
             self.say(f"note: the training step could not be captured as a CUDA graph ({first_line(e, 160)}); it "
                      "runs eagerly")
@@ -174,6 +177,30 @@ class GraphedStep:
             for group in groups:
                 group["capturable"] = False
         self.graph, self.out = graph, out
+
+
+UNMASKED_SDPA = "vitfood_sdpa_unmasked"
+
+
+@contextlib.contextmanager
+def unmasked_attention(model):
+    """SDPA attention given no mask, for the time of a CUDA graph capture. Some transformers versions (5.17
+    among them) build an explicit all-ones mask for every layer when they see a stream capture, as they cannot
+    look into a padding mask then; a mask keeps SDPA off its flash kernel (half the speed at batch 256, measured
+    on an H200). Outside a capture they drop that mask themselves, and an image has no padding: the same SDPA
+    function, registered under a name of its own with no mask function, gets None, as in an eager step."""
+    config = unwrap(model).config
+    if getattr(config, "_attn_implementation", None) != "sdpa":
+        yield
+        return
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    AttentionInterface.register(UNMASKED_SDPA, sdpa_attention_forward)
+    config._attn_implementation = UNMASKED_SDPA
+    try:
+        yield
+    finally:
+        config._attn_implementation = "sdpa"
 
 
 class Mixing:

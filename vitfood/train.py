@@ -214,6 +214,8 @@ def main(argv=None):
         if r is not None and r.main:
             with contextlib.suppress(OSError):
                 phases.write(cfg.output_dir, "failure")
+        if r is not None and isinstance(e, UserError):  # an exit through the interpreter's (the others leave
+            r.data.close()  # at once: a dead loader worker, Ctrl-C)
         raise
     finally:
         checkpoints.discard_if_unused()  # a run that failed before writing anything leaves no empty folder
@@ -290,6 +292,7 @@ def setup(cfg, resume, rank, world, device, checkpoints, phases=None, cuda_ready
         dist.same_on_all(r.step, "the step of the checkpoint resumed from (is --output-dir on shared storage?)")
         if r.step >= max_steps and os.path.isfile(os.path.join(cfg.output_dir, "all_results.json")):
             say(f"{cfg.output_dir}: the run already finished at step {r.step} (of {max_steps}); nothing to do")
+            data.close()
             return None
         if r.step > max_steps:  # refused before anything in the run directory is rewritten
             raise UserError(f"the run asks for {max_steps} steps (--max-steps, --epochs), below step {r.step} of the "
@@ -525,6 +528,7 @@ def finish(r, stopped):
     log.end("success", r.step, f"eval {rows[1][4]} {metrics.score(final):.4f}, loss {final['loss']:.4f} (the "
             f"exported model, step {export_step})")
     log.close()
+    r.data.close()
     dist.barrier()
     dist.close()
     r.stopper.close()  # nothing left to write: signals act as usual again
@@ -541,6 +545,7 @@ def stop(r, by):
             f"continue with --resume auto --output-dir {shlex.quote(out)}")
     if r.main:
         r.phases.write(out, "stopped")
+    r.data.close()
     dist.close()
     raise SystemExit(EXIT_STOPPED)
 
