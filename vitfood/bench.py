@@ -577,7 +577,7 @@ def main(argv=None):
         report["memory"] = bench_memory(cfg, names, device, precision, batch_sizes, steps)
 
     if "loop" in modes:
-        r = report["loop"] = bench_loop(cfg, names, device, precision, max(steps, 50) * 10, max(repeats // 2, 2))
+        r = report["loop"] = bench_loop(cfg, names, device, precision, 20 * steps, max(1, repeats // 2))
         lo, hi = r["vs_bare_spread"]
         print(f"\n[loop] vitfood.train's loop, {r['steps']} steps: {r['img_s']:.1f} img/s (data wait {r['data_wait']:.1%}; "
               f"first batch at {r['first_batch_s']:.1f} s) against the bare {r['step_mode']} step's {r['bare_img_s']:.1f}: "
