@@ -135,3 +135,27 @@ def test_the_loader_starts_before_the_model_and_a_resume_at_that_position_keeps_
     stream.close()
     stop_workers(stream.loader)
     assert stream.loader._iterator is None and not any(w.is_alive() for w in workers)
+
+
+def test_two_writes_go_on_at_once_and_their_checkpoints_appear_in_step_order(tmp_path, monkeypatch):
+    import time
+    from vitfood.config import Config
+    from vitfood.model import build_model
+    from vitfood.phases import Phases
+    model, processor = build_model(Config(model="vit-micro"), ["a", "b"])
+    monkeypatch.setenv("VITFOOD_FAULT", "delay:weights_written:1")  # the first write is held 3 s
+    monkeypatch.setenv("VITFOOD_FAULT_DELAY", "3")
+    phases = Phases()
+    saver = checkpoint.Checkpoints(str(tmp_path), keep=5, phases=phases)
+    saver.open()
+    t0 = time.perf_counter()
+    saver.save(1, model, processor, dict(step=1))
+    saver.save(2, model, processor, dict(step=2))  # beside the first: the loop does not wait
+    assert time.perf_counter() - t0 < 1.5 and not phases.count("save wait")
+    time.sleep(0.5)  # checkpoint-2's files are written by now, but it appears only after checkpoint-1
+    assert checkpoint.complete_checkpoints(tmp_path) == []
+    saver.save(3, model, processor, dict(step=3))  # a third waits for the oldest
+    assert phases.count("save wait") == 1 and [s for s, _ in checkpoint.complete_checkpoints(tmp_path)][:1] == [1]
+    saver.wait()
+    assert [s for s, _ in checkpoint.complete_checkpoints(tmp_path)] == [1, 2, 3]
+    assert [p["step"] for p in sorted(phases.records, key=lambda p: p["end"]) if p["name"] == "write"] == [1, 2, 3]

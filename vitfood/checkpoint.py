@@ -118,10 +118,11 @@ def upgrade(state):
                           global_batch=state.get("global_batch")))
 
 
-def save(output_dir, step, model, processor, training_state, weights=None, timing=None):
+def save(output_dir, step, model, processor, training_state, weights=None, timing=None, before_marker=None):
     """Write checkpoint-<step> atomically and return its path. `weights`: the model's state dict to write
     (a snapshot), instead of the model's current one. `timing`: a dict that gets the seconds spent writing
-    the files, and sealing them (fsync, SHA-256, marker)."""
+    the files, and sealing them (fsync, SHA-256, marker). `before_marker`: called once the files are written
+    and synced, before the marker makes the checkpoint complete (an earlier write's end, awaited)."""
     final = os.path.join(output_dir, f"checkpoint-{step}")
     tmp = os.path.join(output_dir, f".tmp-checkpoint-{step}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -133,8 +134,11 @@ def save(output_dir, step, model, processor, training_state, weights=None, timin
         fault_point("weights_written")
         torch.save(training_state, os.path.join(tmp, STATE))
         t1 = time.perf_counter()
-        _seal(tmp, step, timing)
+        files = _finish_files(tmp, timing=timing)
         timing.update(files_s=round(t1 - t0, 3), seal_s=round(time.perf_counter() - t1, 3))
+        if before_marker:
+            before_marker()
+        _mark(tmp, step, files)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # never leave a partial folder behind, even on a full disk
         raise
@@ -177,10 +181,14 @@ def _sha256(path):
     return digest.hexdigest()
 
 
-def _seal(tmp, step, timing=None):
-    """fsync every file, then write the marker that makes the folder a complete checkpoint: each file's
-    size (checked whenever checkpoints are listed) and SHA-256 (checked when one is resumed from)."""
-    files = _finish_files(tmp, timing=timing)
+def _seal(tmp, step):
+    """fsync every file, then write the marker that makes the folder a complete checkpoint."""
+    _mark(tmp, step, _finish_files(tmp))
+
+
+def _mark(tmp, step, files):
+    """The marker that makes the folder a complete checkpoint: each file's size (checked whenever checkpoints
+    are listed) and SHA-256 (checked when one is resumed from)."""
     fault_point("marker")
     write_json_atomic(os.path.join(tmp, MARKER), dict(step=step, files=files))
     _fsync_dir(tmp)
@@ -420,14 +428,19 @@ class Checkpoints:
     the best. Only the writing rank (`main`) touches the disk.
 
     A save pauses the loop only to copy the weights and the training state to host memory; a thread then
-    writes, fsyncs, seals and renames the checkpoint and rotates. At most one write is in flight: the next
-    save, `wait()` and the end of the run wait for it. A failed write stops the run at the next `check()`."""
+    writes, fsyncs, seals and renames the checkpoint and rotates. Up to `IN_FLIGHT` writes go on at once, each
+    from host copies of its own (a second set is made only when a save comes while a write is still going:
+    on a fast GPU, saving every 100 steps outpaces one writer); they appear, record the best and rotate in
+    step order. The next save waits when that many are going; `wait()` and the end of the run wait for all.
+    A failed write stops the run at the next `check()`."""
+
+    IN_FLIGHT = 2
 
     def __init__(self, out, keep, main=True, phases=None):
         self.out, self.keep, self.main, self.phases = out, keep, main, phases  # phases: a phases.Phases, or None
         self._created = os.path.realpath(out) in _claimed  # a new run's folder, claimed in parse_run
-        self._buffers = {}  # host copies, reused from save to save (about 3x the weights with AdamW)
-        self._writer = None  # the thread writing the latest save
+        self._free = []  # sets of host copies no write uses, reused from save to save (about 3x the weights with AdamW)
+        self._writers = []  # (thread, its host copies), oldest first
         self._failure = None  # (step, exception) of a failed write
 
     def open(self):
@@ -460,34 +473,46 @@ class Checkpoints:
     def save(self, step, model, processor, state, best=None, new_best=False):
         """Start writing checkpoint-<step> holding the model's weights and `state` as they are now; keep the
         best, `best` (dict(step, ...)), and record it when it is `new_best`."""
-        if self.phases and self.writing():
-            with self.phases.span("save wait", step=step):  # the previous write is still going: the loop waits
-                self.wait()
-        self.wait()  # at most one write in flight (and its buffers are free again)
+        self._reap()
+        if len(self._writers) >= self.IN_FLIGHT:  # as many writes as may be going: the loop waits for the oldest
+            with self.phases.span("save wait", step=step) if self.phases else contextlib.nullcontext():
+                self._writers[0][0].join()
+            self._reap()
+        self.check()
         if not self.main:
             return
         fault_point("snapshot")
-        weights = snapshot(model.state_dict(), self._buffers, ("model",))
-        state = snapshot(state, self._buffers, ("state",))
+        buffers = self._free.pop() if self._free else {}
+        weights = snapshot(model.state_dict(), buffers, ("model",))
+        state = snapshot(state, buffers, ("state",))
         copied = None
         if next(model.parameters()).is_cuda:  # the copies are enqueued on the stream: the writer waits for them
             copied = torch.cuda.Event()
             copied.record()
-        self._writer = threading.Thread(target=self._write, name=f"vitfood-save-{step}", daemon=False,
-                                        args=(step, model, processor, weights, state, dict(best or {}), new_best,
-                                              copied))
-        self._writer.start()
+        earlier = self._writers[-1][0] if self._writers else None
+        writer = threading.Thread(target=self._write, name=f"vitfood-save-{step}", daemon=False,
+                                  args=(step, model, processor, weights, state, dict(best or {}), new_best, copied,
+                                        earlier))
+        self._writers.append((writer, buffers))
+        writer.start()
 
-    def _write(self, step, model, processor, weights, state, best, new_best, copied):
+    def _reap(self):
+        """Writes that are done give their host copies back."""
+        while self._writers and not self._writers[0][0].is_alive():
+            self._writers[0][0].join()
+            self._free.append(self._writers.pop(0)[1])
+
+    def _write(self, step, model, processor, weights, state, best, new_best, copied, earlier):
         with self.phases.span("write", step=step) if self.phases else contextlib.nullcontext({}) as timing:
-            self._write_now(step, model, processor, weights, state, best, new_best, copied, timing)
+            self._write_now(step, model, processor, weights, state, best, new_best, copied, earlier, timing)
 
-    def _write_now(self, step, model, processor, weights, state, best, new_best, copied, timing):
+    def _write_now(self, step, model, processor, weights, state, best, new_best, copied, earlier, timing):
         what = f"checkpoint-{step}"
         try:
             if copied:
                 copied.synchronize()  # the copies to host memory are done
-            save(self.out, step, model, processor, state, weights, timing)
+            # the earlier checkpoint is complete, its best recorded and its rotation done before this one appears
+            save(self.out, step, model, processor, state, weights, timing, before_marker=earlier and earlier.join)
             what = f"{BEST} (checkpoint-{step} itself is complete)"
             if new_best:
                 write_json_atomic(os.path.join(self.out, BEST), best)
@@ -499,7 +524,7 @@ class Checkpoints:
             self._failure = (what, e)
 
     def writing(self):
-        return self._writer is not None and self._writer.is_alive()
+        return any(writer.is_alive() for writer, _ in self._writers)
 
     @property
     def failed(self):
@@ -507,10 +532,10 @@ class Checkpoints:
         return self._failure is not None
 
     def wait(self, raise_failure=True):
-        """Block until the write in flight is complete; then raise its failure, if any."""
-        if self._writer is not None:
-            self._writer.join()
-            self._writer = None
+        """Block until every write in flight is complete; then raise a failure, if any."""
+        for writer, _ in self._writers:
+            writer.join()
+        self._reap()
         if raise_failure:
             self.check()
 
