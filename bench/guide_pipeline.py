@@ -28,8 +28,8 @@ from transformers import DefaultDataCollator
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from vitfood.config import Config  # noqa: E402
-from vitfood.data import load_splits  # noqa: E402
 from vitfood.model import build_model  # noqa: E402
+from vitfood.sources import load_splits  # noqa: E402
 
 
 def main():

@@ -13,7 +13,7 @@ import time
 import torch
 import transformers
 
-from vitfood import checkpoint
+from vitfood import rundir
 from vitfood.config import Config
 from vitfood.model import build_model, make_optimizer
 
@@ -32,7 +32,7 @@ def main():
     optimizer.step()  # the AdamW moments exist, as in a real checkpoint
     os.makedirs("runs", exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".bench-gil-", dir="runs") as out:
-        saver = checkpoint.Checkpoints(out, keep=2)
+        saver = rundir.Checkpoints(out, keep=2)
         saver.open()
         saver.save(1, model, processor, dict(optimizer=optimizer.state_dict()))  # allocates the host buffers
         saver.wait()

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from conftest import TINY, cli, train
-from vitfood import checkpoint
+from vitfood import checkpoint, rundir
 from vitfood.common import run_main
 
 
@@ -167,7 +167,7 @@ def test_bad_checkpoints_passed_to_resume(finished, tmp_path, capsys):
 
 
 def test_paths_never_escape_the_runs_folder(tmp_path, monkeypatch):
-    from vitfood.train import parse_run
+    from vitfood.rundir import parse_run
     monkeypatch.chdir(tmp_path)
     _, out, _ = parse_run(["--dataset", "../../etc/passwd", "--model", "../../../root/.ssh"])
     assert os.path.dirname(out) == "runs" and ".." not in out
@@ -189,7 +189,7 @@ def test_more_nonsense_values(capsys, tmp_path):
 def test_a_second_run_in_the_same_directory_is_refused(finished, capsys):
     import subprocess
     import sys
-    held = checkpoint._locks.pop(os.path.realpath(finished), None)  # this process's own run released it
+    held = rundir._locks.pop(os.path.realpath(finished), None)  # this process's own run released it
     if held:
         held.close()
     holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); "

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from conftest import cli, train
 from conftest import events as _events
-from vitfood import checkpoint
+from vitfood import checkpoint, rundir
 
 
 def test_rotation_keeps_newest_two_plus_best(tiny_run):
@@ -33,7 +33,7 @@ def test_rotation_never_deletes_the_best(tmp_path):
     for step in (10, 20, 30, 40, 50):
         checkpoint.save(tmp_path, step, model, processor, {"step": step})
     (tmp_path / "checkpoint-60").mkdir()  # incomplete: no marker; never counted, never picked
-    checkpoint.rotate(tmp_path, keep=2, best_step=20)
+    rundir.rotate(tmp_path, keep=2, best_step=20)
     assert [s for s, _ in checkpoint.complete_checkpoints(tmp_path)] == [20, 40, 50]
 
 

@@ -12,8 +12,9 @@ from PIL import Image
 from conftest import train
 from vitfood import synthetic
 from vitfood.config import Config
-from vitfood.data import (EpochBatchSampler, EvalTransform, ImageDataset, TrainTransform, load_splits, normalize,
-                          to_rgb, transforms_for)
+from vitfood.data import EpochBatchSampler, ImageDataset
+from vitfood.images import EvalTransform, TrainTransform, normalize, to_rgb, transforms_for
+from vitfood.sources import load_splits
 
 
 def _png_bytes(img, **kw):

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import EVALUATED, HOLD, HOLD_S, finish, output, same, start, stop, train, wait_for, weights
-from vitfood import checkpoint
+from vitfood import checkpoint, rundir
 
 
 def _only_complete_checkpoints(out):
@@ -246,7 +246,7 @@ def test_a_save_returns_before_its_write_and_keeps_the_weights_of_its_step(tmp_p
     from vitfood.model import build_model, load_weights
     model, processor = build_model(Config(model="vit-micro"), ["a", "b"])
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    saver = checkpoint.Checkpoints(tmp_path, keep=2)
+    saver = rundir.Checkpoints(tmp_path, keep=2)
     saver.open()
     monkeypatch.setenv("VITFOOD_FAULT", "delay:weights_written")  # the write is held there 1.5 s
     monkeypatch.setenv("VITFOOD_FAULT_DELAY", "1.5")

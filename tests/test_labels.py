@@ -5,7 +5,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import resumed_copy, same, train
-from vitfood.data import EpochBatchSampler, balanced_weights
+from vitfood.data import EpochBatchSampler
+from vitfood.sources import balanced_weights
 
 
 def test_balanced_weights_make_every_class_weigh_the_same():
@@ -46,7 +47,7 @@ def test_class_weights_weigh_each_samples_loss_by_its_class():
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     import contextlib
     loss = forward_backward(net, images, labels, contextlib.nullcontext(), scaler, mean, std, 4, class_weight=w)
-    from vitfood.data import normalize
+    from vitfood.images import normalize
     logits = model(normalize(images, mean, std).flatten(1))
     expected = (w[labels] * torch.nn.functional.cross_entropy(logits, labels, reduction="none")).sum() / 4
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)

@@ -79,7 +79,7 @@ def _folder(root, fmt, rows, split="train"):
 
 def _splits(data, **options):
     from vitfood.config import Config
-    from vitfood.data import is_multi_label, load_splits
+    from vitfood.sources import is_multi_label, load_splits
     cfg = Config(dataset=str(data), train_split="train", eval_split="test", label_column="dishes", **options)
     train_ds, eval_ds, names = load_splits(cfg, log=lambda *_: None)
     return names, is_multi_label(train_ds, "dishes"), train_ds["dishes"], eval_ds["dishes"]
@@ -156,7 +156,7 @@ def test_a_multi_label_run_reports_map_f1_and_exact_match(plates_run):
 def test_the_loss_is_the_one_transformers_computes(plates_run):
     """Our eval loss, on a batch, is what the exported model computes itself with problem_type multi-label."""
     from transformers import AutoModelForImageClassification
-    from vitfood.data import normalize
+    from vitfood.images import normalize
     out, _ = plates_run
     model = AutoModelForImageClassification.from_pretrained(out / "model").eval()
     images = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8)
@@ -239,8 +239,8 @@ def test_evaluate_reads_another_data_set_as_multi_label_for_a_multi_label_model(
 
 
 def test_more_dishes_than_classes_is_one_line():
-    from vitfood.config import Config
     from vitfood.common import UserError
+    from vitfood.config import Config
     with pytest.raises(UserError, match="at most --synthetic-classes"):
         Config(synthetic_classes=2, synthetic_dishes=3).validate()
 

@@ -173,7 +173,7 @@ def test_an_explicit_epochs_flag_wins_over_the_preset():
 
 def test_exif_orientation_is_applied_in_training_eval_and_predict(tmp_path):
     import random
-    from vitfood.data import EvalTransform, TrainTransform
+    from vitfood.images import EvalTransform, TrainTransform
     picture = np.zeros((60, 90, 3), np.uint8)  # 90 wide: red left, blue right, a green band on top
     picture[:, :45], picture[:, 45:], picture[:15] = (200, 30, 30), (30, 30, 200), (30, 200, 30)
     upright = Image.fromarray(picture)
@@ -245,7 +245,7 @@ def test_ctrl_c_in_evaluate_is_one_line_and_exit_130(tiny_run, tmp_path):
 
 
 def test_odd_paths_short_names_quoted_commands_and_shared_files(tmp_path, monkeypatch, capsys):
-    from vitfood.train import parse_run
+    from vitfood.rundir import parse_run
     monkeypatch.chdir(tmp_path)
     deep = tmp_path.joinpath(*["a_long_folder_name_of_a_deep_data_set_tree"] * 8, "food photos")  # 350+ chars
     deep.mkdir(parents=True)

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from vitfood import checkpoint
+from vitfood import checkpoint, rundir
 from vitfood.data import BatchStream, EpochBatchSampler, KeptBatches, make_loader, stop_workers
 from vitfood.metrics import Worst
 
@@ -146,7 +146,7 @@ def test_two_writes_go_on_at_once_and_their_checkpoints_appear_in_step_order(tmp
     monkeypatch.setenv("VITFOOD_FAULT", "delay:weights_written:1")  # the first write is held 3 s
     monkeypatch.setenv("VITFOOD_FAULT_DELAY", "3")
     phases = Phases()
-    saver = checkpoint.Checkpoints(str(tmp_path), keep=5, phases=phases)
+    saver = rundir.Checkpoints(str(tmp_path), keep=5, phases=phases)
     saver.open()
     t0 = time.perf_counter()
     saver.save(1, model, processor, dict(step=1))

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vitfood.data import TrainTransform, random_resized_crop_box, to_uint8_tensor
+from vitfood.images import TrainTransform, random_resized_crop_box, to_uint8_tensor
 from vitfood.synthetic import make_image
 
 

@@ -43,7 +43,7 @@ def test_augmentations_are_keyed_on_the_sample_and_leave_the_global_generator_al
 
     import numpy as np
     from PIL import Image
-    from vitfood.data import TrainTransform
+    from vitfood.images import TrainTransform
     img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (120, 160, 3), dtype=np.uint8))
     plain = TrainTransform(height=32, width=32)
     strong = TrainTransform(height=32, width=32, auto_augment=augment, erasing=1.0)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import TINY, same, train, weights
-from vitfood import checkpoint
+from vitfood import checkpoint, rundir
 from vitfood.common import UserError
 from vitfood.config import FIXED_ON_RESUME, LEGACY, RUN_KEYS, Config, to_dict
 
@@ -83,9 +83,10 @@ def test_every_part_comes_back_as_it_was_saved(tmp_path, short_run):
     torch.save(saved, again / "checkpoint-4" / checkpoint.STATE)
     (again / "checkpoint-4" / checkpoint.MARKER).unlink()
     checkpoint._seal(again / "checkpoint-4", 4)
-    from vitfood.train import parse_run, resumable, setup
+    from vitfood.rundir import parse_run
+    from vitfood.train import resumable, setup
     cfg, out, resume = parse_run([*TINY, *SHORT, "--output-dir", str(again), "--resume", "auto"])
-    r = setup(cfg, resume, 0, 1, torch.device("cpu"), checkpoint.Checkpoints(out, 2))
+    r = setup(cfg, resume, 0, 1, torch.device("cpu"), rundir.Checkpoints(out, 2))
     state = checkpoint.state_of(resumable(r))
     r.log.close()
     assert set(state) == set(saved)
@@ -110,7 +111,7 @@ def _saved_run(tmp_path):
 
 
 def test_options_that_decide_the_weights_or_the_data_order_are_fixed_on_resume(tmp_path):
-    from vitfood.train import parse_run
+    from vitfood.rundir import parse_run
     run = _saved_run(tmp_path)
     changed = dict(dataset="other", train_split="train[:10]", eval_split="validation", test_size=0.3,
                    max_train_samples=9, max_eval_samples=9, image_column="img", label_column="y", synthetic_size=99,

@@ -32,7 +32,7 @@ def test_run_directory_contents_and_names(tiny_run, tmp_path, monkeypatch):
     for name in ("config.json", "model.safetensors", "preprocessor_config.json", "training_state.pt", checkpoint.MARKER):
         assert (out / "checkpoint-200" / name).is_file()
     monkeypatch.chdir(tmp_path)
-    from vitfood.train import parse_run
+    from vitfood.rundir import parse_run
     cfg, run_dir, _ = parse_run(["--model", "google/vit-base-patch16-224-in21k", "--dataset", "ethz/food101"])
     parts = os.path.normpath(run_dir).split(os.sep)
     assert parts[0] == "runs" and len(parts) == 2 and parts[1].endswith("google_vit-base-patch16-224-in21k-ethz_food101")

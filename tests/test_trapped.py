@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from conftest import TINY, same, start, train, weights
-from vitfood import checkpoint
+from vitfood import checkpoint, rundir
 from vitfood.common import UserError
 
 
@@ -128,10 +128,9 @@ def test_loading_a_checkpoint_that_is_gone_says_so_without_the_hub(tmp_path):
 
 # ---------------------------------------------------------------- runs started in the same second
 def test_runs_started_in_the_same_second_get_folders_of_their_own(tmp_path, monkeypatch):
-    from vitfood import train as train_module
     monkeypatch.chdir(tmp_path)
     claimed = []
-    threads = [threading.Thread(target=lambda: claimed.append(checkpoint.claim("runs/1127-115517-vit-micro-c")))
+    threads = [threading.Thread(target=lambda: claimed.append(rundir.claim("runs/1127-115517-vit-micro-c")))
                for _ in range(3)]
     for t in threads:
         t.start()
@@ -139,7 +138,7 @@ def test_runs_started_in_the_same_second_get_folders_of_their_own(tmp_path, monk
         t.join()
     assert sorted(claimed) == ["runs/1127-115517-vit-micro-c", "runs/1127-115517-vit-micro-c-2",
                                "runs/1127-115517-vit-micro-c-3"]
-    monkeypatch.setattr(train_module, "run_name", lambda cfg: "0101-000000-vit-micro-synthetic")
+    monkeypatch.setattr(rundir, "run_name", lambda cfg: "0101-000000-vit-micro-synthetic")
     for _ in range(2):  # the second is not refused: the first one's folder is taken
         assert train("--max-steps", 2, "--eval-steps", 2, "--save-steps", 2)["global_step"] == 2
     assert sorted(os.listdir(tmp_path / "runs")) == [
@@ -199,7 +198,7 @@ def test_a_failed_write_of_the_best_record_names_it_not_the_checkpoint(tmp_path,
     from vitfood.config import Config
     from vitfood.model import build_model
     model, processor = build_model(Config(model="vit-micro"), ["a", "b"])
-    saver = checkpoint.Checkpoints(tmp_path, keep=2)
+    saver = rundir.Checkpoints(tmp_path, keep=2)
     saver.open()
     write = checkpoint.write_json_atomic
 

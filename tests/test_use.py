@@ -25,7 +25,7 @@ def _eval_images(tmp_path):
     import datasets
 
     from vitfood.config import build_parser, resolve
-    from vitfood.data import load_splits
+    from vitfood.sources import load_splits
     cfg = resolve(vars(build_parser().parse_args(TINY)))
     _, eval_ds, _ = load_splits(cfg, log=lambda *a: None)
     files, labels = [], []

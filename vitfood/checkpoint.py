@@ -15,7 +15,6 @@ import os
 import re
 import shutil
 import signal
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -26,7 +25,8 @@ from vitfood.common import UserError, first_line
 MARKER = "COMPLETE.json"
 STATE = "training_state.pt"
 BEST = "best_checkpoint.json"
-_NAME = re.compile(r"^checkpoint-(\d+)$")
+NAME = re.compile(r"^checkpoint-(\d+)$")  # a checkpoint folder's name
+MODEL = "model"  # <output-dir>/model: the exported model
 
 
 _reached = {}
@@ -214,7 +214,7 @@ class Export:
     very weights, its weights files are hard-linked at `seal()` instead of written again (so it may still be
     being written until then); elsewhere they are written now."""
 
-    def __init__(self, output_dir, model, processor, card=None, name="model", weights_of=None):
+    def __init__(self, output_dir, model, processor, card=None, name=MODEL, weights_of=None):
         self.output_dir, self.weights_of = output_dir, weights_of
         self.final = os.path.join(output_dir, name)
         self.tmp = os.path.join(output_dir, f".tmp-{name}-{os.getpid()}")
@@ -255,7 +255,7 @@ class Export:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def export(output_dir, model, processor, card=None, name="model"):
+def export(output_dir, model, processor, card=None, name=MODEL):
     """save_pretrained into <output-dir>/<name>, with the model card `card` as README.md, atomically;
     returns its path."""
     return Export(output_dir, model, processor, card, name).seal()
@@ -316,7 +316,7 @@ def checkpoint_folders(output_dir):
     """[(step, path)] of every checkpoint-<step> folder, complete or not, oldest first."""
     if not os.path.isdir(output_dir):
         return []
-    names = [(_NAME.match(name), name) for name in os.listdir(output_dir)]
+    names = [(NAME.match(name), name) for name in os.listdir(output_dir)]
     return sorted((int(m.group(1)), os.path.join(output_dir, name)) for m, name in names if m)
 
 
@@ -332,219 +332,12 @@ def cleanup(output_dir):
     for name in os.listdir(output_dir):
         path = os.path.join(output_dir, name)
         m = re.match(r"^\.old-(checkpoint-\d+|model)-\d+$", name)
-        if m and not os.path.exists(os.path.join(output_dir, m.group(1))) and (m.group(1) == "model" or is_complete(path)):
+        if m and not os.path.exists(os.path.join(output_dir, m.group(1))) and (m.group(1) == MODEL or is_complete(path)):
             os.replace(path, os.path.join(output_dir, m.group(1)))
         elif name.startswith((".tmp-checkpoint-", ".trash-", ".old-", ".tmp-model-", ".tmp-adapter-")):
             shutil.rmtree(path, ignore_errors=True)
         elif ".json.tmp-" in name:
             os.remove(path)
-
-
-_claimed = set()  # run folders this process created with claim()
-
-
-def claim(path):
-    """Create the folder of a new run: `path`, or `path-2`, `path-3`, ... when other runs took those first
-    (started in the same second). Returns the folder created."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    for n in range(1, 10_000):
-        candidate = path if n == 1 else f"{path}-{n}"
-        try:
-            os.mkdir(candidate)
-        except FileExistsError:
-            continue
-        _claimed.add(os.path.realpath(candidate))
-        return candidate
-    raise UserError(f"cannot create a new run folder next to {path}: 9,999 exist")
-
-
-_locks = {}
-
-
-def lock(output_dir):
-    """Hold an exclusive lock on a run directory for this process's life; refuse a second run there.
-
-    A POSIX record lock (fcntl), not flock: forked children such as DataLoader workers do not inherit it,
-    so a restart right after a kill -9 of the main process is not refused by workers still exiting, and
-    the kernel drops it the moment the process dies."""
-    import fcntl
-    key = os.path.realpath(output_dir)
-    if key in _locks:  # this process holds it already (closing a second handle would drop the lock)
-        return
-    fh = open(os.path.join(output_dir, "run.lock"), "a+")
-    try:
-        fcntl.lockf(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-        fh.close()
-        if e.errno not in (errno.EACCES, errno.EAGAIN):
-            raise
-        raise UserError(f"another vitfood process is running in {output_dir}; wait for it or use another --output-dir")
-    _locks[key] = fh
-
-
-def clear_run(output_dir):
-    """--overwrite-output-dir: remove a previous run's checkpoints, exported model, results and events."""
-    for name in os.listdir(output_dir):
-        path = os.path.join(output_dir, name)
-        if _NAME.match(name) or name in ("model", "adapter"):
-            trash = os.path.join(output_dir, f".trash-{name}-{os.getpid()}")
-            os.replace(path, trash)
-            shutil.rmtree(trash)
-        elif name in (BEST, "all_results.json") or name.startswith("events.out.tfevents."):
-            os.remove(path)
-
-
-def rotate(output_dir, keep, best_step=None):
-    """Keep the newest `keep` complete checkpoints and checkpoint-<best_step>; delete the rest."""
-    ckpts = complete_checkpoints(output_dir)
-    for step, path in ckpts[:-keep] if keep else ckpts:
-        if step == best_step:
-            continue
-        trash = os.path.join(output_dir, f".trash-checkpoint-{step}-{os.getpid()}")
-        os.replace(path, trash)  # renamed first: a kill mid-delete never leaves a partial checkpoint-N
-        fault_point("rotating")
-        shutil.rmtree(trash)
-
-
-def snapshot(obj, buffers, key=()):
-    """A copy of `obj` (nested dicts, lists, tuples, tensors) that later training cannot change: tensors are
-    copied into host buffers kept in `buffers` and reused from save to save (pinned when they come from a
-    GPU, where the copies are only enqueued: wait on an event before reading them)."""
-    if isinstance(obj, torch.Tensor):
-        buf = buffers.get(key)
-        if buf is None or buf.shape != obj.shape or buf.dtype != obj.dtype:
-            buf = buffers[key] = torch.empty(obj.shape, dtype=obj.dtype, pin_memory=obj.is_cuda)
-        return buf.copy_(obj.detach(), non_blocking=obj.is_cuda)
-    if isinstance(obj, dict):
-        return {k: snapshot(v, buffers, key + (k,)) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(snapshot(v, buffers, key + (i,)) for i, v in enumerate(obj))
-    return obj
-
-
-class Checkpoints:
-    """The checkpoint policy of a run directory, in one place: the lock, saves written in the background,
-    the record of the best checkpoint (which `state.Progress` judges), and rotation to the newest `keep` plus
-    the best. Only the writing rank (`main`) touches the disk.
-
-    A save pauses the loop only to copy the weights and the training state to host memory; a thread then
-    writes, fsyncs, seals and renames the checkpoint and rotates. Up to `IN_FLIGHT` writes go on at once, each
-    from host copies of its own (a second set is made only when a save comes while a write is still going:
-    on a fast GPU, saving every 100 steps outpaces one writer); they appear, record the best and rotate in
-    step order. The next save waits when that many are going; `wait()` and the end of the run wait for all.
-    A failed write stops the run at the next `check()`."""
-
-    IN_FLIGHT = 2
-
-    def __init__(self, out, keep, main=True, phases=None):
-        self.out, self.keep, self.main, self.phases = out, keep, main, phases  # phases: a phases.Phases, or None
-        self._created = os.path.realpath(out) in _claimed  # a new run's folder, claimed in parse_run
-        self._free = []  # sets of host copies no write uses, reused from save to save (about 3x the weights with AdamW)
-        self._writers = []  # (thread, its host copies), oldest first
-        self._failure = None  # (step, exception) of a failed write
-
-    def open(self):
-        """Create and lock the directory for this process's life (a second run there is refused), and
-        clear what a killed run left half-done."""
-        if self.main:
-            self._created = self._created or not os.path.exists(self.out)
-            os.makedirs(self.out, exist_ok=True)
-            lock(self.out)
-            cleanup(self.out)
-
-    def discard_if_unused(self):
-        """Remove the directory when this run created it and failed before writing anything into it."""
-        self.wait(raise_failure=False)
-        with contextlib.suppress(OSError):
-            if self._created and set(os.listdir(self.out)) <= {"run.lock"}:
-                shutil.rmtree(self.out, ignore_errors=True)
-
-    def latest(self):
-        """Path of the newest complete checkpoint, or None."""
-        found = complete_checkpoints(self.out)
-        return found[-1][1] if found else None
-
-    def restore_best(self, best):
-        """On resume: the record of the best as of the checkpoint, rewritten (a kill between a save and the
-        record's update would leave it naming an older best)."""
-        if best and self.main:
-            write_json_atomic(os.path.join(self.out, BEST), best)
-
-    def save(self, step, model, processor, state, best=None, new_best=False):
-        """Start writing checkpoint-<step> holding the model's weights and `state` as they are now; keep the
-        best, `best` (dict(step, ...)), and record it when it is `new_best`."""
-        self._reap()
-        if len(self._writers) >= self.IN_FLIGHT:  # as many writes as may be going: the loop waits for the oldest
-            with self.phases.span("save wait", step=step) if self.phases else contextlib.nullcontext():
-                self._writers[0][0].join()
-            self._reap()
-        self.check()
-        if not self.main:
-            return
-        fault_point("snapshot")
-        buffers = self._free.pop() if self._free else {}
-        weights = snapshot(model.state_dict(), buffers, ("model",))
-        state = snapshot(state, buffers, ("state",))
-        copied = None
-        if next(model.parameters()).is_cuda:  # the copies are enqueued on the stream: the writer waits for them
-            copied = torch.cuda.Event()
-            copied.record()
-        earlier = self._writers[-1][0] if self._writers else None
-        writer = threading.Thread(target=self._write, name=f"vitfood-save-{step}", daemon=False,
-                                  args=(step, model, processor, weights, state, dict(best or {}), new_best, copied,
-                                        earlier))
-        self._writers.append((writer, buffers))
-        writer.start()
-
-    def _reap(self):
-        """Writes that are done give their host copies back."""
-        while self._writers and not self._writers[0][0].is_alive():
-            self._writers[0][0].join()
-            self._free.append(self._writers.pop(0)[1])
-
-    def _write(self, step, model, processor, weights, state, best, new_best, copied, earlier):
-        with self.phases.span("write", step=step) if self.phases else contextlib.nullcontext({}) as timing:
-            self._write_now(step, model, processor, weights, state, best, new_best, copied, earlier, timing)
-
-    def _write_now(self, step, model, processor, weights, state, best, new_best, copied, earlier, timing):
-        what = f"checkpoint-{step}"
-        try:
-            if copied:
-                copied.synchronize()  # the copies to host memory are done
-            # the earlier checkpoint is complete, its best recorded and its rotation done before this one appears
-            save(self.out, step, model, processor, state, weights, timing, before_marker=earlier and earlier.join)
-            what = f"{BEST} (checkpoint-{step} itself is complete)"
-            if new_best:
-                write_json_atomic(os.path.join(self.out, BEST), best)
-            what = f"the rotation after checkpoint-{step} (which is complete)"
-            t0 = time.perf_counter()
-            rotate(self.out, self.keep, best.get("step"))
-            timing["rotate_s"] = round(time.perf_counter() - t0, 3)
-        except BaseException as e:  # a full disk raises OSError, or RuntimeError from torch.save, or SafetensorError
-            self._failure = (what, e)
-
-    def writing(self):
-        return any(writer.is_alive() for writer, _ in self._writers)
-
-    @property
-    def failed(self):
-        """True once a background write has failed (check() raises its error)."""
-        return self._failure is not None
-
-    def wait(self, raise_failure=True):
-        """Block until every write in flight is complete; then raise a failure, if any."""
-        for writer, _ in self._writers:
-            writer.join()
-        self._reap()
-        if raise_failure:
-            self.check()
-
-    def check(self):
-        """Raise, as one clear line, the failure of a background write (the loop calls this every step)."""
-        if self._failure:
-            (what, e), self._failure = self._failure, None
-            raise UserError(f"cannot write {what} in {self.out}: {write_error(e, self.out)}; "
-                            "the complete checkpoints already there are intact") from None
 
 
 def write_error(e, folder):

@@ -208,6 +208,12 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
+def rank_seed(seed, rank, step=0):
+    """The seed of rank `rank`'s own random streams (dropout, drop-path) from the run's seed; `step`: streams
+    started afresh at that step of a resumed run (a run resumed with another number of processes)."""
+    return seed + 7919 * rank + 104729 * step
+
+
 def num_workers(requested=-1):
     """DataLoader workers: as requested, or for -1 half the CPUs (the compute threads keep the rest), 1 to 8."""
     return requested if requested >= 0 else max(1, min(8, (os.cpu_count() or 2) // 2))

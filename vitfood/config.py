@@ -14,7 +14,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 
-from vitfood.common import UserError, first_line
+from vitfood.common import DTYPES, UserError, first_line
 
 
 _NONE = object()
@@ -92,7 +92,7 @@ class Config:
     ema_decay: float = _opt(0.0, "keep an exponential moving average of the weights with this decay (0: none; its decay warms up as in timm: min(D, 1 - (1 + updates)^(-2/3))); evaluated beside the weights at each eval", decides="weights", legacy=0.0)
     export_ema: bool = _opt(False, "export the EMA weights to model/ instead of the trained ones (needs --ema-decay)", run_only=True)
     max_nonfinite_steps: int = _opt(25, "stop after this many consecutive steps with non-finite loss or gradients (each is skipped)", run_only=True)
-    precision: str = _opt("auto", "auto: fp16 on CUDA, bf16 on CPUs with bf16 matrix units, else fp32", ["auto", "fp32", "fp16", "bf16"])
+    precision: str = _opt("auto", "auto: fp16 on CUDA, bf16 on CPUs with bf16 matrix units, else fp32", ["auto", *DTYPES])
     # evaluation, checkpoints, logging
     eval_steps: int = _opt(100, "evaluate every N optimizer steps (and at the end)", run_only=True)
     save_steps: int = _opt(100, "save a checkpoint every N optimizer steps (and at the end)", run_only=True)
@@ -354,7 +354,16 @@ def to_dict(cfg):
     return dataclasses.asdict(cfg)
 
 
+RUN_CONFIG = "train_config.json"  # a run's options, in its folder
+
+
+def saved_run(path):
+    """A run's own options from its train_config.json at `path`, less where it runs and whether it resumes (the
+    command line says those)."""
+    return {k: v for k, v in read_config_file(path, run=True).items() if k not in ("resume", "output_dir")}
+
+
 def run_config_path(model_path):
     """The train_config.json of the run a model/ or checkpoint-<step>/ folder belongs to, or None."""
-    path = os.path.join(os.path.dirname(os.path.abspath(os.path.expanduser(model_path))), "train_config.json")
+    path = os.path.join(os.path.dirname(os.path.abspath(os.path.expanduser(model_path))), RUN_CONFIG)
     return path if os.path.isfile(path) else None

@@ -21,11 +21,13 @@ import transformers
 
 from vitfood import checkpoint, hub, metrics, report
 from vitfood.common import UserError, num_workers, pick_device, resolve_precision, run_main, safe_name
-from vitfood.config import OneLineParser, read_config_file, resolve, run_config_path
-from vitfood.data import build_data, eval_skip_warning, hub_dataset, is_multi_label, load_splits, transforms_for
+from vitfood.config import RUN_CONFIG, OneLineParser, resolve, run_config_path, saved_run
+from vitfood.data import build_data, eval_skip_warning
 from vitfood.hub import is_path
+from vitfood.images import transforms_for
 from vitfood.logs import eval_records
 from vitfood.model import hub_model, load_for_inference, read_config
+from vitfood.sources import hub_dataset, is_multi_label, load_splits
 from vitfood.steps import eval_pass
 
 
@@ -37,7 +39,7 @@ def model_step(path):
     try:
         if os.path.isfile(state):
             return int(checkpoint.load_state(path)["progress"]["step"])
-        if os.path.basename(os.path.normpath(path)) == "model" and os.path.isfile(results):
+        if os.path.basename(os.path.normpath(path)) == checkpoint.MODEL and os.path.isfile(results):
             with open(results) as fh:
                 return int(json.load(fh)["exported_step"])
     except (OSError, ValueError, KeyError, RuntimeError, UserError):
@@ -77,11 +79,11 @@ def main(argv=None):
         cfg = resolve(dict(dataset=a.dataset, train_split=split, eval_split=split, image_column=a.image_column,
                            label_column=a.label_column, label_separator=a.label_separator, model=a.model))
     elif saved:
-        cfg = resolve({}, {k: v for k, v in read_config_file(saved, run=True).items() if k not in ("resume", "output_dir")})
+        cfg = resolve({}, saved_run(saved))
         if a.split:
             raise UserError("--split needs --dataset; without it the run's own eval split is used")
     else:
-        raise UserError(f"{a.model} is not inside a vitfood run (no train_config.json beside it): "
+        raise UserError(f"{a.model} is not inside a vitfood run (no {RUN_CONFIG} beside it): "
                         "pass --dataset and --split")
     device = pick_device(a.device)
     own_run = saved and not a.dataset  # the run's own eval split: its precision, eval batch and attention
@@ -121,7 +123,7 @@ def main(argv=None):
     report.mistakes_image(r["mistakes"], model_names).save(os.path.join(out, "mistakes.png"))
     table = metrics.table(r)
     results = dict(model=a.model, dataset=cfg.dataset, split=cfg.eval_split or f"{cfg.train_split} (held out)",
-                   precision=precision, batch_size=batch_size, **{key: r[k] for k, key, *_ in table},
+                   precision=precision, batch_size=batch_size, **{m.result: r[m.key] for m in table},
                    eval_samples=r["samples"], skipped_images=r["skipped"], per_class=rows)
     if multi:
         results.update(threshold=threshold)
@@ -138,13 +140,13 @@ def main(argv=None):
         print(eval_skip_warning(r["skipped"], len(data.eval_set)))
     at = f", threshold {threshold:g}" if multi else ""
     print(f"{a.model} on {cfg.dataset} ({results['split']}, {r['samples']} images, {precision}{at}): "
-          + "  ".join(f"{heading} {r[k]:.4f}" for k, *_, heading in table))
+          + "  ".join(f"{m.heading} {r[m.key]:.4f}" for m in table))
     if multi:
         print(report.per_class_markdown(rows))
     worst = sorted(rows, key=lambda x: x["f1"])[:3]
     print("lowest F1: " + ", ".join(f"{x['label']} {x['f1']:.3f}" for x in worst))
     print(f"results: {out}/ ({', '.join(files)})")
-    print(json.dumps({key: r[k] for k, key, *_ in table[:3]} | dict(samples=r["samples"])))
+    print(json.dumps({m.result: r[m.key] for m in table[:3]} | dict(samples=r["samples"])))
     return results
 
 

@@ -12,9 +12,10 @@ import sys
 import time
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
-from vitfood import metrics, report
+from vitfood import dist, metrics, report
 from vitfood.common import Console
 
 
@@ -97,8 +98,8 @@ def hparams_summaries(values, metrics, status=None):
 class RunLog:
     """The run's SummaryWriter and progress bar (rank 0), behind one method per kind of record."""
 
-    def __init__(self, out, step, max_steps, main=True):
-        self.main, self.writer, self.windows = main, None, 0
+    def __init__(self, out, step, max_steps, main=True, every=10):
+        self.main, self.writer, self.windows, self.every = main, None, 0, every  # every: --logging-steps
         if main:
             from torch.utils.tensorboard import SummaryWriter
             # purge what a killed run logged after its checkpoint (curves don't double back), or all of it when
@@ -110,6 +111,10 @@ class RunLog:
         self.max_steps = max_steps
         self.pbar = tqdm(total=max_steps, initial=step, desc="train", dynamic_ncols=True, disable=not main or self.lines,
                          file=Console(sys.stderr))
+
+    def due(self, step, last_step):
+        """Whether the training figures are logged after optimizer step `step` (every --logging-steps, the last)."""
+        return last_step or step % self.every == 0
 
     def say(self, text):
         if self.main:
@@ -192,11 +197,15 @@ class RunLog:
             self.writer = None
 
 
-class Meter:
-    """Images/s and data wait of the current logging window, eval and save time left out. (What the whole
-    run has cost, over every segment, is `state.Ledger`'s.)"""
+class Window:
+    """A logging window's training figures: the loss, gradient norm and steps taken summed on the device (no
+    sync per step), images and data wait counted on the host, eval and save pauses left out. `close()` reduces
+    them over ranks, reads them once and starts the next window. (What the whole run has cost, over every
+    segment, is `state.Ledger`'s.)"""
 
-    def __init__(self):
+    def __init__(self, device, world, step):
+        self.device, self.world, self.first = device, world, step
+        self.sums = torch.zeros(3, device=device)  # loss, grad norm of the steps taken, steps taken
         self.reset()
 
     def reset(self):
@@ -209,10 +218,21 @@ class Meter:
     def pause(self, seconds):
         self.paused += seconds
 
-    def window(self, images):
-        """(img/s, share of time waiting for data) of the window, which had `images` images (over all
-        ranks); then a new window starts."""
-        dt = max(1e-9, time.perf_counter() - self.start - self.paused)
-        rates = images / dt, min(1.0, self.wait / dt)
+    def stepped(self, loss, norm, finite):
+        # a skipped step (non-finite) left the weights as they were: the norm is the mean over the steps taken
+        self.sums += torch.stack([loss, torch.where(finite, norm, 0.0), finite.float()])
+
+    def close(self, step, damaged):
+        """The window ending at optimizer step `step`: dict(loss, grad_norm (None when every step was skipped),
+        img_s, data_wait, any_damaged (this rank's `damaged` count, summed over ranks)). A host-device sync."""
+        counts = torch.tensor([self.images, damaged], dtype=torch.float32, device=self.device)
+        totals = dist.all_sum(torch.cat([self.sums / self.world, counts]))
+        taken = totals[2].item()
+        seconds = max(1e-9, time.perf_counter() - self.start - self.paused)
+        figures = dict(loss=round((totals[0] / (step - self.first)).item(), 6),
+                       grad_norm=(totals[1] / taken).item() if taken else None, img_s=int(totals[3].item()) / seconds,
+                       data_wait=min(1.0, self.wait / seconds), any_damaged=bool(totals[4].item()))
+        self.sums.zero_()
+        self.first = step
         self.reset()
-        return rates
+        return figures

@@ -7,39 +7,60 @@ multi-label scores are gathered once, at the end, for the average precision.
 """
 
 import math
+from collections import namedtuple
 
 import torch
 import torch.nn.functional as F
 
 from vitfood import dist
 
-# (metric, all_results.json key, TensorBoard tag, console name, heading in tables and text). The second row is
-# the score: what the best checkpoint is judged by.
-SINGLE = (("loss", "eval_loss", "loss/eval", "loss", "loss"), ("acc1", "eval_accuracy", "accuracy/top1", "acc1", "top-1"),
-          ("acc5", "eval_top5", "accuracy/top5", "acc5", "top-5"),
-          ("balanced_acc", "eval_balanced_accuracy", "accuracy/balanced", "balanced", "balanced accuracy"),
-          ("f1_macro", "eval_f1_macro", "accuracy/f1_macro", "f1", "macro F1"))
-MULTI = (("loss", "eval_loss", "loss/eval", "loss", "loss"), ("map", "eval_map", "accuracy/map", "mAP", "mAP"),
-         ("f1_micro", "eval_f1_micro", "accuracy/f1_micro", "f1 micro", "micro F1"),
-         ("f1_macro", "eval_f1_macro", "accuracy/f1_macro", "f1 macro", "macro F1"),
-         ("exact_match", "eval_exact_match", "accuracy/exact_match", "exact match", "exact match"))
+Metric = namedtuple("Metric", "key result tag console heading")
+Metric.__doc__ = """A figure of an eval, by every name it goes by: its key in an eval's result (and a run's history),
+in all_results.json, its TensorBoard tag, its name on the console, its heading in tables and text."""
+
+# The only list of what an eval reports. The first row is the loss; the second the score, by which the best
+# checkpoint is judged.
+SINGLE = (Metric("loss", "eval_loss", "loss/eval", "loss", "loss"),
+          Metric("acc1", "eval_accuracy", "accuracy/top1", "acc1", "top-1"),
+          Metric("acc5", "eval_top5", "accuracy/top5", "acc5", "top-5"),
+          Metric("balanced_acc", "eval_balanced_accuracy", "accuracy/balanced", "balanced", "balanced accuracy"),
+          Metric("f1_macro", "eval_f1_macro", "accuracy/f1_macro", "f1", "macro F1"))
+MULTI = (Metric("loss", "eval_loss", "loss/eval", "loss", "loss"),
+         Metric("map", "eval_map", "accuracy/map", "mAP", "mAP"),
+         Metric("f1_micro", "eval_f1_micro", "accuracy/f1_micro", "f1 micro", "micro F1"),
+         Metric("f1_macro", "eval_f1_macro", "accuracy/f1_macro", "f1 macro", "macro F1"),
+         Metric("exact_match", "eval_exact_match", "accuracy/exact_match", "exact match", "exact match"))
 
 
 def table(metrics):
-    """The rows above for an eval's metrics (or a run's history entry)."""
-    return MULTI if "map" in metrics else SINGLE
+    """The rows above for an eval's metrics (or a run's history entry, or its all_results.json)."""
+    return MULTI if "map" in metrics or "eval_map" in metrics else SINGLE
+
+
+def rows_for(multi_label):
+    return MULTI if multi_label else SINGLE
+
+
+def scored(rows):
+    """The row of the score: top-1 accuracy, or for multi-label the macro mAP."""
+    return rows[1]
 
 
 def score(metrics):
     """The eval's score: top-1 accuracy, or for multi-label the macro mAP."""
-    return metrics[table(metrics)[1][0]]
+    return metrics[scored(table(metrics)).key]
+
+
+def complete(metrics):
+    """Whether an eval's result holds every figure of its table (one written by an older vitfood may not)."""
+    return all(m.key in metrics for m in table(metrics))
 
 
 def summary(metrics, prefix="", rows=None):
     """'loss 0.4321 acc1 0.9000 ...': an eval's figures (the first `rows`) for a console line (`prefix`: 'ema_'
     for the EMA's)."""
-    return " ".join(f"{name} {metrics[prefix + key]:.4f}" for key, _, _, name, _ in table(metrics)[:rows]
-                    if prefix + key in metrics)
+    return " ".join(f"{m.console} {metrics[prefix + m.key]:.4f}" for m in table(metrics)[:rows]
+                    if prefix + m.key in metrics)
 
 
 class Worst:

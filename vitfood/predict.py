@@ -28,10 +28,9 @@ import torch
 from vitfood import hub
 from vitfood.common import UserError, pick_device, resolve_precision, run_main
 from vitfood.config import OneLineParser
-from vitfood.data import DECODE_ERRORS, normalize, transforms_for
+from vitfood.images import DECODE_ERRORS, IMAGE_EXTENSIONS, normalize, transforms_for
 from vitfood.model import for_inference, hub_model, load_for_inference
 
-EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
 def find_images(paths):
@@ -40,7 +39,7 @@ def find_images(paths):
     for path in paths:
         if os.path.isdir(path):
             for root, _, names in sorted(os.walk(path)):
-                found += [os.path.join(root, n) for n in sorted(names) if n.lower().endswith(EXTENSIONS)]
+                found += [os.path.join(root, n) for n in sorted(names) if n.lower().endswith(IMAGE_EXTENSIONS)]
         else:
             found.append(path)
     return found

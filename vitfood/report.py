@@ -8,6 +8,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from vitfood import metrics
+from vitfood.config import to_dict
 from vitfood.hub import is_path
 
 LABEL_W = 150  # room for class names beside and above the matrix
@@ -286,10 +287,11 @@ def model_card(cfg, results, history, sizes, names, precision, world, step_batch
     """README.md for the exported model, in the Hugging Face model-card format (YAML front matter)."""
     hub_model = not is_path(cfg.model) and "/" in cfg.model
     hub_data = not is_path(cfg.dataset) and cfg.dataset != "synthetic"
-    multi = "eval_map" in results
-    rows = metrics.MULTI if multi else metrics.SINGLE
+    rows = metrics.table(results)
+    multi = rows is metrics.MULTI
     title = "macro mAP" if multi else "top-1 accuracy"
-    acc = results[rows[1][1]]
+    figure = {m.key: results[m.result] for m in rows}  # by name, from metrics' one list
+    acc = figure[metrics.scored(rows).key]
     meta = ["---", "library_name: transformers", "pipeline_tag: image-classification",
             "tags:", "- image-classification", "- vision", "- vitfood"]
     if hub_model:
@@ -307,11 +309,11 @@ def model_card(cfg, results, history, sizes, names, precision, world, step_batch
         f"An image classifier fine-tuned from `{cfg.model}` on `{cfg.dataset}` with "
         "vitfood, a plain PyTorch training loop that follows the Hugging Face image-classification guide.",
         "",
-        (f"It reaches a macro mAP of **{acc:.4f}** (F1 micro {results['eval_f1_micro']:.4f}, macro "
-         f"{results['eval_f1_macro']:.4f} and exact match {results['eval_exact_match']:.4f} at threshold "
-         f"{cfg.threshold:g}; loss {results['eval_loss']:.4f})" if multi else
-         f"It reaches **{acc:.4f}** top-1 accuracy ({results['eval_top5']:.4f} top-5, loss "
-         f"{results['eval_loss']:.4f})") + f" on the evaluation split, at step {results['exported_step']}.", "",
+        (f"It reaches a macro mAP of **{acc:.4f}** (F1 micro {figure['f1_micro']:.4f}, macro "
+         f"{figure['f1_macro']:.4f} and exact match {figure['exact_match']:.4f} at threshold "
+         f"{cfg.threshold:g}; loss {figure['loss']:.4f})" if multi else
+         f"It reaches **{acc:.4f}** top-1 accuracy ({figure['acc5']:.4f} top-5, loss "
+         f"{figure['loss']:.4f})") + f" on the evaluation split, at step {results['exported_step']}.", "",
         "## Data", "",
         f"- data set: `{cfg.dataset}`; train split `{cfg.train_split}`, eval split "
         f"`{cfg.eval_split or f'held out from {cfg.train_split} (test_size {cfg.test_size:g}, seed {cfg.seed})'}`",
@@ -333,14 +335,14 @@ def model_card(cfg, results, history, sizes, names, precision, world, step_batch
         "; eval: the image processor's resize "
         "(and center crop, where it has one) of the whole decoded image, as `transformers.pipeline` applies it", "",
         "## Training results", "",
-        "| step | training loss | eval " + " | ".join(heading for *_, heading in rows) + " |",
+        "| step | training loss | eval " + " | ".join(m.heading for m in rows) + " |",
         "| ---: | ---: |" + " ---: |" * len(rows)]
-    figure = lambda h, k: "-" if h.get(k) is None else f"{h[k]:.4f}"  # older runs lack some
+    cell = lambda h, k: "-" if h.get(k) is None else f"{h[k]:.4f}"  # older runs lack some
     for h in history:
-        lines.append(f"| {h['step']} | {figure(h, 'train_loss')} | " + " | ".join(figure(h, key) for key, *_ in rows) + " |")
+        lines.append(f"| {h['step']} | {cell(h, 'train_loss')} | " + " | ".join(cell(h, m.key) for m in rows) + " |")
     if history:
         best = max(history, key=metrics.score)
-        lines += ["", f"Best eval {rows[1][4]} {metrics.score(best):.4f} at step {best['step']}; "
+        lines += ["", f"Best eval {metrics.scored(rows).heading} {metrics.score(best):.4f} at step {best['step']}; "
                       f"training ran {results['train_runtime']:.0f} s at {results['train_samples_per_second']:.1f} images/s."]
     lines += ["", "## Use", "", "```python", "from transformers import pipeline",
               "classify = pipeline(\"image-classification\", model=\"path/to/this/folder\")",
@@ -349,3 +351,27 @@ def model_card(cfg, results, history, sizes, names, precision, world, step_batch
               "```", "", "## Framework versions", ""]
     lines += [f"- {k} {v}" for k, v in versions.items()]
     return "\n".join(meta + lines) + "\n"
+
+
+def results(final, step, exported_step, ledger, startup, ema=False):
+    """all_results.json: the final eval (`final`, of the exported weights) under metrics' names, with how the run
+    went (`ledger`: state.Ledger's state_dict over every segment; `startup`: seconds from process start to the
+    first batch); with `ema`, the EMA's loss and score too."""
+    rows = metrics.table(final)
+    runtime = ledger["train_runtime"]
+    record = dict({m.result: final[m.key] for m in rows}, global_step=step, exported_step=exported_step,
+                  train_runtime=round(runtime, 3), train_samples_per_second=round(ledger["images"] / runtime, 3),
+                  segments=ledger["segments"], damaged_train_files=len(ledger["damaged_files"]),
+                  damaged_train_encounters=ledger["damaged_encounters"], damaged_eval_files=final["skipped"],
+                  startup_seconds=round(startup, 2))
+    if ema:  # eval_ema_loss, and eval_ema_accuracy or eval_ema_map
+        record.update({m.result.replace("eval_", "eval_ema_"): final[f"ema_{m.key}"] for m in rows[:2]})
+    return record
+
+
+def hparams(cfg, precision, max_steps, world, step_batch):
+    """Every option of the run and what it resolved to, for TensorBoard's HParams table."""
+    values = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in to_dict(cfg).items()}
+    values.update(precision=precision, precision_requested=cfg.precision, total_steps=max_steps, world_size=world,
+                  global_batch=step_batch)
+    return values

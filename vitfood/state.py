@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from vitfood import dist, metrics
-from vitfood.common import seed_everything
+from vitfood.common import rank_seed, seed_everything
 
 
 @dataclass
@@ -24,16 +24,21 @@ class Progress:
     metrics: dict | None = None  # the latest eval
     history: list = field(default_factory=list)  # every eval: step, train_loss, metrics
     best: dict | None = None  # dict(step, eval_accuracy or eval_map, eval_loss)
+    every: int = 100  # --eval-steps (not part of the state)
+
+    def due(self, step, last_step):
+        """Whether an eval is due after optimizer step `step` (every --eval-steps, and at the last)."""
+        return last_step or step % self.every == 0
 
     def evaluated(self, result, train_loss):
-        keep = {k for rows in (metrics.SINGLE, metrics.MULTI) for k, *_ in rows}
+        keep = {m.key for rows in (metrics.SINGLE, metrics.MULTI) for m in rows}
         keep |= {"samples", "skipped"} | {f"ema_{k}" for k in keep}
         self.metrics = {k: v for k, v in result.items() if k in keep}
         self.history.append(dict(step=self.step, train_loss=train_loss, **self.metrics))
 
     def consider_best(self):
         """At a save right after an eval: True when this step's eval is the best so far (it becomes the best)."""
-        key = metrics.table(self.metrics)[1][1]  # eval_accuracy, or eval_map
+        key = metrics.scored(metrics.table(self.metrics)).result  # eval_accuracy, or eval_map
         if self.best is not None and metrics.score(self.metrics) <= self.best[key]:
             return False
         self.best = {"step": self.step, key: metrics.score(self.metrics), "eval_loss": self.metrics["loss"]}
@@ -132,4 +137,4 @@ class RNGStreams:
         if len(state["ranks"]) == self.world:  # each rank its own stream: exact
             set_rng_state(state["ranks"][self.rank])
         else:  # another world size: fresh per-rank streams, new at each resumed step
-            seed_everything(self.seed + 7919 * self.rank + 104729 * self.progress.step)
+            seed_everything(rank_seed(self.seed, self.rank, self.progress.step))

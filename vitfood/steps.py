@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from vitfood import dist
 from vitfood.common import Console, UserError, autocast, first_line
-from vitfood.data import normalize
+from vitfood.images import normalize
 from vitfood.metrics import MultiLabel, SingleLabel
 from vitfood.model import for_inference, unwrap
 
@@ -62,6 +62,36 @@ def smoothed(labels, smoothing, num_classes=None):
     return hot * (1 - smoothing) + smoothing / hot.shape[1] if smoothing else hot
 
 
+class Step:
+    """One optimizer step as vitfood.train and vitfood.bench both run it: the forward and backward of each
+    micro-batch (under DDP the gradients all-reduced on the last one only), then the optimizer step; with `graph`
+    (a GraphedStep, on CUDA) the whole step replayed as one CUDA graph. `model` is the plain model (the
+    optimizer's), `ddp` its DDP wrapper under torchrun, `train_model` what the forward calls (DDP and/or
+    torch.compile around the model)."""
+
+    def __init__(self, model, optimizer, scheduler, scaler, amp, mean, std, max_grad_norm, label_smoothing=0.0,
+                 class_weight=None, mixing=None, ddp=None, train_model=None, world=1, graph=None):
+        self.model, self.optimizer, self.scheduler, self.scaler, self.amp = model, optimizer, scheduler, scaler, amp
+        self.mean, self.std, self.max_grad_norm, self.label_smoothing = mean, std, max_grad_norm, label_smoothing
+        self.class_weight, self.mixing, self.world, self.graph = class_weight, mixing, world, graph
+        self.ddp, self.train_model = ddp or model, train_model or ddp or model
+
+    def __call__(self, batches, step, samples):
+        """Optimizer step `step` on `batches`, [(images, labels)] (one per micro-batch), whose loss is divided by
+        `samples`, the step's global sample count: (loss, grad norm, finite), device tensors, no sync."""
+        if self.graph is not None:  # one micro-batch per step, one process: GraphedStep's conditions
+            (images, labels), = batches
+            return self.graph(images, labels, samples)
+        loss = torch.zeros((), device=next(self.model.parameters()).device)
+        for micro, (images, labels) in enumerate(batches):
+            sync = self.world == 1 or micro == len(batches) - 1  # all-reduce gradients once, on the last micro-batch
+            with contextlib.nullcontext() if sync else self.ddp.no_sync():  # DDP averages over ranks: / world
+                loss += forward_backward(self.train_model, images, labels, self.amp, self.scaler, self.mean, self.std,
+                                         samples / self.world, self.label_smoothing,
+                                         self.mixing and self.mixing.at(step, micro), self.class_weight)
+        return (loss, *optimizer_step(self.model, self.optimizer, self.scaler, self.scheduler, self.max_grad_norm))
+
+
 def optimizer_step(model, optimizer, scaler, scheduler, max_grad_norm):
     """Unscale, clip, step, update, zero, with no host-device sync; then the schedule's next learning rate.
     Returns (grad norm, finite), both tensors on the device, to be read only at logging steps."""
@@ -95,6 +125,13 @@ def update(model, optimizer, scaler, max_grad_norm, lrs=None):
     scaler.update()  # fp16: a lower scale after an overflow (its inf checks are the unscale's, on the device)
     optimizer.zero_grad(set_to_none=True)
     return norm, finite
+
+
+def example_batch(batch_size, size, classes=None):
+    """(images, labels) of the shapes and types the loaders give: uint8 images of `size` (h, w), class ids, or
+    with `classes` multi-hot uint8 rows. Empty: for the shapes alone."""
+    labels = torch.empty((batch_size, classes), dtype=torch.uint8) if classes else torch.empty(batch_size, dtype=torch.int64)
+    return torch.empty((batch_size, 3, *size), dtype=torch.uint8), labels
 
 
 class GraphedStep:

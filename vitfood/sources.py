@@ -1,0 +1,225 @@
+"""Where the images come from: a Hub data set, an imagefolder (its labels from folders or a metadata file), a
+save_to_disk folder or the generated set; its splits, and its labels as class ids (single- or multi-label)."""
+
+import os
+import re
+
+import torch
+
+from vitfood import synthetic
+from vitfood.common import UserError, first_line
+from vitfood.hub import hub_error, is_path
+from vitfood.images import IMAGE_EXTENSIONS
+
+_SLICE = re.compile(r"^(?P<name>[\w.-]+)(\[(?P<start>-?\d*)(?P<pct1>%?):(?P<stop>-?\d*)(?P<pct2>%?)\])?$")
+
+
+def _take_split(splits, spec):
+    """`splits[spec]` for a local DatasetDict, with the Hub's 'train[:5000]' slice syntax."""
+    m = _SLICE.match(spec)
+    if not m:
+        raise UserError(f"cannot read split {spec!r}; use a name like 'train' or a slice like 'train[:5000]'")
+    if m["name"] not in splits:
+        raise UserError(f"split {m['name']!r} not found; the data set has: {', '.join(splits)}")
+    ds = splits[m["name"]]
+    if m.group(2):
+        n = len(ds)
+        bound = lambda v, pct: None if v in ("", "-") else (int(v) * n // 100 if pct else int(v))
+        ds = ds.select(range(n)[slice(bound(m["start"], m["pct1"]), bound(m["stop"], m["pct2"]))])
+    return ds
+
+
+def _load_local(path):
+    import datasets
+    if os.path.isfile(os.path.join(path, "dataset_dict.json")) or os.path.isfile(os.path.join(path, "state.json")):
+        loaded = datasets.load_from_disk(path)
+        return loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict({"train": loaded})
+    if not any(os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS for _, _, files in os.walk(path) for f in files):
+        raise UserError(f"the data set folder {path} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)} "
+                        "files, in one subfolder per class) and is not a save_to_disk folder")
+    splits = datasets.load_dataset("imagefolder", data_dir=path)
+    if any(f in ("metadata.csv", "metadata.jsonl") for _, _, files in os.walk(path) for f in files):
+        _check_listed_files(path, splits)
+    return splits
+
+
+def _check_listed_files(path, splits):
+    """An image that a metadata file names but that is not there is one line (datasets lists it all the same)."""
+    import datasets
+    for name, split in splits.items():
+        if "image" not in split.column_names:
+            continue
+        for row in split.cast_column("image", datasets.Image(decode=False))["image"]:
+            if row and row.get("path") and not os.path.isfile(row["path"]):
+                raise UserError(f"{os.path.relpath(row['path'], path)} is named in a metadata file of {path} "
+                                f"(split {name!r}) but does not exist; add it, or remove its line")
+
+
+def is_multi_label(ds, column):
+    """Whether `ds`'s label column holds a list of classes per image (after load_splits: List(ClassLabel))."""
+    return _is_list(ds.features[column])
+
+
+def _is_list(feature):
+    import datasets
+    kinds = tuple(k for k in (getattr(datasets, n, None) for n in ("List", "LargeList", "Sequence")) if isinstance(k, type))
+    return isinstance(feature, (*kinds, list))  # List in datasets 4+, Sequence before; a plain [feature] too
+
+
+def _class_ids(train, evals, cfg, log=print):
+    """Labels as a data set writes them, made class ids: (train, evals, class names), the label column then a
+    ClassLabel (or integers) or, multi-label, a List(ClassLabel). Single-label: a ClassLabel, integers or
+    class names. Multi-label: per image a list of ClassLabel, of integers or of class names, or names in one
+    string separated by --label-separator (a metadata.csv); --multi-label makes a single label a list of one.
+    Names become the training split's classes, sorted."""
+    import datasets
+    col, sep = cfg.label_column, cfg.label_separator
+    feature = train.features[col]
+    listed = _is_list(feature)
+    inner = (feature[0] if isinstance(feature, list) else feature.feature) if listed else feature
+    text = isinstance(inner, datasets.Value) and inner.dtype in ("string", "large_string")
+    whole = isinstance(inner, datasets.Value) and inner.dtype.startswith(("int", "uint"))
+    if not (text or whole or isinstance(inner, datasets.ClassLabel)):
+        raise UserError(f"label column {col!r} must hold integers, class names or a ClassLabel (or a list of them "
+                        f"per image, for multi-label data), found {feature}")
+    joined = text and not listed and (cfg.multi_label or any(sep in v for v in train[col] if isinstance(v, str)))
+    if joined and not cfg.multi_label:
+        log(f"the label column {col!r} names several classes in one cell, separated by {sep!r}: training "
+            "multi-label (--label-separator sets another character)")
+    multi = listed or joined or cfg.multi_label
+    if not (text or multi):  # single-label ids, as the data set has them
+        if isinstance(inner, datasets.ClassLabel):
+            return train, evals, list(inner.names)
+        return train, evals, [str(i) for i in range(max(train[col], default=-1) + 1)]
+
+    def rows(ds, split):
+        values = ds[col]
+        if joined:
+            values = [None if v is None else [p.strip() for p in v.split(sep) if p.strip()] for v in values]
+        elif multi and not listed:
+            values = [None if v is None else [v] for v in values]
+        for i, v in enumerate(values):
+            if v is None or (multi and not v) or (text and any(not isinstance(n, str) or not n.strip() for n in (v if multi else [v]))):
+                raise UserError(f"image {i} of split {split!r} names no class in the label column {col!r} "
+                                f"({v!r}); every image needs at least one")
+        return values
+
+    train_rows = rows(train, cfg.train_split)
+    eval_rows = rows(evals, cfg.eval_split) if evals is not None else None
+    flat = lambda values: (n for v in values for n in (v if multi else [v]))
+    if isinstance(inner, datasets.ClassLabel):
+        names = list(inner.names)
+    elif whole:
+        names = [str(i) for i in range(max(flat(train_rows), default=-1) + 1)]
+    else:
+        names = sorted(set(flat(train_rows)))
+        extra = sorted(set(flat(eval_rows or [])) - set(names), key=str)
+        if extra:
+            raise UserError(f"class {extra[0]!r} appears only in the eval split ({len(extra)} such class(es)); "
+                            f"the training split {cfg.train_split!r} has no image of it")
+    ids = {n: i for i, n in enumerate(names)} if text else None
+    labels = datasets.ClassLabel(names=names)
+    new = datasets.Sequence(labels) if multi else labels  # a List in datasets 4+
+
+    def convert(ds, values):
+        if listed and not text:  # a list of ids already
+            return ds
+        if text:
+            values = [[ids[n] for n in v] if multi else ids[v] for v in values]
+        return ds.remove_columns(col).add_column(col, values, feature=new)
+    return convert(train, train_rows), evals if evals is None else convert(evals, eval_rows), names
+
+
+def _mixed_forms(error):
+    """A metadata.jsonl column whose rows differ in form (pyarrow stops at the first that differs), in words."""
+    m = re.search(r"Column\(/?([^)]*)\) changed from (\w+) to (\w+) in row (\d+)", str(error))
+    if not m:
+        return None
+    forms = {m[2], m[3]}
+    what = "a list of classes and a single class" if "array" in forms else f"{m[2]} and {m[3]} values"
+    return (f"column {m[1]!r} of its metadata.jsonl mixes {what} (row {m[4]}); write every image's label in "
+            "one form (a list of classes per image, for multi-label data)")
+
+
+def hub_dataset(name):
+    """`name` when it is a Hub data set id, else None (a local folder or the synthetic set)."""
+    return None if name == "synthetic" or is_path(name) else name
+
+
+def _refuse_single_class_folder(path, splits):
+    """An imagefolder with fewer than two class folders has no label column at all: say why, in its terms."""
+    if any(os.path.isfile(os.path.join(path, f)) for f in ("dataset_dict.json", "state.json")):
+        return  # a save_to_disk folder: its columns are what they are
+    roots = [os.path.join(path, s) for s in splits if os.path.isdir(os.path.join(path, s))] or [path]
+    classes = sorted({d for root in roots for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))})
+    if len(classes) < 2:
+        holds = f"1 class folder ({classes[0]!r})" if classes else "no class folders (images must sit in one subfolder per class)"
+        raise UserError(f"a classifier needs at least 2 classes, and the image folder {path} holds {holds}")
+
+
+def load_splits(cfg, log=print):
+    """(train, eval) `datasets.Dataset`s and the class names, as the config asks."""
+    import datasets
+
+    name = cfg.dataset
+    if name == "synthetic":
+        name = synthetic.ensure(cfg.synthetic_size, cfg.synthetic_classes, cfg.synthetic_max_px, seed=0, log=log,
+                                dishes=cfg.synthetic_dishes)
+    if is_path(name):
+        path = os.path.expanduser(name)
+        if not os.path.isdir(path):
+            raise UserError(f"data set path {name} does not exist (or is not a folder)")
+        try:
+            splits = _load_local(path)
+        except UserError:
+            raise
+        except Exception as e:
+            raise UserError(f"cannot read data set folder {name}: {_mixed_forms(e) or first_line(e)}")
+        train = _take_split(splits, cfg.train_split)
+        evals = _take_split(splits, cfg.eval_split) if cfg.eval_split else None
+        if cfg.label_column not in train.column_names and cfg.label_column == "label":
+            _refuse_single_class_folder(path, splits)
+    else:
+        try:
+            train = datasets.load_dataset(name, split=cfg.train_split)
+            evals = datasets.load_dataset(name, split=cfg.eval_split) if cfg.eval_split else None
+        except Exception as e:  # the Hub raises many types: connection, not found, offline, gated
+            if isinstance(e, ValueError) and "split" in str(e).lower():
+                raise UserError(f"data set {name!r}: {first_line(e)}")
+            raise hub_error("dataset", name, e)
+
+    for ds, which in [(train, "train"), (evals, "eval")]:
+        if ds is None:
+            continue
+        for col in (cfg.image_column, cfg.label_column):
+            if col not in ds.column_names:
+                raise UserError(f"column {col!r} not found in the {which} split; columns: {', '.join(ds.column_names)}"
+                                f" (set --{'image' if col == cfg.image_column else 'label'}-column)")
+    train, evals, names = _class_ids(train, evals, cfg, log)
+
+    if evals is None:
+        if len(train) < 2:
+            raise UserError(f"the train split {cfg.train_split!r} has {len(train)} image(s): too few to carve an eval split")
+        try:
+            parts = train.train_test_split(test_size=cfg.test_size, seed=cfg.seed)
+        except ValueError as e:
+            raise UserError(f"cannot hold out --test-size {cfg.test_size} of {len(train)} images: {e}")
+        train, evals = parts["train"], parts["test"]
+    if cfg.max_train_samples:
+        train = train.select(range(min(cfg.max_train_samples, len(train))))
+    if cfg.max_eval_samples:
+        evals = evals.select(range(min(cfg.max_eval_samples, len(evals))))
+    for ds, which in [(train, "train"), (evals, "eval")]:
+        if len(ds) == 0:
+            raise UserError(f"the {which} split is empty (dataset {cfg.dataset!r})")
+    return train, evals, names
+
+
+def balanced_weights(labels, num_classes):
+    """Per class, n / (classes x n_class): each class weighs as much as if the split were balanced (a
+    class with no training image: 0)."""
+    counts = torch.bincount(torch.as_tensor(labels, dtype=torch.long), minlength=num_classes).double()
+    present = counts > 0
+    weights = torch.zeros(num_classes, dtype=torch.float64)
+    weights[present] = len(labels) / (int(present.sum()) * counts[present])
+    return weights.float()
