@@ -1,9 +1,9 @@
 """Learning checks on real images, mean of several seeds, each setting at the same number of steps.
-- levers (issue #20): each recipe lever alone, the plain recipe and --preset finetune; from scratch and in a
+- levers: each recipe lever alone, the plain recipe and --preset finetune; from scratch and in a
   transfer setting (a model pretrained with vitfood on digits 0-4, then fine-tuned on 5-9).
-- adapt (issue #21): with few labelled images (10 per class of 5-9), the pretrained model fine-tuned in full,
+- adapt: with few labelled images (10 per class of 5-9), the pretrained model fine-tuned in full,
   with a frozen backbone, with LoRA, against the same model trained from scratch.
-- imbalance (issue #22): the pretrained model fine-tuned on 5-9 made imbalanced (digit 5 keeps all its
+- imbalance: the pretrained model fine-tuned on 5-9 made imbalanced (digit 5 keeps all its
   training images, each next digit fewer, digit 9 a tenth of them), evaluated on a balanced test split:
   plain, --class-weights balanced, --sampler balanced; balanced accuracy and macro F1.
 

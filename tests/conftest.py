@@ -1,4 +1,6 @@
 import codecs
+import csv
+import json
 import os
 import select
 import signal
@@ -6,7 +8,9 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
+from PIL import Image
 
 # Tests never reach the Hub, and share one generated data set cache per session.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -49,10 +53,84 @@ def train(*args):
     return main([*TINY, *map(str, args)])
 
 
-def cli(*args, module="vitfood.train", timeout=300):
-    """Run a vitfood command as a user would; returns the CompletedProcess."""
+def cli(*args, module="vitfood.train", timeout=300, env=None):
+    """Run a vitfood command as a user would (`env`: over this process's environment, a None removing a
+    variable); returns the CompletedProcess."""
+    environ = {k: v for k, v in {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}.items() if v is not None}
     return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+                          timeout=timeout, env=environ)
+
+
+def error_line(p, alone=False):
+    """The `error:` line a command (a CompletedProcess) ended with: exit status 2, no traceback; `alone`: the only
+    line on stderr (else progress lines may come before it)."""
+    lines = [line for line in p.stderr.strip().splitlines() if line.strip() and "it/s" not in line and "s/it" not in line]
+    assert p.returncode == 2 and lines and lines[-1].startswith("error: ") and "Traceback" not in p.stderr, \
+        p.stderr[-3000:]
+    assert len(p.stderr.strip().splitlines()) == 1 or not alone, p.stderr[-3000:]
+    return lines[-1]
+
+
+def error(capsys, *args, main=None, alone=False):
+    """The `error:` line of a command run in this process (vitfood.train with TINY, or `main`) that exits 2
+    through run_main, with no traceback; `alone`: the only line on stderr."""
+    from vitfood.common import run_main
+    with pytest.raises(SystemExit) as e:
+        run_main(lambda: main(list(map(str, args))) if main else train(*args))
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and lines[-1].startswith("error: ") and not any("Traceback" in l for l in lines), lines
+    assert len(lines) == 1 or not alone, lines
+    return lines[-1]
+
+
+def image_folder(root, per_class, classes=("a", "b"), splits=None, size=(40, 40), noise=False, seed=0):
+    """An imagefolder: root[/split]/<class>/<i>.jpg, `per_class` JPEGs of `size` (w, h) per class (per split:
+    a dict {split: n} with `splits`), each class its own colour; with `noise`, random pixels in the other
+    channels."""
+    rng = np.random.default_rng(seed)
+    for split in splits or [None]:
+        n = per_class[split] if isinstance(per_class, dict) else per_class
+        for k, c in enumerate(classes):
+            folder = root / split / c if split else root / c
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                pixels = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8) if noise else \
+                    np.full((size[1], size[0], 3), (i * 40 % 255, 10, 200), dtype=np.uint8)
+                pixels[..., k % 3] = 255  # the classes differ in colour
+                Image.fromarray(pixels).save(folder / f"{i}.jpg")
+    return root
+
+
+def metadata_folder(root, labels, fmt, column, split="train", size=(24, 24)):
+    """An imagefolder split whose labels are in a metadata file: root/split/p<i>.jpg, one image per entry of
+    `labels` (each label as the file writes it), listed in metadata.csv or metadata.jsonl (`fmt`) under
+    `column`."""
+    (root / split).mkdir(parents=True, exist_ok=True)
+    for i in range(len(labels)):
+        Image.new("RGB", size, (40 * i % 255, 60, 90)).save(root / split / f"p{i}.jpg")
+    if fmt == "csv":
+        with open(root / split / "metadata.csv", "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["file_name", column])
+            w.writerows([f"p{i}.jpg", label] for i, label in enumerate(labels))
+    else:
+        (root / split / "metadata.jsonl").write_text(
+            "".join(json.dumps({"file_name": f"p{i}.jpg", column: label}) + "\n" for i, label in enumerate(labels)))
+    return root
+
+
+def killed_and_resumed(tmp_path, *args):
+    """The same run twice: never stopped (tmp_path/ref), and killed -9 as checkpoint-5 is renamed into place then
+    restarted with --resume auto (tmp_path/killed); each of 12 steps, saving every 5, with 2 loader workers.
+    Returns the two run directories."""
+    go = lambda out, env=None: cli(*TINY, "--max-steps", 12, "--save-steps", 5, "--eval-steps", 5, "--num-workers", 2,
+                                   *args, "--output-dir", out, "--resume", "auto", env=env)
+    ref, killed = tmp_path / "ref", tmp_path / "killed"
+    assert go(ref).returncode == 0
+    assert go(killed, env={"VITFOOD_FAULT": "renamed:1"}).returncode == -signal.SIGKILL
+    p = go(killed)
+    assert p.returncode == 0 and "resuming from" in p.stdout, p.stderr[-2000:]
+    return ref, killed
 
 
 # ---------------------------------------------------------------- crash tests: a run killed, stopped, resumed

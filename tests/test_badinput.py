@@ -8,23 +8,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import TINY, cli, train
+from conftest import TINY, cli, error, image_folder, train
 from vitfood import checkpoint, rundir
-from vitfood.common import run_main
-
-
-def _error(capsys, *args, alone=False):
-    """The error line of a run that exits 2; alone: the only line on stderr (no progress bar before it)."""
-    with pytest.raises(SystemExit) as e:
-        run_main(lambda: train(*args))
-    err = capsys.readouterr().err.strip().splitlines()
-    assert e.value.code == 2 and err[-1].startswith("error: ") and not any("Traceback" in l for l in err), err
-    assert len(err) == 1 or not alone, err
-    return err[-1]
 
 
 def test_errors_are_one_clear_line(tiny_run, capsys, tmp_path):
-    error = lambda *args: _error(capsys, *args, alone=True)  # tiny_run: the synthetic set is made (no progress bars)
+    error = lambda *args: error(capsys, *args, alone=True)  # tiny_run: the synthetic set is made (no progress bars)
     assert "food101" in (m := error("--dataset", "food101")) and "offline" in m and "--dataset synthetic" in m
     m = error("--model", "google/vit-base-patch16-224-in21k", "--output-dir", tmp_path / "m")
     assert "google/vit-base-patch16-224-in21k" in m and "Hub" in m and "local model folder" in m
@@ -59,8 +48,8 @@ def test_errors_from_the_command_line_have_no_traceback(tmp_path):
 def test_failed_runs_never_touch_existing_checkpoints(tiny_run, capsys):
     out, _ = tiny_run
     before = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
-    assert "already holds" in _error(capsys, "--output-dir", out, "--max-steps", 5, alone=True)
-    assert "not supported on the CPU" in _error(capsys, "--output-dir", out, "--resume", "auto", "--precision", "fp16",
+    assert "already holds" in error(capsys, "--output-dir", out, "--max-steps", 5, alone=True)
+    assert "not supported on the CPU" in error(capsys, "--output-dir", out, "--resume", "auto", "--precision", "fp16",
                                                 "--device", "cpu", alone=True)
     assert {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before
 
@@ -68,12 +57,8 @@ def test_failed_runs_never_touch_existing_checkpoints(tiny_run, capsys):
 @pytest.fixture(scope="module")
 def damaged_folder(tmp_path_factory):
     """An imagefolder of two classes where some files are damaged and some are odd but valid."""
-    root = tmp_path_factory.mktemp("damaged") / "imgs"
+    root = image_folder(tmp_path_factory.mktemp("damaged") / "imgs", 10, ("curry", "salad"), size=(80, 60), noise=True)
     rng = np.random.default_rng(0)
-    for c in ("curry", "salad"):
-        (root / c).mkdir(parents=True)
-        for i in range(10):
-            Image.fromarray(rng.integers(0, 255, (60, 80, 3), dtype=np.uint8)).save(root / c / f"ok{i}.jpg")
     good = io.BytesIO()
     Image.fromarray(rng.integers(0, 255, (200, 200, 3), dtype=np.uint8)).save(good, format="JPEG")
     (root / "curry" / "truncated.jpg").write_bytes(good.getvalue()[: len(good.getvalue()) // 3])
@@ -118,12 +103,12 @@ def _saved(tmp_path, train_labels, eval_labels, feature=None):
 def test_bad_labels(tmp_path, capsys):
     import datasets
     path = _saved(tmp_path, [0, 1, 0, 1], [0, 3])
-    assert "label 3 outside the 2 classes" in _error(capsys, "--dataset", path, "--eval-split", "validation")
+    assert "label 3 outside the 2 classes" in error(capsys, "--dataset", path, "--eval-split", "validation")
     path = _saved(tmp_path, [0.5, 1.5], [0.5], datasets.Value("float32"))  # class names (strings) are labels too
-    assert "must hold integers, class names or a ClassLabel" in _error(capsys, "--dataset", path, "--eval-split",
+    assert "must hold integers, class names or a ClassLabel" in error(capsys, "--dataset", path, "--eval-split",
                                                                        "validation")
     path = _saved(tmp_path, [0, 0, 0], [0])
-    assert "at least 2" in _error(capsys, "--dataset", path, "--eval-split", "validation")
+    assert "at least 2" in error(capsys, "--dataset", path, "--eval-split", "validation")
 
 
 def test_eval_split_smaller_than_a_batch_works(tmp_path):
@@ -133,11 +118,11 @@ def test_eval_split_smaller_than_a_batch_works(tmp_path):
 
 
 def test_nonsense_values(capsys, tmp_path):
-    assert "--lr must be positive" in _error(capsys, "--lr", "0")
-    assert "--save-steps (30) must be a multiple of --eval-steps (20)" in _error(
+    assert "--lr must be positive" in error(capsys, "--lr", "0")
+    assert "--save-steps (30) must be a multiple of --eval-steps (20)" in error(
         capsys, "--export", "best", "--save-steps", "30", "--eval-steps", "20")
-    assert "invalid choice" in _error(capsys, "--preset", "nope")
-    assert "--epochs must be positive" in _error(capsys, "--epochs", "-1")
+    assert "invalid choice" in error(capsys, "--preset", "nope")
+    assert "--epochs must be positive" in error(capsys, "--epochs", "-1")
 
 
 @pytest.fixture(scope="module")
@@ -151,18 +136,18 @@ def test_bad_checkpoints_passed_to_resume(finished, tmp_path, capsys):
     other = tmp_path / "other"
     shutil.copytree(finished / "checkpoint-4", other / "checkpoint-4")
     # another model: the checkpoint without its run's config, resumed at another resolution
-    err = _error(capsys, "--resume", other / "checkpoint-4", *("--image-size", "32", "--max-steps", 8))
+    err = error(capsys, "--resume", other / "checkpoint-4", *("--image-size", "32", "--max-steps", 8))
     assert "from another model" in err
     # with its run's config there, changing what decides the weights or data order is refused
     shutil.copy(finished / "train_config.json", other / "train_config.json")
-    assert "--seed differs from the run being resumed" in _error(
+    assert "--seed differs from the run being resumed" in error(
         capsys, "--resume", other / "checkpoint-4", "--seed", "8")
-    assert "global batch of 16" in _error(capsys, "--resume", other / "checkpoint-4", "--batch-size", "8")
+    assert "global batch of 16" in error(capsys, "--resume", other / "checkpoint-4", "--batch-size", "8")
     os.remove(other / "train_config.json")
     (other / "checkpoint-4" / "model.safetensors").write_bytes(b"\0" * os.path.getsize(other / "checkpoint-4" / "model.safetensors"))
-    assert "model.safetensors does not match its checksum" in _error(capsys, "--resume", other / "checkpoint-4", "--max-steps", 8)
+    assert "model.safetensors does not match its checksum" in error(capsys, "--resume", other / "checkpoint-4", "--max-steps", 8)
     os.remove(other / "checkpoint-4" / "training_state.pt")
-    assert "not a complete vitfood checkpoint" in _error(capsys, "--resume", other / "checkpoint-4")
+    assert "not a complete vitfood checkpoint" in error(capsys, "--resume", other / "checkpoint-4")
     assert not checkpoint.complete_checkpoints(other)  # and --resume auto would never pick it
 
 
@@ -180,10 +165,10 @@ def test_state_loads_without_pickle_code(finished):
 
 
 def test_more_nonsense_values(capsys, tmp_path):
-    assert "--seed must be between" in _error(capsys, "--seed", "-1")
-    assert "finite" in _error(capsys, "--max-grad-norm", "nan")
-    assert "finite" in _error(capsys, "--epochs", "inf")
-    assert "cannot hold out" in _error(capsys, "--test-size", "0.999", "--output-dir", tmp_path / "t")
+    assert "--seed must be between" in error(capsys, "--seed", "-1")
+    assert "finite" in error(capsys, "--max-grad-norm", "nan")
+    assert "finite" in error(capsys, "--epochs", "inf")
+    assert "cannot hold out" in error(capsys, "--test-size", "0.999", "--output-dir", tmp_path / "t")
 
 
 def test_a_second_run_in_the_same_directory_is_refused(finished, capsys):
@@ -197,7 +182,7 @@ def test_a_second_run_in_the_same_directory_is_refused(finished, capsys):
                                str(finished / "run.lock")], stdout=subprocess.PIPE, text=True)
     try:  # another live process holds the run, as a second vitfood would
         assert holder.stdout.readline().strip() == "held"
-        assert "another vitfood process" in _error(capsys, "--resume", "auto", "--output-dir", finished)
+        assert "another vitfood process" in error(capsys, "--resume", "auto", "--output-dir", finished)
     finally:
         holder.kill()
         holder.wait()
@@ -214,13 +199,9 @@ def test_overwrite_output_dir_starts_clean(finished, tmp_path):
 @pytest.fixture(scope="module")
 def split_folder(tmp_path_factory):
     """An imagefolder with train/ and validation/ splits; two damaged files in each split."""
-    root = tmp_path_factory.mktemp("splits") / "imgs"
+    root = image_folder(tmp_path_factory.mktemp("splits") / "imgs", dict(train=12, validation=9), ("curry", "salad"),
+                        splits=("train", "validation"), size=(64, 48), noise=True, seed=1)
     rng = np.random.default_rng(1)
-    for split, n in (("train", 12), ("validation", 9)):
-        for c in ("curry", "salad"):
-            (root / split / c).mkdir(parents=True)
-            for i in range(n):
-                Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(root / split / c / f"ok{i}.jpg")
     good = io.BytesIO()
     Image.fromarray(rng.integers(0, 255, (120, 120, 3), dtype=np.uint8)).save(good, format="JPEG")
     for split in ("train", "validation"):
@@ -256,5 +237,5 @@ def test_a_single_class_folder_is_named(tmp_path, capsys):
     (tmp_path / "imgs" / "soup").mkdir(parents=True)
     for i in range(4):
         Image.new("RGB", (20, 20), (i * 40, 0, 0)).save(tmp_path / "imgs" / "soup" / f"{i}.jpg")
-    err = _error(capsys, "--dataset", tmp_path / "imgs", "--output-dir", tmp_path / "run")
+    err = error(capsys, "--dataset", tmp_path / "imgs", "--output-dir", tmp_path / "run")
     assert "at least 2 classes" in err and "1 class folder ('soup')" in err

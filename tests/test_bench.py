@@ -41,18 +41,30 @@ def test_quick_bench_reports_every_mode(capsys, tmp_path, monkeypatch):
     last = capsys.readouterr().out.strip().splitlines()[-1]
     report = json.loads(last)
     assert report == json.loads(out.read_text())
-    assert {"env", "config", "data", "model", "e2e", "loop", "eval", "matmul_peak_flops", "flops_per_image_train"} <= report.keys()
+    assert {"env", "config", "data", "model", "e2e", "eval", "matmul_peak_flops", "flops_per_image_train"} <= report.keys()
+    assert not {"memory", "loop"} & report.keys()  # --quick starts no other process
     assert {r["precision"] for r in report["model"]} == {"fp32", "bf16"}
     for row in report["model"]:
         assert row["img_s"] > 0 and 0 < row["mfu"] < 1 and row["peak_mem_mb"] > 0
     assert report["data"][0]["img_s"] > 0 and report["e2e"]["img_s"] > 0 and 0 <= report["e2e"]["data_wait"] <= 1
     assert report["eval"]["img_s"] > 0 and report["eval"]["images"] > 0 and report["eval"]["first_pass_img_s"] > 0
-    loop = report["loop"]  # vitfood.train's own loop, in a child process, against the bare step
-    assert loop["steps"] == 60 and loop["img_s"] > 0 and loop["bare_img_s"] > 0 and 0 <= loop["data_wait"] <= 1
-    assert loop["vs_bare"] == pytest.approx(loop["img_s"] / loop["bare_img_s"]) and loop["step_mode"] == "eager"
     levers = report["levers"]  # none asked for: --preset finetune's that act in the step, and an EMA
     assert levers["levers"]["mixup"] == 0.8 and levers["levers"]["ema_decay"] > 0
     assert levers["plain_ms"] > 0 and levers["levers_ms"] > 0 and 0 < levers["ema_ms"] < levers["levers_ms"]
     assert all(math.isfinite(v) for v in _numbers(report))
     trace = json.loads(open(report["e2e"]["trace"]).read())  # Chrome/Perfetto trace format
     assert trace["traceEvents"]
+
+
+@pytest.mark.slow
+def test_the_loop_and_memory_modes_run_child_processes(capsys, tmp_path, monkeypatch):
+    from vitfood.bench import main
+    monkeypatch.chdir(tmp_path)
+    report = main([*TINY, "--modes", "loop,memory", "--steps", "3", "--repeats", "2", "--batch-sizes", "8"])
+    loop = report["loop"]  # vitfood.train's own loop, in a child process, against the bare step
+    assert loop["steps"] == 60 and loop["img_s"] > 0 and loop["bare_img_s"] > 0 and 0 <= loop["data_wait"] <= 1
+    assert loop["vs_bare"] == pytest.approx(loop["img_s"] / loop["bare_img_s"]) and loop["step_mode"] == "eager"
+    rows = {r["mode"]: r for r in report["memory"]}  # each way to train, each in a fresh process
+    assert rows.keys() == {"full", "frozen", "lora", "checkpointing"}
+    assert rows["frozen"]["trainable"] < rows["lora"]["trainable"] < rows["full"]["trainable"]
+    assert rows["checkpointing"]["activations_mb"] < rows["full"]["activations_mb"]

@@ -1,7 +1,6 @@
 import io
 import json
 import math
-import os
 import random
 
 import numpy as np
@@ -9,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import train
+from conftest import image_folder, train
 from vitfood import synthetic
 from vitfood.config import Config
 from vitfood.data import EpochBatchSampler, ImageDataset
@@ -105,15 +104,8 @@ def test_sharded_batches_are_the_single_process_global_batches(world):
                                                         for r in range(world))
 
 
-def _jpeg_folder(root, classes=("a", "b"), per_class=3, size=(40, 30)):
-    for c in classes:
-        os.makedirs(root / c, exist_ok=True)
-        for i in range(per_class):
-            Image.new("RGB", size, (i * 40, 10, 200)).save(root / c / f"{i}.jpg")
-
-
 def test_imagefolder_and_save_to_disk_inputs(tmp_path):
-    _jpeg_folder(tmp_path / "folder")
+    image_folder(tmp_path / "folder", 3, size=(40, 30))
     cfg = Config(dataset=str(tmp_path / "folder"), train_split="train", test_size=0.5)
     train, evals, names = load_splits(cfg)
     assert names == ["a", "b"] and len(train) + len(evals) == 6
@@ -130,7 +122,7 @@ def test_imagefolder_and_save_to_disk_inputs(tmp_path):
 
 
 def test_train_transform_is_keyed_on_epoch_and_index(tmp_path):
-    _jpeg_folder(tmp_path / "f", per_class=2, size=(200, 120))
+    image_folder(tmp_path / "f", 2, size=(200, 120))
     train, _, _ = load_splits(Config(dataset=str(tmp_path / "f"), train_split="train", test_size=0.25))
     ds = ImageDataset(train, "image", "label", TrainTransform(height=32, width=32), seed=5)
     assert torch.equal(ds[(0, 1)][0], ds[(0, 1)][0])

@@ -4,14 +4,12 @@ never answers (what a dead route or a black-holed proxy does), or nothing at all
 
 import os
 import socket
-import subprocess
-import sys
 import threading
 import time
 
 import pytest
 
-from conftest import TINY
+from conftest import TINY, cli, error_line
 
 
 @pytest.fixture(scope="module")
@@ -36,10 +34,8 @@ def silent_hub():
 
 def run(*args, module="vitfood.train", env=None):
     """(seconds, CompletedProcess) of a vitfood command with the Hub reachable as `env` says."""
-    environ = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
     t0 = time.perf_counter()
-    p = subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True, timeout=120,
-                       env={**environ, "PYTHONWARNINGS": "ignore", **(env or {})})
+    p = cli(*args, module=module, timeout=120, env={"HF_HUB_OFFLINE": None, "HF_DATASETS_OFFLINE": None, **(env or {})})
     return time.perf_counter() - t0, p
 
 
@@ -51,40 +47,34 @@ def fast(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("baseline")
     base, p = run("--dataset", "food101", "--model", "vit-micro", "--output-dir", tmp / "a",
                   env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp / "hf")})
-    assert "HF_HUB_OFFLINE=1" in one_error_line(p)
+    assert "HF_HUB_OFFLINE=1" in error_line(p, alone=True)
     return lambda seconds: seconds < base + 6
-
-
-def one_error_line(p):
-    lines = p.stderr.strip().splitlines()
-    assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), p.stderr[-3000:]
-    return lines[0]
 
 
 def test_a_silent_hub_fails_fast_in_one_line(silent_hub, tmp_path, fast):
     hub = {"HF_ENDPOINT": silent_hub, "HF_HOME": str(tmp_path / "hf")}
     seconds, p = run("--dataset", "food101", "--model", "vit-micro", "--output-dir", tmp_path / "a", env=hub)
-    line = one_error_line(p)
+    line = error_line(p, alone=True)
     assert fast(seconds) and "dataset 'food101'" in line and "unreachable" in line, (seconds, line)
     # a local data set with a Hub model: the model is found missing before the data set is generated
     cache = tmp_path / "vitfood-cache"
     hub["VITFOOD_HUB_PROBE_SECONDS"] = "1"  # the default, 3 s, was shown above; the rest only need a probe
     seconds, p = run("--dataset", "synthetic", "--model", "google/vit-base-patch16-224-in21k",
                      "--output-dir", tmp_path / "b", env={**hub, "VITFOOD_CACHE": str(cache)})
-    line = one_error_line(p)
+    line = error_line(p, alone=True)
     assert fast(seconds) and "model 'google/vit-base-patch16-224-in21k'" in line and "unreachable" in line
     assert not cache.exists() or not os.listdir(cache), "the data set was prepared before the model was checked"
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # no empty run folders left behind
     for module in ("vitfood.predict", "vitfood.evaluate"):
         seconds, p = run("--model", "google/vit-base-patch16-224", *(["x.jpg"] if module == "vitfood.predict" else
                          ["--dataset", "food101"]), module=module, env=hub)
-        assert fast(seconds) and "unreachable" in one_error_line(p), (module, seconds)
+        assert fast(seconds) and "unreachable" in error_line(p, alone=True), (module, seconds)
 
 
 def test_offline_mode_stays_instant(tmp_path):
     seconds, p = run("--dataset", "food101", "--output-dir", tmp_path / "a",
                      env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
-    line = one_error_line(p)
+    line = error_line(p, alone=True)
     # no probe and no network wait: far below the Hub's own timeout (VITFOOD_HUB_TIMEOUT_SECONDS, 30 s)
     assert "HF_HUB_OFFLINE=1" in line and seconds < 30, seconds
 
@@ -108,4 +98,4 @@ def test_a_cached_hub_model_trains_while_the_hub_is_silent(silent_hub, tmp_path)
 def test_a_bad_probe_limit_is_one_line(tmp_path):
     seconds, p = run("--dataset", "food101", "--model", "vit-micro", "--output-dir", tmp_path / "a",
                      env={"VITFOOD_HUB_PROBE_SECONDS": "3s"})
-    assert "VITFOOD_HUB_PROBE_SECONDS='3s'" in one_error_line(p)
+    assert "VITFOOD_HUB_PROBE_SECONDS='3s'" in error_line(p, alone=True)

@@ -1,10 +1,10 @@
-"""Issue #22: imbalanced classes (--class-weights, --sampler balanced) and the metrics that show them."""
+"""Imbalanced classes (--class-weights, --sampler balanced) and the metrics that show them."""
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import resumed_copy, same, train
+from conftest import metadata_folder, resumed_copy, same, train
 from vitfood.data import EpochBatchSampler
 from vitfood.sources import balanced_weights
 
@@ -57,7 +57,8 @@ def test_a_balanced_run_resumes_bit_exact_and_reports_balanced_metrics(tmp_path)
     out = tmp_path / "run"
     args = ["--max-steps", 6, "--eval-steps", 3, "--save-steps", 3, "--sampler", "balanced", "--random-erasing", "0.5"]
     results = train(*args, "--output-dir", out)
-    assert 0 <= results["eval_balanced_accuracy"] <= 1 and 0 <= results["eval_f1_macro"] <= 1
+    card = (out / "model" / "README.md").read_text()  # the final eval's row holds both figures, as reported
+    assert f"{results['eval_balanced_accuracy']:.4f} | {results['eval_f1_macro']:.4f} |" in card
     copy = resumed_copy(out, tmp_path / "resumed", *args)
     assert same(load_file(copy / "model" / "model.safetensors"), load_file(out / "model" / "model.safetensors"))
     card = (out / "model" / "README.md").read_text()
@@ -65,25 +66,13 @@ def test_a_balanced_run_resumes_bit_exact_and_reports_balanced_metrics(tmp_path)
 
 
 def _labelled_folder(root, fmt, classes=("pizza", "sushi", "ramen"), eval_classes=None, missing=False):
-    """An imagefolder whose labels are in a metadata file (no class subfolders): train/ and test/ splits."""
-    import csv
-    import json
-    from PIL import Image
+    """An imagefolder whose labels are in a metadata file (no class subfolders): train/ and test/ splits, 4 images
+    of each class; `missing`: the train split's file also names an image that is not there."""
     for split, names in (("train", classes), ("test", eval_classes or classes)):
-        (root / split).mkdir(parents=True)
-        rows = []
-        for i in range(4 * len(names)):
-            Image.new("RGB", (24, 24), (60 * (i % len(names)), 40, 90)).save(root / split / f"photo_{i}.jpg")
-            rows.append(dict(file_name=f"photo_{i}.jpg", dish=names[i % len(names)]))
-        if missing and split == "train":
-            rows.append(dict(file_name="gone.jpg", dish=names[0]))
-        if fmt == "csv":
-            with open(root / split / "metadata.csv", "w", newline="") as fh:
-                w = csv.DictWriter(fh, fieldnames=["file_name", "dish"])
-                w.writeheader()
-                w.writerows(rows)
-        else:
-            (root / split / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        metadata_folder(root, [names[i % len(names)] for i in range(4 * len(names))], fmt, "dish", split)
+    if missing:
+        with open(root / "train" / f"metadata.{fmt}", "a") as fh:
+            fh.write("gone.jpg,pizza\n" if fmt == "csv" else '{"file_name": "gone.jpg", "dish": "pizza"}\n')
     return root
 
 

@@ -1,4 +1,4 @@
-"""Issue #22: multi-label data (a list of classes per image): the label forms, BCE, mAP/F1/exact match,
+"""Multi-label data (a list of classes per image): the label forms, BCE, mAP/F1/exact match,
 resume, export to transformers' pipeline, predict and evaluate."""
 
 import csv
@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import events, resumed_copy, same, train
+from conftest import events, metadata_folder, resumed_copy, same, train
 from vitfood.metrics import MultiLabel, average_precision
 
 # The generated plates of 1 to 3 dishes, 4 classes, at TINY's scale.
@@ -26,7 +26,7 @@ def test_average_precision_is_scikit_learns_definition_with_ties_and_nan_for_a_c
 
 
 def test_average_precision_matches_scikit_learn_on_random_scores_with_many_ties():
-    sklearn = pytest.importorskip("sklearn.metrics")  # in the bench extra, not the test extra
+    import sklearn.metrics as sklearn  # in the test extra
     g = torch.Generator().manual_seed(0)
     s, t = torch.rand(200, 5, generator=g).round(decimals=1), torch.rand(200, 5, generator=g) < 0.3  # many ties
     assert average_precision(s, t) == pytest.approx([sklearn.average_precision_score(t[:, c], s[:, c]) for c in range(5)])
@@ -62,19 +62,7 @@ def test_mixing_mixes_multi_hot_targets():
 
 def _folder(root, fmt, rows, split="train"):
     """An imagefolder split whose labels are in a metadata file: `rows` = the label of each image, as written."""
-    from PIL import Image
-    (root / split).mkdir(parents=True, exist_ok=True)
-    for i in range(len(rows)):
-        Image.new("RGB", (24, 24), (40 * i % 255, 60, 90)).save(root / split / f"p{i}.jpg")
-    if fmt == "csv":
-        with open(root / split / "metadata.csv", "w", newline="") as fh:
-            w = csv.writer(fh)
-            w.writerow(["file_name", "dishes"])
-            w.writerows([f"p{i}.jpg", label] for i, label in enumerate(rows))
-    else:
-        (root / split / "metadata.jsonl").write_text(
-            "".join(json.dumps(dict(file_name=f"p{i}.jpg", dishes=label)) + "\n" for i, label in enumerate(rows)))
-    return root
+    return metadata_folder(root, rows, fmt, "dishes", split)
 
 
 def _splits(data, **options):

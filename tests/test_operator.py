@@ -17,24 +17,8 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import EVALUATED, HOLD, RUN, finish, output, same, start, train, wait_for, weights
+from conftest import EVALUATED, HOLD, RUN, error, error_line, finish, output, same, start, train, wait_for, weights
 from vitfood import checkpoint
-
-
-def _one_error_line(p):
-    lines = [line for line in p.stderr.strip().splitlines() if line.strip() and "it/s" not in line and "s/it" not in line]
-    assert p.returncode == 2 and lines and lines[-1].startswith("error: ") and "Traceback" not in p.stderr, p.stderr[-2000:]
-    return lines[-1]
-
-
-def _error(capsys, *args, main=None):
-    """The one line on stderr of a command (train, or `main`) run in this process that exits 2."""
-    from vitfood.common import run_main
-    with pytest.raises(SystemExit) as e:
-        run_main(lambda: main(list(map(str, args))) if main else train(*args))
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert e.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: "), lines
-    return lines[0]
 
 
 @pytest.fixture
@@ -52,7 +36,7 @@ def test_a_real_full_disk_is_one_line_and_the_run_resumes_exactly_after(small_di
     out = small_disk / "run"
     p = start(out)
     _, p.stderr = output(p)
-    line = _one_error_line(p)
+    line = error_line(p)
     assert "is full" in line and str(out) in line, line
     names = os.listdir(out)
     assert not [n for n in names if n.startswith(".")]  # no temporary folders or files left
@@ -95,7 +79,7 @@ def test_a_damaged_newest_checkpoint_is_set_aside_and_the_one_before_resumed(tmp
     _damage(out / "checkpoint-30" / victim)
     assert checkpoint.is_complete(out / "checkpoint-30")  # same sizes: only the checksum tells
     from vitfood.train import main
-    line = _error(capsys, "--resume", out / "checkpoint-30", main=main)
+    line = error(capsys, "--resume", out / "checkpoint-30", main=main)
     assert "checkpoint is damaged" in line and victim in line
     finish(out)
     printed = capsys.readouterr().out
@@ -128,7 +112,7 @@ def test_nonfinite_final_weights_do_not_exit_0(tmp_path, capsys):
 def test_config_files_in_other_encodings_yaml_floats_and_edited_run_configs(tmp_path, capsys):
     from vitfood.config import build_parser, resolve
     from vitfood.evaluate import main as evaluate_main
-    error = lambda *args: _error(capsys, *args)
+    error = lambda *args: error(capsys, *args)
     (tmp_path / "utf16.yaml").write_bytes("lr: 1e-3\nbatch_size: 8\n".encode("utf-16"))  # PowerShell's > does this
     cfg = resolve(vars(build_parser().parse_args(["--config", str(tmp_path / "utf16.yaml")])))
     assert (cfg.lr, cfg.batch_size) == (1e-3, 8)  # and YAML 1.1's string "1e-3" is a float
@@ -146,7 +130,7 @@ def test_config_files_in_other_encodings_yaml_floats_and_edited_run_configs(tmp_
     assert "lacks max_steps" in line and "train_config.json" in line
     (out / "train_config.json").write_bytes(b"\xff\xfe\x00garbage")
     assert "train_config.json" in error("--resume", "auto", "--output-dir", out)
-    assert "train_config.json" in _error(capsys, "--model", out / "model", main=evaluate_main)
+    assert "train_config.json" in error(capsys, "--model", out / "model", main=evaluate_main)
 
 
 def test_config_file_and_flag_precedence(tmp_path, capsys):
@@ -158,9 +142,9 @@ def test_config_file_and_flag_precedence(tmp_path, capsys):
     cfg = resolve(vars(build_parser().parse_args(["--preset", "demo", "--max-steps", "7"])))
     assert (cfg.dataset, cfg.model, cfg.max_steps) == ("synthetic", "vit-tiny", 7)
     (tmp_path / "bad.json").write_text('{"batch_size": "big"}')
-    assert "must be int" in _error(capsys, "--config", tmp_path / "bad.json")
+    assert "must be int" in error(capsys, "--config", tmp_path / "bad.json")
     (tmp_path / "unknown.json").write_text('{"batchsize": 3}')
-    assert "unknown option(s) batchsize" in _error(capsys, "--config", tmp_path / "unknown.json")
+    assert "unknown option(s) batchsize" in error(capsys, "--config", tmp_path / "unknown.json")
 
 
 def test_an_explicit_epochs_flag_wins_over_the_preset():

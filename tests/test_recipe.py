@@ -1,14 +1,11 @@
 """The fine-tuning levers of timm's recipes: label smoothing, an EMA of the weights."""
 
 import json
-import signal
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import RUN, same, train, weights
+from conftest import killed_and_resumed, same, train, weights
 from vitfood import checkpoint
 from vitfood.common import UserError
 from vitfood.steps import EMA, Mixing
@@ -31,7 +28,13 @@ def test_the_ema_is_a_warmed_up_moving_average_updated_in_place():
         assert not mine.requires_grad
     for _ in range(10_000):
         ema.update()
-    assert min(ema.decay, 1 - (1 + ema.updates) ** (-2 / 3)) == 0.99  # warmed up to the decay asked for
+    before = [p.clone() for p in ema.model.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update()  # warmed up: the average moves 1 - 0.99 of the way to the weights
+    for mine, was, theirs in zip(ema.model.parameters(), before, model.parameters()):
+        assert torch.allclose((mine - was) / (theirs - was), torch.full_like(mine, 0.01), rtol=1e-3)
     again = EMA(torch.nn.Linear(3, 2), 0.99)
     again.load_state_dict(ema.state_dict())
     assert again.updates == ema.updates and same(again.model.state_dict(), ema.model.state_dict())
@@ -59,7 +62,7 @@ def test_augmentations_are_keyed_on_the_sample_and_leave_the_global_generator_al
 def test_mixing_is_keyed_soft_and_whole():
     mixing = Mixing(0.8, 1.0, 1.0, 0.5, 0.1, 4, seed=42)
     images, labels = torch.randn(5, 3, 8, 8), torch.tensor([0, 1, 2, 3, 0])
-    seen = set()
+    seen, cuts, mixups = set(), 0, 0
     for step in range(40):
         a, ta = mixing.at(step, 0)(images, labels)
         b, tb = mixing.at(step, 0)(images, labels)
@@ -68,9 +71,17 @@ def test_mixing_is_keyed_soft_and_whole():
         lam = ta[0, 0].item()  # image 0 (class 0) mixed with image 4 (class 0) reversed: stays class 0
         seen.add(round(lam, 3))
         cut = torch.isclose(a, images) | torch.isclose(a, images.flip(0))
+        if torch.equal(a, images):
+            continue  # not mixed at this step
         if cut.all():  # CutMix: each pixel from one image or the other, and the targets say how much of each
+            cuts += 1
             share = (torch.isclose(a[1], images[1]) & ~torch.isclose(a[1], images[3])).float().mean().item()
             assert ta[1, 1].item() == pytest.approx(0.9 * share + 0.1 / 4, abs=0.05)
+        else:  # mixup: image 1 blends with image 3, and so do their targets
+            mixups += 1
+            lam = ta[1, 1].item() / 0.9 - 0.1 / 4 / 0.9
+            assert torch.allclose(a[1], lam * images[1] + (1 - lam) * images[3], atol=1e-3)
+    assert cuts and mixups  # both were drawn (--mixup-switch-prob 0.5)
     assert len(seen) == 1  # image 0 and its partner share a class: smoothing alone
     one, t1 = mixing.at(0, 1)(images[:1], labels[:1])  # a one-image micro-batch mixes with itself
     assert torch.allclose(one, images[:1]) and torch.allclose(t1.sum(), torch.tensor(1.0))
@@ -100,17 +111,7 @@ def test_levers_are_recorded_evaluated_and_exported(tmp_path):
 
 @pytest.mark.slow
 def test_a_run_with_the_levers_resumes_bit_exact_after_kill_9(tmp_path, cache_dir):
-    def run(out, *extra, env=None):
-        return subprocess.run([sys.executable, "-m", "vitfood.train", *RUN, *LEVERS, "--max-steps", "12",
-                               "--output-dir", str(out), "--resume", "auto", *extra], capture_output=True, text=True,
-                              timeout=300, env={**__import__("os").environ, "PYTHONWARNINGS": "ignore", **(env or {})})
-    ref = tmp_path / "ref"
-    assert run(ref).returncode == 0
-    out = tmp_path / "killed"
-    p = run(out, env={"VITFOOD_FAULT": "renamed:1"})  # killed as checkpoint-5 is renamed into place
-    assert p.returncode == -signal.SIGKILL
-    p = run(out)
-    assert p.returncode == 0 and "resuming from" in p.stdout, p.stderr[-2000:]
+    ref, out = killed_and_resumed(tmp_path, *LEVERS)  # killed as checkpoint-5 is renamed into place
     assert same(weights(out), weights(ref))
     for name in ("ema", "optimizer"):
         a = torch.load(ref / "checkpoint-12" / checkpoint.STATE, weights_only=True)[name]

@@ -10,12 +10,11 @@ import signal
 import threading
 import time
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from conftest import TINY, same, start, train, weights
+from conftest import TINY, image_folder, same, start, train, weights
 from vitfood import checkpoint, rundir
 from vitfood.common import UserError
 
@@ -24,14 +23,7 @@ from vitfood.common import UserError
 def _folder(root, damaged):
     """root/{train,validation}/{a,b}: 8 good JPEGs per class and split, plus `damaged` = {split/class: n}
     zero-byte .jpg files."""
-    rng = np.random.default_rng(0)
-    for split in ("train", "validation"):
-        for c in "ab":
-            (root / split / c).mkdir(parents=True)
-            for i in range(8):
-                pixels = rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)
-                pixels[..., 0 if c == "a" else 2] = 255  # the classes differ in colour
-                Image.fromarray(pixels).save(root / split / c / f"{i}.jpg")
+    image_folder(root, 8, splits=("train", "validation"), noise=True)
     for where, n in damaged.items():
         for i in range(n):
             (root / where / f"zero{i}.jpg").write_bytes(b"")

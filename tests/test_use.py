@@ -193,8 +193,9 @@ def test_tensorboard_serves_the_run(tiny_run):
         metrics = [m["name"]["tag"] for m in experiment["metricInfos"]]
         assert {"lr", "batch_size", "global_batch", "world_size"} <= set(hparams)
         assert hparams[:5] == ["lr", "model", "precision", "seed", "total_steps"]  # the columns shown by default
-        assert metrics == ["accuracy/top1", "accuracy/top5", "accuracy/balanced", "loss/eval", "loss/train",
-                           "run/end_status"]  # one set of metrics
+        # one set of metrics; the five TensorBoard shows by default first: how the run ended, the score, the losses
+        assert metrics == ["run/end_status", "accuracy/top1", "loss/eval", "loss/train", "accuracy/top5",
+                           "accuracy/balanced", "accuracy/f1_macro"]
         types = {h["name"]: h["type"] for h in experiment["hparamInfos"]}
         assert (types["lr"], types["compile"], types["model"]) == ("DATA_TYPE_FLOAT64", "DATA_TYPE_BOOL", "DATA_TYPE_STRING")
     finally:

@@ -43,6 +43,7 @@ from vitfood.model import build_model, hub_model, resolve_attn, vit_flops_per_im
 from vitfood.sources import hub_dataset, load_splits
 
 MODES = ("data", "model", "levers", "memory", "e2e", "loop", "eval", "save")
+QUICK = ("data", "model", "levers", "e2e", "eval", "save")  # --quick: the modes that start no other process
 STEP_MODES = ("eager", "compile", "graph", "graph+compile")
 
 
@@ -51,7 +52,8 @@ def parse_args(argv=None):
     p.prog, p.description = "python -m vitfood.bench", __doc__
     g = p.add_argument_group("bench")
     g.add_argument("--modes", default="all", help=f"comma list of {','.join(MODES)}, or all")
-    g.add_argument("--quick", action="store_true", help="few repeats, small sweep, no compile: under a minute")
+    g.add_argument("--quick", action="store_true", help="few repeats, small sweep, no compile, and of all modes those "
+                   "that start no other process (not memory or loop): under a minute")
     g.add_argument("--batch-sizes", help="comma list for the model sweep (default: --batch-size; full: x1, x2, x4)")
     g.add_argument("--precisions", help="comma list of fp32,fp16,bf16 (default: every one the device runs)")
     g.add_argument("--compile-modes", help="comma list of how the step runs: eager, compile (torch.compile), graph "
@@ -78,7 +80,7 @@ def plan(cfg, b, device, precision):
     """What the sweep covers: the --modes, steps, repeats, precisions, batch sizes, step modes, attentions, worker
     counts and decode paths asked for, or their defaults (a shorter set with --quick)."""
     quick = b.quick
-    modes = MODES if b.modes == "all" else tuple(_list(b.modes))
+    modes = (QUICK if quick else MODES) if b.modes == "all" else tuple(_list(b.modes))
     for m in modes:
         if m not in MODES:
             raise UserError(f"--modes: unknown mode {m!r}; use {', '.join(MODES)} or all")

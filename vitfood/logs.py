@@ -22,24 +22,31 @@ from vitfood.common import Console
 
 def layout(multi_label=False):
     """The custom-scalars page: the overview on four charts."""
-    scores = ["Multiline", ["accuracy/map", "accuracy/f1_micro", "accuracy/f1_macro"]] if multi_label else \
-        ["Multiline", ["accuracy/top1", "accuracy/top5"]]
+    rows = metrics.rows_for(multi_label)
+    score = metrics.scored(rows)
+    shown = [score, rows[2]]  # the score and the figure after it: top-1 and top-5, or mAP and micro F1
     return {"vitfood": {
-        "loss: train and eval": ["Multiline", ["loss/train", "loss/eval"]],
-        ("eval: mAP, F1 micro and macro" if multi_label else "eval accuracy: top-1 and top-5"): scores,
+        "loss: train and eval": ["Multiline", ["loss/train", rows[0].tag]],
+        "eval: " + " and ".join(m.heading for m in shown): ["Multiline", [m.tag for m in shown]],
         "learning rate": ["Multiline", ["optim/lr"]],
         "training images/s": ["Multiline", ["speed/img_per_s"]]}}
 
 
-# HParams' metric columns (tag: the column's title); a column shows the tag's last value. run/end_status: how the
-# run's last segment ended, as a number: TensorBoard keeps only the first end status a run writes (a filter,
-# not a column), so the column is what tells a run resumed to success from one that failed or was stopped
-METRICS = {"accuracy/top1": "top-1", "accuracy/top5": "top-5", "accuracy/balanced": "balanced accuracy",
-           "loss/eval": "eval loss", "loss/train": "train loss",
-           "run/end_status": "status: 1 success, 0 stopped, -1 failure"}
-MULTI_METRICS = {"accuracy/map": "mAP", "accuracy/f1_micro": "F1 micro", "accuracy/f1_macro": "F1 macro",
-                 "accuracy/exact_match": "exact match", "loss/eval": "eval loss", "loss/train": "train loss",
-                 "run/end_status": METRICS["run/end_status"]}
+END_STATUS = "run/end_status"  # how the run's last segment ended, as a number: 1 success, 0 stopped, -1 failure
+
+
+def columns(multi_label=False):
+    """HParams' metric columns ({tag: title}; a column shows the tag's last value), in the order TensorBoard
+    shows them, its first five by default: how the run ended, the score, eval and train loss, then the eval's other
+    figures. The status is a column because TensorBoard keeps only the first end status a run writes (a filter,
+    not a column), so the column is what tells a run resumed to success from one that failed or was stopped."""
+    rows = metrics.rows_for(multi_label)
+    score = metrics.scored(rows)
+    head = {END_STATUS: "status: 1 success, 0 stopped, -1 failure", score.tag: score.heading,
+            rows[0].tag: "eval loss", "loss/train": "train loss"}
+    return head | {m.tag: m.heading for m in rows if m.tag not in head}
+
+
 STATUS = {"success": 1, "stopped": 0, "failure": -1}
 # HParams lists first, and shows by default, the hyperparameters marked as differing, then the rest by name
 KEY_HPARAMS = ("lr", "model", "precision", "seed", "total_steps")
@@ -135,7 +142,7 @@ class RunLog:
         """A fresh run: its hyperparameters (HParams), the overview layout (Custom Scalars), and `records`,
         {name: dict} such as the config and environment, as JSON text at step 0."""
         if self.main:
-            for summary in hparams_summaries(hparams, MULTI_METRICS if multi_label else METRICS):
+            for summary in hparams_summaries(hparams, columns(multi_label)):
                 self.writer.file_writer.add_summary(summary)
             self.writer.add_custom_scalars(layout(multi_label))
             for name, record in records.items():
@@ -150,7 +157,7 @@ class RunLog:
                 for summary in hparams_summaries({}, (), status):
                     self.writer.file_writer.add_summary(summary)
             self.writer.add_text("run/status", f"**{status}** at step {step}: {note}", step)
-            self.writer.add_scalar("run/end_status", STATUS[status], step)
+            self.writer.add_scalar(END_STATUS, STATUS[status], step)
 
     def eval(self, step, result, class_names):
         """The eval's TensorBoard records, and a console line."""

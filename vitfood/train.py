@@ -234,7 +234,8 @@ def setup(cfg, resume, rank, world, device, checkpoints, phases=None, cuda_ready
     say(f"run: {out} | {len(data.train_set)} train / {len(data.eval_set)} eval images{held_out}, "
         f"{len(class_names)} classes{' (multi-label)' * multi_label} | {cfg.model} on {device} in {precision}, {model.config._attn_implementation} "
         f"attention, {workers} worker{'s' * (workers != 1)} | {max_steps} steps")
-    say(f"step: {how}")
+    if how:
+        say(f"step: {how}")
     say(f"batch: {global_batch * cfg.grad_accum_steps} images per optimizer step = {world} process(es) x --batch-size "
         f"{cfg.batch_size} x --grad-accum-steps {cfg.grad_accum_steps}; --lr applies to the mean loss over them "
         "(not scaled by processes)")
@@ -246,12 +247,14 @@ def setup(cfg, resume, rank, world, device, checkpoints, phases=None, cuda_ready
 
 
 def step_mode(r):
-    """(whether the step is one CUDA graph, how the step runs, in words)."""
+    """(whether the step is one CUDA graph, how the step runs in words, or None on a CPU where it is plain)."""
     cfg = r.cfg
     compiled_model = ", the model compiled (--compile)" if cfg.compile else ""
     why = ("not on CUDA" if r.device.type != "cuda" else "--no-cuda-graph" if not cfg.cuda_graph else
            "several processes" if r.world > 1 else "--grad-accum-steps" if cfg.grad_accum_steps > 1 else
            "--mixup/--cutmix" if r.mixing else None)
+    if why == "not on CUDA":
+        return False, "eager" + compiled_model if cfg.compile else None
     if why:
         return False, f"eager{compiled_model} (no CUDA graph of the whole step: {why})"
     return True, (f"one CUDA graph of the whole step (forward, backward, clipping, AdamW{compiled_model}), captured "
