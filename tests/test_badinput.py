@@ -13,21 +13,21 @@ from vitfood import checkpoint, rundir
 
 
 def test_errors_are_one_clear_line(tiny_run, capsys, tmp_path):
-    error = lambda *args: error(capsys, *args, alone=True)  # tiny_run: the synthetic set is made (no progress bars)
-    assert "food101" in (m := error("--dataset", "food101")) and "offline" in m and "--dataset synthetic" in m
-    m = error("--model", "google/vit-base-patch16-224-in21k", "--output-dir", tmp_path / "m")
+    one = lambda *args: error(capsys, *args, alone=True)  # tiny_run: the synthetic set is made (no progress bars)
+    assert "food101" in (m := one("--dataset", "food101")) and "offline" in m and "--dataset synthetic" in m
+    m = one("--model", "google/vit-base-patch16-224-in21k", "--output-dir", tmp_path / "m")
     assert "google/vit-base-patch16-224-in21k" in m and "Hub" in m and "local model folder" in m
-    assert "./no/such/folder: no such folder" in error("--dataset", "./no/such/folder")
-    assert "columns: image, label" in error("--image-column", "img", "--output-dir", tmp_path / "c")
-    assert "columns: image, label" in error("--label-column", "y", "--output-dir", tmp_path / "c")
-    assert "eval split is empty" in error("--eval-split", "validation[:0]", "--output-dir", tmp_path / "e")
-    assert "--max-steps must be a positive" in error("--max-steps", "-3")
-    assert "--batch-size must be a positive" in error("--batch-size", "0")
-    assert "invalid choice" in error("--precision", "fp8")
-    assert "invalid int value" in error("--eval-steps", "ten")
-    assert "not supported on the CPU" in error("--precision", "fp16", "--device", "cpu", "--output-dir", tmp_path / "f")
-    assert "not a complete vitfood checkpoint" in error("--resume", tmp_path)
-    assert "no such checkpoint" in error("--resume", tmp_path / "nope")
+    assert "./no/such/folder: no such folder" in one("--dataset", "./no/such/folder")
+    assert "columns: image, label" in one("--image-column", "img", "--output-dir", tmp_path / "c")
+    assert "columns: image, label" in one("--label-column", "y", "--output-dir", tmp_path / "c")
+    assert "eval split is empty" in one("--eval-split", "validation[:0]", "--output-dir", tmp_path / "e")
+    assert "--max-steps must be a positive" in one("--max-steps", "-3")
+    assert "--batch-size must be a positive" in one("--batch-size", "0")
+    assert "invalid choice" in one("--precision", "fp8")
+    assert "invalid int value" in one("--eval-steps", "ten")
+    assert "not supported on the CPU" in one("--precision", "fp16", "--device", "cpu", "--output-dir", tmp_path / "f")
+    assert "not a complete vitfood checkpoint" in one("--resume", tmp_path)
+    assert "no such checkpoint" in one("--resume", tmp_path / "nope")
 
 
 def test_errors_from_the_command_line_have_no_traceback(tmp_path):

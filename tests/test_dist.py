@@ -3,14 +3,12 @@
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import TINY
+from conftest import TINY, cli
 
 pytestmark = pytest.mark.slow  # several processes each: the slow tier (-m slow)
 
@@ -24,12 +22,13 @@ ATOL = 2e-4
 
 
 def launch(out, *args, nproc=2, env=None, timeout=300):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "vitfood.train", *RUN, "--output-dir", str(out), *map(str, args)]
-    if nproc == 1:  # a plain process, as users start it
-        cmd = [sys.executable, "-m", "vitfood.train", *RUN, "--output-dir", str(out), *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **(env or {})})
+    """RUN under torchrun with `nproc` processes (1: a plain process, as users start it)."""
+    run = [*RUN, "--output-dir", out, *args]
+    env = {"OMP_NUM_THREADS": "1", **(env or {})}
+    if nproc == 1:
+        return cli(*run, env=env, timeout=timeout)
+    return cli("--standalone", f"--nproc_per_node={nproc}", "-m", "vitfood.train", *run, module="torch.distributed.run",
+               env=env, timeout=timeout)
 
 
 def weights(run):

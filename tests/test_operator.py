@@ -112,24 +112,24 @@ def test_nonfinite_final_weights_do_not_exit_0(tmp_path, capsys):
 def test_config_files_in_other_encodings_yaml_floats_and_edited_run_configs(tmp_path, capsys):
     from vitfood.config import build_parser, resolve
     from vitfood.evaluate import main as evaluate_main
-    error = lambda *args: error(capsys, *args)
+    fails = lambda *args: error(capsys, *args)
     (tmp_path / "utf16.yaml").write_bytes("lr: 1e-3\nbatch_size: 8\n".encode("utf-16"))  # PowerShell's > does this
     cfg = resolve(vars(build_parser().parse_args(["--config", str(tmp_path / "utf16.yaml")])))
     assert (cfg.lr, cfg.batch_size) == (1e-3, 8)  # and YAML 1.1's string "1e-3" is a float
     (tmp_path / "binary.json").write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff")
-    assert str(tmp_path / "binary.json") in error("--config", tmp_path / "binary.json")
+    assert str(tmp_path / "binary.json") in fails("--config", tmp_path / "binary.json")
     (tmp_path / "typed.yaml").write_text("batch_size: big\n")
-    assert str(tmp_path / "typed.yaml") in error("--config", tmp_path / "typed.yaml")
+    assert str(tmp_path / "typed.yaml") in fails("--config", tmp_path / "typed.yaml")
     out = tmp_path / "run"
     train("--max-steps", 4, "--save-steps", 2, "--eval-steps", 2, "--output-dir", out)
     capsys.readouterr()
     saved = json.loads((out / "train_config.json").read_text())
     del saved["max_steps"]
     (out / "train_config.json").write_text(json.dumps(saved))
-    line = error("--resume", "auto", "--output-dir", out)
+    line = fails("--resume", "auto", "--output-dir", out)
     assert "lacks max_steps" in line and "train_config.json" in line
     (out / "train_config.json").write_bytes(b"\xff\xfe\x00garbage")
-    assert "train_config.json" in error("--resume", "auto", "--output-dir", out)
+    assert "train_config.json" in fails("--resume", "auto", "--output-dir", out)
     assert "train_config.json" in error(capsys, "--model", out / "model", main=evaluate_main)
 
 

@@ -229,7 +229,8 @@ def test_hub_limits_that_are_not_finite_are_one_line(monkeypatch):
 
 @pytest.mark.parametrize("what", ["--model", "--dataset"])
 def test_a_hub_that_never_answers_times_out_even_unprobed(tmp_path, what):
-    from test_hub import one_error_line, run
+    from conftest import error_line
+    from test_hub import run
     server = __import__("socket").socket()
     server.bind(("127.0.0.1", 0))
     server.listen(16)
@@ -242,7 +243,7 @@ def test_a_hub_that_never_answers_times_out_even_unprobed(tmp_path, what):
     t0 = time.monotonic()
     seconds, p = run(*args, "--output-dir", tmp_path / "run", env=hub)
     server.close()
-    line = one_error_line(p)
+    line = error_line(p, alone=True)
     name = "model 'some/model'" if what == "--model" else "dataset 'some/dataset'"
     assert f"cannot load {name}: the Hugging Face Hub did not answer within 2 s (timed out)" in line, line
     assert time.monotonic() - t0 < 60
