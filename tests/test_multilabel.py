@@ -131,8 +131,11 @@ def test_a_multi_label_run_reports_map_f1_and_exact_match(plates_run):
     card = (out / "model" / "README.md").read_text()
     assert f"macro mAP of **{results['eval_map']:.4f}**" in card and "| mAP | micro F1 | macro F1 | exact match |" in card
     ea = events(out)
-    assert {"accuracy/map", "accuracy/f1_micro", "accuracy/f1_macro", "accuracy/exact_match",
-            "accuracy/ema_map"} <= set(ea.Tags()["scalars"])
+    tags = ea.Tags()["scalars"]
+    assert {"accuracy/map", "metrics/f1_micro", "metrics/f1_macro", "metrics/exact_match", "accuracy/map_ema"} <= set(tags)
+    assert sorted(tags)[:5] == ["accuracy/map", "accuracy/map_ema", "loss/eval", "loss/eval_ema", "loss/train"]
+    saved = json.loads((out / "train_config.json").read_text())
+    assert saved["multi_label"] is True  # as detected from the data (no --multi-label was given)
     assert ea.Scalars("accuracy/map")[-1].value == pytest.approx(results["eval_map"], abs=1e-6)
     table = ea.Tensors("predictions/per_class/text_summary")[-1].tensor_proto.string_val[0].decode()
     assert table.startswith("| class | AP | precision | recall | f1 | support |")
@@ -236,7 +239,11 @@ def test_more_dishes_than_classes_is_one_line():
 def test_a_multi_label_mistake_card_says_what_was_missed_and_what_is_not_there():
     from vitfood import report
     names = ["grilled_cheese_sandwich", "apple_pie", "tomato_yellow_leaf_curl_virus_on_leaves", "pizza", "eggs_benedict"]
-    mistake = dict(confidence=0.97, true=[0, 2, 4], pred=[1, 4], image=torch.zeros(3, 8, 8, dtype=torch.uint8))
+    mistake = dict(confidence=0.97, true=[0, 2, 4], pred=[1, 4], surest=2, image=torch.zeros(3, 8, 8, dtype=torch.uint8))
     lines = [text for text, _ in report.card_caption(mistake, names, report.font(12), 100)]
     assert lines[0] == "missed (2)" and lines[1].startswith("grilled_") and "not there" in lines
-    assert lines[lines.index("not there") + 1] == "apple_pie" and lines[-1] == "p = 0.97" and len(lines) <= 7
+    assert lines[lines.index("not there") + 1] == "apple_pie" and len(lines) <= 7
+    # the score said with its class: the model gave the missed class 2 a score of 1 - 0.97
+    assert lines[-1].startswith("p(to") and "…" in lines[-1] and lines[-1].endswith("ves) = 0.03")
+    wrongly = dict(mistake, surest=1)  # a class predicted but absent: its score is the confidence
+    assert report.card_caption(wrongly, names, report.font(12), 160)[-1][0] == "p(apple_pie) = 0.97"

@@ -104,7 +104,7 @@ def test_levers_are_recorded_evaluated_and_exported(tmp_path):
     assert "horizontal flip, RandAugment (2 ops, magnitude 9), random erasing (p 0.25); eval" in card
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     tags = EventAccumulator(str(out)).Reload().Tags()["scalars"]
-    assert {"accuracy/ema_top1", "loss/ema_eval", "accuracy/top1", "optim/lr", "optim/lr_lowest"} <= set(tags)
+    assert {"accuracy/top1_ema", "loss/eval_ema", "accuracy/top1", "optim/lr", "optim/lr_lowest"} <= set(tags)
     lr, lowest = (EventAccumulator(str(out)).Reload().Scalars(t)[0].value for t in ("optim/lr", "optim/lr_lowest"))
     assert lowest == pytest.approx(lr * 0.75 ** 3)  # vit-micro: embeddings, 2 blocks, then the head
 

@@ -51,7 +51,7 @@ def test_every_scalar_image_and_hparams(tiny_run):
     ea = _events(out)
     tags = ea.Tags()
     for tag in ("loss/train", "optim/lr", "optim/grad_norm", "speed/img_per_s", "speed/data_wait_percent",
-                "loss/eval", "accuracy/top1", "accuracy/top5", "accuracy/balanced", "accuracy/f1_macro"):
+                "loss/eval", "accuracy/top1", "metrics/top5", "metrics/balanced_accuracy", "metrics/f1_macro"):
         values = [e.value for e in ea.Scalars(tag)]
         assert values and all(math.isfinite(v) for v in values), tag
     assert [int(e.step) for e in ea.Scalars("accuracy/top1")] == [40, 80, 120, 160, 200]
@@ -67,7 +67,10 @@ def test_every_scalar_image_and_hparams(tiny_run):
     assert {metadata.EXPERIMENT_TAG, metadata.SESSION_START_INFO_TAG, metadata.SESSION_END_INFO_TAG} <= records.keys()
     experiment = plugin_data_pb2.HParamsPluginData.FromString(records[metadata.EXPERIMENT_TAG]).experiment
     columns = {m.name.tag: m.display_name for m in experiment.metric_infos}
-    assert columns["run/end_status"].startswith("status") and "accuracy/balanced" in columns
+    # the same columns for every kind of run, the five TensorBoard shows by default first
+    assert list(columns)[:5] == ["run/end_status", "run/score", "loss/eval", "loss/train", "metrics/f1_macro"]
+    assert {"accuracy/top1", "metrics/balanced_accuracy", "accuracy/map", "metrics/exact_match"} <= columns.keys()
+    assert sorted(tags["scalars"])[:3] == ["accuracy/top1", "loss/eval", "loss/train"]  # what Time Series shows first
     values = plugin_data_pb2.HParamsPluginData.FromString(records[metadata.SESSION_START_INFO_TAG]).session_start_info.hparams
     assert values["model"].string_value == "vit-micro" and values["lr"].number_value == 2e-3
     assert values["total_steps"].string_value == "200" and values["precision"].string_value == "fp32"
@@ -85,8 +88,8 @@ def test_a_failed_run_is_marked_failed(tmp_path, monkeypatch, capsys):
     train("--max-steps", 20, "--save-steps", 5, "--eval-steps", 5, "--output-dir", tmp_path / "run", "--resume", "auto")
     ea = _events(tmp_path / "run")
     assert _end_status(ea) == "STATUS_FAILURE"  # TensorBoard keeps the first: the status column tells the end
-    # the failure at step 7 came after the last checkpoint (5): the resumed run purged it with the curves
-    assert [(e.step, e.value) for e in ea.Scalars("run/end_status")] == [(20, 1.0)]
+    status = ea.Scalars("run/end_status")  # one step, 0: each segment's end replaces the last (TensorBoard keeps the
+    assert {e.step for e in status} == {0} and status[-1].value == 1.0  # last it reads at a step): no ramp
 
 
 def test_a_stopped_run_says_so_and_ends_as_success_once_resumed(sigterm_stopped, tmp_path):
@@ -100,7 +103,7 @@ def test_a_stopped_run_says_so_and_ends_as_success_once_resumed(sigterm_stopped,
     finish(out)
     ea = _events(out)
     assert _end_status(ea) == "STATUS_SUCCESS"
-    assert [(e.step, e.value) for e in ea.Scalars("run/end_status")] == [(11, 0.0), (30, 1.0)]
+    assert [(e.step, e.value) for e in ea.Scalars("run/end_status")] == [(0, 0.0), (0, 1.0)]  # stopped, then done
 
 
 def test_captions_wrap_at_word_ends_and_are_never_cut():
@@ -131,7 +134,7 @@ def test_long_class_names_keep_every_caption_line_on_the_cards():
                 for i in range(4)]
     for mk in mistakes:  # the card's tiles hold 7 lines: the score's is the last of them
         lines = [line for line, _ in report.card_caption(mk, long, fnt, 90)]
-        assert len(lines) <= 7 and lines[-1] == "p = 0.90" and "true" in lines and "pred" in lines, lines
+        assert len(lines) <= 7 and lines[-1] == "p(pred) = 0.90" and "true" in lines and "pred" in lines, lines
     assert report.mistakes_card(mistakes, long).size == report.CARD
     m = np.zeros((20, 20), dtype=int)
     m[1, 3], m[3, 1] = 50, 40  # the two longest names confused: the pair is shortened, the count keeps its place

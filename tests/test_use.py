@@ -193,9 +193,12 @@ def test_tensorboard_serves_the_run(tiny_run):
         metrics = [m["name"]["tag"] for m in experiment["metricInfos"]]
         assert {"lr", "batch_size", "global_batch", "world_size"} <= set(hparams)
         assert hparams[:5] == ["lr", "model", "precision", "seed", "total_steps"]  # the columns shown by default
-        # one set of metrics; the five TensorBoard shows by default first: how the run ended, the score, the losses
-        assert metrics == ["run/end_status", "accuracy/top1", "loss/eval", "loss/train", "accuracy/top5",
-                           "accuracy/balanced", "accuracy/f1_macro"]
+        # one set of metrics, the same for every kind of run; the five TensorBoard shows by default first
+        assert metrics == ["run/end_status", "run/score", "loss/eval", "loss/train", "metrics/f1_macro", "accuracy/top1",
+                           "metrics/top5", "metrics/balanced_accuracy", "accuracy/map", "metrics/f1_micro",
+                           "metrics/exact_match"]
+        status = json.loads(_get(f"{base}/data/plugin/scalars/scalars?{q(dict(run=run, tag='run/end_status'))}"))
+        assert [(s[1], s[2]) for s in status] == [(0, 1.0)]  # one point: how the run ended
         types = {h["name"]: h["type"] for h in experiment["hparamInfos"]}
         assert (types["lr"], types["compile"], types["model"]) == ("DATA_TYPE_FLOAT64", "DATA_TYPE_BOOL", "DATA_TYPE_STRING")
     finally:

@@ -21,30 +21,36 @@ from vitfood.common import Console
 
 
 def layout(multi_label=False):
-    """The custom-scalars page: the overview on four charts."""
+    """The custom-scalars page: the overview on four charts (regular expressions anchored, so that a chart of one
+    kind of run draws no tag of another kind beside it)."""
     rows = metrics.rows_for(multi_label)
-    score = metrics.scored(rows)
-    shown = [score, rows[2]]  # the score and the figure after it: top-1 and top-5, or mAP and micro F1
+    score, exact = metrics.scored(rows), lambda *tags: [f"^{t}$" for t in tags]
     return {"vitfood": {
-        "loss: train and eval": ["Multiline", ["loss/train", rows[0].tag]],
-        "eval: " + " and ".join(m.heading for m in shown): ["Multiline", [m.tag for m in shown]],
-        "learning rate": ["Multiline", ["optim/lr"]],
-        "training images/s": ["Multiline", ["speed/img_per_s"]]}}
+        "loss: train and eval (and the EMA's)": ["Multiline", exact("loss/train", rows[0].tag, ema_tag(rows[0].tag))],
+        f"eval {score.heading} (and the EMA's)": ["Multiline", exact(score.tag, ema_tag(score.tag))],
+        "learning rate": ["Multiline", exact("optim/lr")],
+        "training images/s": ["Multiline", exact("speed/img_per_s")]}}
+
+
+def ema_tag(tag):
+    """The EMA's tag for one of its model's: sorted right after it (accuracy/top1, accuracy/top1_ema)."""
+    return f"{tag}_ema"
 
 
 END_STATUS = "run/end_status"  # how the run's last segment ended, as a number: 1 success, 0 stopped, -1 failure
 
 
-def columns(multi_label=False):
-    """HParams' metric columns ({tag: title}; a column shows the tag's last value), in the order TensorBoard
-    shows them, its first five by default: how the run ended, the score, eval and train loss, then the eval's other
-    figures. The status is a column because TensorBoard keeps only the first end status a run writes (a filter,
+def columns():
+    """HParams' metric columns ({tag: title}; a column shows the tag's last value), the same for every run, single-
+    or multi-label (TensorBoard takes one run's for all): first the five it shows by default, how the run ended, the
+    score (top-1, or mAP), eval and train loss, macro F1 (both kinds have it); then the others, blank where a run
+    has none. The status is a column because TensorBoard keeps only the first end status a run writes (a filter,
     not a column), so the column is what tells a run resumed to success from one that failed or was stopped."""
-    rows = metrics.rows_for(multi_label)
-    score = metrics.scored(rows)
-    head = {END_STATUS: "status: 1 success, 0 stopped, -1 failure", score.tag: score.heading,
-            rows[0].tag: "eval loss", "loss/train": "train loss"}
-    return head | {m.tag: m.heading for m in rows if m.tag not in head}
+    head = {END_STATUS: "status: 1 success, 0 stopped, -1 failure", metrics.SCORE_TAG: "score: top-1, or mAP",
+            "loss/eval": "eval loss", "loss/train": "train loss"}
+    both = [m for m in metrics.SINGLE if any(m.tag == n.tag for n in metrics.MULTI) and m.tag not in head]
+    rest = [m for m in (*metrics.SINGLE, *metrics.MULTI) if m.tag not in head and m not in both]
+    return head | {m.tag: m.heading for m in both + rest}
 
 
 STATUS = {"success": 1, "stopped": 0, "failure": -1}
@@ -55,10 +61,11 @@ KEY_HPARAMS = ("lr", "model", "precision", "seed", "total_steps")
 def eval_records(writer, step, result, class_names, mistakes=8):
     """An eval's scalars, its confusion matrix (single-label) and mistakes as images, and its per-class table
     as text: the same records for a training run and for vitfood.evaluate --tensorboard."""
-    for i, (key, _, tag, *_) in enumerate(metrics.table(result)):
-        writer.add_scalar(tag, result[key], step)
-        if f"ema_{key}" in result and i < 3:  # with --ema-decay: loss/ema_eval, accuracy/ema_top1 (or ema_map), ...
-            writer.add_scalar(tag.replace("/", "/ema_", 1), result[f"ema_{key}"], step)
+    for i, m in enumerate(metrics.table(result)):
+        writer.add_scalar(m.tag, result[m.key], step)
+        if f"ema_{m.key}" in result and i < 3:  # with --ema-decay: loss/eval_ema, accuracy/top1_ema (or map_ema), ...
+            writer.add_scalar(ema_tag(m.tag), result[f"ema_{m.key}"], step)
+    writer.add_scalar(metrics.SCORE_TAG, metrics.score(result), step)
     if result.get("skipped"):
         writer.add_scalar("skipped/damaged_eval_files", result["skipped"], step)
     card = lambda image: np.asarray(image)
@@ -142,7 +149,7 @@ class RunLog:
         """A fresh run: its hyperparameters (HParams), the overview layout (Custom Scalars), and `records`,
         {name: dict} such as the config and environment, as JSON text at step 0."""
         if self.main:
-            for summary in hparams_summaries(hparams, columns(multi_label)):
+            for summary in hparams_summaries(hparams, columns()):
                 self.writer.file_writer.add_summary(summary)
             self.writer.add_custom_scalars(layout(multi_label))
             for name, record in records.items():
@@ -157,7 +164,9 @@ class RunLog:
                 for summary in hparams_summaries({}, (), status):
                     self.writer.file_writer.add_summary(summary)
             self.writer.add_text("run/status", f"**{status}** at step {step}: {note}", step)
-            self.writer.add_scalar(END_STATUS, STATUS[status], step)
+            # at step 0, whatever the step: one point, the last segment's (TensorBoard keeps the last written at a
+            # step), not a line ramping from one segment's end to the next
+            self.writer.add_scalar(END_STATUS, STATUS[status], 0)
 
     def eval(self, step, result, class_names):
         """The eval's TensorBoard records, and a console line."""

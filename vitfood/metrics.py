@@ -19,17 +19,19 @@ Metric.__doc__ = """A figure of an eval, by every name it goes by: its key in an
 in all_results.json, its TensorBoard tag, its name on the console, its heading in tables and text."""
 
 # The only list of what an eval reports. The first row is the loss; the second the score, by which the best
-# checkpoint is judged.
+# checkpoint is judged. TensorBoard sorts groups, then tags, by name: the score and the loss are in the groups it
+# shows first (accuracy/, loss/), the other figures in metrics/; an EMA's tag is its model's with "_ema" after it.
 SINGLE = (Metric("loss", "eval_loss", "loss/eval", "loss", "loss"),
           Metric("acc1", "eval_accuracy", "accuracy/top1", "acc1", "top-1"),
-          Metric("acc5", "eval_top5", "accuracy/top5", "acc5", "top-5"),
-          Metric("balanced_acc", "eval_balanced_accuracy", "accuracy/balanced", "balanced", "balanced accuracy"),
-          Metric("f1_macro", "eval_f1_macro", "accuracy/f1_macro", "f1", "macro F1"))
+          Metric("acc5", "eval_top5", "metrics/top5", "acc5", "top-5"),
+          Metric("balanced_acc", "eval_balanced_accuracy", "metrics/balanced_accuracy", "balanced", "balanced accuracy"),
+          Metric("f1_macro", "eval_f1_macro", "metrics/f1_macro", "f1", "macro F1"))
 MULTI = (Metric("loss", "eval_loss", "loss/eval", "loss", "loss"),
          Metric("map", "eval_map", "accuracy/map", "mAP", "mAP"),
-         Metric("f1_micro", "eval_f1_micro", "accuracy/f1_micro", "f1 micro", "micro F1"),
-         Metric("f1_macro", "eval_f1_macro", "accuracy/f1_macro", "f1 macro", "macro F1"),
-         Metric("exact_match", "eval_exact_match", "accuracy/exact_match", "exact match", "exact match"))
+         Metric("f1_micro", "eval_f1_micro", "metrics/f1_micro", "f1 micro", "micro F1"),
+         Metric("f1_macro", "eval_f1_macro", "metrics/f1_macro", "f1 macro", "macro F1"),
+         Metric("exact_match", "eval_exact_match", "metrics/exact_match", "exact match", "exact match"))
+SCORE_TAG = "run/score"  # the score under one tag for every kind of run: HParams' shared column
 
 
 def table(metrics):
@@ -72,7 +74,8 @@ class Worst:
 
     def add(self, confidence, wrong, *rows):
         """`confidence` of each image's answer, `wrong` where the answer was wrong; `rows`: the truth, the
-        prediction and the image of each, along the first dimension."""
+        prediction and what else a mistake's description needs, each image's along the first dimension, the image
+        last."""
         candidates = (torch.where(wrong, confidence.float(), -1.0), *rows)  # a right answer never qualifies
         if self.kept is not None:
             candidates = tuple(torch.cat([old, new]) for old, new in zip(self.kept, candidates))
@@ -84,9 +87,9 @@ class Worst:
         `describe(true, pred)` turns a row's truth and prediction into what the dict holds."""
         if self.kept is None:
             return []
-        confidence, true, pred, images = (t.cpu() for t in self.kept)
-        return [dict(confidence=c.item(), **describe(t, p), image=image)
-                for c, t, p, image in zip(confidence, true, pred, images) if c >= 0]
+        confidence, *rows, images = (t.cpu() for t in self.kept)
+        return [dict(confidence=c.item(), **describe(*row), image=image)
+                for c, *row, image in zip(confidence, *rows, images) if c >= 0]
 
 
 class SingleLabel:
@@ -155,12 +158,12 @@ class MultiLabel:
         self.scores.append(logits)  # AP ranks by them: sigmoids tie at 1.0 in float32 past a logit of about 17
         self.targets.append(truth)
         if self.keep:  # confidence of a wrong decision: p for a class predicted wrongly, 1 - p for one missed
-            conf = torch.where(pred == truth, 0.0, torch.where(pred, probs, 1 - probs)).max(1).values
-            self.worst.add(conf, ~right, truth, pred, raw)
+            conf, surest = torch.where(pred == truth, 0.0, torch.where(pred, probs, 1 - probs)).max(1)
+            self.worst.add(conf, ~right, truth, pred, surest, raw)
 
     def mistakes(self):
-        return self.worst.result(lambda true, pred: dict(true=true.nonzero().flatten().tolist(),
-                                                         pred=pred.nonzero().flatten().tolist()))
+        return self.worst.result(lambda true, pred, surest: dict(
+            true=true.nonzero().flatten().tolist(), pred=pred.nonzero().flatten().tolist(), surest=surest.item()))
 
     def result(self, n):
         loss, exact = dist.all_sum(torch.stack([self.loss, self.exact.double()])).tolist()

@@ -79,6 +79,20 @@ def shorten(text, fnt, width):
     return text.rstrip(" _") + "…"
 
 
+def middle(text, fnt, width):
+    """`text` no wider than `width` px, cut in the middle with an ellipsis where it is wider: the start and the end
+    stay, so that names sharing a long start ("grilled_cheese_sandwich", "grilled_cheese_toast") stay apart."""
+    if fnt.getlength(text) <= width:
+        return text
+    head, tail = text[:len(text) // 2], text[len(text) // 2:]
+    while len(head) + len(tail) > 2 and fnt.getlength(head + "…" + tail) > width:
+        if len(head) >= len(tail):
+            head = head[:-1]
+        else:
+            tail = tail[1:]
+    return head + "…" + tail
+
+
 def fit(text, fnt, width, max_lines):
     """`text` wrapped into at most `max_lines` lines no wider than `width` px; what does not fit is cut with
     an ellipsis, so that a long class name never pushes the lines after it off a card."""
@@ -110,14 +124,13 @@ def confusion_card(confusion, names):
     small, text = font(11), font(13)
     if n <= 11:
         cell = min(28, (CARD[1] - 30) // n)
-        label_w = min(150, max(int(small.getlength(f"{i + 1} {name}")) for i, name in enumerate(names)) + 8)
-        left, top = CARD[0] - n * cell - 4 if label_w + n * cell > CARD[0] - 4 else label_w, 30
+        label_w = max(int(small.getlength(f"{i + 1} {name}")) for i, name in enumerate(names)) + 8
+        left, top = min(label_w, CARD[0] - n * cell - 4), 30  # the labels take all the room the matrix leaves
         draw.text((4, 2), "rows: true class, columns: predicted", fill="black", font=text)
         share = m / np.maximum(m.sum(1, keepdims=True), 1)
         for i, name in enumerate(names):
-            label = f"{i + 1} {name}"
-            while small.getlength(label) > left - 6 and len(label) > 3:  # a label that cannot fit: its number stays
-                label = label[:-2] + "…"
+            number = f"{i + 1} "  # a label that cannot fit keeps its number, the start and the end of its name
+            label = number + middle(name, small, left - 6 - small.getlength(number))
             draw.text((4, top + i * cell + (cell - 12) // 2), label, fill="black", font=small)
             draw.text((left + i * cell + cell // 2, top - 13), str(i + 1), fill="black", font=small, anchor="mt")
             for j in range(n):
@@ -141,10 +154,10 @@ def confusion_card(confusion, names):
         room = CARD[0] - 8 - small.getlength(figure) - 14 - small.getlength("  as  ")  # the count keeps its place
         true, pred = names[i], names[j]
         while small.getlength(true) + small.getlength(pred) > room and max(len(true), len(pred)) > 2:
-            if len(true) >= len(pred):  # shorten the longer name of the pair, a character at a time
-                true = shorten(true, small, small.getlength(true) - 1)
+            if len(true) >= len(pred):  # shorten the longer name of the pair, in its middle, a character at a time
+                true = middle(true, small, small.getlength(true) - 1)
             else:
-                pred = shorten(pred, small, small.getlength(pred) - 1)
+                pred = middle(pred, small, small.getlength(pred) - 1)
         draw.text((8, y + 10), f"{true}  as  {pred}", fill="black", font=small, anchor="lm")
         draw.text((CARD[0] - 6, y + 10), figure, fill="black", font=small, anchor="rm")
     return img
@@ -176,21 +189,26 @@ def named(ids, names):
 
 
 def card_caption(mistake, names, fnt, width):
-    """[(line, colour)] beside a mistake's thumbnail: at most 7 lines of 14 px, the tile's height. Multi-label:
-    what is wrong, the classes missed and those predicted but absent (with their count when several), as a
-    card has no room for whole sets."""
-    green, red = (0, 110, 0), (180, 0, 0)
+    """[(line, colour)] beside a mistake's thumbnail: at most 7 lines of 14 px, the tile's height. Single-label: the
+    true and the predicted class, and the predicted class's probability. Multi-label: the classes missed and those
+    predicted but absent (with their count when several), as a card has no room for whole sets; then the class of
+    the most confident wrong decision with the score the model gave it."""
+    green, red, grey = (0, 110, 0), (180, 0, 0), (60, 60, 60)
     if isinstance(mistake["true"], int):
         parts = [("true", mistake["true"], green), ("pred", mistake["pred"], red)]
+        last = f"p(pred) = {mistake['confidence']:.2f}"
     else:
         true, pred = set(mistake["true"]), set(mistake["pred"])
         parts = [(title, sorted(ids), colour) for title, ids, colour in
                  (("missed", true - pred, green), ("not there", pred - true, red)) if ids]
         parts = [(f"{title} ({len(ids)})" if len(ids) > 1 else title, ids, colour) for title, ids, colour in parts]
+        worst = mistake["surest"]  # a missed class scored 1 - confidence, one predicted wrongly the confidence
+        score = 1 - mistake["confidence"] if worst in true else mistake["confidence"]
+        last = f"p({middle(names[worst], fnt, width - fnt.getlength('p() = 0.00'))}) = {score:.2f}"
     lines = []
     for title, ids, colour in parts:
         lines += [(title, colour)] + [(t, colour) for t in fit(named(ids, names), fnt, width, 2)]
-    return lines + [(f"p = {mistake['confidence']:.2f}", (60, 60, 60))]
+    return lines + [(last, grey)]
 
 
 def cell_size(num_classes):

@@ -149,7 +149,7 @@ def setup(cfg, resume, rank, world, device, checkpoints, phases=None, cuda_ready
         if not main_rank:
             dist.wait_for_rank0()
         train_ds, eval_ds, class_names = load_splits(cfg)
-        multi_label = is_multi_label(train_ds, cfg.label_column)
+        multi_label = cfg.multi_label = is_multi_label(train_ds, cfg.label_column)  # recorded as detected
     with phases.span("loader"):  # the workers start decoding the first batches while the model is built
         processor = load_processor(cfg)
         train_tf, eval_tf, (mean, std) = transforms_for(processor, cfg.fast_decode, cfg)
