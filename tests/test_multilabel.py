@@ -244,6 +244,6 @@ def test_a_multi_label_mistake_card_says_what_was_missed_and_what_is_not_there()
     assert lines[0] == "missed (2)" and lines[1].startswith("grilled_") and "not there" in lines
     assert lines[lines.index("not there") + 1] == "apple_pie" and len(lines) <= 7
     # the score said with its class: the model gave the missed class 2 a score of 1 - 0.97
-    assert lines[-1].startswith("p(to") and "…" in lines[-1] and lines[-1].endswith("ves) = 0.03")
+    assert lines[-1].startswith("p(to") and "…" in lines[-1] and lines[-1].endswith("ves)=0.03")
     wrongly = dict(mistake, surest=1)  # a class predicted but absent: its score is the confidence
-    assert report.card_caption(wrongly, names, report.font(12), 160)[-1][0] == "p(apple_pie) = 0.97"
+    assert report.card_caption(wrongly, names, report.font(12), 160)[-1][0] == "p(apple_pie)=0.97"

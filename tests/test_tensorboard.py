@@ -134,7 +134,7 @@ def test_long_class_names_keep_every_caption_line_on_the_cards():
                 for i in range(4)]
     for mk in mistakes:  # the card's tiles hold 7 lines: the score's is the last of them
         lines = [line for line, _ in report.card_caption(mk, long, fnt, 90)]
-        assert len(lines) <= 7 and lines[-1] == "p(pred) = 0.90" and "true" in lines and "pred" in lines, lines
+        assert len(lines) <= 7 and lines[-1] == "p(pred)=0.90" and "true" in lines and "pred" in lines, lines
     assert report.mistakes_card(mistakes, long).size == report.CARD
     m = np.zeros((20, 20), dtype=int)
     m[1, 3], m[3, 1] = 50, 40  # the two longest names confused: the pair is shortened, the count keeps its place

@@ -173,7 +173,7 @@ def mistakes_card(mistakes, names, count=4):
     if not mistakes:
         draw.text((8, 8), "no misclassified images", fill="black", font=font(13))
         return img
-    tile_w, tile_h, thumb = CARD[0] // 2, CARD[1] // 2, 72
+    tile_w, tile_h, thumb = CARD[0] // 2, CARD[1] // 2, 64
     for k, mk in enumerate(mistakes[:count]):
         x, y = (k % 2) * tile_w, (k // 2) * tile_h
         picture = Image.fromarray(mk["image"].permute(1, 2, 0).numpy()).resize((thumb, thumb), Image.BILINEAR)
@@ -196,7 +196,7 @@ def card_caption(mistake, names, fnt, width):
     green, red, grey = (0, 110, 0), (180, 0, 0), (60, 60, 60)
     if isinstance(mistake["true"], int):
         parts = [("true", mistake["true"], green), ("pred", mistake["pred"], red)]
-        last = f"p(pred) = {mistake['confidence']:.2f}"
+        last = f"p(pred)={mistake['confidence']:.2f}"
     else:
         true, pred = set(mistake["true"]), set(mistake["pred"])
         parts = [(title, sorted(ids), colour) for title, ids, colour in
@@ -204,7 +204,7 @@ def card_caption(mistake, names, fnt, width):
         parts = [(f"{title} ({len(ids)})" if len(ids) > 1 else title, ids, colour) for title, ids, colour in parts]
         worst = mistake["surest"]  # a missed class scored 1 - confidence, one predicted wrongly the confidence
         score = 1 - mistake["confidence"] if worst in true else mistake["confidence"]
-        last = f"p({middle(names[worst], fnt, width - fnt.getlength('p() = 0.00'))}) = {score:.2f}"
+        last = f"p({middle(names[worst], fnt, width - fnt.getlength('p()=0.00'))})={score:.2f}"
     lines = []
     for title, ids, colour in parts:
         lines += [(title, colour)] + [(t, colour) for t in fit(named(ids, names), fnt, width, 2)]
