@@ -3,6 +3,7 @@ image-classification families of transformers, each through train, resume, expor
 the pipeline. Every model is a tiny random config saved as a local folder (no download)."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -234,3 +235,35 @@ def test_new_options_resume_bit_exact_after_kill_9(how, tmp_path, cache_dir):
 def test_multi_label_on_other_families_resumes_bit_exact_after_kill_9(family, precision, folders, tmp_path):
     _killed_and_resumed_is_the_same(tmp_path, "--model", folders[family], "--precision", precision,
                                     "--synthetic-dishes", "3")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_exports_to_onnx_and_passes_the_gate(family, folders, tmp_path):
+    from vitfood import export
+    out = tmp_path / "run"
+    run(out, "--model", folders[family])
+    parity = export.main([str(out), "--int8", "--max-int8-drop", "1"])  # a 6-step random model: int8 may drift
+    assert parity["models"]["onnx"]["passed"] and parity["models"]["onnx"]["max_prob_diff"] <= 1e-3
+    assert (out / "export" / "model-int8.onnx").is_file() and parity["images"] > 0
+
+
+@pytest.mark.slow
+def test_a_lora_checkpoint_exports_merged_as_the_run_s_model_does(folders, tmp_path, capsys):
+    """A LoRA checkpoint holds the adapters and the head: export loads them into the base and merges them, and
+    the file equals the one from model/ (where training merged them) at the same step."""
+    import numpy as np
+    import onnxruntime as ort
+    from conftest import error
+    from vitfood import export
+    out = tmp_path / "lora"
+    run(out, "--model", folders["vit"], "--lora-rank", "4")
+    export.main([str(out), "--checkpoint", "last"])
+    os.rename(out / "export", out / "from-checkpoint")
+    export.main([str(out)])
+    x = np.random.default_rng(0).standard_normal((3, 3, 32, 32)).astype(np.float32)
+    a, b = (ort.InferenceSession(str(out / d / "model.onnx")).run(None, {"pixel_values": x})[0]
+            for d in ("from-checkpoint", "export"))
+    assert np.abs(a - b).max() < 1e-5
+    run(tmp_path / "random", "--model", "vit-micro", "--lora-rank", "4")  # a named shape: its base is random
+    assert "export the run's model/" in error(capsys, tmp_path / "random", "--checkpoint", "last", main=export.main)

@@ -56,6 +56,17 @@ def test_quick_bench_reports_every_mode(capsys, tmp_path, monkeypatch):
     assert trace["traceEvents"]
 
 
+def test_the_export_mode_times_the_onnx_files_against_eager_pytorch_on_the_same_images(capsys):
+    from vitfood.bench import main
+    report = main([*TINY, "--modes", "export", "--precision", "bf16"])["export"]
+    assert report["images"] == 32 and report["threads"] >= 1 and report["export_s"] > 0
+    rows = {k: report[k] for k in ("pytorch", "pytorch_bf16", "onnx", "onnx_int8")}
+    assert all(r["latency_ms"] > 0 and r["img_s"] > 0 and r["size_mb"] > 0 for r in rows.values())
+    assert report["onnx"]["max_logit_diff"] < 1e-4 < report["onnx_int8"]["max_logit_diff"]  # int8 rounds
+    assert rows["pytorch_bf16"]["size_mb"] == rows["pytorch"]["size_mb"] / 2
+    assert "[export]" in capsys.readouterr().out
+
+
 @pytest.mark.slow
 def test_the_loop_and_memory_modes_run_child_processes(capsys, tmp_path, monkeypatch):
     from vitfood.bench import main

@@ -209,6 +209,41 @@ def test_evaluate_a_multi_label_model_reports_per_class_ap(plates_run, tmp_path)
     assert not (tmp_path / "eval" / "confusion_matrix.png").exists() and (tmp_path / "eval" / "mistakes.png").is_file()
 
 
+def test_a_multi_label_export_passes_the_gate_and_predict_writes_each_plates_classes_to_csv(plates_run, tmp_path):
+    """The gate compares the sets of classes at the run's threshold and the mAP; the CSV holds each image's set."""
+    import contextlib
+    import io
+    import shutil
+    import numpy as np
+    from PIL import Image
+    from vitfood import export
+    from vitfood.predict import main as predict_main
+    from vitfood.synthetic import make_plate
+    out = tmp_path / "run"
+    shutil.copytree(plates_run[0], out)
+    with contextlib.redirect_stdout(io.StringIO()):
+        parity = export.main([str(out)])
+    onnx = parity["models"]["onnx"]
+    assert parity["multi_label"] and parity["score_name"] == "mAP" and onnx["passed"] and onnx["agreement"] >= 0.999
+    assert onnx["score"] == pytest.approx(parity["models"]["pytorch"]["score"], abs=1e-6)
+    assert parity["models"]["pytorch"]["score"] == pytest.approx(plates_run[1]["eval_map"], abs=1e-6)
+    for i, dishes in enumerate(([0], [1, 3], [0, 2, 3])):
+        Image.fromarray(make_plate(dishes, np.random.default_rng(i), 128, 4)).save(tmp_path / f"plate{i}.jpg")
+    for model in (out / "model", out / "export" / "model.onnx"):
+        predict_main(["--model", str(model), "--precision", "fp32", "--threshold", "0.5", str(tmp_path),
+                      "--output", str(tmp_path / f"{model.name}.csv")])
+    rows = list(csv.DictReader(open(tmp_path / "model.csv")))
+    assert list(rows[0]) == ["file", "labels", "scores", "error"] and len(rows) == 3
+    for a, b in zip(rows, csv.DictReader(open(tmp_path / "model.onnx.csv"))):  # the same sets, scores within 1e-3
+        assert a["labels"] == b["labels"] and all(abs(float(x) - float(y)) <= 1e-3 for x, y in
+                                                  zip(a["scores"].split(";"), b["scores"].split(";")))
+    for row in rows:
+        scores = [float(x) for x in row["scores"].split(";") if x]
+        assert len(scores) == len([x for x in row["labels"].split(";") if x]) and all(x >= 0.5 for x in scores)
+        assert scores == sorted(scores, reverse=True)
+    assert any(len(row["labels"].split(";")) < 4 for row in rows)  # the threshold left classes out
+
+
 def test_balanced_sampling_of_multi_label_data_is_one_line(tmp_path, capsys):
     from vitfood.common import run_main
     with pytest.raises(SystemExit) as e:

@@ -13,6 +13,8 @@ Modes (all by default):
   eval   inference images/s over the eval split
   save   how long a checkpoint save holds up the loop (the copy to host memory, and steps slowed down
          while the write runs in the background), against the time a synchronous write takes
+  export the model as vitfood.export writes it (ONNX fp32 and int8, onnxruntime) against eager PyTorch
+         fp32 on the CPU: latency at batch 1, images/s at batch 32, file size (needs vitfood[export])
 Takes every vitfood.train option (--preset, --model, --dataset, --batch-size, ...). Warm-up is never
 timed, device work is synchronized before clocks are read, figures are medians over repeats.
 The table goes to stdout; its last line is one JSON document with every figure.
@@ -34,7 +36,7 @@ import platform
 import torch
 import transformers
 
-from vitfood import hub, measure
+from vitfood import exported, hub, measure
 from vitfood.common import DTYPES, UserError, env_info, num_workers, pick_device, resolve_precision, run_main
 from vitfood.config import build_parser, resolve
 from vitfood.data import build_data
@@ -42,7 +44,7 @@ from vitfood.images import transforms_for
 from vitfood.model import build_model, hub_model, resolve_attn, vit_flops_per_image
 from vitfood.sources import hub_dataset, load_splits
 
-MODES = ("data", "model", "levers", "memory", "e2e", "loop", "eval", "save")
+MODES = ("data", "model", "levers", "memory", "e2e", "loop", "eval", "save", "export")
 QUICK = ("data", "model", "levers", "e2e", "eval", "save")  # --quick: the modes that start no other process
 STEP_MODES = ("eager", "compile", "graph", "graph+compile")
 
@@ -84,6 +86,14 @@ def plan(cfg, b, device, precision):
     for m in modes:
         if m not in MODES:
             raise UserError(f"--modes: unknown mode {m!r}; use {', '.join(MODES)} or all")
+    if "export" in modes:
+        try:
+            exported.need("--modes export")
+        except UserError:
+            if b.modes != "all":
+                raise
+            modes = tuple(m for m in modes if m != "export")  # all: those this install can run
+            print("note: no export mode: it needs the export extra (pip install 'vitfood[export]')")
     precisions = _list(b.precisions) or ([precision] if quick else ["fp32", "fp16", "bf16"] if device.type == "cuda"
                                          else ["fp32", "bf16"])
     for p in precisions:
@@ -203,8 +213,23 @@ def save_mode(x):
     return r
 
 
+def export_mode(x):
+    r = measure.bench_export(x.cfg, x.data.eval_set, x.names, x.mean, x.std, x.precision)
+    print(f"\n[export] on the CPU ({r['cpu']}, {r['threads']} threads), {r['images']} eval images; ONNX written in "
+          f"{r['export_s']:.1f} s")
+    print(f"{'model':>14} {'batch 1 ms':>11} {'batch 32 img/s':>15} {'size MB':>8} {'max |logit diff|':>17}")
+    for key, name in (("pytorch", "PyTorch fp32"), ("pytorch_bf16", "PyTorch bf16"), ("onnx", "ONNX fp32"),
+                      ("onnx_int8", "ONNX int8")):
+        row = r.get(key)
+        if row is None:
+            continue
+        diff = f"{row['max_logit_diff']:.1e}" if "max_logit_diff" in row else "-"
+        print(f"{name:>14} {row['latency_ms']:>11.2f} {row['img_s']:>15.1f} {row['size_mb']:>8.1f} {diff:>17}")
+    return r
+
+
 RUN = dict(data=data_mode, model=model_mode, levers=levers_mode, memory=memory_mode, loop=loop_mode, e2e=e2e_mode,
-           eval=eval_mode, save=save_mode)
+           eval=eval_mode, save=save_mode, export=export_mode)
 
 
 def main(argv=None):

@@ -364,6 +364,10 @@ def saved_run(path):
 
 
 def run_config_path(model_path):
-    """The train_config.json of the run a model/ or checkpoint-<step>/ folder belongs to, or None."""
-    path = os.path.join(os.path.dirname(os.path.abspath(os.path.expanduser(model_path))), RUN_CONFIG)
+    """The train_config.json of the run a model/ or checkpoint-<step>/ folder, or a file of its export/ folder,
+    belongs to, or None."""
+    folder = os.path.abspath(os.path.expanduser(model_path))
+    if os.path.isfile(folder):  # export/model.onnx
+        folder = os.path.dirname(folder)
+    path = os.path.join(os.path.dirname(folder), RUN_CONFIG)
     return path if os.path.isfile(path) else None

@@ -4,6 +4,7 @@ matrix and the most confident mistakes.
     python -m vitfood.evaluate --model runs/<run>/model                 # on the eval split that run used
     python -m vitfood.evaluate --model runs/<run>/checkpoint-300 --tensorboard runs/<run>/eval
     python -m vitfood.evaluate --model google/vit-base-patch16-224 --dataset ./photos --split train
+    python -m vitfood.evaluate --model runs/<run>/export/model-int8.onnx      # an export, with onnxruntime
 
 Writes eval_results.json, per_class.csv, confusion_matrix.png and mistakes.png to --output-dir.
 """
@@ -23,34 +24,21 @@ from vitfood import checkpoint, hub, metrics, report
 from vitfood.common import UserError, num_workers, pick_device, resolve_precision, run_main, safe_name
 from vitfood.config import RUN_CONFIG, OneLineParser, resolve, run_config_path, saved_run
 from vitfood.data import build_data, eval_skip_warning
+from vitfood.exported import is_onnx
 from vitfood.hub import is_path
 from vitfood.images import transforms_for
 from vitfood.logs import eval_records
 from vitfood.model import hub_model, load_for_inference, read_config
+from vitfood.rundir import model_step
 from vitfood.sources import hub_dataset, is_multi_label, load_splits
 from vitfood.steps import eval_pass
-
-
-def model_step(path):
-    """The training step of a checkpoint-<step>/ folder, or of a run's exported model/ (0 when unknown)."""
-    path = os.path.expanduser(path)
-    state, results = os.path.join(path, checkpoint.STATE), os.path.join(os.path.dirname(os.path.abspath(path)),
-                                                                       "all_results.json")
-    try:
-        if os.path.isfile(state):
-            return int(checkpoint.load_state(path)["progress"]["step"])
-        if os.path.basename(os.path.normpath(path)) == checkpoint.MODEL and os.path.isfile(results):
-            with open(results) as fh:
-                return int(json.load(fh)["exported_step"])
-    except (OSError, ValueError, KeyError, RuntimeError, UserError):
-        pass
-    return 0
 
 
 def main(argv=None):
     p = OneLineParser(prog="python -m vitfood.evaluate", description=__doc__,
                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="a run's model/ or checkpoint-<step>/ folder, or a Hub model id")
+    p.add_argument("--model", required=True, help="a run's model/ or checkpoint-<step>/ folder, a Hub model id, or an "
+                                                  ".onnx file of vitfood.export")
     p.add_argument("--dataset", help="data set (Hub id, folder, or 'synthetic'); unset: the eval split of the "
                                      "model's own training run")
     p.add_argument("--split", help="split to evaluate, with --dataset (default: validation)")
@@ -85,6 +73,10 @@ def main(argv=None):
     else:
         raise UserError(f"{a.model} is not inside a vitfood run (no {RUN_CONFIG} beside it): "
                         "pass --dataset and --split")
+    if is_onnx(a.model):  # onnxruntime on the CPU, in float32, as vitfood.export checked it
+        if a.device not in ("auto", "cpu") or a.precision not in (None, "auto", "fp32"):
+            raise UserError("an .onnx model runs on the CPU in fp32 (onnxruntime): leave --device and --precision unset")
+        a.device, a.precision = "cpu", "fp32"
     device = pick_device(a.device)
     own_run = saved and not a.dataset  # the run's own eval split: its precision, eval batch and attention
     precision = resolve_precision(a.precision or (cfg.precision if own_run else "auto"), device,

@@ -1,6 +1,6 @@
 """The measurements of vitfood.bench, each built from the pieces vitfood.train runs (the model, its optimizer and
 the same `steps.Step`): the training step, its levers, the memory of each way to train, the input pipeline, the
-step fed by the loader, the loop itself, inference and a checkpoint save."""
+step fed by the loader, the loop itself, inference, a checkpoint save and the exported ONNX files."""
 
 import copy
 import dataclasses
@@ -22,7 +22,7 @@ from vitfood.common import mixed_precision, seed_everything
 from vitfood.config import Config
 from vitfood.data import EpochBatchSampler, KeptBatches, make_loader, stop_workers
 from vitfood.images import normalize, transforms_for
-from vitfood.model import build_model, compiled, make_optimizer, make_scheduler, resolve_attn, vit_flops_per_image
+from vitfood.model import build_model, compiled, for_inference, make_optimizer, make_scheduler, resolve_attn, vit_flops_per_image
 from vitfood.steps import EMA, GraphedStep, Mixing, Step, eval_pass
 
 
@@ -405,3 +405,49 @@ def bench_eval(cfg, eval_set, names, device, precision, workers, max_images):
     stop_workers(loader)
     return dict(img_s=statistics.median(times), first_pass_img_s=first, images=len(subset), batch_size=loader.batch_size,
                 workers=workers, kept_on=str(kept.device or "host"))
+
+
+@torch.inference_mode()
+def inference_speed(model, images, repeats=5):
+    """Latency per image at batch 1 (ms) and images/s at batch 32 of `model` (called as a transformers
+    classifier: a PyTorch model, or an exported.OnnxClassifier) on the CPU, on `images` (normalized, repeated
+    to fill the batch): the medians over `repeats` runs, after warm-up."""
+    one = images[:1]
+    batch = images.repeat((32 + len(images) - 1) // len(images), 1, 1, 1)[:32]
+    latency, _ = timed(lambda: model(pixel_values=one), torch.device("cpu"), steps=10, repeats=repeats, warmup=3)
+    per_batch, _ = timed(lambda: model(pixel_values=batch), torch.device("cpu"), steps=1, repeats=repeats, warmup=2)
+    return dict(latency_ms=latency * 1000, img_s=32 / per_batch)
+
+
+def bench_export(cfg, eval_set, names, mean, std, precision):
+    """The model as vitfood.export writes it (ONNX fp32 and int8, run by onnxruntime) against eager PyTorch fp32
+    (and in `precision`, as vitfood.predict runs it there, when that is bf16), on the CPU with as many threads,
+    on the same eval images: latency at batch 1, images/s at batch 32, size."""
+    from vitfood import exported
+    seed_everything(cfg.seed)
+    cpu = torch.device("cpu")
+    model, _ = build_model(cfg, names, cpu)
+    model = adapt.merged(model).eval()
+    decoded = (eval_set[i][0] for i in range(min(64, len(eval_set))))
+    images = normalize(torch.stack([x for x in decoded if x is not None][:32]), mean, std)
+    threads = torch.get_num_threads()
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    rows = dict(pytorch=dict(size_mb=weights / 2 ** 20, **inference_speed(model, images)))
+    if precision == "bf16":
+        net, amp = for_inference(model, "bf16", cpu)
+        with amp:
+            rows["pytorch_bf16"] = dict(size_mb=weights / 2 ** 21, **inference_speed(net, images))
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32, int8 = os.path.join(tmp, "model.onnx"), os.path.join(tmp, "model-int8.onnx")
+        t0 = time.perf_counter()
+        exported.to_onnx(model, fp32, tuple(images.shape[-2:]))
+        rows["export_s"] = time.perf_counter() - t0
+        exported.to_int8(fp32, int8)
+        model.config.save_pretrained(tmp)
+        for key, path in (("onnx", fp32), ("onnx_int8", int8)):
+            session = exported.OnnxClassifier(path, threads)
+            with torch.inference_mode():
+                diff = (session(pixel_values=images).logits - model(pixel_values=images).logits).abs().max().item()
+            rows[key] = dict(size_mb=os.path.getsize(path) / 2 ** 20, max_logit_diff=diff,
+                             **inference_speed(session, images))
+    return dict(rows, threads=threads, cpu=exported.cpu_name(), images=len(images))

@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from vitfood import adapt
+from vitfood import adapt, exported
 from vitfood.common import UserError, autocast, first_line, keep_compiled_kernels
 from vitfood.hub import hub_error, is_path
 
@@ -116,6 +116,8 @@ def read_config(name, trust_remote_code=False):
     """A Hub or local model's config alone (no weights), or None where it cannot be read (loading the model
     then says why, in one line)."""
     from transformers import AutoConfig
+    if exported.is_onnx(name):  # an export's config.json is beside its .onnx file
+        name = os.path.dirname(os.path.abspath(os.path.expanduser(name)))
     try:
         return AutoConfig.from_pretrained(os.path.expanduser(name), trust_remote_code=trust_remote_code)
     except Exception:
@@ -154,7 +156,10 @@ def from_pretrained(name, attn, trust_remote_code=False, processor=None, **model
 
 
 def load_for_inference(name, device, attn="auto"):
-    """(model in eval mode on `device`, processor), with the attention training uses by default there."""
+    """(model in eval mode on `device`, processor), with the attention training uses by default there. An .onnx
+    file (vitfood.export's) is run by onnxruntime on the CPU, with the processor of the folder it is in."""
+    if exported.is_onnx(name):
+        return exported.load(name)
     model, processor = from_pretrained(name, resolve_attn(attn, device))
     return model.to(device).eval(), processor
 

@@ -5,9 +5,13 @@ model, every class whose sigmoid score reaches --threshold).
     python -m vitfood.predict --model runs/<run>/checkpoint-300 --json --top-k 3 dish.png
     python -m vitfood.predict --model google/vit-base-patch16-224 photo.jpg
 
---model takes a run's exported model/ folder, any checkpoint-<step>/ folder or a Hub model id.
-Images go through the eval transform of training, batched, on the best available device. A file
-that cannot be read gets its own error line; the others are still classified.
+    python -m vitfood.predict --model runs/<run>/export/model.onnx photos/ --output preds.csv
+
+--model takes a run's model/ folder, any checkpoint-<step>/ folder, a Hub model id, or an .onnx file of
+vitfood.export (run by onnxruntime on the CPU). Images go through the eval transform of training, batched, on
+the best available device. A file that cannot be read gets its own error line; the others are still classified.
+--output writes every prediction to a file as it goes (.csv: one row per image; .jsonl: one JSON object per
+line), unreadable files with the reason.
 
 Exit status: 0 when every image was classified, 1 when a file could not be read (missing or
 damaged; the others are still classified), 2 for a usage error (no such model, no images).
@@ -19,6 +23,7 @@ if __name__ == "__main__":
     vitfood.quiet_ctrl_c()  # before the heavy imports below
 
 import argparse
+import csv
 import json
 import os
 import sys
@@ -27,6 +32,7 @@ import torch
 
 from vitfood import hub
 from vitfood.common import UserError, pick_device, resolve_precision, run_main
+from vitfood.exported import is_onnx
 from vitfood.config import OneLineParser
 from vitfood.images import DECODE_ERRORS, IMAGE_EXTENSIONS, normalize, transforms_for
 from vitfood.model import for_inference, hub_model, load_for_inference
@@ -81,7 +87,8 @@ def predict(model, processor, files, device, precision, top_k=5, batch_size=32, 
 def main(argv=None):
     p = OneLineParser(prog="python -m vitfood.predict", description=__doc__,
                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="model/ or checkpoint-<step>/ folder, or a Hub model id")
+    p.add_argument("--model", required=True, help="model/ or checkpoint-<step>/ folder, a Hub model id, or an .onnx "
+                                                  "file of vitfood.export")
     p.add_argument("images", nargs="+", help="image files or folders")
     p.add_argument("--top-k", type=int, default=5, help="single-label models: the k most likely classes")
     p.add_argument("--threshold", type=float, default=0.5,
@@ -90,11 +97,21 @@ def main(argv=None):
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true", help="one JSON object per image, one per line")
+    p.add_argument("--output", metavar="FILE", help="write the predictions to FILE (.csv or .jsonl) as they come, "
+                                                    "instead of printing them")
     a = p.parse_args(argv)
     if a.top_k < 1 or a.batch_size < 1:
         raise UserError("--top-k and --batch-size must be positive")
     if not 0 <= a.threshold <= 1:
         raise UserError(f"--threshold must be between 0 and 1, got {a.threshold}")
+    if a.output and not a.output.lower().endswith((".csv", ".jsonl")):
+        raise UserError(f"--output {a.output}: name a .csv or a .jsonl file")
+    if a.output and not os.path.isdir(os.path.dirname(os.path.abspath(a.output))):
+        raise UserError(f"--output {a.output}: no such folder {os.path.dirname(a.output)}")
+    if is_onnx(a.model):  # onnxruntime on the CPU, in float32, as vitfood.export checked it
+        if a.device not in ("auto", "cpu") or a.precision not in ("auto", "fp32"):
+            raise UserError("an .onnx model runs on the CPU in fp32 (onnxruntime): leave --device and --precision unset")
+        a.device, a.precision = "cpu", "fp32"
     device = pick_device(a.device)
     precision = resolve_precision(a.precision, device)
     files = find_images(a.images)
@@ -102,22 +119,62 @@ def main(argv=None):
         raise UserError("no image files found in " + ", ".join(a.images))
     hub.prepare(model=hub_model(a.model))
     model, processor = load_for_inference(a.model, device)
+    results = predict(model, processor, files, device, precision, a.top_k, a.batch_size, a.threshold)
+    if a.output:
+        multi = model.config.problem_type == "multi_label_classification"
+        failed = write(results, a.output, multi, min(a.top_k, model.config.num_labels))
+    else:
+        failed = show(results, a.json, a.threshold)
+    if failed:
+        sys.exit(1)  # every image that could be read was classified all the same
+
+
+def show(results, as_json, threshold):
+    """Print each result as it comes (a line, or a JSON object); returns the count of unreadable files."""
     failed = 0
-    for r in predict(model, processor, files, device, precision, a.top_k, a.batch_size, a.threshold):
+    for r in results:
         if "error" in r:
             failed += 1
             print(f"error: {r['file']}: {r['error']}", file=sys.stderr)
-            if a.json:
+            if as_json:
                 print(json.dumps(r))
-        elif a.json:
+        elif as_json:
             print(json.dumps(r))
         else:
             best = "  ".join(f"{p['label']} {p['score']:.3f}" for p in r["predictions"])
             if not r["predictions"]:  # multi-label, no class at the threshold
-                best = f"(no class at {a.threshold:g}; highest {r['highest']['label']} {r['highest']['score']:.3f})"
+                best = f"(no class at {threshold:g}; highest {r['highest']['label']} {r['highest']['score']:.3f})"
             print(f"{r['file']}: {best}")
-    if failed:
-        sys.exit(1)  # every image that could be read was classified all the same
+    return failed
+
+
+def write(results, path, multi, k):
+    """Write each result to `path` as it comes, as JSON lines or CSV: one row per image, `file`, then for a
+    single-label model label_1, score_1, ... label_k, score_k, for a multi-label one the classes at the
+    threshold and their scores (each separated by ';'), then `error` (why a file could not be read). The file
+    appears under its name once the last image is done: a killed job leaves no half file that looks whole.
+    Returns the count of unreadable files."""
+    tmp, failed, rows = f"{path}.partial", 0, 0
+    with open(tmp, "w", newline="") as fh:
+        table = csv.writer(fh)
+        if not path.lower().endswith(".jsonl"):
+            table.writerow(["file", "labels", "scores", "error"] if multi else
+                           ["file", *(f"{c}_{i}" for i in range(1, k + 1) for c in ("label", "score")), "error"])
+        for r in results:
+            rows += 1
+            failed += "error" in r
+            found = r.get("predictions", [])
+            if path.lower().endswith(".jsonl"):
+                fh.write(json.dumps(r) + "\n")
+            elif multi:
+                table.writerow([r["file"], ";".join(p["label"] for p in found),
+                                ";".join(f"{p['score']:.6f}" for p in found), r.get("error", "")])
+            else:
+                pairs = [v for p in found for v in (p["label"], f"{p['score']:.6f}")]
+                table.writerow([r["file"], *pairs, *[""] * (2 * k - len(pairs)), r.get("error", "")])
+    os.replace(tmp, path)
+    print(f"{rows} images, {rows - failed} classified, {failed} unreadable: {path}")
+    return failed
 
 
 def cli():

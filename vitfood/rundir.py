@@ -5,6 +5,7 @@ background writes, rotation, the best, which checkpoint a run resumes from and w
 import contextlib
 import datetime
 import errno
+import json
 import os
 import shutil
 import threading
@@ -345,3 +346,27 @@ class Checkpoints:
             (what, e), self._failure = self._failure, None
             raise UserError(f"cannot write {what} in {self.out}: {checkpoint.write_error(e, self.out)}; "
                             "the complete checkpoints already there are intact") from None
+
+
+def model_step(path):
+    """The training step of a checkpoint-<step>/ folder, of a run's model/, or of an ONNX file of its export/
+    (0 when unknown)."""
+    path = os.path.expanduser(path)
+    if os.path.isfile(path):  # export/model.onnx: its parity.json says
+        path = os.path.join(os.path.dirname(os.path.abspath(path)), "parity.json")
+        try:
+            with open(path) as fh:
+                return int(json.load(fh)["step"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return 0
+    state, results = os.path.join(path, checkpoint.STATE), os.path.join(os.path.dirname(os.path.abspath(path)),
+                                                                       "all_results.json")
+    try:
+        if os.path.isfile(state):
+            return int(checkpoint.load_state(path)["progress"]["step"])
+        if os.path.basename(os.path.normpath(path)) == checkpoint.MODEL and os.path.isfile(results):
+            with open(results) as fh:
+                return int(json.load(fh)["exported_step"])
+    except (OSError, ValueError, KeyError, RuntimeError, UserError):
+        pass
+    return 0

@@ -1,0 +1,227 @@
+"""vitfood.export: ONNX files checked on the run's eval split (the parity gate), refused in one line when they
+disagree, and run by predict and evaluate as the PyTorch model is."""
+
+import contextlib
+import csv
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from conftest import error, error_line
+from vitfood import export, exported
+from vitfood.common import run_main
+
+
+@pytest.fixture(scope="module")
+def run(tiny_run, tmp_path_factory):
+    """A copy of the tiny run (an export writes into the run's folder), exported with --int8."""
+    out = tmp_path_factory.mktemp("export") / "tiny"
+    shutil.copytree(tiny_run[0], out)
+    with contextlib.redirect_stdout(io.StringIO()):
+        parity = export.main([str(out), "--int8"])
+    return out, tiny_run[1], parity
+
+
+def photos(folder, n=6):
+    """`n` photos of odd sizes and one file that is not an image."""
+    folder.mkdir()
+    for i in range(n):
+        Image.effect_noise((40 + 9 * i, 30 + 5 * i), 60 + 10 * i).convert("RGB").save(folder / f"p{i}.png")
+    (folder / "broken.jpg").write_bytes(b"not a jpeg")
+    return folder
+
+
+def predicted(capsys, *args):
+    """vitfood.predict's JSON lines, by file (exit status 1: the broken file)."""
+    from vitfood.predict import main
+    with pytest.raises(SystemExit) as e:
+        main([*map(str, args), "--json"])
+    assert e.value.code == 1
+    return {r["file"]: r for r in map(json.loads, capsys.readouterr().out.splitlines())}
+
+
+def test_the_export_passes_the_gate_and_writes_a_folder_a_deployment_can_use(run):
+    out, results, parity = run
+    folder = out / "export"
+    assert sorted(os.listdir(folder)) == ["README.md", "config.json", "labels.txt", "model-int8.onnx", "model.onnx",
+                                          "parity.json", "preprocessor_config.json"]
+    assert json.loads((folder / "parity.json").read_text()) == json.loads(json.dumps(parity))
+    fp32, int8, torch_row = parity["models"]["onnx"], parity["models"]["onnx_int8"], parity["models"]["pytorch"]
+    assert parity["images"] == 48 and parity["source"] == "model" and parity["step"] == 200
+    assert fp32["passed"] and fp32["agreement"] >= 0.999 and fp32["max_prob_diff"] <= 1e-3
+    assert torch_row["score"] == pytest.approx(results["eval_accuracy"])  # the model/ the run evaluated last
+    assert abs(int8["accuracy_drop"]) <= 0.01 and int8["passed"]
+    assert int8["size_mb"] < fp32["size_mb"]
+    assert all(r["latency_ms"] > 0 and r["img_s"] > 0 for r in parity["models"].values())
+    labels = json.loads((folder / "config.json").read_text())["id2label"]
+    assert (folder / "labels.txt").read_text().split() == [labels[str(i)] for i in range(len(labels))]
+    card = (folder / "README.md").read_text()  # the run's model card, with the export's figures
+    assert card.startswith((out / "model" / "README.md").read_text().rstrip("\n"))
+    assert card.count("## ONNX export") == 1 and "| ONNX int8 | model-int8.onnx |" in card
+    assert "ONNX export" not in (out / "model" / "README.md").read_text()  # model/ is as training left it
+    assert not [p for p in os.listdir(out) if p.startswith("export") and p != "export"]  # nothing left over
+
+
+def test_onnxruntime_alone_reproduces_pytorch_from_the_export_folder(run):
+    """A deployment without vitfood: onnxruntime, numpy and the processor's numbers in preprocessor_config.json."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+    out = run[0]
+    cfg = json.loads((out / "export" / "preprocessor_config.json").read_text())
+    h, w = cfg["size"]["height"], cfg["size"]["width"]
+    image = Image.effect_noise((w, h), 80).convert("RGB")  # at the model's size: no resize to reimplement
+    pixels = np.asarray(image, dtype=np.float32) * cfg["rescale_factor"]
+    pixels = ((pixels - cfg["image_mean"]) / cfg["image_std"]).transpose(2, 0, 1)[None].astype(np.float32)
+    logits = ort.InferenceSession(str(out / "export" / "model.onnx")).run(None, {"pixel_values": pixels})[0]
+    processor = AutoImageProcessor.from_pretrained(out / "model")
+    model = AutoModelForImageClassification.from_pretrained(out / "model").eval()
+    with torch.no_grad():
+        expected = model(**processor(image, return_tensors="pt")).logits.numpy()
+    assert np.abs(logits - expected).max() < 1e-3
+
+
+def test_predict_and_evaluate_run_the_onnx_file_as_they_run_the_model(run, tmp_path, capsys):
+    out, results, _ = run
+    folder = photos(tmp_path / "photos")
+    ours = predicted(capsys, "--model", out / "model", "--precision", "fp32", folder)
+    theirs = predicted(capsys, "--model", out / "export" / "model.onnx", folder)
+    assert ours.keys() == theirs.keys() and "error" in theirs[str(folder / "broken.jpg")]
+    for f, r in ours.items():
+        if "error" in r:
+            continue
+        a, b = r["predictions"], theirs[f]["predictions"]
+        assert [p["label"] for p in a] == [p["label"] for p in b]
+        assert max(abs(p["score"] - q["score"]) for p, q in zip(a, b)) <= 1e-3
+    from vitfood.evaluate import main as evaluate
+    with contextlib.redirect_stdout(io.StringIO()):
+        evaluated = evaluate(["--model", str(out / "export" / "model.onnx"), "--output-dir", str(tmp_path / "eval")])
+    assert evaluated["eval_accuracy"] == pytest.approx(results["eval_accuracy"])
+    assert evaluated["eval_loss"] == pytest.approx(results["eval_loss"], abs=1e-4)
+    assert "fp32" in error(capsys, "--model", out / "export" / "model.onnx", "--precision", "bf16", folder,
+                           main=__import__("vitfood.predict").predict.main)
+
+
+def test_predict_writes_every_prediction_to_csv_and_jsonl(run, tmp_path, capsys):
+    out = run[0]
+    folder = photos(tmp_path / "photos")
+    from vitfood.predict import main
+    for name in ("preds.csv", "preds.jsonl"):
+        with pytest.raises(SystemExit) as e:
+            main(["--model", str(out / "export" / "model.onnx"), str(folder), "--top-k", "3", "--output",
+                  str(tmp_path / name)])
+        assert e.value.code == 1  # the broken file; the others are all written
+        assert capsys.readouterr().out.strip() == f"7 images, 6 classified, 1 unreadable: {tmp_path / name}"
+    rows = list(csv.DictReader(open(tmp_path / "preds.csv")))
+    lines = [json.loads(line) for line in open(tmp_path / "preds.jsonl")]
+    assert list(rows[0]) == ["file", "label_1", "score_1", "label_2", "score_2", "label_3", "score_3", "error"]
+    assert [r["file"] for r in rows] == [r["file"] for r in lines] and len(rows) == 7
+    for row, line in zip(rows, lines):
+        if "error" in line:
+            assert row["error"].startswith("UnidentifiedImageError") and row["label_1"] == ""
+        else:
+            assert [row[f"label_{i}"] for i in (1, 2, 3)] == [p["label"] for p in line["predictions"]]
+            assert float(row["score_1"]) == pytest.approx(line["predictions"][0]["score"], abs=1e-6)
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_an_export_with_the_wrong_normalisation_fails_the_gate_and_is_kept_aside(run, tmp_path, monkeypatch, capsys):
+    """The exporters' classic failure: the file is right and the preprocessing shipped with it is not."""
+    out = tmp_path / "tiny"
+    shutil.copytree(run[0], out)
+    real = export.gate
+
+    def wrong_normalisation(cfg, model, processor, folder, *args):
+        path = os.path.join(folder, "preprocessor_config.json")
+        spec = json.load(open(path))
+        spec["image_mean"], spec["image_std"] = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]  # ImageNet's, not ViT's
+        json.dump(spec, open(path, "w"))
+        return real(cfg, model, processor, folder, *args)
+
+    monkeypatch.setattr(export, "gate", wrong_normalisation)
+    line = error(capsys, out, main=export.main)
+    assert "disagrees with PyTorch" in line and "export-rejected-" in line
+    aside = [p for p in os.listdir(out) if p.startswith("export-rejected-")]
+    assert len(aside) == 1 and {"model.onnx", "parity.json"} <= set(os.listdir(out / aside[0]))
+    assert not json.load(open(out / aside[0] / "parity.json"))["models"]["onnx"]["passed"]
+    assert json.load(open(out / "export" / "parity.json")) == json.loads(json.dumps(run[2]))  # the good one stays
+
+
+def test_an_int8_file_beyond_the_accepted_drop_is_refused_and_the_fp32_export_kept(run, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "tiny"
+    shutil.copytree(run[0], out)
+    shutil.rmtree(out / "export")
+    # a quantization gone wrong: the head's weights lost, every image given the same class
+    import torch
+    from transformers import AutoModelForImageClassification
+    broken = AutoModelForImageClassification.from_pretrained(out / "model").eval()
+    torch.nn.init.zeros_(broken.classifier.weight)
+    exported.to_onnx(broken, str(tmp_path / "broken.onnx"), (64, 64))
+    monkeypatch.setattr(exported, "to_int8", lambda source, path: shutil.copy(tmp_path / "broken.onnx", path))
+    with pytest.raises(SystemExit) as e:
+        run_main(lambda: export.main([str(out), "--int8", "--max-int8-drop", "0.05"]))
+    assert e.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "more than --max-int8-drop 0.05" in err[0]
+    assert sorted(os.listdir(out / "export")) == ["README.md", "config.json", "labels.txt", "model.onnx", "parity.json",
+                                                  "preprocessor_config.json"]
+    assert "ONNX int8 (refused)" in (out / "export" / "README.md").read_text()
+    aside = next(out.glob("export-rejected-*"))
+    assert sorted(os.listdir(aside)) == ["model-int8.onnx", "parity.json"]
+
+
+def test_what_to_export_and_bad_input_are_one_line(run, tmp_path, capsys):
+    out = run[0]
+    assert export.pick(str(out), "best") == (str(out / "checkpoint-200"), 200)
+    assert export.pick(str(out), "last") == (str(out / "checkpoint-200"), 200)
+    assert export.pick(str(out), "checkpoint-160") == (str(out / "checkpoint-160"), 160)
+    assert "complete: checkpoint-160, checkpoint-200" in error(capsys, out, "--checkpoint", "checkpoint-7",
+                                                               main=export.main, alone=True)
+    assert "use model, best, last or checkpoint-<step>" in error(capsys, out, "--checkpoint", "first",
+                                                                 main=export.main, alone=True)
+    assert "not a vitfood run" in error(capsys, tmp_path, main=export.main, alone=True)
+    assert "opset" in error(capsys, out, "--opset", "5", main=export.main, alone=True)
+    # without the extra: one line that says how to install it, from the command line as a user meets it
+    blocker = tmp_path / "no_onnx"
+    blocker.mkdir()
+    (blocker / "onnxruntime.py").write_text("raise ImportError('blocked', name='onnxruntime')\n")
+    p = subprocess.run([sys.executable, "-m", "vitfood.export", str(out)], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": os.pathsep.join([str(blocker), *sys.path])})
+    assert "pip install 'vitfood[export]'" in error_line(p, alone=True)
+
+
+def test_an_export_killed_midway_leaves_the_run_as_it_was(run, tmp_path):
+    """A folder half written (export.tmp-<pid>) is cleared, and an earlier export renamed away for the swap
+    (export.old-<pid>) is put back when the new one never arrived."""
+    out = tmp_path / "tiny"
+    shutil.copytree(run[0], out)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    os.rename(out / "export", out / f"export.old-{dead.pid}")
+    (out / f"export.tmp-{dead.pid}").mkdir()
+    (out / f"export.tmp-{os.getpid()}").mkdir()  # a live export's: not touched
+    export.clear_leftovers(str(out))
+    assert sorted(p for p in os.listdir(out) if p.startswith("export")) == ["export", f"export.tmp-{os.getpid()}"]
+    assert (out / "export" / "model.onnx").is_file()
+
+
+@pytest.mark.slow
+def test_the_demo_model_exports_to_int8_within_the_default_drop(tmp_path):
+    """The demo as a user runs it, then `vitfood.export --int8` with the default --max-int8-drop (0.01)."""
+    from vitfood.train import main as train
+    out = tmp_path / "demo"
+    results = train(["--preset", "demo", "--output-dir", str(out)])
+    with contextlib.redirect_stdout(io.StringIO()):
+        parity = export.main([str(out), "--int8"])
+    models = parity["models"]
+    assert models["pytorch"]["score"] == pytest.approx(results["eval_accuracy"]) and parity["images"] == 500
+    assert models["onnx"]["passed"] and models["onnx"]["agreement"] >= 0.999
+    assert models["onnx_int8"]["passed"] and models["onnx_int8"]["accuracy_drop"] <= 0.01
+    assert models["onnx_int8"]["size_mb"] < models["onnx"]["size_mb"] / 3
