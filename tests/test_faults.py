@@ -81,7 +81,7 @@ def test_kill_at_twenty_random_moments(tmp_path, reference):
     _kill_at_random_times(tmp_path, reference, trials=20, seed=1)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)])
 def test_preemption_saves_and_resumes_exactly(tmp_path, reference, sig, request):
     # sent in the loop, while it is held at step 11: the signal surely arrives before the run ends
     if sig == signal.SIGTERM:

@@ -65,10 +65,15 @@ def test_a_silent_hub_fails_fast_in_one_line(silent_hub, tmp_path, fast):
     assert fast(seconds) and "model 'google/vit-base-patch16-224-in21k'" in line and "unreachable" in line
     assert not cache.exists() or not os.listdir(cache), "the data set was prepared before the model was checked"
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # no empty run folders left behind
-    for module in ("vitfood.predict", "vitfood.evaluate"):
-        seconds, p = run("--model", "google/vit-base-patch16-224", *(["x.jpg"] if module == "vitfood.predict" else
-                         ["--dataset", "food101"]), module=module, env=hub)
-        assert fast(seconds) and "unreachable" in error_line(p, alone=True), (module, seconds)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("module", ["vitfood.predict", "vitfood.evaluate"])
+def test_predict_and_evaluate_fail_fast_on_a_silent_hub(module, silent_hub, tmp_path, fast):
+    hub = {"HF_ENDPOINT": silent_hub, "HF_HOME": str(tmp_path / "hf"), "VITFOOD_HUB_PROBE_SECONDS": "1"}
+    seconds, p = run("--model", "google/vit-base-patch16-224", *(["x.jpg"] if module == "vitfood.predict" else
+                     ["--dataset", "food101"]), module=module, env=hub)
+    assert fast(seconds) and "unreachable" in error_line(p, alone=True), (module, seconds)
 
 
 def test_offline_mode_stays_instant(tmp_path):
