@@ -3,6 +3,14 @@
   transfer setting (a model pretrained with vitfood on digits 0-4, then fine-tuned on 5-9).
 - adapt: with few labelled images (10 per class of 5-9), the pretrained model fine-tuned in full,
   with a frozen backbone, with LoRA, against the same model trained from scratch.
+- unfreeze: the pretrained model on 5-9, with 10 labelled images per class and with all of them: fine-tuned in
+  full, with a frozen backbone, and with the head trained alone for the first fifth of the steps then the whole
+  model (--freeze-steps, fastai's fine_tune).
+- trust: the pretrained model fine-tuned on 5-9 (300 steps): its calibration (ECE and NLL before and after the
+  temperature, on the test split) and the share of the test split answered at 95% accuracy; then vitfood.audit
+  (5 out-of-fold runs of the same fine-tune) on a copy of 5-9 whose training labels are 5% flipped to another
+  digit, with 5 test images copied into train as they are and 5 as JPEG re-encodings: the precision and recall
+  of the label issues on the flipped files, and how many of the 10 copies are reported as leakage.
 - imbalance: the pretrained model fine-tuned on 5-9 made imbalanced (digit 5 keeps all its
   training images, each next digit fewer, digit 9 a tenth of them), evaluated on a balanced test split:
   plain, --class-weights balanced, --sampler balanced; balanced accuracy and macro F1.
@@ -15,6 +23,8 @@ values are the preset's (the published ViT fine-tunes'), not tuned here.
     python bench/learning.py levers --out /tmp/levers.json     # ~50 minutes on 2 CPU cores
     python bench/learning.py adapt --out /tmp/adapt.json       # ~5 minutes
     python bench/learning.py imbalance --out /tmp/imbalance.json  # ~8 minutes
+    python bench/learning.py unfreeze --out /tmp/unfreeze.json    # ~4 minutes
+    python bench/learning.py trust --out /tmp/trust.json          # ~12 minutes
     python bench/learning.py levers --steps 20 --seeds 0 --settings plain,preset   # a quick check
 """
 
@@ -52,6 +62,11 @@ ADAPT = {  # on 10 labelled images per class: the pretrained model (lr 1e-3 for 
     "lora-lr5e-3": ["--lr", "5e-3", "--lora-rank", "4", "--lora-alpha", "4"],
 }
 IMBALANCE = {"plain": [], "class-weights": ["--class-weights", "balanced"], "sampler": ["--sampler", "balanced"]}
+UNFREEZE = {  # lr 1e-3 for the whole model; the head alone at 5e-3 (the frozen backbone's better rate, above)
+    "full": ["--lr", "1e-3"],
+    "frozen": ["--lr", "5e-3", "--freeze-backbone"],
+    "head-first": ["--lr", "1e-3", "--freeze-steps", "60"],  # a fifth of 300 steps; --freeze-lr: 5x --lr
+}
 
 
 def write_digits(root, classes, name, per_class=None, imbalance=1):
@@ -93,9 +108,90 @@ def train(args, out):
     return results
 
 
+def noisy_copy(source, dest, seed, share=0.05, copies=5):
+    """`source` (an image folder with train/ and test/) copied to `dest` with `share` of the training images moved
+    to another class's folder (their labels flipped), `copies` test images copied into train as they are and as
+    many re-encoded as JPEG (quality 90). Returns (flipped train files, leaked (train file, test file) pairs)."""
+    shutil.rmtree(dest, ignore_errors=True)
+    shutil.copytree(source, dest)
+    rng = np.random.default_rng(seed)
+    train = sorted(os.path.join(c, f) for c in os.listdir(os.path.join(dest, "train"))
+                   for f in os.listdir(os.path.join(dest, "train", c)))
+    classes = sorted(os.listdir(os.path.join(dest, "train")))
+    flipped = []
+    for rel in rng.choice(train, round(share * len(train)), replace=False):
+        c, f = rel.split(os.sep)
+        other = rng.choice([k for k in classes if k != c])
+        target = os.path.join(dest, "train", other, f"flipped-{c}-{f}")
+        os.rename(os.path.join(dest, "train", rel), target)
+        flipped.append(target)
+    test = sorted(os.path.join(c, f) for c in classes for f in os.listdir(os.path.join(dest, "test", c)))
+    leaked = []
+    for n, rel in enumerate(rng.choice(test, 2 * copies, replace=False)):
+        c, f = rel.split(os.sep)
+        original = os.path.join(dest, "test", rel)
+        if n < copies:
+            target = os.path.join(dest, "train", c, f"copy-{f}")
+            shutil.copyfile(original, target)
+        else:
+            target = os.path.join(dest, "train", c, f"jpeg-{os.path.splitext(f)[0]}.jpg")
+            Image.open(original).save(target, quality=90)
+        leaked.append((target, original))
+    return flipped, leaked
+
+
+def audit_figures(audit, flipped, leaked):
+    """How an audit did on the planted errors: the label issues' precision and recall on the flipped files (and the
+    precision of its first len(flipped) rows), the copies reported as leakage and the rank of the last of them."""
+    import csv
+    with open(os.path.join(audit, "label_issues.csv")) as fh:
+        ranked = [row["path"] for row in csv.DictReader(fh)]
+    with open(os.path.join(audit, "duplicates.csv")) as fh:
+        pairs = [frozenset((row["path"], row["other_path"])) for row in csv.DictReader(fh)]
+    hits = set(ranked) & set(flipped)
+    ranks = [pairs.index(frozenset(pair)) + 1 for pair in leaked if frozenset(pair) in pairs]
+    return dict(flipped=len(flipped), flagged=len(ranked), precision=len(hits) / max(1, len(ranked)),
+                recall=len(hits) / len(flipped), precision_top=len(set(ranked[:len(flipped)]) & set(flipped)) / len(flipped),
+                copies=len(leaked), copies_found=len(ranks), last_copy_rank=max(ranks, default=0),
+                duplicate_pairs=len(pairs))
+
+
+def trust(root, tmp, pretrained, seeds, flags, out_path):
+    """Calibration and the audit on digits 5-9 (the module's docstring)."""
+    import subprocess
+    import sys
+    from vitfood.evaluate import main as evaluate
+    data = write_digits(root, range(5, 10), "5-9")
+    runs = []
+    for seed in seeds:
+        out = os.path.join(tmp, f"trust-{seed}")
+        r = train(["--dataset", data, "--seed", seed, "--model", pretrained[seed], *flags], out)
+        with contextlib.redirect_stdout(io.StringIO()):
+            e = evaluate(["--model", os.path.join(out, "model"), "--output-dir", os.path.join(out, "eval")])
+        noisy = os.path.join(tmp, f"noisy-{seed}")
+        flipped, leaked = noisy_copy(data, noisy, seed)
+        audit = os.path.join(tmp, f"audit-{seed}")
+        p = subprocess.run([sys.executable, "-m", "vitfood.audit", "--dataset", noisy, "--seed", str(seed), "--model",
+                            pretrained[seed], *map(str, flags), "--folds", "5", "--output-dir", audit],
+                           capture_output=True, text=True)
+        assert p.returncode == 0, p.stderr[-3000:]
+        cal = r["calibration"]
+        run = dict(seed=seed, accuracy=r["eval_accuracy"], temperature=cal["temperature"], ece_before=cal["ece_before"],
+                   ece_after=cal["ece_after"], nll_before=cal["nll_before"], nll_after=cal["nll_after"],
+                   coverage_at_95=e["coverage_at_accuracy"]["0.95"], **audit_figures(audit, flipped, leaked))
+        runs.append(run)
+        print(json.dumps(run), flush=True)
+    keys = [k for k in runs[0] if k not in ("seed",)]
+    doc = dict(experiment="trust", seeds=seeds, runs=runs, mean={k: statistics.mean(r[k] for r in runs) for k in keys})
+    if out_path:
+        with open(out_path, "w") as fh:
+            json.dump(doc, fh, indent=1)
+    print(json.dumps(doc["mean"]))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("experiment", choices=["levers", "adapt", "imbalance"])
+    p.add_argument("experiment", choices=["levers", "adapt", "imbalance", "unfreeze", "trust"])
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--steps", type=int, help="steps of every run (default: levers 1500, adapt 300)")
     p.add_argument("--settings", help="comma list of the experiment's settings (default: all)")
@@ -103,8 +199,8 @@ def main():
     p.add_argument("--image-size", default="32")
     p.add_argument("--out", help="also write the JSON document here")
     a = p.parse_args()
-    table = dict(levers=LEVERS, adapt=ADAPT, imbalance=IMBALANCE)[a.experiment]
-    steps = a.steps or dict(levers=1500, adapt=300, imbalance=600)[a.experiment]
+    table = dict(levers=LEVERS, adapt=ADAPT, imbalance=IMBALANCE, unfreeze=UNFREEZE, trust={})[a.experiment]
+    steps = a.steps or dict(levers=1500, adapt=300, imbalance=600, unfreeze=300, trust=300)[a.experiment]
     seeds, names = [int(s) for s in a.seeds.split(",")], (a.settings.split(",") if a.settings else list(table))
     root = os.path.join(os.environ.get("VITFOOD_CACHE", os.path.expanduser("~/.cache/vitfood")), "digits")
     os.makedirs(root, exist_ok=True)
@@ -123,10 +219,16 @@ def main():
         with open(os.path.join(out, "all_results.json")) as fh:
             print(f"pretrained on 0-4, seed {seed}: accuracy {json.load(fh)['eval_accuracy']:.4f}", flush=True)
 
+    if a.experiment == "trust":
+        return trust(root, tmp, pretrained, seeds, [*common, *schedule(steps), "--lr", "1e-3"], a.out)
     if a.experiment == "levers":  # (setting, data, model, lr, flags) per run
         runs = [(f"{where}/{name}", data, model, lr, table[name]) for where, data, model, lr in (
             ("scratch", write_digits(root, range(10), "all"), None, "2e-3"),
             ("transfer", write_digits(root, range(5, 10), "5-9"), "pretrained", "1e-3")) for name in names]
+    elif a.experiment == "unfreeze":
+        runs = [(f"{where}/{name}", data, "pretrained", None, table[name]) for where, data in (
+            ("few", write_digits(root, range(5, 10), "5-9-few", per_class=10)),
+            ("all", write_digits(root, range(5, 10), "5-9"))) for name in names]
     elif a.experiment == "imbalance":
         skewed = write_digits(root, range(5, 10), "5-9-imbalanced-10x", imbalance=10)
         runs = [(name, skewed, "pretrained", "1e-3", table[name]) for name in names]

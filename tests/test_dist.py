@@ -96,8 +96,11 @@ def test_a_failing_rank_ends_the_job_with_its_message(tmp_path):
                                           (["--sampler", "balanced"], "eval_balanced_accuracy"),
                                           # dropout draws per rank: no LoRA dropout, or 1 and 2 processes differ
                                           (["--lora-rank", "4", "--lora-dropout", "0"], "eval_accuracy"),
-                                          (["--freeze-backbone"], "eval_accuracy")],
-                         ids=["multi-label", "balanced-sampler", "lora", "frozen"])
+                                          (["--freeze-backbone"], "eval_accuracy"),
+                                          (["--freeze-steps", "3"], "eval_accuracy"),  # DDP built again at step 3
+                                          (["--eval-steps", "2", "--early-stopping-patience", "1",
+                                            "--early-stopping-min-delta", "1"], "eval_accuracy")],  # stops at 4
+                         ids=["multi-label", "balanced-sampler", "lora", "frozen", "head-first", "early-stop"])
 def test_levers_under_two_processes(extra, score, tmp_path):
     """The same global batches on 1 and 2 processes (multi-hot labels, balanced draws, LoRA adapters, a frozen
     backbone), the eval whole across ranks, and a resume under 2 processes bit for bit."""

@@ -60,6 +60,8 @@ def test_the_export_passes_the_gate_and_writes_a_folder_a_deployment_can_use(run
     assert int8["size_mb"] < fp32["size_mb"]
     assert all(r["latency_ms"] > 0 and r["img_s"] > 0 for r in parity["models"].values())
     labels = json.loads((folder / "config.json").read_text())["id2label"]
+    # model/'s calibration goes with it: the ONNX file computes the calibrated logits, and says so
+    assert json.loads((folder / "config.json").read_text())["vitfood_calibration"] == results["calibration"]
     assert (folder / "labels.txt").read_text().split() == [labels[str(i)] for i in range(len(labels))]
     card = (folder / "README.md").read_text()  # the run's model card, with the export's figures
     assert card.startswith((out / "model" / "README.md").read_text().rstrip("\n"))

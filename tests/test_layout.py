@@ -5,7 +5,7 @@ import ast
 import pathlib
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "vitfood"
-ENTRY = {"train", "bench", "evaluate", "predict", "export"}
+ENTRY = {"train", "bench", "evaluate", "predict", "export", "audit", "shards"}
 
 
 def _imports():

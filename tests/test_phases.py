@@ -51,12 +51,14 @@ def test_a_stopped_run_records_its_segment_as_stopped(sigterm_stopped):
     assert [p["step"] for p in seg["phases"] if p["name"] == "save"][-1] == 11
 
 
-def test_model_takes_the_last_checkpoints_weights_file_without_writing_it_again(tiny_run):
-    out, _ = tiny_run
-    exported, saved = out / "model" / "model.safetensors", out / "checkpoint-200" / "model.safetensors"
+def test_model_takes_the_last_checkpoints_weights_file_without_writing_it_again(tmp_path):
+    from conftest import train
+    out = tmp_path / "run"
+    train("--max-steps", 4, "--eval-steps", 4, "--save-steps", 4, "--calibrate", "none", "--output-dir", out)
+    exported, saved = out / "model" / "model.safetensors", out / "checkpoint-4" / "model.safetensors"
     assert os.path.samefile(exported, saved)  # one file, two names
-    assert (out / "model" / "config.json").read_text() == (out / "checkpoint-200" / "config.json").read_text()
-    assert not checkpoint.damage(out / "checkpoint-200")  # its marker's SHA-256 still holds
+    assert (out / "model" / "config.json").read_text() == (out / "checkpoint-4" / "config.json").read_text()
+    assert not checkpoint.damage(out / "checkpoint-4")  # its marker's SHA-256 still holds
     assert oct(exported.stat().st_mode & 0o777) == oct(0o666 & ~checkpoint._UMASK)
 
 
@@ -65,7 +67,7 @@ def test_an_ema_export_writes_its_own_weights(tmp_path):
     from safetensors.torch import load_file
     out = tmp_path / "run"
     train("--max-steps", 4, "--eval-steps", 4, "--save-steps", 4, "--ema-decay", "0.9", "--export-ema",
-          "--output-dir", out)
+          "--calibrate", "none", "--output-dir", out)
     assert not os.path.samefile(out / "model" / "model.safetensors", out / "checkpoint-4" / "model.safetensors")
     ema = torch.load(out / "checkpoint-4" / checkpoint.STATE, weights_only=True)["ema"]["weights"]
     trained = load_file(out / "checkpoint-4" / "model.safetensors")

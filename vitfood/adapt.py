@@ -39,6 +39,10 @@ def check(cfg):
         raise UserError(f"--lora-dropout must be in [0, 1), got {cfg.lora_dropout}")
     if cfg.lora_rank and cfg.lora_alpha <= 0:
         raise UserError(f"--lora-alpha must be positive, got {cfg.lora_alpha}")
+    if freezes_first(cfg) and (cfg.freeze_backbone or cfg.lora_rank):
+        raise UserError(f"--freeze-{'steps' if cfg.freeze_steps else 'epochs'} trains the head alone, then the whole "
+                        f"model; with --{'freeze-backbone' if cfg.freeze_backbone else 'lora-rank'} the backbone "
+                        "never trains: pick one")
     if cfg.gradient_checkpointing and cfg.freeze_backbone:
         raise UserError("--gradient-checkpointing with --freeze-backbone: a frozen backbone keeps no activations "
                         "for the backward pass, so there is nothing to recompute")
@@ -50,7 +54,7 @@ def check_model(model, cfg):
     if cfg.gradient_checkpointing and not model.supports_gradient_checkpointing:
         raise UserError(f"--gradient-checkpointing: {type(model).__name__} has no gradient checkpointing in "
                         "transformers")
-    if cfg.freeze_backbone or cfg.lora_rank:
+    if cfg.freeze_backbone or cfg.lora_rank or freezes_first(cfg):
         head_names(model)
     if cfg.lora_rank:
         try:
@@ -112,6 +116,30 @@ def prepare(model, cfg):
                                  modules_to_save=head_names(model))  # the head trains fully
         model = peft.get_peft_model(model, config)
     return model
+
+
+def freezes_first(cfg):
+    """Whether the run trains the head alone before the whole model (--freeze-epochs, --freeze-steps)."""
+    return bool(cfg.freeze_steps or cfg.freeze_epochs)
+
+
+def freeze_steps(cfg, batches_per_epoch, max_steps):
+    """The optimizer steps the head trains alone: --freeze-steps, or --freeze-epochs in steps; one line when
+    that leaves the whole model no step to train."""
+    steps = cfg.freeze_steps or math.ceil(cfg.freeze_epochs * batches_per_epoch / cfg.grad_accum_steps)
+    if steps >= max_steps:
+        raise UserError(f"--freeze-{'steps' if cfg.freeze_steps else 'epochs'}: the head would train alone for "
+                        f"{steps} of the run's {max_steps} steps, leaving the whole model none")
+    return steps
+
+
+def backbone_trains(model, trains):
+    """Let the backbone's parameters train, or not (the head always trains). Frozen ones get no gradient, and
+    AdamW leaves a parameter without one alone: the optimizer holds every parameter from the start. Batch norm's
+    running statistics still follow the batches while frozen, as in fastai."""
+    heads = head_names(model)
+    for name, p in model.named_parameters():
+        p.requires_grad_(trains or name.split(".")[0] in heads)
 
 
 def _frozen_statistics(module, args):

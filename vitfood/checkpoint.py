@@ -212,9 +212,10 @@ class Export:
     """<output-dir>/<name> (a model folder: weights, config, image processor, the card as README.md), built in a
     temporary folder and renamed into place by `seal()`. With `weights_of`, a checkpoint folder that holds these
     very weights, its weights files are hard-linked at `seal()` instead of written again (so it may still be
-    being written until then); elsewhere they are written now."""
+    being written until then), and its config.json copied unless `own_config` (the model's config holds more than
+    the checkpoint's: an unknown threshold); elsewhere they are written now."""
 
-    def __init__(self, output_dir, model, processor, card=None, name=MODEL, weights_of=None):
+    def __init__(self, output_dir, model, processor, card=None, name=MODEL, weights_of=None, own_config=False):
         self.output_dir, self.weights_of = output_dir, weights_of
         self.final = os.path.join(output_dir, name)
         self.tmp = os.path.join(output_dir, f".tmp-{name}-{os.getpid()}")
@@ -222,6 +223,8 @@ class Export:
         with self._guard():
             if weights_of:
                 os.makedirs(self.tmp)
+                if own_config:
+                    model.config.save_pretrained(self.tmp)
             else:
                 model.save_pretrained(self.tmp)
             processor.save_pretrained(self.tmp)
@@ -243,7 +246,7 @@ class Export:
         with self._guard():
             if self.weights_of:
                 for name in os.listdir(self.weights_of):
-                    if name == "config.json":  # save_pretrained wrote it with the weights: the same model's
+                    if name == "config.json" and not os.path.exists(os.path.join(self.tmp, name)):  # the same model's
                         shutil.copyfile(os.path.join(self.weights_of, name), os.path.join(self.tmp, name))
                     elif name.startswith("model") and ".safetensors" in name:  # model.safetensors, or its shards
                         link(os.path.join(self.weights_of, name), os.path.join(self.tmp, name))

@@ -20,12 +20,13 @@ from vitfood.common import DTYPES, UserError, first_line
 _NONE = object()
 
 
-def _opt(default, help, choices=None, decides=None, legacy=_NONE, run_only=False):
+def _opt(default, help, choices=None, decides=None, legacy=_NONE, run_only=False, auto=False):
     """A Config field. `decides`: what the option decides, when it decides the run: "weights" or "data" (the
     data order), both fixed once a run has started, or "schedule" (its length and batch, which a resumed run
     may change). `legacy`: the value that runs written before the option existed behaved as. `run_only`: it
-    means something to a training run only (vitfood.bench has no such flag)."""
-    meta = {"help": help, "choices": choices, "decides": decides, "run_only": run_only}
+    means something to a training run only (vitfood.bench has no such flag). `auto`: the value "auto" is
+    accepted too (a number the run works out)."""
+    meta = {"help": help, "choices": choices, "decides": decides, "run_only": run_only, "auto": auto}
     if legacy is not _NONE:
         meta["legacy"] = legacy
     return field(default=default, metadata=meta)
@@ -34,10 +35,11 @@ def _opt(default, help, choices=None, decides=None, legacy=_NONE, run_only=False
 @dataclass
 class Config:
     # data
-    dataset: str = _opt("food101", "Hub dataset id, imagefolder folder, save_to_disk folder, or 'synthetic'", decides="data")
+    dataset: str = _opt("food101", "Hub dataset id, imagefolder folder, save_to_disk folder, WebDataset tar shards ('DIR/train-{000000..000009}.tar', a comma list, or fsspec URLs), or 'synthetic'", decides="data")
     train_split: str = _opt("train[:5000]", "split to train on; slices like 'train[:5000]' work", decides="data")
-    eval_split: str | None = _opt(None, "existing split to evaluate on (e.g. 'validation'); unset: carve --test-size out of the train split", decides="data")
+    eval_split: str | None = _opt(None, "existing split to evaluate on (e.g. 'validation'; with shards as --dataset, the eval shards' pattern); unset: carve --test-size out of the train split", decides="data")
     test_size: float = _opt(0.2, "share of the train split held out for eval when --eval-split is unset (seeded)", decides="data")
+    fold: str | None = _opt(None, "k/K: train on the train split less its k-th of K seeded folds, and evaluate on that fold (vitfood.audit's out-of-fold runs; --eval-split is then not used)", decides="data", legacy=None)
     max_train_samples: int | None = _opt(None, "keep only the first N training images", decides="data")
     max_eval_samples: int | None = _opt(None, "keep only the first N eval images", decides="data")
     image_column: str = _opt("image", "name of the image column", decides="data")
@@ -56,6 +58,9 @@ class Config:
     model: str = _opt("google/vit-base-patch16-224-in21k", "Hub id, local model folder, or a named config: vit-tiny, vit-small, vit-base, vit-micro", decides="weights")
     image_size: int | None = _opt(None, "input resolution in px (unset: the model's own); a pretrained model's position tables are resized to it once, at load", decides="weights")
     freeze_backbone: bool = _opt(False, "train only the classification head (a linear probe); the backbone stays as loaded", decides="weights", legacy=False)
+    freeze_epochs: float = _opt(0.0, "train the head alone for this many epochs first (the backbone frozen; its own lr, warm-up and decay), then the whole model on the configured schedule, as fastai's fine_tune (0: off)", decides="weights", legacy=0.0)
+    freeze_steps: int | None = _opt(None, "the same as --freeze-epochs in optimizer steps; overrides it", decides="weights", legacy=None)
+    freeze_lr: float | None = _opt(None, "peak learning rate of the head while the backbone is frozen (unset: 5x --lr: a head alone takes a higher rate, bench/README.md)", decides="weights", legacy=None)
     lora_rank: int = _opt(0, "train LoRA adapters of this rank (through peft) and the head; the rest stays as loaded (0: off)", decides="weights", legacy=0)
     lora_alpha: float = _opt(16.0, "LoRA: scale alpha (the update is scaled by alpha / rank)", decides="weights", legacy=16.0)
     lora_dropout: float = _opt(0.1, "LoRA: dropout on the adapters' input", decides="weights", legacy=0.1)
@@ -68,7 +73,8 @@ class Config:
     # schedule
     max_steps: int | None = _opt(None, "optimizer steps to train; overrides --epochs", decides="schedule", run_only=True)
     epochs: float = _opt(4.0, "epochs to train, converted to optimizer steps", decides="schedule", run_only=True)
-    batch_size: int = _opt(16, "images per micro-batch (per process)", decides="schedule")
+    batch_size: int = _opt(16, "images per micro-batch (per process); auto: the largest whose training step fits in memory (measured at the start), with accumulation steps that keep the global batch (--global-batch, else this option's value before auto x --grad-accum-steps x processes)", decides="schedule", auto=True)
+    global_batch: int | None = _opt(None, "images per optimizer step over every process; with --batch-size auto what its split keeps; auto (with --batch-size auto): the largest micro-batch, nothing accumulated", decides="schedule", legacy=None, auto=True)
     eval_batch_size: int | None = _opt(None, "images per eval batch (unset: 2x --batch-size on the CPU, 8x on CUDA)")
     eval_cache_gb: float = _opt(2.0, "keep the decoded eval images between evals when they take at most this many GB (in GPU memory on CUDA when that is at most a twentieth of it, else in host memory), so that only the first eval decodes; 0: decode at every eval")
     grad_accum_steps: int = _opt(1, "micro-batches per optimizer step", decides="weights")
@@ -98,7 +104,13 @@ class Config:
     save_steps: int = _opt(100, "save a checkpoint every N optimizer steps (and at the end)", run_only=True)
     logging_steps: int = _opt(10, "log training scalars every N optimizer steps", run_only=True)
     save_total_limit: int = _opt(2, "keep the newest N complete checkpoints (the best is kept in addition)", run_only=True)
+    best_metric: str = _opt("auto", "the eval figure that picks the best checkpoint (and stops early): auto (top-1 accuracy; multi-label: macro mAP), or the name of any figure in all_results.json without 'eval_'; the loss lower, the others higher", ["auto", "loss", "accuracy", "top5", "balanced_accuracy", "f1_macro", "map", "f1_micro", "exact_match"], decides="weights", legacy="auto")
+    early_stopping_patience: int = _opt(0, "stop when this many evals in a row have not improved --best-metric on its best by more than --early-stopping-min-delta (0: never); the stop is part of the run's state, so a resumed run stops at the same step", decides="schedule", legacy=0)
+    early_stopping_min_delta: float = _opt(0.0, "the improvement of --best-metric that counts as one for --early-stopping-patience", decides="schedule", legacy=0.0)
     export: str = _opt("last", "which weights go to <output-dir>/model at the end", ["last", "best"], run_only=True)
+    calibrate: str = _opt("temperature", "at the end, fit one temperature on the eval split (minimising its NLL) and fold it into model/'s last layer, so every tool that loads it gives calibrated scores; none: keep the raw scores", ["temperature", "none"], run_only=True, legacy="none")
+    target_accuracy: float | None = _opt(None, "single-label: store in model/ the score threshold whose answers reach this accuracy on the eval split (the most answers that do); vitfood.predict answers 'unknown' below it", run_only=True, legacy=None)
+    target_coverage: float | None = _opt(None, "single-label: the same, for the threshold that keeps this share of the eval split's answers", run_only=True, legacy=None)
     output_dir: str | None = _opt(None, "run directory (unset: runs/<timestamp>-<model>-<dataset>)", run_only=True)
     overwrite_output_dir: bool = _opt(False, "allow a fresh run in a directory that already holds checkpoints", run_only=True)
     resume: str | None = _opt(None, "'auto' (newest complete checkpoint of --output-dir, or start fresh) or a checkpoint path", run_only=True)
@@ -117,7 +129,11 @@ class Config:
     def validate(self):
         positive = ["batch_size", "grad_accum_steps", "eval_steps", "save_steps", "logging_steps", "max_nonfinite_steps",
                     "save_total_limit", "synthetic_size", "synthetic_max_px", "dist_timeout"]
-        for name in positive:
+        if self.global_batch == "auto" and self.batch_size != "auto":
+            raise UserError("--global-batch auto needs --batch-size auto (the largest micro-batch that fits)")
+        for name in positive + ["global_batch"]:
+            if getattr(self, name) in ("auto", None) and name in ("batch_size", "global_batch"):
+                continue
             if getattr(self, name) < 1:
                 raise UserError(f"--{flag(name)} must be a positive integer, got {getattr(self, name)}")
         if not (math.isfinite(self.eval_cache_gb) and self.eval_cache_gb >= 0):
@@ -162,6 +178,18 @@ class Config:
                 raise UserError(f"--{flag(name)} must be between 0 and 1, got {getattr(self, name)}")
         if not 0 <= self.ema_decay < 1:
             raise UserError(f"--ema-decay must be in [0, 1) (0: no EMA), got {self.ema_decay}")
+        if self.early_stopping_patience < 0 or not (math.isfinite(self.early_stopping_min_delta)
+                                                    and self.early_stopping_min_delta >= 0):
+            raise UserError("--early-stopping-patience (0: off) and --early-stopping-min-delta must not be negative")
+        if not (math.isfinite(self.freeze_epochs) and self.freeze_epochs >= 0):
+            raise UserError(f"--freeze-epochs must be a finite number of epochs, 0 or more, got {self.freeze_epochs}")
+        if self.freeze_steps is not None and self.freeze_steps < 1 or self.freeze_lr is not None and not self.freeze_lr > 0:
+            raise UserError("--freeze-steps and --freeze-lr must be positive")
+        for name in ("target_accuracy", "target_coverage"):
+            if getattr(self, name) is not None and not 0 < getattr(self, name) <= 1:
+                raise UserError(f"--{name.replace('_', '-')} must be in (0, 1], got {getattr(self, name)}")
+        if self.target_accuracy is not None and self.target_coverage is not None:
+            raise UserError("--target-accuracy and --target-coverage exclude each other: give one")
         if self.export_ema and not self.ema_decay:
             raise UserError("--export-ema needs --ema-decay (the EMA it would export)")
         if self.export_ema and self.export == "best":
@@ -220,6 +248,13 @@ def _parse_none(tp):
     return parse
 
 
+def _int_or_auto(text):
+    return "auto" if text == "auto" else int(text)
+
+
+_int_or_auto.__name__ = "int"  # argparse names the type in its error messages
+
+
 class OneLineParser(argparse.ArgumentParser):
     def error(self, message):  # one line, no usage block; same exit path as every other input error
         raise UserError(f"{message} (see --help)")
@@ -240,6 +275,8 @@ def build_parser(run=True):
             kw["help"] = argparse.SUPPRESS  # accepted, so one set of flags serves train and bench, but not listed
         if tp is bool:
             kw["action"] = argparse.BooleanOptionalAction
+        elif f.metadata.get("auto"):
+            kw["type"] = _int_or_auto
         else:
             kw["type"] = _parse_none(tp) if f.default is None else tp
             if f.metadata.get("choices"):
@@ -253,6 +290,8 @@ def _coerce(name, value, hints, path):
     tp = _base_type(hints[name])
     if value is None and hints[name] is not tp:
         return None
+    if value == "auto" and Config.__dataclass_fields__[name].metadata.get("auto"):
+        return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
@@ -346,7 +385,18 @@ def resolve(explicit, base=None):
     if base is None and "model" in explicit and "image_size" in preset and values.get("image_size") == preset["image_size"] \
             and "image_size" not in explicit:
         values["image_size"] = None  # a preset's image size belongs to the preset's model
-    values.update({k: v for k, v in explicit.items() if k != "config"})
+    flags = {k: v for k, v in explicit.items() if k != "config"}
+    if base is not None and flags.get("batch_size") == "auto":  # a resumed run keeps the split it chose
+        flags.pop("batch_size")
+        flags.pop("global_batch", None)
+    if flags.get("batch_size", values.get("batch_size")) == "auto" and flags.get("global_batch",
+                                                                                 values.get("global_batch")) is None:
+        # the global batch the run would have had: auto changes how it is split, not its size
+        prior = values.get("batch_size", Config.batch_size)
+        prior = Config.batch_size if prior == "auto" else prior
+        accum = flags.get("grad_accum_steps", values.get("grad_accum_steps", Config.grad_accum_steps))
+        values["global_batch"] = prior * accum * int(os.environ.get("WORLD_SIZE", "1"))
+    values.update(flags)
     return Config(**values).validate()
 
 

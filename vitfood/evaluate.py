@@ -6,7 +6,11 @@ matrix and the most confident mistakes.
     python -m vitfood.evaluate --model google/vit-base-patch16-224 --dataset ./photos --split train
     python -m vitfood.evaluate --model runs/<run>/export/model-int8.onnx      # an export, with onnxruntime
 
-Writes eval_results.json, per_class.csv, confusion_matrix.png and mistakes.png to --output-dir.
+    python -m vitfood.evaluate --model runs/<run>/model --calibrate --target-accuracy 0.95  # writes a model copy
+
+Writes eval_results.json, per_class.csv, confusion_matrix.png, mistakes.png and (single-label) risk_coverage.csv
+to --output-dir; with --calibrate reliability.png, and with --calibrate or --target-* a model/ folder: the model
+with the temperature folded in and the unknown threshold in its config.
 """
 
 import vitfood
@@ -20,13 +24,13 @@ import os
 
 import transformers
 
-from vitfood import checkpoint, hub, metrics, report
+from vitfood import calibrate, checkpoint, hub, metrics, report
 from vitfood.common import UserError, num_workers, pick_device, resolve_precision, run_main, safe_name
 from vitfood.config import RUN_CONFIG, OneLineParser, resolve, run_config_path, saved_run
 from vitfood.data import build_data, eval_skip_warning
 from vitfood.exported import is_onnx
 from vitfood.hub import is_path
-from vitfood.images import transforms_for
+from vitfood.images import TTA, transforms_for
 from vitfood.logs import eval_records
 from vitfood.model import hub_model, load_for_inference, read_config
 from vitfood.rundir import model_step
@@ -53,6 +57,17 @@ def main(argv=None):
     p.add_argument("--mistakes", type=int, default=16, help="most confident mistakes to draw")
     p.add_argument("--threshold", type=float, help="multi-label: a class is predicted at a sigmoid score of at least "
                                                    "this (unset: the run's --threshold, else 0.5)")
+    p.add_argument("--tta", default="none", choices=TTA, help="also score the probabilities averaged over views of each "
+                   "image: flip (and its mirror image), flip+crops (and the four corner and the centre crops, 7/8 of "
+                   "the side); the report gives the figures with and without")
+    p.add_argument("--calibrate", action="store_true", help="fit one temperature on this split (minimising its NLL): "
+                   "the ECE and NLL before and after, reliability.png, and in --output-dir/model a copy of the model "
+                   "with the temperature folded into its last layer")
+    p.add_argument("--target-accuracy", type=float, help="single-label: the top-score threshold whose answers reach "
+                   "this accuracy on this split (the most answers that do), stored in the --output-dir/model copy "
+                   "for vitfood.predict's 'unknown'")
+    p.add_argument("--target-coverage", type=float, help="single-label: the same, for the threshold that keeps this "
+                   "share of the answers")
     p.add_argument("--output-dir", help="where the results go (unset: eval-<model folder> beside it)")
     p.add_argument("--tensorboard", metavar="DIR", help="also log the results as a TensorBoard run in DIR")
     a = p.parse_args(argv)
@@ -60,6 +75,15 @@ def main(argv=None):
         raise UserError("--batch-size must be positive and --mistakes not negative")
     if a.threshold is not None and not 0 < a.threshold < 1:
         raise UserError(f"--threshold must be between 0 and 1, got {a.threshold}")
+    for name in ("target_accuracy", "target_coverage"):
+        if getattr(a, name) is not None and not 0 < getattr(a, name) <= 1:
+            raise UserError(f"--{name.replace('_', '-')} must be in (0, 1], got {getattr(a, name)}")
+    if a.target_accuracy is not None and a.target_coverage is not None:
+        raise UserError("--target-accuracy and --target-coverage exclude each other: give one")
+    fits = a.calibrate or a.target_accuracy or a.target_coverage
+    if fits and is_onnx(a.model):
+        raise UserError("--calibrate and --target-* write a model: give the PyTorch model the export came from, then "
+                        "export that")
 
     saved = run_config_path(a.model) if is_path(a.model) else None
     if a.dataset:
@@ -93,6 +117,7 @@ def main(argv=None):
         raise UserError(f"the model's {len(model_names)} labels ({', '.join(model_names[:5])}, ...) are not "
                         f"the data set's {len(names)} classes ({', '.join(names[:5])}, ...)")
     multi = model.config.problem_type == "multi_label_classification"
+    calibrate.check(multi, a.target_accuracy, a.target_coverage)
     if multi != is_multi_label(eval_ds, cfg.label_column):
         raise UserError(f"{a.model} is a {'multi' if multi else 'single'}-label classifier, and the data set's "
                         f"label column {cfg.label_column!r} holds {'one class' if multi else 'a list of classes'} per image")
@@ -102,8 +127,12 @@ def main(argv=None):
     step = model_step(a.model) if a.tensorboard else 0  # read before a rotation can take the checkpoint away
     threshold = a.threshold if a.threshold is not None else cfg.threshold
     r = eval_pass(model, data.eval_loader, device, precision, mean, std, num_classes=len(model_names),
-                  mistakes=a.mistakes, multi_label=multi, threshold=threshold)
+                  mistakes=a.mistakes, multi_label=multi, threshold=threshold, tta=a.tta, keep=True)
     data.close()
+    cal, unknown = calibrate.fitted(r["logits"], r["labels"], multi, "temperature" if a.calibrate else "none",
+                                    a.target_accuracy, a.target_coverage)
+    scores = calibrate.probabilities(r["logits"], multi)
+    raw, ece = calibrate.reliability(*calibrate.confidence(scores, r["labels"], multi))
 
     model_dir = os.path.abspath(os.path.expanduser(a.model))
     out = a.output_dir or (os.path.join(os.path.dirname(model_dir), f"eval-{os.path.basename(model_dir)}")
@@ -117,6 +146,28 @@ def main(argv=None):
     results = dict(model=a.model, dataset=cfg.dataset, split=cfg.eval_split or f"{cfg.train_split} (held out)",
                    precision=precision, batch_size=batch_size, **{m.result: r[m.key] for m in table},
                    eval_samples=r["samples"], skipped_images=r["skipped"], per_class=rows)
+    results["ece"] = ece  # of the scores as the model gives them (15 bins)
+    if not multi:  # the risk-coverage curve: the answers kept above each top-score threshold, and their accuracy
+        curve = calibrate.risk_coverage(*calibrate.confidence(scores, r["labels"], False))
+        report.write_csv(os.path.join(out, "risk_coverage.csv"),
+                         [dict(threshold=t, coverage=c, accuracy=acc) for t, c, acc in curve])
+        files.append("risk_coverage.csv")
+        results["coverage_at_accuracy"] = {f"{target:g}": (row[1] if (row := calibrate.threshold_for(curve, target))
+                                                           else 0.0) for target in (0.9, 0.95, 0.99)}
+    if cal:
+        results["calibration"] = {k: v for k, v in cal.items() if not k.startswith("bins_")}
+        calibrate.diagram(cal).save(os.path.join(out, "reliability.png"))
+        files.append("reliability.png")
+    if unknown:
+        results.update(unknown_threshold=unknown[0], unknown_coverage=unknown[1], unknown_accuracy=unknown[2])
+    if fits:  # a copy of the model that scores as fitted here: nothing of the model given is touched
+        if cal:
+            calibrate.fold(model, cal["temperature"])
+        calibrate.record(model.config, cal, unknown and unknown[0])
+        checkpoint.export(out, model, processor)
+        files.append("model/")
+    if "tta" in r:  # the same figures, of the probabilities averaged over the views
+        results["tta"] = dict(mode=a.tta, views=r["tta"]["views"], **{m.result: r["tta"][m.key] for m in table})
     if multi:
         results.update(threshold=threshold)
     else:
@@ -133,8 +184,21 @@ def main(argv=None):
     at = f", threshold {threshold:g}" if multi else ""
     print(f"{a.model} on {cfg.dataset} ({results['split']}, {r['samples']} images, {precision}{at}): "
           + "  ".join(f"{m.heading} {r[m.key]:.4f}" for m in table))
+    if "tta" in r:
+        print(f"with test-time augmentation ({a.tta}, {r['tta']['views']} views per image): "
+              + "  ".join(f"{m.heading} {r['tta'][m.key]:.4f}" for m in table))
     if multi:
         print(report.per_class_markdown(rows))
+    print(f"expected calibration error (15 bins): {ece:.4f}" + (
+        "  coverage at accuracy " + ", ".join(f"{k}: {v:.1%}" for k, v in results["coverage_at_accuracy"].items())
+        if not multi else ""))
+    if cal:
+        print(f"calibrated: {calibrate.summary(cal)}")
+    if unknown:
+        print(f"unknown below a top score of {unknown[0]:.4f}: {unknown[1]:.1%} of the images answered, "
+              f"{unknown[2]:.1%} of them right (stored in {out}/model)")
+    elif a.target_accuracy:
+        print(f"no threshold reaches accuracy {a.target_accuracy:g} on this split: every image is answered")
     worst = sorted(rows, key=lambda x: x["f1"])[:3]
     print("lowest F1: " + ", ".join(f"{x['label']} {x['f1']:.3f}" for x in worst))
     print(f"results: {out}/ ({', '.join(files)})")

@@ -225,3 +225,34 @@ def _affine(mean, std, device):
     mean, std = torch.tensor(mean, dtype=torch.float64), torch.tensor(std, dtype=torch.float64)
     return ((1 / (255 * std)).float().view(1, -1, 1, 1).to(device),
             (-mean / std).float().view(1, -1, 1, 1).to(device))
+
+
+VIEWS = {"none": 1, "flip": 2, "flip+crops": 7}  # test-time augmentation: how many views of each image are averaged
+TTA = tuple(VIEWS)
+
+
+def views(images, tta):
+    """The views test-time augmentation averages over, of a normalized NCHW batch: the batch itself; with "flip"
+    its mirror image too; with "flip+crops" also its four corner crops and its centre crop, each of 7/8 of the
+    side and resized back (bilinear), as the ten-crop tradition does with fewer views."""
+    out = [images]
+    if tta in ("flip", "flip+crops"):
+        out.append(images.flip(-1))
+    if tta == "flip+crops":
+        h, w = images.shape[-2:]
+        ch, cw = round(h * 7 / 8), round(w * 7 / 8)
+        for top, left in ((0, 0), (0, w - cw), (h - ch, 0), (h - ch, w - cw), ((h - ch) // 2, (w - cw) // 2)):
+            crop = images[..., top:top + ch, left:left + cw]
+            out.append(torch.nn.functional.interpolate(crop, size=(h, w), mode="bilinear", align_corners=False))
+    return out
+
+
+def averaged(logits, multi_label):
+    """Logits whose softmax (multi-label: sigmoid) is the mean of the views' probabilities: what the metrics
+    and the scores of test-time augmentation read."""
+    if len(logits) == 1:
+        return logits[0]
+    if multi_label:
+        p = torch.stack([x.float().sigmoid() for x in logits]).mean(0).clamp(1e-7, 1 - 1e-7)
+        return p.log() - (-p).log1p()
+    return torch.stack([x.float().softmax(-1) for x in logits]).mean(0).clamp_min(1e-12).log()

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from vitfood import dist, metrics, report
+from vitfood import calibrate, dist, metrics, report
 from vitfood.common import Console
 
 
@@ -37,7 +37,7 @@ def ema_tag(tag):
     return f"{tag}_ema"
 
 
-END_STATUS = "run/end_status"  # how the run's last segment ended, as a number: 1 success, 0 stopped, -1 failure
+END_STATUS = "run/end_status"  # how the run's last segment ended: 1 success, 2 early stop, 0 stopped, -1 failure
 
 
 def columns():
@@ -46,14 +46,14 @@ def columns():
     score (top-1, or mAP), eval and train loss, macro F1 (both kinds have it); then the others, blank where a run
     has none. The status is a column because TensorBoard keeps only the first end status a run writes (a filter,
     not a column), so the column is what tells a run resumed to success from one that failed or was stopped."""
-    head = {END_STATUS: "status: 1 success, 0 stopped, -1 failure", metrics.SCORE_TAG: "score: top-1, or mAP",
+    head = {END_STATUS: "status: 1 success, 2 early stop, 0 stopped, -1 failure", metrics.SCORE_TAG: "score: top-1, or mAP",
             "loss/eval": "eval loss", "loss/train": "train loss"}
     both = [m for m in metrics.SINGLE if any(m.tag == n.tag for n in metrics.MULTI) and m.tag not in head]
     rest = [m for m in (*metrics.SINGLE, *metrics.MULTI) if m.tag not in head and m not in both]
     return head | {m.tag: m.heading for m in both + rest}
 
 
-STATUS = {"success": 1, "stopped": 0, "failure": -1}
+STATUS = {"success": 1, "early stop": 2, "stopped": 0, "failure": -1}
 # HParams lists first, and shows by default, the hyperparameters marked as differing, then the rest by name
 KEY_HPARAMS = ("lr", "model", "precision", "seed", "total_steps")
 
@@ -90,7 +90,8 @@ def hparams_summaries(values, metrics, status=None):
         return Summary(value=[Summary.Value(tag=tag, metadata=meta)])
 
     if status:
-        code = {"success": api_pb2.STATUS_SUCCESS, "failure": api_pb2.STATUS_FAILURE}.get(status, api_pb2.STATUS_UNKNOWN)
+        code = {"success": api_pb2.STATUS_SUCCESS, "early stop": api_pb2.STATUS_SUCCESS,
+                "failure": api_pb2.STATUS_FAILURE}.get(status, api_pb2.STATUS_UNKNOWN)
         return [summary(metadata.SESSION_END_INFO_TAG, session_end_info=plugin_data_pb2.SessionEndInfo(
             status=code, end_time_secs=time.time()))]
     start, infos = plugin_data_pb2.SessionStartInfo(start_time_secs=time.time()), []
@@ -155,8 +156,14 @@ class RunLog:
             for name, record in records.items():
                 self.writer.add_text(f"run/{name}", "```json\n" + json.dumps(record, indent=2) + "\n```", 0)
 
+    def note(self, tag, text, step):
+        """A line of text in TensorBoard at `step` (and on the console)."""
+        if self.main and self.writer:
+            self.writer.add_text(tag, text, step)
+        self.say(text)
+
     def end(self, status, step, note):
-        """How the run ended ("success", "stopped", "failure"): as text, and in HParams' status column.
+        """How the run ended ("success", "early stop", "stopped", "failure"): as text, and in HParams' status column.
         TensorBoard keeps a run's first end status only, so a stop, after which the run goes on, writes none
         there (it shows "unknown"); a failure shows as one even when the run is resumed later."""
         if self.main and self.writer:
@@ -167,6 +174,20 @@ class RunLog:
             # at step 0, whatever the step: one point, the last segment's (TensorBoard keeps the last written at a
             # step), not a line ramping from one segment's end to the next
             self.writer.add_scalar(END_STATUS, STATUS[status], 0)
+
+    def calibration(self, step, cal, unknown, target_accuracy=None):
+        """The fitted temperature (the reliability diagram in TensorBoard) and unknown threshold, on the console."""
+        if cal:
+            if self.main and self.writer:
+                self.writer.add_image("predictions/reliability", np.asarray(calibrate.diagram(cal)), step,
+                                      dataformats="HWC")
+            self.say(f"calibrated: {calibrate.summary(cal)}")
+        if unknown:
+            self.note("predictions/unknown", f"unknown below a top score of {unknown[0]:.4f}: {unknown[1]:.1%} of the "
+                      f"eval split answered, {unknown[2]:.1%} of them right", step)
+        elif target_accuracy:
+            self.say(f"warning: no threshold reaches accuracy {target_accuracy:g} on the eval split: every image is "
+                     "answered (no unknown threshold stored)")
 
     def eval(self, step, result, class_names):
         """The eval's TensorBoard records, and a console line."""

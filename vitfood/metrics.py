@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from vitfood import dist
+from vitfood.common import UserError
 
 Metric = namedtuple("Metric", "key result tag console heading")
 Metric.__doc__ = """A figure of an eval, by every name it goes by: its key in an eval's result (and a run's history),
@@ -51,6 +52,37 @@ def scored(rows):
 def score(metrics):
     """The eval's score: top-1 accuracy, or for multi-label the macro mAP."""
     return metrics[scored(table(metrics)).key]
+
+
+def name(row):
+    """A figure's name for --best-metric: its all_results.json key without "eval_" (accuracy, loss, map, ...)."""
+    return row.result.removeprefix("eval_")
+
+
+class Judge:
+    """Which of two evals is better, for the best checkpoint and early stopping: by one figure (--best-metric;
+    auto: the score) in its direction (the loss lower, every other figure higher)."""
+
+    def __init__(self, figure, multi_label):
+        rows = rows_for(multi_label)
+        names = {name(m): m for m in rows}
+        if figure != "auto" and figure not in names:
+            raise UserError(f"--best-metric {figure}: not a figure of a {'multi' if multi_label else 'single'}-label "
+                            f"run's eval; use auto or one of {', '.join(names)}")
+        self.row = scored(rows) if figure == "auto" else names[figure]
+        self.lower = self.row.key == "loss"
+
+    @property
+    def name(self):
+        return name(self.row)
+
+    def value(self, result):
+        """The figure in an eval's result, or a history entry."""
+        return result[self.row.key]
+
+    def better(self, new, old, min_delta=0.0):
+        """Whether `new` improves on `old` by more than `min_delta`."""
+        return new < old - min_delta if self.lower else new > old + min_delta
 
 
 def complete(metrics):

@@ -204,12 +204,18 @@ def layer_ids(model):
     return ids, len(blocks) + 1
 
 
-def make_scheduler(optimizer, warmup_steps, max_steps):
-    """Linear warm-up from 0, then linear decay to 0 at max_steps (the Trainer's default schedule)."""
+def make_scheduler(optimizer, warmup_steps, max_steps, freeze_steps=0, freeze_scale=1.0):
+    """Linear warm-up from 0, then linear decay to 0 at max_steps (the Trainer's default schedule). With
+    `freeze_steps`, the head trains alone first on a schedule of its own, at `freeze_scale` times the rate: a
+    tenth of the phase warming up, then down to 0 at the switch; the configured schedule follows over the rest."""
     def factor(step):
+        if step < freeze_steps:
+            warm = max(1, freeze_steps // 10)
+            return freeze_scale * (step / warm if step < warm else (freeze_steps - step) / max(1, freeze_steps - warm))
+        step, total = step - freeze_steps, max_steps - freeze_steps
         if step < warmup_steps:
             return step / warmup_steps
-        return max(0.0, (max_steps - step) / max(1, max_steps - warmup_steps))
+        return max(0.0, (total - step) / max(1, total - warmup_steps))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 

@@ -11,7 +11,9 @@ model, every class whose sigmoid score reaches --threshold).
 vitfood.export (run by onnxruntime on the CPU). Images go through the eval transform of training, batched, on
 the best available device. A file that cannot be read gets its own error line; the others are still classified.
 --output writes every prediction to a file as it goes (.csv: one row per image; .jsonl: one JSON object per
-line), unreadable files with the reason.
+line), unreadable files with the reason. A single-label model trained with --target-accuracy (or coverage)
+answers "unknown (best: X 0.41)" where its top score is below the threshold stored with it (--threshold sets
+another; 0 answers every image).
 
 Exit status: 0 when every image was classified, 1 when a file could not be read (missing or
 damaged; the others are still classified), 2 for a usage error (no such model, no images).
@@ -30,11 +32,11 @@ import sys
 
 import torch
 
-from vitfood import hub
+from vitfood import calibrate, hub
 from vitfood.common import UserError, pick_device, resolve_precision, run_main
 from vitfood.exported import is_onnx
 from vitfood.config import OneLineParser
-from vitfood.images import DECODE_ERRORS, IMAGE_EXTENSIONS, normalize, transforms_for
+from vitfood.images import DECODE_ERRORS, IMAGE_EXTENSIONS, TTA, averaged, normalize, transforms_for, views
 from vitfood.model import for_inference, hub_model, load_for_inference
 
 
@@ -52,14 +54,17 @@ def find_images(paths):
 
 
 @torch.inference_mode()
-def predict(model, processor, files, device, precision, top_k=5, batch_size=32, threshold=0.5):
+def predict(model, processor, files, device, precision, top_k=5, batch_size=32, threshold=None, tta="none"):
     """Yield one dict per file: {'file', 'predictions': [{'label', 'score'}...]} or {'file', 'error'}. The
-    top `top_k` by softmax; for a multi-label model (its config's problem_type), every class whose sigmoid
-    score is at least `threshold`, highest first, as transformers' pipeline scores them."""
+    top `top_k` by softmax, and with a `threshold` 'unknown': whether the top score is below it; for a multi-label
+    model (its config's problem_type), every class whose sigmoid score is at least `threshold` (unset: 0.5),
+    highest first, as transformers' pipeline scores them. `tta` (images.TTA): the probabilities averaged over views
+    of each image."""
     from PIL import Image
     _, eval_tf, (mean, std) = transforms_for(processor)
     model, amp = for_inference(model, precision, device, keep=False)
     multi = model.config.problem_type == "multi_label_classification"
+    threshold = 0.5 if multi and threshold is None else threshold
     k = model.config.num_labels if multi else min(top_k, model.config.num_labels)
     for start in range(0, len(files), batch_size):
         batch, names, results = [], [], {}
@@ -72,12 +77,15 @@ def predict(model, processor, files, device, precision, top_k=5, batch_size=32, 
                 results[f] = dict(file=f, error=f"{type(e).__name__}: {e}")
         if batch:
             with amp:
-                logits = model(pixel_values=normalize(torch.stack(batch).to(device), mean, std)).logits
-            probs = logits.float().sigmoid() if multi else logits.float().softmax(-1)
+                logits = averaged([model(pixel_values=x).logits.float() for x in
+                                   views(normalize(torch.stack(batch).to(device), mean, std), tta)], multi)
+            probs = logits.sigmoid() if multi else logits.softmax(-1)
             scores, ids = probs.topk(k, dim=-1)
             for f, s, i in zip(names, scores.tolist(), ids.tolist()):
                 results[f] = dict(file=f, predictions=[dict(label=model.config.id2label[j], score=round(p, 6))
                                                        for p, j in zip(s, i) if not multi or p >= threshold])
+                if threshold is not None and not multi:
+                    results[f]["unknown"] = s[0] < threshold
                 if multi:
                     results[f]["highest"] = dict(label=model.config.id2label[i[0]], score=round(s[0], 6))
         for f in files[start:start + batch_size]:
@@ -91,8 +99,12 @@ def main(argv=None):
                                                   "file of vitfood.export")
     p.add_argument("images", nargs="+", help="image files or folders")
     p.add_argument("--top-k", type=int, default=5, help="single-label models: the k most likely classes")
-    p.add_argument("--threshold", type=float, default=0.5,
-                   help="multi-label models: every class whose sigmoid score is at least this")
+    p.add_argument("--threshold", type=float,
+                   help="multi-label models: every class whose sigmoid score is at least this (unset: 0.5); single-label "
+                        "models: answer 'unknown' below this top score (unset: the threshold stored in the model by "
+                        "--target-accuracy or --target-coverage, if any; 0: always answer)")
+    p.add_argument("--tta", default="none", choices=TTA, help="average the probabilities over views of each image: "
+                   "flip (and its mirror image), flip+crops (and four corner and the centre crops)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
     p.add_argument("--device", default="auto")
@@ -102,7 +114,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.top_k < 1 or a.batch_size < 1:
         raise UserError("--top-k and --batch-size must be positive")
-    if not 0 <= a.threshold <= 1:
+    if a.threshold is not None and not 0 <= a.threshold <= 1:
         raise UserError(f"--threshold must be between 0 and 1, got {a.threshold}")
     if a.output and not a.output.lower().endswith((".csv", ".jsonl")):
         raise UserError(f"--output {a.output}: name a .csv or a .jsonl file")
@@ -119,12 +131,13 @@ def main(argv=None):
         raise UserError("no image files found in " + ", ".join(a.images))
     hub.prepare(model=hub_model(a.model))
     model, processor = load_for_inference(a.model, device)
-    results = predict(model, processor, files, device, precision, a.top_k, a.batch_size, a.threshold)
+    multi = model.config.problem_type == "multi_label_classification"
+    threshold = a.threshold if a.threshold is not None else (0.5 if multi else calibrate.stored(model.config))
+    results = predict(model, processor, files, device, precision, a.top_k, a.batch_size, threshold, a.tta)
     if a.output:
-        multi = model.config.problem_type == "multi_label_classification"
-        failed = write(results, a.output, multi, min(a.top_k, model.config.num_labels))
+        failed = write(results, a.output, multi, min(a.top_k, model.config.num_labels), threshold is not None)
     else:
-        failed = show(results, a.json, a.threshold)
+        failed = show(results, a.json, threshold)
     if failed:
         sys.exit(1)  # every image that could be read was classified all the same
 
@@ -142,16 +155,20 @@ def show(results, as_json, threshold):
             print(json.dumps(r))
         else:
             best = "  ".join(f"{p['label']} {p['score']:.3f}" for p in r["predictions"])
-            if not r["predictions"]:  # multi-label, no class at the threshold
+            if r.get("unknown"):  # single-label, the top score below the model's (or --threshold's) threshold
+                top = r["predictions"][0]
+                best = f"unknown (best: {top['label']} {top['score']:.2f})"
+            elif not r["predictions"]:  # multi-label, no class at the threshold
                 best = f"(no class at {threshold:g}; highest {r['highest']['label']} {r['highest']['score']:.3f})"
             print(f"{r['file']}: {best}")
     return failed
 
 
-def write(results, path, multi, k):
+def write(results, path, multi, k, unknown=False):
     """Write each result to `path` as it comes, as JSON lines or CSV: one row per image, `file`, then for a
-    single-label model label_1, score_1, ... label_k, score_k, for a multi-label one the classes at the
-    threshold and their scores (each separated by ';'), then `error` (why a file could not be read). The file
+    single-label model label_1, score_1, ... label_k, score_k (and with a threshold `unknown`: true where the top
+    score is below it), for a multi-label one the classes at the threshold and their scores (each separated by
+    ';'), then `error` (why a file could not be read). The file
     appears under its name once the last image is done: a killed job leaves no half file that looks whole.
     Returns the count of unreadable files."""
     tmp, failed, rows = f"{path}.partial", 0, 0
@@ -159,7 +176,8 @@ def write(results, path, multi, k):
         table = csv.writer(fh)
         if not path.lower().endswith(".jsonl"):
             table.writerow(["file", "labels", "scores", "error"] if multi else
-                           ["file", *(f"{c}_{i}" for i in range(1, k + 1) for c in ("label", "score")), "error"])
+                           ["file", *(f"{c}_{i}" for i in range(1, k + 1) for c in ("label", "score")),
+                            *["unknown"] * unknown, "error"])
         for r in results:
             rows += 1
             failed += "error" in r
@@ -171,7 +189,8 @@ def write(results, path, multi, k):
                                 ";".join(f"{p['score']:.6f}" for p in found), r.get("error", "")])
             else:
                 pairs = [v for p in found for v in (p["label"], f"{p['score']:.6f}")]
-                table.writerow([r["file"], *pairs, *[""] * (2 * k - len(pairs)), r.get("error", "")])
+                answer = [str(r["unknown"]).lower() if "unknown" in r else ""] * unknown
+                table.writerow([r["file"], *pairs, *[""] * (2 * k - len(pairs)), *answer, r.get("error", "")])
     os.replace(tmp, path)
     print(f"{rows} images, {rows - failed} classified, {failed} unreadable: {path}")
     return failed

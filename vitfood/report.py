@@ -359,9 +359,23 @@ def model_card(cfg, results, history, sizes, names, precision, world, step_batch
     for h in history:
         lines.append(f"| {h['step']} | {cell(h, 'train_loss')} | " + " | ".join(cell(h, m.key) for m in rows) + " |")
     if history:
-        best = max(history, key=metrics.score)
-        lines += ["", f"Best eval {metrics.scored(rows).heading} {metrics.score(best):.4f} at step {best['step']}; "
+        judge = metrics.Judge(cfg.best_metric, multi)
+        best = (min if judge.lower else max)(history, key=judge.value)
+        lines += ["", f"Best eval {judge.row.heading} {judge.value(best):.4f} at step {best['step']}; "
                       f"training ran {results['train_runtime']:.0f} s at {results['train_samples_per_second']:.1f} images/s."]
+    if results.get("calibration"):
+        c = results["calibration"]
+        lines += ["", f"Scores are calibrated: the last layer is divided by the temperature T = {c['temperature']:.3f}, "
+                      f"fitted on the eval split ({c['samples']} images). Expected calibration error (15 bins) "
+                      f"{c['ece_before']:.4f} raw, {c['ece_after']:.4f} calibrated; NLL {c['nll_before']:.4f} -> "
+                      f"{c['nll_after']:.4f}."]
+    if results.get("unknown_threshold") is not None:
+        lines += ["", f"vitfood.predict answers \"unknown\" below a top score of {results['unknown_threshold']:.4f}: on "
+                      f"the eval split it answers {results['unknown_coverage']:.1%} of the images, "
+                      f"{results['unknown_accuracy']:.1%} of them right."]
+    if results.get("stopped_early"):
+        lines += ["", f"Training stopped early at step {results['global_step']}: {results['stopped_early']} "
+                      f"(--early-stopping-patience {cfg.early_stopping_patience})."]
     lines += ["", "## Use", "", "```python", "from transformers import pipeline",
               "classify = pipeline(\"image-classification\", model=\"path/to/this/folder\")",
               "classify(\"dish.jpg\"" + (", top_k=None)  # every class's sigmoid score; those over "
@@ -371,17 +385,23 @@ def model_card(cfg, results, history, sizes, names, precision, world, step_batch
     return "\n".join(meta + lines) + "\n"
 
 
-def results(final, step, exported_step, ledger, startup, ema=False):
+def results(final, step, exported_step, ledger, startup, ema=False, best_metric=None, stopped_early=None,
+            calibration=None, unknown=None):
     """all_results.json: the final eval (`final`, of the exported weights) under metrics' names, with how the run
     went (`ledger`: state.Ledger's state_dict over every segment; `startup`: seconds from process start to the
-    first batch); with `ema`, the EMA's loss and score too."""
+    first batch; `stopped_early`: why the run stopped before --max-steps, or None; `calibration` and `unknown`:
+    calibrate.fitted's); with `ema`, the EMA's loss and score too."""
     rows = metrics.table(final)
     runtime = ledger["train_runtime"]
     record = dict({m.result: final[m.key] for m in rows}, global_step=step, exported_step=exported_step,
                   train_runtime=round(runtime, 3), train_samples_per_second=round(ledger["images"] / runtime, 3),
                   segments=ledger["segments"], damaged_train_files=len(ledger["damaged_files"]),
                   damaged_train_encounters=ledger["damaged_encounters"], damaged_eval_files=final["skipped"],
-                  startup_seconds=round(startup, 2))
+                  startup_seconds=round(startup, 2), best_metric=best_metric, stopped_early=stopped_early)
+    if calibration:  # of model/'s scores on the eval split: its temperature, ECE and NLL before and after
+        record["calibration"] = {k: v for k, v in calibration.items() if not k.startswith("bins_")}
+    if unknown:  # the unknown threshold: the share of the eval split answered above it, and their accuracy
+        record.update(unknown_threshold=unknown[0], unknown_coverage=unknown[1], unknown_accuracy=unknown[2])
     if ema:  # eval_ema_loss, and eval_ema_accuracy or eval_ema_map
         record.update({m.result.replace("eval_", "eval_ema_"): final[f"ema_{m.key}"] for m in rows[:2]})
     return record

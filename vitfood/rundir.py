@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from vitfood import adapt, checkpoint, dist, metrics
+from vitfood import adapt, checkpoint, dist
 from vitfood.common import UserError, safe_name
 from vitfood.config import FIXED_ON_RESUME, RUN_CONFIG, build_parser, read_config_file, resolve, saved_run
 from vitfood.hub import is_path
@@ -239,9 +239,11 @@ class Checkpoints:
         best = progress.best
         if export != "best" or not best or best["step"] == step:
             return step
-        scores = {h["step"]: metrics.score(h) for h in progress.history}
+        judge = progress.judging()
+        sign = 1 if judge.lower else -1
+        scores = {h["step"]: sign * judge.value(h) for h in progress.history}
         left = dict(checkpoint.complete_checkpoints(self.out))
-        for candidate in sorted(scores, key=lambda s: (s != best["step"], -scores[s])):  # the best first
+        for candidate in sorted(scores, key=lambda s: (s != best["step"], scores[s])):  # the best first
             if candidate == step or (candidate in left and not checkpoint.damage(left[candidate])):
                 break
         else:

@@ -142,8 +142,8 @@ def _mixed_forms(error):
 
 
 def hub_dataset(name):
-    """`name` when it is a Hub data set id, else None (a local folder or the synthetic set)."""
-    return None if name == "synthetic" or is_path(name) else name
+    """`name` when it is a Hub data set id, else None (a local folder, tar shards or the synthetic set)."""
+    return None if name == "synthetic" or is_path(name) or is_shards(name) else name
 
 
 def _refuse_single_class_folder(path, splits):
@@ -157,6 +157,73 @@ def _refuse_single_class_folder(path, splits):
         raise UserError(f"a classifier needs at least 2 classes, and the image folder {path} holds {holds}")
 
 
+def is_shards(spec):
+    """WebDataset tar shards: a .tar file, a brace pattern of them ('train-{000000..000009}.tar') or a comma list."""
+    return bool(spec) and all(part.strip().endswith(".tar") for part in spec.split(",") if "{" not in part) and ".tar" in spec
+
+
+def expand(spec):
+    """A brace pattern's names, in order: {000..003} counts (keeping the width), {a,b} lists; a comma list outside
+    braces names several patterns."""
+    parts, depth, start = [], 0, 0
+    for i, c in enumerate(spec):  # split on the commas outside braces
+        depth += (c == "{") - (c == "}")
+        if c == "," and depth == 0:
+            parts.append(spec[start:i])
+            start = i + 1
+    parts.append(spec[start:])
+    if len(parts) > 1:
+        return [name for part in parts for name in expand(part.strip())]
+    m = re.search(r"\{([^{}]*)\}", spec)
+    if not m:
+        return [spec]
+    inner = m.group(1)
+    counted = re.fullmatch(r"(\d+)\.\.(\d+)", inner)
+    if counted:
+        lo, hi = counted.groups()
+        choices = [f"{i:0{len(lo)}d}" for i in range(int(lo), int(hi) + 1)]
+    else:
+        choices = inner.split(",")
+    return [name for c in choices for name in expand(spec[:m.start()] + c + spec[m.end():])]
+
+
+def load_shards(spec, cfg, which):
+    """A split held in WebDataset tar shards (local paths or fsspec URLs), read by `datasets`' webdataset builder
+    (into its Arrow cache: a map-style data set, which every rank and a resumed run index exactly as any other)."""
+    import datasets
+    files = expand(spec)
+    local = [f for f in files if "://" not in f]
+    missing = [f for f in local if not os.path.isfile(os.path.expanduser(f))]
+    if missing:
+        raise UserError(f"shard {missing[0]} of the {which} split does not exist ({len(missing)} of {len(files)} "
+                        f"named by {spec!r} missing)")
+    try:
+        ds = datasets.load_dataset("webdataset", data_files={"train": [os.path.expanduser(f) for f in files]},
+                                   split="train")
+    except Exception as e:  # not a tar, a truncated tar, a URL that does not answer: datasets' own types
+        raise UserError(f"cannot read the {which} shards {spec!r}: {first_line(e)}") from None
+    for col in (cfg.image_column, cfg.label_column):
+        if col in ds.column_names and ds.data.column(col).null_count:
+            row = next(i for i, v in enumerate(ds.data.column(col).to_pylist()) if v is None)
+            raise UserError(f"sample {ds[row]['__key__']} of shard {ds[row]['__url__']} has no {col!r} file "
+                            f"(every sample needs --image-column {cfg.image_column} and --label-column {cfg.label_column})")
+    return ds
+
+
+def shard_names(spec, ds, column):
+    """The class names of a classes.txt beside the shards, for their integer class ids (None: no such file, or
+    labels that are names already). Not cast into the data set: that would write it to the cache a second time."""
+    names_file = os.path.join(os.path.dirname(expand(spec)[0]), "classes.txt")
+    if not os.path.isfile(names_file) or not ds.features[column].dtype.startswith("int"):
+        return None
+    with open(names_file) as fh:
+        names = [line.strip() for line in fh if line.strip()]
+    top = max(ds[column], default=-1)
+    if top >= len(names):
+        raise UserError(f"class id {top} in the shards, and {names_file} names {len(names)} classes")
+    return names
+
+
 def load_splits(cfg, log=print):
     """(train, eval) `datasets.Dataset`s and the class names, as the config asks."""
     import datasets
@@ -165,7 +232,13 @@ def load_splits(cfg, log=print):
     if name == "synthetic":
         name = synthetic.ensure(cfg.synthetic_size, cfg.synthetic_classes, cfg.synthetic_max_px, seed=0, log=log,
                                 dishes=cfg.synthetic_dishes)
-    if is_path(name):
+    if is_shards(name):
+        train = _take_split({"train": load_shards(name, cfg, "train")}, cfg.train_split)
+        if cfg.eval_split and not is_shards(cfg.eval_split):
+            raise UserError(f"--eval-split {cfg.eval_split!r}: with shards as --dataset, name the eval shards "
+                            "(a .tar pattern), or leave it unset to hold out --test-size of the train shards")
+        evals = load_shards(cfg.eval_split, cfg, "eval") if cfg.eval_split else None
+    elif is_path(name):
         path = os.path.expanduser(name)
         if not os.path.isdir(path):
             raise UserError(f"data set path {name} does not exist (or is not a folder)")
@@ -196,8 +269,14 @@ def load_splits(cfg, log=print):
                 raise UserError(f"column {col!r} not found in the {which} split; columns: {', '.join(ds.column_names)}"
                                 f" (set --{'image' if col == cfg.image_column else 'label'}-column)")
     train, evals, names = _class_ids(train, evals, cfg, log)
-
-    if evals is None:
+    if is_shards(name) and cfg.label_column in train.column_names:  # integer ids: the names of classes.txt
+        names = shard_names(name, train, cfg.label_column) or names
+    if cfg.fold:  # vitfood.audit's out-of-fold runs: fold k of the train split held out (eval), the rest trained on
+        k, folds = fold_of(cfg.fold)
+        held = fold_indices(len(train), folds, cfg.seed)[k - 1]
+        rest = sorted(set(range(len(train))) - set(held))
+        train, evals = train.select(rest), train.select(held)
+    elif evals is None:
         if len(train) < 2:
             raise UserError(f"the train split {cfg.train_split!r} has {len(train)} image(s): too few to carve an eval split")
         try:
@@ -213,6 +292,24 @@ def load_splits(cfg, log=print):
         if len(ds) == 0:
             raise UserError(f"the {which} split is empty (dataset {cfg.dataset!r})")
     return train, evals, names
+
+
+def fold_of(spec):
+    """'k/K' -> (k, K), checked."""
+    try:
+        k, folds = (int(v) for v in spec.split("/"))
+    except ValueError:
+        raise UserError(f"--fold {spec!r}: write it k/K, as 2/5") from None
+    if not 1 <= k <= folds or folds < 2:
+        raise UserError(f"--fold {spec!r}: k from 1 to K, and K at least 2")
+    return k, folds
+
+
+def fold_indices(n, folds, seed):
+    """The images 0..n-1 dealt into `folds` folds of nearly equal size, in a seeded random order; each fold's
+    indices ascending."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return [sorted(order[k::folds]) for k in range(folds)]
 
 
 def balanced_weights(labels, num_classes):

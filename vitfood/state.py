@@ -19,12 +19,17 @@ from vitfood.common import rank_seed, seed_everything
 @dataclass
 class Progress:
     """Where the run is: optimizer steps taken, the latest eval, every eval so far, and the best checkpoint
-    (judged at saves that coincide with an eval, by top-1 accuracy, or for multi-label by macro mAP)."""
+    (judged at saves that coincide with an eval, by `judge`: --best-metric, by default top-1 accuracy or for
+    multi-label macro mAP). Early stopping is read from the evals' history, so a resumed run stops where one never
+    stopped would."""
     step: int = 0
     metrics: dict | None = None  # the latest eval
     history: list = field(default_factory=list)  # every eval: step, train_loss, metrics
-    best: dict | None = None  # dict(step, eval_accuracy or eval_map, eval_loss)
-    every: int = 100  # --eval-steps (not part of the state)
+    best: dict | None = None  # dict(step, the judged figure under its all_results.json key, eval_loss)
+    every: int = 100  # --eval-steps (not part of the state, nor are the three below)
+    judge: "metrics.Judge | None" = None  # None: the score (top-1, or mAP)
+    patience: int = 0  # --early-stopping-patience (0: off)
+    min_delta: float = 0.0  # --early-stopping-min-delta
 
     def due(self, step, last_step):
         """Whether an eval is due after optimizer step `step` (every --eval-steps, and at the last)."""
@@ -36,13 +41,34 @@ class Progress:
         self.metrics = {k: v for k, v in result.items() if k in keep}
         self.history.append(dict(step=self.step, train_loss=train_loss, **self.metrics))
 
+    def judging(self):
+        """The Judge of evals: --best-metric's, or by default the score."""
+        return self.judge or metrics.Judge("auto", metrics.table(self.metrics or self.history[-1]) is metrics.MULTI)
+
     def consider_best(self):
         """At a save right after an eval: True when this step's eval is the best so far (it becomes the best)."""
-        key = metrics.scored(metrics.table(self.metrics)).result  # eval_accuracy, or eval_map
-        if self.best is not None and metrics.score(self.metrics) <= self.best[key]:
+        judge = self.judging()
+        key, value = judge.row.result, judge.value(self.metrics)
+        if self.best is not None and not judge.better(value, self.best[key]):
             return False
-        self.best = {"step": self.step, key: metrics.score(self.metrics), "eval_loss": self.metrics["loss"]}
+        self.best = {"step": self.step, key: value, "eval_loss": self.metrics["loss"]}
         return True
+
+    def stopped_early(self):
+        """Why the run stops before --max-steps: --early-stopping-patience evals in a row have not improved on
+        the best by more than --early-stopping-min-delta (as Keras and Lightning count it); else None."""
+        if not self.patience or not self.history:
+            return None
+        judge, best, since = self.judging(), None, 0
+        for h in self.history:
+            if best is None or judge.better(judge.value(h), judge.value(best), self.min_delta):
+                best, since = h, 0
+            else:
+                since += 1
+        if since < self.patience:
+            return None
+        return (f"{judge.name} has not improved by more than {self.min_delta:g} for {since} evals (best "
+                f"{judge.value(best):.4f} at step {best['step']})")
 
     def current(self):
         """The eval of this step's weights, or None (the last eval was of an earlier step)."""

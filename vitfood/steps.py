@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from vitfood import dist
 from vitfood.common import Console, UserError, autocast, first_line
-from vitfood.images import normalize
+from vitfood.images import VIEWS, averaged, normalize, views
 from vitfood.metrics import MultiLabel, SingleLabel
 from vitfood.model import for_inference, unwrap
 
@@ -337,27 +337,35 @@ class NonFiniteStreak:
 
 @torch.inference_mode()
 def eval_pass(model, loader, device, precision, mean, std, progress=True, num_classes=None, mistakes=0,
-              multi_label=False, threshold=0.5):
+              multi_label=False, threshold=0.5, tta="none", keep=False):
     """Metrics summed over every sample of `loader` (no sample dropped or repeated), and over ranks: those of
     metrics.SingleLabel (with its confusion matrix), or with `multi_label` of metrics.MultiLabel at
     `threshold`. `mistakes`: that many of the most confident wrong answers (images uint8, as the model saw
-    them) with their labels. `num_classes`: the model's, unless given.
+    them) with their labels. `num_classes`: the model's, unless given. `tta` (images.TTA): also the metrics of
+    the probabilities averaged over the views of each image, under "tta". `keep`: also every image's logits (float32,
+    on the CPU) and labels, from every rank, under "logits" and "labels" (for calibration).
     """
     was_training = model.training
     model.eval()
     net, amp = for_inference(model, precision, device)
     k = num_classes or unwrap(model).config.num_labels
     meter = MultiLabel(k, device, threshold, mistakes) if multi_label else SingleLabel(k, device, mistakes)
-    damaged, n = [], 0
+    augmented = (MultiLabel(k, device, threshold) if multi_label else SingleLabel(k, device)) if tta != "none" else None
+    damaged, n, kept = [], 0, []
     for raw, labels, bad in tqdm(loader, desc="eval", leave=False, disable=not progress or not sys.stderr.isatty(),
                                  dynamic_ncols=True, file=Console(sys.stderr)):  # off a terminal: no cursor moves
         damaged += bad  # each image is met once in a pass: files, not encounters
         if labels.shape[0] == 0:  # every image of the batch was damaged
             continue
-        raw = raw.to(device, non_blocking=True)
+        raw, labels = raw.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        every = views(normalize(raw, mean, std), tta)
         with amp:
-            logits = net(pixel_values=normalize(raw, mean, std)).logits
-        meter.add(logits.float(), labels.to(device, non_blocking=True), raw)
+            logits = [net(pixel_values=x).logits.float() for x in every]
+        meter.add(logits[0], labels, raw)
+        if keep:
+            kept.append((logits[0].cpu(), labels.cpu()))
+        if augmented:
+            augmented.add(averaged(logits, multi_label), labels, raw)
         n += labels.shape[0]
     model.train(was_training)
     # under torchrun each rank saw its own part of the split: add the counts over ranks (one sync, at the end)
@@ -366,4 +374,10 @@ def eval_pass(model, loader, device, precision, mean, std, progress=True, num_cl
                   damaged=sorted(i for part in dist.gather(damaged) for i in part) if skipped else [])
     gathered = [m for part in dist.gather(meter.mistakes()) for m in part] if mistakes else []
     result["mistakes"] = sorted(gathered, key=lambda m: -m["confidence"])[:mistakes]
+    if augmented:
+        result["tta"] = dict(augmented.result(n), mode=tta, views=VIEWS[tta])
+    if keep:
+        parts = [part for rank in dist.gather(kept) for part in rank]
+        result["logits"] = torch.cat([z for z, _ in parts]) if parts else torch.zeros(0, k)
+        result["labels"] = torch.cat([y for _, y in parts]) if parts else torch.zeros(0, dtype=torch.long)
     return result

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import transformers
 
-from vitfood import adapt, checkpoint, dist, hub, metrics, report, rundir
+from vitfood import adapt, calibrate, checkpoint, dist, fit, hub, metrics, report, rundir
 from vitfood.common import (UserError, env_info, first_line, mixed_precision, num_workers, rank_seed, resolve_precision,
                             run_main, seconds_since_start, seed_everything, start_cuda)
 from vitfood.config import RUN_CONFIG, to_dict
@@ -35,7 +35,7 @@ from vitfood.logs import RunLog, Window
 from vitfood.model import (build_model, compiled, hub_model, load_processor, load_weights, make_optimizer, make_scheduler,
                            skeleton)
 from vitfood.phases import Phases
-from vitfood.sources import balanced_weights, hub_dataset, is_multi_label, load_splits
+from vitfood.sources import balanced_weights, hub_dataset, is_multi_label, is_shards, load_splits
 from vitfood.state import Ledger, Progress, RNGStreams
 from vitfood.steps import EMA, GraphedStep, Mixing, NonFiniteStreak, Step, eval_pass, example_batch
 
@@ -68,6 +68,8 @@ class Run:
     progress: Progress
     ledger: Ledger
     rng: RNGStreams
+    freeze_steps: int = 0  # --freeze-epochs/--freeze-steps: the head trains alone until this step
+    frozen: bool = False  # the backbone is frozen now
     ema: EMA | None = None  # --ema-decay: the moving average of the weights
     mixing: Mixing | None = None  # --mixup, --cutmix
     class_weight: torch.Tensor | None = None  # --class-weights balanced: each class's weight in the loss
@@ -132,12 +134,15 @@ def setup(cfg, resume, rank, world, device, checkpoints, phases=None, cuda_ready
     say = print if main_rank else (lambda *args, **kwargs: None)
     phases = phases or Phases()
     with phases.span("open run"):
-        hub.check_local(dataset=cfg.dataset, model=cfg.model)  # a typo in a path is named before anything else
+        hub.check_local(dataset=None if is_shards(cfg.dataset) else cfg.dataset, model=cfg.model)  # a typo in a path is named before anything else
         hub_model(cfg.model)  # and a near miss of a named config
         resume_from = checkpoints.resume_point(resume, cfg.overwrite_output_dir)
         precision = resolve_precision(cfg.precision, device)
         state = checkpoint.load_state(resume_from) if resume_from else None
-    global_batch = cfg.batch_size * world
+    if isinstance(cfg.global_batch, int) and cfg.batch_size != "auto" and \
+            cfg.global_batch != cfg.batch_size * cfg.grad_accum_steps * world:
+        raise UserError(f"--global-batch {cfg.global_batch} is not --batch-size {cfg.batch_size} x --grad-accum-steps "
+                        f"{cfg.grad_accum_steps} x {world} process(es); give two of them, or --batch-size auto")
 
     # ---- data and model (rank 0 first: it downloads or generates, the others then read its cache)
     with phases.span("checks"):  # imports the model's code, as its skeleton is built
@@ -150,8 +155,16 @@ def setup(cfg, resume, rank, world, device, checkpoints, phases=None, cuda_ready
             dist.wait_for_rank0()
         train_ds, eval_ds, class_names = load_splits(cfg)
         multi_label = cfg.multi_label = is_multi_label(train_ds, cfg.label_column)  # recorded as detected
+        calibrate.check(multi_label, cfg.target_accuracy, cfg.target_coverage)
+    processor, model = load_processor(cfg), None
+    if cfg.batch_size == "auto":  # the probe needs the model: built before the loader, this once
+        with phases.span("model"):
+            model, processor = build_model(cfg, class_names, device, multi_label, processor)
+        with phases.span("batch probe"):
+            fit.choose(cfg, model.to(device), device, precision, world, transforms_for(processor)[1].size,
+                       len(train_ds), say)
+    global_batch = cfg.batch_size * world
     with phases.span("loader"):  # the workers start decoding the first batches while the model is built
-        processor = load_processor(cfg)
         train_tf, eval_tf, (mean, std) = transforms_for(processor, cfg.fast_decode, cfg)
         workers = num_workers(cfg.num_workers)
         data = build_data(cfg, train_ds, eval_ds, (train_tf, eval_tf), len(class_names), device, workers, global_batch,
@@ -161,8 +174,9 @@ def setup(cfg, resume, rank, world, device, checkpoints, phases=None, cuda_ready
         if cuda_ready is not None:
             cuda_ready.join()  # no worker is forked while another thread is inside the CUDA driver
         data.batches.start()
-    with phases.span("model"):
-        model, processor = build_model(cfg, class_names, device, multi_label, processor)
+    if model is None:
+        with phases.span("model"):
+            model, processor = build_model(cfg, class_names, device, multi_label, processor)
     if main_rank:
         dist.wait_for_rank0()
     if world > 1:  # same initial weights everywhere (above); from here, each rank its own dropout masks
@@ -170,19 +184,25 @@ def setup(cfg, resume, rank, world, device, checkpoints, phases=None, cuda_ready
     dist.same_on_all((len(train_ds), len(eval_ds), class_names), "the data set")
     transformers.utils.logging.disable_progress_bar()  # downloads are done; no bar per checkpoint write
     max_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * data.sampler.batches_per_epoch / cfg.grad_accum_steps))
+    freeze = adapt.freeze_steps(cfg, data.sampler.batches_per_epoch, max_steps) if adapt.freezes_first(cfg) else 0
+    if cfg.early_stopping_patience and cfg.eval_steps >= max_steps:
+        raise UserError(f"--early-stopping-patience needs evals before the end: --eval-steps {cfg.eval_steps} leaves "
+                        f"none in the run's {max_steps} steps")
+    judge = metrics.Judge(cfg.best_metric, multi_label)  # a figure the run's kind of eval has
 
     # ---- optimizer and precision
     with phases.span("device"):
         model.to(device)
-        optimizer = make_optimizer(model, cfg)
-        scheduler = make_scheduler(optimizer, cfg.warmup_steps, max_steps)
+        optimizer = make_optimizer(model, cfg)  # every parameter, before a --freeze-epochs phase freezes some
+        scheduler = make_scheduler(optimizer, cfg.warmup_steps, max_steps, freeze, (cfg.freeze_lr or 5 * cfg.lr) / cfg.lr)
         amp, scaler = mixed_precision(precision, device)
-    progress = Progress(every=cfg.eval_steps)
+    progress = Progress(every=cfg.eval_steps, judge=judge, patience=cfg.early_stopping_patience,
+                        min_delta=cfg.early_stopping_min_delta)
     r = Run(cfg=cfg, rank=rank, world=world, device=device, precision=precision, global_batch=global_batch,
             checkpoints=checkpoints, phases=phases, data=data, class_names=class_names, multi_label=multi_label, model=model,
             processor=processor,
             optimizer=optimizer, scheduler=scheduler, scaler=scaler, amp=amp, mean=mean, std=std, max_steps=max_steps,
-            progress=progress, ledger=Ledger(NonFiniteStreak(cfg.max_nonfinite_steps, device)),
+            progress=progress, ledger=Ledger(NonFiniteStreak(cfg.max_nonfinite_steps, device)), freeze_steps=freeze,
             rng=RNGStreams(rank, world, cfg.seed, progress), ema=EMA(model, cfg.ema_decay) if cfg.ema_decay else None,
             mixing=Mixing(cfg.mixup, cfg.cutmix, cfg.mixup_prob, cfg.mixup_switch_prob, cfg.label_smoothing,
                           len(class_names), cfg.seed, rank) if cfg.mixup or cfg.cutmix else None,
@@ -194,8 +214,10 @@ def setup(cfg, resume, rank, world, device, checkpoints, phases=None, cuda_ready
         with phases.span("restore"):
             checkpoint.restore(resume_from, state, model, resumable(r))
         dist.same_on_all(r.step, "the step of the checkpoint resumed from (is --output-dir on shared storage?)")
-        if r.step >= max_steps and os.path.isfile(os.path.join(cfg.output_dir, "all_results.json")):
-            say(f"{cfg.output_dir}: the run already finished at step {r.step} (of {max_steps}); nothing to do")
+        early = r.progress.stopped_early()
+        if (r.step >= max_steps or early) and os.path.isfile(os.path.join(cfg.output_dir, "all_results.json")):
+            say(f"{cfg.output_dir}: the run already finished at step {r.step} (of {max_steps}"
+                f"{'; stopped early' if early else ''}); nothing to do")
             data.close()
             return None
         if r.step > max_steps:  # refused before anything in the run directory is rewritten
@@ -204,19 +226,11 @@ def setup(cfg, resume, rank, world, device, checkpoints, phases=None, cuda_ready
         checkpoints.restore_best(r.progress.best)
         say(f"resuming from {resume_from} at step {r.step}")
     model.train()  # from_pretrained returns a model in eval mode: dropout, drop-path and BatchNorm need this
-    ddp = model
-    if world > 1:  # PyTorch's DDP: gradients averaged across ranks during backward
-        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    if freeze:
+        r.frozen = r.step < freeze
+        adapt.backbone_trains(model, not r.frozen)
     graphed, how = step_mode(r)
-    r.train_model = compiled(ddp, device, world, graphed) if cfg.compile else ddp
-    graph = None
-    if graphed:
-        shapes = data.train_set.transform.size, len(class_names) if multi_label else None
-        graph = GraphedStep(r.train_model, optimizer, scaler, scheduler, precision, mean, std, cfg.max_grad_norm,
-                            cfg.label_smoothing, r.class_weight, *example_batch(cfg.batch_size, *shapes), global_batch,
-                            say)
-    r.optimizer_step = Step(model, optimizer, scheduler, scaler, amp, mean, std, cfg.max_grad_norm, cfg.label_smoothing,
-                            r.class_weight, r.mixing, ddp, r.train_model, world, graph)
+    build_step(r, graphed, say)
 
     # ---- the run directory's records and logs (rank 0)
     with phases.span("logs"):
@@ -242,8 +256,28 @@ def setup(cfg, resume, rank, world, device, checkpoints, phases=None, cuda_ready
     trains, total = adapt.trainable(model)
     if trains < total:
         say(f"trains: {trains:,} of {total:,} parameters ({trains / total:.2%}): "
-            + ("the head (--freeze-backbone)" if cfg.freeze_backbone else f"LoRA rank {cfg.lora_rank} and the head"))
+            + ("the head (--freeze-backbone)" if cfg.freeze_backbone else
+               f"the head alone until step {freeze} (--freeze-epochs), then every one" if r.frozen else
+               f"LoRA rank {cfg.lora_rank} and the head"))
     return r
+
+
+def build_step(r, graphed, say=print):
+    """r.train_model (DDP around the model on several ranks, compiled with --compile) and r.optimizer_step, for
+    the parameters that train now (DDP reduces those it was built with: built again when the backbone unfreezes)."""
+    cfg, model = r.cfg, r.model
+    ddp = model
+    if r.world > 1:  # PyTorch's DDP: gradients averaged across ranks during backward
+        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[r.device] if r.device.type == "cuda" else None)
+    r.train_model = compiled(ddp, r.device, r.world, graphed) if cfg.compile else ddp
+    graph = None
+    if graphed:
+        shapes = r.data.train_set.transform.size, len(r.class_names) if r.multi_label else None
+        graph = GraphedStep(r.train_model, r.optimizer, r.scaler, r.scheduler, r.precision, r.mean, r.std,
+                            cfg.max_grad_norm, cfg.label_smoothing, r.class_weight,
+                            *example_batch(cfg.batch_size, *shapes), r.global_batch, say)
+    r.optimizer_step = Step(model, r.optimizer, r.scheduler, r.scaler, r.amp, r.mean, r.std, cfg.max_grad_norm,
+                            cfg.label_smoothing, r.class_weight, r.mixing, ddp, r.train_model, r.world, graph)
 
 
 def step_mode(r):
@@ -252,7 +286,8 @@ def step_mode(r):
     compiled_model = ", the model compiled (--compile)" if cfg.compile else ""
     why = ("not on CUDA" if r.device.type != "cuda" else "--no-cuda-graph" if not cfg.cuda_graph else
            "several processes" if r.world > 1 else "--grad-accum-steps" if cfg.grad_accum_steps > 1 else
-           "--mixup/--cutmix" if r.mixing else None)
+           "--mixup/--cutmix" if r.mixing else "--freeze-epochs (what trains changes midway)" if r.freeze_steps
+           else None)
     if why == "not on CUDA":
         return False, "eager" + compiled_model if cfg.compile else None
     if why:
@@ -269,7 +304,9 @@ def train_loop(r):
     ledger.begin()
     train_loss, stopped, bad_train = None, None, set()
     started, first_step, waited = seconds_since_start(), r.step, 0.0
-    while r.step < r.max_steps:
+    while r.step < r.max_steps and not r.progress.stopped_early():
+        if r.frozen and r.step >= r.freeze_steps:  # the head has trained alone: now the whole model
+            unfreeze(r)
         # fetch and step: the loss is summed over samples and divided by the step's global sample count, so
         # the gradient is the mean over the whole global batch, however it is split in micro-batches and ranks
         lrs = r.scheduler.get_last_lr()  # with --layer-decay, the head's is the highest
@@ -318,7 +355,8 @@ def train_loop(r):
                 info["images"] = scores["samples"] * (2 if r.ema else 1)  # with an EMA, a second pass
             log.eval(r.step, scores, r.class_names)
             r.progress.evaluated(scores, train_loss)
-        if r.checkpoints.due(r.step, last_step) or stopped:  # save
+        early = evaluated and not last_step and r.progress.stopped_early()  # the same on every rank
+        if r.checkpoints.due(r.step, last_step) or stopped or early:  # save
             with r.phases.span("save", step=r.step):
                 save(r, evaluated)
         # too many damaged images: stop, naming some (after the save, so a higher --max-bad-share can resume)
@@ -326,11 +364,23 @@ def train_loop(r):
         if evaluated:
             check_damaged(r.data.eval_set, scores["damaged"], "eval", cfg.max_bad_share)
         window.pause(time.perf_counter() - t_pause)  # eval and save time is not training throughput
+        if early:
+            log.say(f"early stop at step {r.step} of {r.max_steps}: {early}")
         if stopped:
             break
     r.phases.add("loop", started, seconds_since_start(), steps=r.step - first_step, images=ledger.segment_images,
                  data_wait_s=round(waited, 3))
     return stopped
+
+
+def unfreeze(r):
+    """The switch of --freeze-epochs: the backbone trains from here, on the configured schedule."""
+    adapt.backbone_trains(r.model, True)
+    r.frozen = False
+    build_step(r, False, r.log.say)
+    trains, total = adapt.trainable(r.model)
+    r.log.note("run/schedule", f"step {r.step}: the backbone unfreezes; {trains:,} of {total:,} parameters train from "
+                               "here, on the configured schedule", r.step)
 
 
 def save(r, evaluated):
@@ -378,7 +428,24 @@ def finish(r, stopped):
     if not math.isfinite(final["loss"]):
         raise UserError(f"the final eval loss is {final['loss']}: the weights at step {export_step} are not finite "
                         f"(a damaged checkpoint?); nothing exported. The checkpoints in {out} are untouched")
-    results = report.results(final, r.step, export_step, ledger, r.startup, ema=r.ema is not None)
+    cal, unknown = None, None
+    if cfg.calibrate != "none" or cfg.target_accuracy or cfg.target_coverage:  # on the weights model/ gets
+        with phases.span("calibration"):
+            seen = eval_pass(r.model, r.data.eval_loader, r.device, r.precision, r.mean, r.std, progress=r.main,
+                             num_classes=len(r.class_names), multi_label=r.multi_label, keep=True)
+            if len(seen["labels"]) >= calibrate.FEWEST:
+                cal, unknown = calibrate.fitted(seen["logits"], seen["labels"], r.multi_label, cfg.calibrate,
+                                                cfg.target_accuracy, cfg.target_coverage)
+            else:
+                log.say(f"warning: {len(seen['labels'])} eval image(s): too few to calibrate or set an unknown "
+                        f"threshold on (at least {calibrate.FEWEST}); model/ keeps the raw scores")
+        log.calibration(export_step, cal, unknown, cfg.target_accuracy)
+        if cal:  # the exported model's loss: its scores are the calibrated ones (every other figure is the same)
+            final = dict(final, loss=cal["nll_after"])
+    early = r.progress.stopped_early()
+    results = report.results(final, r.step, export_step, ledger, r.startup, ema=r.ema is not None,
+                             best_metric=r.progress.judging().name, stopped_early=early, calibration=cal,
+                             unknown=unknown)
     export = None
     if r.main:
         env = env_info(r.device)
@@ -388,10 +455,16 @@ def finish(r, stopped):
         with phases.span("export"):
             if adapt.is_lora(r.model):  # the adapter as it trained, then the model with it merged in
                 checkpoint.export(out, r.model, r.processor, name=adapt.ADAPTER)
-            # the checkpoint of the exported step holds these very weights, unless they are merged or the EMA's
-            same = not (adapt.is_lora(r.model) or cfg.export_ema)
-            export = checkpoint.Export(out, adapt.merged(r.model), r.processor, card,
-                                       weights_of=os.path.join(out, f"checkpoint-{export_step}") if same else None)
+            exported = adapt.merged(r.model)
+            if cal:  # model/ scores calibrated wherever it is loaded; the checkpoints keep the raw weights
+                calibrate.fold(exported, cal["temperature"])
+            calibrate.record(exported.config, cal, unknown and unknown[0])
+            # the checkpoint of the exported step holds these very weights, unless they are merged, the EMA's or
+            # calibrated
+            same = not (adapt.is_lora(r.model) or cfg.export_ema or cal)
+            export = checkpoint.Export(out, exported, r.processor, card,
+                                       weights_of=os.path.join(out, f"checkpoint-{export_step}") if same else None,
+                                       own_config=unknown is not None)
     with phases.span("final wait"):
         r.checkpoints.wait()  # the last checkpoint is complete before its weights are linked or the process ends
     if dist.any_rank([r.stopper.signal], r.device)[0]:  # a signal while it was written: stop, as during the eval
@@ -406,12 +479,15 @@ def finish(r, stopped):
         segments = f" in {ledger['segments']} segments" if ledger["segments"] > 1 else ""
         print("  " + "  ".join(f"{m.result} {results[m.result]:.4f}" for m in rows[:3]) +
               f"  ({r.step} steps, {ledger['train_runtime']:.0f} s{segments})")
+        if early:
+            print(f"  stopped early at step {r.step} of {r.max_steps}: {early}")
         print(f"  model: {model_dir}")
         print(f"  tensorboard --logdir {shlex.quote(out)}")
         print(f"  {phases.summary()}")
         phases.write(out, "success")
-    log.end("success", r.step, f"eval {metrics.scored(rows).heading} {metrics.score(final):.4f}, loss {final['loss']:.4f} (the "
-            f"exported model, step {export_step})")
+    log.end("early stop" if early else "success", r.step, f"eval {metrics.scored(rows).heading} "
+            f"{metrics.score(final):.4f}, loss {final['loss']:.4f} (the exported model, step {export_step})"
+            + (f"; stopped early: {early}" if early else ""))
     log.close()
     r.data.close()
     dist.barrier()
