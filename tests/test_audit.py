@@ -88,14 +88,14 @@ def test_an_audit_killed_in_a_fold_resumes_to_the_same_findings(audited, tmp_pat
     import os
     import subprocess
     import sys
-    from conftest import output, wait_for
+    from conftest import HOLD, output, wait_for
     out, _, _, root, _ = audited
     cmd = [sys.executable, "-m", "vitfood.audit", "--dataset", str(root), "--train-split", "train", "--eval-split",
            "validation", *map(str, FOLD_RUN), "--logging-steps", "10", "--folds", "2", "--output-dir", str(tmp_path / "a")]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                         env={**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONUNBUFFERED": "1"})
+                         env={**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONUNBUFFERED": "1", **HOLD})
     wait_for(p, "fold 2 of 2", timeout=300)
-    wait_for(p, "step 20/60", timeout=300)
+    wait_for(p, "step 10/60", timeout=300)  # each fold run is then held for HOLD_S at step 11: killed in it
     p.kill()
     said, err = output(p)  # ends when the fold run, which shares its output, has ended too
     assert "stopped by SIGTERM" in said, (said[-2000:], err[-2000:])

@@ -6,6 +6,7 @@ Without torchrun (no WORLD_SIZE in the environment) everything here is a no-op f
 import datetime
 import os
 import signal
+import time
 
 import torch
 import torch.distributed as dist
@@ -114,8 +115,13 @@ class Stopper:
 
     def _handle(self, signum, frame):
         if self.signal:
+            # SIGTERM again within half a second is one event delivered twice, not a second request: Linux
+            # sends a parent-death signal (vitfood.audit's fold runs) as each thread of the dying parent exits.
+            # (A second Ctrl-C, however quick, still exits at once.)
+            if signum == signal.SIGTERM == getattr(signal, self.signal) and time.monotonic() - self.at < 0.5:
+                return
             os._exit(130)  # checkpoints are only ever renamed into place: nothing on disk is left half-valid
-        self.signal = signal.Signals(signum).name
+        self.signal, self.at = signal.Signals(signum).name, time.monotonic()
         if signum == signal.SIGHUP:  # the terminal is gone: writing to it would fail; the run goes on silent
             devnull = os.open(os.devnull, os.O_WRONLY)
             for fd in (1, 2):
