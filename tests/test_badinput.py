@@ -239,3 +239,24 @@ def test_a_single_class_folder_is_named(tmp_path, capsys):
         Image.new("RGB", (20, 20), (i * 40, 0, 0)).save(tmp_path / "imgs" / "soup" / f"{i}.jpg")
     err = error(capsys, "--dataset", tmp_path / "imgs", "--output-dir", tmp_path / "run")
     assert "at least 2 classes" in err and "1 class folder ('soup')" in err
+
+
+def test_the_pixel_limit_is_the_documented_one_whatever_the_warnings_filters(tmp_path):
+    """A 100 MP image (past 89,478,485 pixels, under Pillow's own hard limit of twice that) is refused from its
+    header, in this process whose warnings filters pytest has replaced; one just under the limit opens."""
+    import warnings
+    from vitfood.images import MAX_PIXELS, open_image
+    Image.new("1", (10_000, 10_000)).save(tmp_path / "100mp.png")
+    Image.new("1", (9_000, 9_000)).save(tmp_path / "81mp.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(Image.DecompressionBombError, match="100 MP, past the limit of 89.5 MP"):
+            open_image({"path": str(tmp_path / "100mp.png")})
+        assert open_image({"path": str(tmp_path / "81mp.png")}).size == (9_000, 9_000)
+    assert MAX_PIXELS == 89_478_485
+
+
+def test_a_trainer_flag_or_a_typo_is_answered_with_the_flag_it_means(capsys):
+    assert "did you mean --lr?" in error(capsys, "--learning-rate", "1e-3")
+    assert "did you mean --grad-accum-steps?" in error(capsys, "--gradient_accumulation_steps", "4")
+    assert "did you mean --label-smoothing?" in error(capsys, "--label-smothing", "0.1")

@@ -101,3 +101,28 @@ def test_a_bad_metadata_file_is_one_line(problem, message, tmp_path, capsys):
         run_main(lambda: train("--dataset", data, *FROM_FILE, "--output-dir", tmp_path / "run"))
     lines = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and message in lines[-1] and not any("Traceback" in l for l in lines), lines[-3:]
+
+
+def test_a_class_folder_only_the_eval_split_has_is_one_line(tmp_path, capsys):
+    from conftest import error, image_folder
+    image_folder(tmp_path / "photos", {"train": 3, "validation": 2}, classes=("pizza", "sushi"),
+                 splits=["train", "validation"])
+    image_folder(tmp_path / "photos" / "validation", 2, classes=("udon",))  # no train/udon folder
+    assert "class 'udon' appears only in the eval split" in error(
+        capsys, "--dataset", tmp_path / "photos", "--train-split", "train", "--eval-split", "validation",
+        "--output-dir", tmp_path / "run")
+
+
+@pytest.mark.parametrize("name", ["../../x.png", "/tmp/x/out.png"])
+def test_a_metadata_path_that_escapes_the_folder_is_named_with_the_rule(name, tmp_path, capsys):
+    import json
+    from PIL import Image
+    from conftest import error
+    (tmp_path / "photos" / "train").mkdir(parents=True)
+    rows = [dict(file_name=f"{i}.jpg", dish="ab"[i % 2]) for i in range(4)] + [dict(file_name=name, dish="a")]
+    for i in range(4):
+        Image.new("RGB", (8, 8)).save(tmp_path / "photos" / "train" / f"{i}.jpg")
+    (tmp_path / "photos" / "train" / "metadata.jsonl").write_text("\n".join(map(json.dumps, rows)))
+    line = error(capsys, "--dataset", tmp_path / "photos", *FROM_FILE[:2], *FROM_FILE[4:],
+                 "--output-dir", tmp_path / "run")
+    assert f"Invalid metadata file_name '{name}'" in line and "must be a relative path" in line, line

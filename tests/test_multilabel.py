@@ -197,6 +197,8 @@ def test_pipeline_scores_are_vitfood_predict_scores_and_predict_prints_classes_o
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     for line, mine in zip(lines, ours):
         assert [p["label"] for p in line["predictions"]] == [p["label"] for p in mine["predictions"] if p["score"] >= 0.5]
+    predict_main(["--model", str(out / "model"), "--top-k", "1", *files])  # not silently ignored
+    assert "note: --top-k is for single-label models" in capsys.readouterr().err
 
 
 def test_evaluate_a_multi_label_model_reports_per_class_ap(plates_run, tmp_path):

@@ -153,7 +153,7 @@ def test_two_writes_go_on_at_once_and_their_checkpoints_appear_in_step_order(tmp
     t0 = time.perf_counter()
     saver.save(1, model, processor, dict(step=1))
     saver.save(2, model, processor, dict(step=2))  # beside the first: the loop does not wait
-    assert time.perf_counter() - t0 < 1.5 and not phases.count("save wait")
+    assert time.perf_counter() - t0 < 3 and not phases.count("save wait")  # waiting would take the 3 s hold
     time.sleep(0.5)  # checkpoint-2's files are written by now, but it appears only after checkpoint-1
     assert checkpoint.complete_checkpoints(tmp_path) == []
     saver.save(3, model, processor, dict(step=3))  # a third waits for the oldest

@@ -299,3 +299,20 @@ def test_bench_help_lists_what_bench_uses():
     assert {"--model", "--dataset", "--batch-size", "--modes", "--precision"} <= flags
     assert not flags & {"--resume", "--export", "--overwrite-output-dir", "--output-dir", "--save-steps", "--max-steps"}
     assert "data,model,levers,memory,e2e,loop,eval,save" in p.stdout
+
+
+def test_the_run_folder_done_prints_is_taken_for_its_model_and_its_checkpoints(tiny_run, tmp_path, capsys):
+    """`done: runs/<run>` is what a user copies: predict and evaluate read its model/, --resume its newest
+    checkpoint."""
+    import json as _json
+    from vitfood.predict import main as predict
+    out, _ = tiny_run
+    assert not (out / "run.lock").exists()  # a finished run leaves no lock file
+    Image.new("RGB", (24, 24), (200, 30, 30)).save(tmp_path / "x.jpg")
+    predict(["--model", str(out), str(tmp_path / "x.jpg"), "--json"])
+    by_run = _json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    predict(["--model", str(out / "model"), str(tmp_path / "x.jpg"), "--json"])
+    assert _json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == by_run
+    from vitfood.rundir import parse_run
+    cfg, where, resume = parse_run(["--resume", str(out)])
+    assert (where, resume) == (str(out), "auto")

@@ -90,6 +90,8 @@ def main(argv=None):
     out = a.output_dir
     os.makedirs(out, exist_ok=True)
 
+    if cfg.streaming:
+        raise UserError("the audit reads every train image in every fold: it does not combine with --streaming")
     train_ds, eval_ds, names = load_splits(cfg if run else dataclasses.replace(cfg, fold=f"1/{a.folds}"))
     if is_multi_label(train_ds, cfg.label_column):
         raise UserError("the audit is for single-label data (confident learning scores one given label per image); "
@@ -131,7 +133,7 @@ def main(argv=None):
                    similarity=a.similarity, outliers=len(outs), outlier_distance=fence)
     checkpoint.write_json_atomic(os.path.join(out, "audit.json"), summary)
     pages(out, issues, dups, outs, sets, a.show)
-    print(f"audit of {cfg.dataset}: {summary['images']} images")
+    print(f"audit of {cfg.dataset}: " + ", ".join(f"{n} {split}" for split, n in summary["images"].items()) + " images")
     print(f"  {len(issues)} likely label errors ({summary['scored_by']}): {out}/label_issues.csv")
     print(f"  {len(dups)} duplicate pairs at similarity >= {a.similarity:g} ({summary['exact_duplicates']} exact, "
           f"{summary['leakage']} across train and eval): {out}/duplicates.csv")

@@ -246,6 +246,8 @@ def main(argv=None):
     print(f"model {cfg.model} | dataset {cfg.dataset} | batch {cfg.batch_size} | precision {precision} | "
           f"workers {sweep.workers}")
 
+    if cfg.streaming:
+        raise UserError("vitfood.bench indexes the data set: it does not take --streaming")
     hub.prepare(hub_dataset(cfg.dataset), hub_model(cfg.model), cfg.trust_remote_code)
     train_ds, eval_ds, names = load_splits(cfg)
     transformers.utils.logging.disable_progress_bar()  # no bar per checkpoint write

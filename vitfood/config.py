@@ -42,6 +42,9 @@ class Config:
     fold: str | None = _opt(None, "k/K: train on the train split less its k-th of K seeded folds, and evaluate on that fold (vitfood.audit's out-of-fold runs; --eval-split is then not used)", decides="data", legacy=None)
     max_train_samples: int | None = _opt(None, "keep only the first N training images", decides="data")
     max_eval_samples: int | None = _opt(None, "keep only the first N eval images", decides="data")
+    streaming: bool = _opt(False, "read the train split as a stream, never copied to disk: tar shards or a Hub data set (each process its own shards, a seeded shard order and --shuffle-buffer; resume is exact); needs --eval-split and --train-samples", decides="data", legacy=False)
+    train_samples: int | None = _opt(None, "with --streaming: images in an epoch, as a stream has no length (unset: the count the Hub data set declares)", decides="schedule", legacy=None)
+    shuffle_buffer: int = _opt(1000, "with --streaming: samples held in the shuffle buffer that each process reads its shards through (1: the shards' own order)", decides="data", legacy=1000)
     image_column: str = _opt("image", "name of the image column", decides="data")
     label_column: str = _opt("label", "name of the label column", decides="data")
     multi_label: bool = _opt(False, "train multi-label (binary cross-entropy, sigmoid scores) even where every image has one label; detected from the data otherwise (a list of classes per image)", decides="weights", legacy=False)
@@ -203,6 +206,14 @@ class Config:
         if self.export == "best" and self.save_steps % self.eval_steps:
             raise UserError(f"--export best needs evals at the saves: --save-steps ({self.save_steps}) must be a "
                             f"multiple of --eval-steps ({self.eval_steps})")
+        if self.streaming:
+            for bad, what in ((self.fold, "--fold"), (self.max_train_samples, "--max-train-samples (use --train-samples)"),
+                              (self.sampler == "balanced", "--sampler balanced"),
+                              (self.class_weights == "balanced", "--class-weights balanced")):
+                if bad:
+                    raise UserError(f"{what} needs the whole train split at hand; it does not combine with --streaming")
+        if self.shuffle_buffer < 1 or self.train_samples is not None and self.train_samples < 1:
+            raise UserError("--shuffle-buffer and --train-samples must be positive")
         if self.num_workers < -1:
             raise UserError(f"--num-workers must be -1 (auto) or at least 0, got {self.num_workers}")
         for f in dataclasses.fields(self):
@@ -255,8 +266,28 @@ def _int_or_auto(text):
 _int_or_auto.__name__ = "int"  # argparse names the type in its error messages
 
 
+# transformers.TrainingArguments' names for vitfood's flags: what a Trainer user types first
+TRAINER_NAMES = {"--learning-rate": "--lr", "--learning_rate": "--lr", "--num-train-epochs": "--epochs",
+                 "--num_train_epochs": "--epochs", "--per-device-train-batch-size": "--batch-size",
+                 "--per_device_train_batch_size": "--batch-size", "--per-device-eval-batch-size": "--eval-batch-size",
+                 "--per_device_eval_batch_size": "--eval-batch-size", "--gradient-accumulation-steps": "--grad-accum-steps",
+                 "--gradient_accumulation_steps": "--grad-accum-steps", "--fp16": "--precision fp16",
+                 "--bf16": "--precision bf16", "--dataloader-num-workers": "--num-workers",
+                 "--dataloader_num_workers": "--num-workers", "--resume-from-checkpoint": "--resume",
+                 "--resume_from_checkpoint": "--resume"}
+
+
 class OneLineParser(argparse.ArgumentParser):
     def error(self, message):  # one line, no usage block; same exit path as every other input error
+        if message.startswith("unrecognized arguments: "):
+            import difflib
+            flags = [a.split("=")[0] for a in message.split(": ", 1)[1].split() if a.startswith("--")]
+            known = [o for o in self._option_string_actions if o.startswith("--")]
+            for f in flags:
+                near = TRAINER_NAMES.get(f) or next(iter(difflib.get_close_matches(f.replace("_", "-"), known, 1)), None)
+                if near:
+                    message += f"; did you mean {near}?"
+                    break
         raise UserError(f"{message} (see --help)")
 
 

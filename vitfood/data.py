@@ -20,6 +20,7 @@ import torch
 from vitfood.common import UserError
 from vitfood.images import DECODE_ERRORS, open_image
 from vitfood.sources import balanced_weights, is_multi_label
+from vitfood.stream import Stream, StreamBatches, StreamImages, StreamSampler
 
 class BadImageError(UserError):
     """An image that cannot be decoded, with --bad-images error."""
@@ -208,7 +209,7 @@ class BatchStream:
 
 def make_loader(dataset, batch_size, num_workers, device, sampler=None, seed=0):
     """Batches of `batch_size` in order or over `sampler`; an EpochBatchSampler makes the batches itself."""
-    if isinstance(sampler, EpochBatchSampler):
+    if isinstance(sampler, (EpochBatchSampler, StreamSampler)):
         batching = dict(batch_sampler=sampler)
     else:
         batching = dict(batch_size=batch_size, sampler=sampler, drop_last=False)
@@ -264,12 +265,12 @@ def stop_workers(*loaders):
 
 class Data(NamedTuple):
     """What a run reads: the image sets, the training sampler and the loaders (train parts None for eval only)."""
-    train_set: ImageDataset | None
+    train_set: ImageDataset | StreamImages | None
     eval_set: ImageDataset
-    sampler: EpochBatchSampler | None
+    sampler: EpochBatchSampler | StreamSampler | None
     train_loader: torch.utils.data.DataLoader | None
     eval_loader: torch.utils.data.DataLoader
-    batches: BatchStream | None  # the training micro-batches, resumable
+    batches: BatchStream | StreamBatches | None  # the training micro-batches, resumable
 
     def close(self):
         """Stop every loader's workers (the end of a run)."""
@@ -290,7 +291,12 @@ def build_data(cfg, train_ds, eval_ds, transforms, num_classes, device, workers,
     train_tf, eval_tf = transforms
     skip_bad = cfg.bad_images == "skip"
     train_set = sampler = train_loader = batches = None
-    if train_ds is not None:
+    if isinstance(train_ds, Stream):
+        train_set = StreamImages(train_ds, train_tf, cfg.seed, rank, skip_bad)
+        sampler = StreamSampler(train_ds, cfg.seed, global_batch, rank, world, cfg.shuffle_buffer)
+        train_loader = make_loader(train_set, cfg.batch_size, workers, device, sampler, seed=cfg.seed)
+        batches = StreamBatches(train_loader, sampler)
+    elif train_ds is not None:
         train_set = ImageDataset(train_ds, cfg.image_column, cfg.label_column, train_tf, seed=cfg.seed, skip_bad=skip_bad,
                                  num_classes=num_classes)
         check_labels(train_set, num_classes, "train")

@@ -71,6 +71,7 @@ def main(argv=None):
     p.add_argument("--output-dir", help="where the results go (unset: eval-<model folder> beside it)")
     p.add_argument("--tensorboard", metavar="DIR", help="also log the results as a TensorBoard run in DIR")
     a = p.parse_args(argv)
+    a.model = hub.run_model(a.model)  # a run folder stands for its model
     if a.batch_size is not None and a.batch_size < 1 or a.mistakes < 0:
         raise UserError("--batch-size must be positive and --mistakes not negative")
     if a.threshold is not None and not 0 < a.threshold < 1:

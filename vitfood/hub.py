@@ -18,6 +18,17 @@ def is_path(name):
     return name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or "\\" in name or os.path.exists(name)
 
 
+def run_model(name):
+    """`name`, or its model/ folder when `name` is a vitfood run folder (what `done:` prints) rather than a model."""
+    if not name:
+        return name
+    inner = os.path.join(os.path.expanduser(name), "model")
+    if is_path(name) and not os.path.isfile(os.path.join(os.path.expanduser(name), "config.json")) and \
+            os.path.isfile(os.path.join(inner, "config.json")):
+        return inner
+    return name
+
+
 def check_local(**paths):
     """One line for the first of `paths` ({what: name}) that is spelled as a local path and does not exist:
     before any Hub probe or heavy work, so a typo is not reported as a Hub failure."""

@@ -36,7 +36,7 @@ from vitfood import calibrate, hub
 from vitfood.common import UserError, pick_device, resolve_precision, run_main
 from vitfood.exported import is_onnx
 from vitfood.config import OneLineParser
-from vitfood.images import DECODE_ERRORS, IMAGE_EXTENSIONS, TTA, averaged, normalize, transforms_for, views
+from vitfood.images import DECODE_ERRORS, IMAGE_EXTENSIONS, TTA, averaged, normalize, open_image, transforms_for, views
 from vitfood.model import for_inference, hub_model, load_for_inference
 
 
@@ -60,7 +60,6 @@ def predict(model, processor, files, device, precision, top_k=5, batch_size=32, 
     model (its config's problem_type), every class whose sigmoid score is at least `threshold` (unset: 0.5),
     highest first, as transformers' pipeline scores them. `tta` (images.TTA): the probabilities averaged over views
     of each image."""
-    from PIL import Image
     _, eval_tf, (mean, std) = transforms_for(processor)
     model, amp = for_inference(model, precision, device, keep=False)
     multi = model.config.problem_type == "multi_label_classification"
@@ -70,7 +69,7 @@ def predict(model, processor, files, device, precision, top_k=5, batch_size=32, 
         batch, names, results = [], [], {}
         for f in files[start:start + batch_size]:
             try:
-                with Image.open(f) as img:
+                with open_image({"path": f}) as img:  # the same pixel limit as training
                     batch.append(eval_tf(img))
                 names.append(f)
             except (*DECODE_ERRORS, FileNotFoundError) as e:
@@ -98,7 +97,7 @@ def main(argv=None):
     p.add_argument("--model", required=True, help="model/ or checkpoint-<step>/ folder, a Hub model id, or an .onnx "
                                                   "file of vitfood.export")
     p.add_argument("images", nargs="+", help="image files or folders")
-    p.add_argument("--top-k", type=int, default=5, help="single-label models: the k most likely classes")
+    p.add_argument("--top-k", type=int, help="single-label models: the k most likely classes (default 5)")
     p.add_argument("--threshold", type=float,
                    help="multi-label models: every class whose sigmoid score is at least this (unset: 0.5); single-label "
                         "models: answer 'unknown' below this top score (unset: the threshold stored in the model by "
@@ -112,6 +111,8 @@ def main(argv=None):
     p.add_argument("--output", metavar="FILE", help="write the predictions to FILE (.csv or .jsonl) as they come, "
                                                     "instead of printing them")
     a = p.parse_args(argv)
+    a.model = hub.run_model(a.model)  # a run folder stands for its model
+    asked_k, a.top_k = a.top_k is not None, 5 if a.top_k is None else a.top_k
     if a.top_k < 1 or a.batch_size < 1:
         raise UserError("--top-k and --batch-size must be positive")
     if a.threshold is not None and not 0 <= a.threshold <= 1:
@@ -132,6 +133,9 @@ def main(argv=None):
     hub.prepare(model=hub_model(a.model))
     model, processor = load_for_inference(a.model, device)
     multi = model.config.problem_type == "multi_label_classification"
+    if multi and asked_k:
+        print(f"note: --top-k is for single-label models; {a.model} is multi-label: every class scoring at least "
+              "--threshold is listed", file=sys.stderr)
     threshold = a.threshold if a.threshold is not None else (0.5 if multi else calibrate.stored(model.config))
     results = predict(model, processor, files, device, precision, a.top_k, a.batch_size, threshold, a.tta)
     if a.output:

@@ -26,6 +26,8 @@ def parse_run(argv):
     out = explicit.get("output_dir")
     if resume == "auto" and out is None:  # the user's last run of this model and data set, never a silent fresh start
         out = newest_run(resolve(explicit))
+    if resume not in (None, "auto") and os.path.isfile(os.path.join(resume, RUN_CONFIG)):
+        resume, out = "auto", out or resume  # a run folder (what `done:` prints): its newest checkpoint
     if resume not in (None, "auto"):
         checkpoint.check_resumable(resume)  # fails fast, with one line, when it is not an intact checkpoint
         out = out or os.path.dirname(os.path.abspath(resume))
@@ -53,7 +55,15 @@ def run_name(cfg):
     """<MMDD-HHMMSS>-<model>-<data set>: the part that tells runs apart first, as TensorBoard cuts long
     names; a path contributes its last folder, and each part is capped, so the name stays short."""
     part = lambda name: safe_name(os.path.basename(os.path.normpath(name)) if is_path(name) else name)[:40]
-    return f"{datetime.datetime.now():%m%d-%H%M%S}-{part(cfg.model)}-{part(cfg.dataset)}"
+    data = part(cfg.dataset) + ("-multilabel" if cfg.dataset == "synthetic" and cfg.synthetic_dishes > 1 else "")
+    return f"{datetime.datetime.now():%m%d-%H%M%S}-{part(cfg.model)}-{data}"
+
+
+def differences(saved, cfg):
+    """The options fixed on resume (the data and the weights) on which a saved run's config and `cfg` differ.
+    multi_label is left out: a run records it as detected from its data."""
+    plain = lambda v: json.loads(json.dumps(v))
+    return [k for k in FIXED_ON_RESUME if k != "multi_label" and k in saved and saved[k] != plain(getattr(cfg, k))]
 
 
 def newest_run(cfg, root="runs"):
@@ -69,11 +79,14 @@ def newest_run(cfg, root="runs"):
             print(f"--resume auto without --output-dir: skipping {os.path.join(root, name)}: {e}")
             continue
         if saved.get("model") == cfg.model and saved.get("dataset") == cfg.dataset:
-            found.append((os.path.getmtime(path), os.path.join(root, name)))
+            found.append((os.path.getmtime(path), os.path.join(root, name), differences(saved, cfg)))
     what = f"{cfg.model} on {cfg.dataset}"
-    if not found:
-        print(f"--resume auto without --output-dir: no earlier run of {what} under {root}/; starting a new one")
+    if not [f for f in found if not f[2]]:
+        near = f" with these options (the newest, {max(found)[1]}, differs in --{max(found)[2][0].replace('_', '-')})" \
+            if found else ""
+        print(f"--resume auto without --output-dir: no earlier run of {what}{near} under {root}/; starting a new one")
         return None
+    found = [f for f in found if not f[2]]
     out = max(found)[1]
     print(f"--resume auto without --output-dir: continuing {out}, the newest run of {what} under {root}/ "
           "(pass --output-dir to choose another)")
@@ -111,15 +124,31 @@ def lock(output_dir):
     key = os.path.realpath(output_dir)
     if key in _locks:  # this process holds it already (closing a second handle would drop the lock)
         return
-    fh = open(os.path.join(output_dir, "run.lock"), "a+")
-    try:
-        fcntl.lockf(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
+    path = os.path.join(output_dir, "run.lock")
+    while True:
+        fh = open(path, "a+")
+        try:
+            fcntl.lockf(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            fh.close()
+            if e.errno not in (errno.EACCES, errno.EAGAIN):
+                raise
+            raise UserError(f"another vitfood process is running in {output_dir}; wait for it or use another --output-dir")
+        with contextlib.suppress(OSError):  # the file locked is still the one at `path`: not one a run that
+            if os.stat(path).st_ino == os.fstat(fh.fileno()).st_ino:  # ended (unlock) removed meanwhile
+                break
         fh.close()
-        if e.errno not in (errno.EACCES, errno.EAGAIN):
-            raise
-        raise UserError(f"another vitfood process is running in {output_dir}; wait for it or use another --output-dir")
     _locks[key] = fh
+
+
+def unlock(output_dir):
+    """The run is over: its lock file removed (while still held, so no other process can lock the old file), then
+    released."""
+    fh = _locks.pop(os.path.realpath(output_dir), None)
+    if fh is not None:
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(output_dir, "run.lock"))
+        fh.close()
 
 
 def clear_run(output_dir):
@@ -256,11 +285,13 @@ class Checkpoints:
         return candidate
 
     def discard_if_unused(self):
-        """Remove the directory when this run created it and failed before writing anything into it."""
+        """The end of a run: remove the directory when this run created it and failed before writing anything into
+        it, and release the run's lock (its file removed)."""
         self.wait(raise_failure=False)
         with contextlib.suppress(OSError):
             if self._created and set(os.listdir(self.out)) <= {"run.lock"}:
                 shutil.rmtree(self.out, ignore_errors=True)
+        unlock(self.out)
 
     def latest(self):
         """Path of the newest complete checkpoint, or None."""

@@ -49,6 +49,8 @@ def main(argv=None):
     if not a.out or a.shard_size < 1:
         raise UserError("--out is required and --shard-size must be positive")
     cfg = resolve(vars(build_parser().parse_args(rest)))
+    if cfg.streaming:
+        raise UserError("vitfood.shards writes a data set it can index: it does not take --streaming")
     train, evals, names = load_splits(cfg)
     if is_multi_label(train, cfg.label_column):
         raise UserError("vitfood.shards writes single-label data (one class id per image); this data set is "

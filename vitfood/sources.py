@@ -1,12 +1,14 @@
 """Where the images come from: a Hub data set, an imagefolder (its labels from folders or a metadata file), a
 save_to_disk folder or the generated set; its splits, and its labels as class ids (single- or multi-label)."""
 
+import dataclasses
 import os
 import re
 
 import torch
 
 from vitfood import synthetic
+from vitfood.stream import SplitShards, Stream, TarShards
 from vitfood.common import UserError, first_line
 from vitfood.hub import hub_error, is_path
 from vitfood.images import IMAGE_EXTENSIONS
@@ -130,6 +132,14 @@ def _class_ids(train, evals, cfg, log=print):
     return convert(train, train_rows), evals if evals is None else convert(evals, eval_rows), names
 
 
+def _cause(error):
+    """The error under `datasets`' "An error occurred while generating the dataset": the one that names the file
+    and the rule."""
+    while type(error).__name__ == "DatasetGenerationError" and (error.__cause__ or error.__context__):
+        error = error.__cause__ or error.__context__
+    return error
+
+
 def _mixed_forms(error):
     """A metadata.jsonl column whose rows differ in form (pyarrow stops at the first that differs), in words."""
     m = re.search(r"Column\(/?([^)]*)\) changed from (\w+) to (\w+) in row (\d+)", str(error))
@@ -155,6 +165,19 @@ def _refuse_single_class_folder(path, splits):
     if len(classes) < 2:
         holds = f"1 class folder ({classes[0]!r})" if classes else "no class folders (images must sit in one subfolder per class)"
         raise UserError(f"a classifier needs at least 2 classes, and the image folder {path} holds {holds}")
+
+
+def _refuse_eval_only_classes(train, evals, cfg):
+    """A class folder that only the eval split has: one line, as for a metadata file's class (balanced accuracy
+    would count a class the model never saw at recall 0)."""
+    import datasets
+    feature = train.features.get(cfg.label_column)
+    if evals is None or not isinstance(feature, datasets.ClassLabel):
+        return
+    extra = sorted(set(evals[cfg.label_column]) - set(train[cfg.label_column]))
+    if extra:
+        raise UserError(f"class {feature.int2str(extra[0])!r} appears only in the eval split ({len(extra)} such "
+                        f"class(es)); the training split {cfg.train_split!r} has no image of it")
 
 
 def is_shards(spec):
@@ -232,6 +255,8 @@ def load_splits(cfg, log=print):
     if name == "synthetic":
         name = synthetic.ensure(cfg.synthetic_size, cfg.synthetic_classes, cfg.synthetic_max_px, seed=0, log=log,
                                 dishes=cfg.synthetic_dishes)
+    if cfg.streaming:
+        return _streamed(cfg, log)
     if is_shards(name):
         train = _take_split({"train": load_shards(name, cfg, "train")}, cfg.train_split)
         if cfg.eval_split and not is_shards(cfg.eval_split):
@@ -247,11 +272,12 @@ def load_splits(cfg, log=print):
         except UserError:
             raise
         except Exception as e:
-            raise UserError(f"cannot read data set folder {name}: {_mixed_forms(e) or first_line(e)}")
+            raise UserError(f"cannot read data set folder {name}: {_mixed_forms(e) or _mixed_forms(_cause(e)) or first_line(_cause(e), 400)}")
         train = _take_split(splits, cfg.train_split)
         evals = _take_split(splits, cfg.eval_split) if cfg.eval_split else None
         if cfg.label_column not in train.column_names and cfg.label_column == "label":
             _refuse_single_class_folder(path, splits)
+        _refuse_eval_only_classes(train, evals, cfg)
     else:
         try:
             train = datasets.load_dataset(name, split=cfg.train_split)
@@ -292,6 +318,76 @@ def load_splits(cfg, log=print):
         if len(ds) == 0:
             raise UserError(f"the {which} split is empty (dataset {cfg.dataset!r})")
     return train, evals, names
+
+
+def _streamed(cfg, log):
+    """--streaming: (the train split as a stream.Stream, the eval split loaded whole, class names). The class
+    names are those of classes.txt beside the shards, else the eval split's."""
+    import datasets
+    if is_shards(cfg.dataset):
+        if not is_shards(cfg.eval_split or ""):
+            raise UserError("--streaming with shards needs --eval-split: the eval shards' pattern (a stream "
+                            "cannot hold out part of itself)")
+        evals = load_shards(cfg.eval_split, cfg, "eval")
+    else:
+        if not cfg.eval_split:
+            raise UserError("--streaming needs --eval-split, the data set's eval split (a stream cannot hold out "
+                            "part of itself)")
+        path = os.path.expanduser(cfg.dataset)
+        try:
+            evals = (_take_split(_load_local(path), cfg.eval_split) if os.path.isdir(path)
+                     else datasets.load_dataset(cfg.dataset, split=cfg.eval_split))
+        except UserError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the Hub raises many types
+            raise hub_error("dataset", cfg.dataset, e)
+    for col in (cfg.image_column, cfg.label_column):
+        if col not in evals.column_names:
+            raise UserError(f"column {col!r} not found in the eval split; columns: {', '.join(evals.column_names)}")
+    if is_multi_label(evals, cfg.label_column) or cfg.multi_label:
+        raise UserError("--streaming reads single-label data (one class per image)")
+    evals, _, names = _class_ids(evals, None, dataclasses.replace(cfg, train_split=cfg.eval_split), log)
+    if is_shards(cfg.dataset):
+        names = shard_names(cfg.dataset, evals, cfg.label_column) or names
+    if cfg.max_eval_samples:
+        evals = evals.select(range(min(cfg.max_eval_samples, len(evals))))
+    if len(evals) == 0:
+        raise UserError(f"the eval split is empty ({cfg.eval_split!r})")
+    return open_stream(cfg, names, f"the train split {cfg.dataset!r}"), evals, names
+
+
+def open_stream(cfg, names, describe):
+    """The train split of `cfg` as a stream.Stream: tar shards, or a `datasets` streaming split."""
+    import datasets
+    if is_shards(cfg.dataset):
+        files = [os.path.expanduser(f) for f in expand(cfg.dataset)]
+        missing = [f for f in files if "://" not in f and not os.path.isfile(f)]
+        if missing:
+            raise UserError(f"shard {missing[0]} of the train split does not exist ({len(missing)} of {len(files)} "
+                            f"named by {cfg.dataset!r} missing)")
+        reader = TarShards(files, cfg.image_column, cfg.label_column)
+    else:
+        if not re.fullmatch(r"[\w.-]+", cfg.train_split):
+            raise UserError(f"--streaming reads a whole split, and --train-split {cfg.train_split!r} is a slice (the "
+                            "default 'train[:5000]' is one): name the split, e.g. --train-split train")
+        path = os.path.expanduser(cfg.dataset)
+        try:
+            ds = datasets.load_dataset(path, split=cfg.train_split, streaming=True)
+        except Exception as e:  # noqa: BLE001 - the Hub and datasets raise many types
+            if not is_path(cfg.dataset):
+                raise hub_error("dataset", cfg.dataset, e)
+            raise UserError(f"cannot stream the train split {cfg.train_split!r} of {cfg.dataset}: {first_line(e)}") from None
+        for col in (cfg.image_column, cfg.label_column):
+            if ds.features is not None and col not in ds.features:
+                raise UserError(f"column {col!r} not found in the streamed train split; columns: "
+                                f"{', '.join(ds.features)}")
+        reader = SplitShards(ds, cfg.image_column, cfg.label_column)
+        if cfg.train_samples is None:  # the count a Hub data set's card declares for the split, if any
+            split = (ds.info.splits or {}).get(cfg.train_split)
+            cfg.train_samples = getattr(split, "num_examples", None) or None
+    if cfg.train_samples is None:
+        raise UserError("--streaming needs --train-samples N, the images in an epoch (a stream has no length)")
+    return Stream(reader, names, cfg.train_samples, describe)
 
 
 def fold_of(spec):

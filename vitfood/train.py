@@ -37,6 +37,7 @@ from vitfood.model import (build_model, compiled, hub_model, load_processor, loa
 from vitfood.phases import Phases
 from vitfood.sources import balanced_weights, hub_dataset, is_multi_label, is_shards, load_splits
 from vitfood.state import Ledger, Progress, RNGStreams
+from vitfood.stream import Stream, StreamImages
 from vitfood.steps import EMA, GraphedStep, Mixing, NonFiniteStreak, Step, eval_pass, example_batch
 
 EXIT_STOPPED = 75  # stopped by SIGTERM/SIGHUP/SIGINT after saving a checkpoint (sysexits' EX_TEMPFAIL: run again)
@@ -154,7 +155,8 @@ def setup(cfg, resume, rank, world, device, checkpoints, phases=None, cuda_ready
         if not main_rank:
             dist.wait_for_rank0()
         train_ds, eval_ds, class_names = load_splits(cfg)
-        multi_label = cfg.multi_label = is_multi_label(train_ds, cfg.label_column)  # recorded as detected
+        streamed = isinstance(train_ds, Stream)  # single-label: load_splits refuses other streams
+        multi_label = cfg.multi_label = not streamed and is_multi_label(train_ds, cfg.label_column)  # as detected
         calibrate.check(multi_label, cfg.target_accuracy, cfg.target_coverage)
     processor, model = load_processor(cfg), None
     if cfg.batch_size == "auto":  # the probe needs the model: built before the loader, this once
@@ -245,7 +247,8 @@ def setup(cfg, resume, rank, world, device, checkpoints, phases=None, cuda_ready
             r.log.start(report.hparams(cfg, precision, max_steps, world, global_batch * cfg.grad_accum_steps),
                         dict(config=to_dict(cfg), env=env), multi_label)
     held_out = "" if cfg.eval_split else f" (held out of split {cfg.train_split!r}: --test-size {cfg.test_size:g})"
-    say(f"run: {out} | {len(data.train_set)} train / {len(data.eval_set)} eval images{held_out}, "
+    train_n = f"{len(data.train_set)} streamed" if isinstance(data.train_set, StreamImages) else len(data.train_set)
+    say(f"run: {out} | {train_n} train / {len(data.eval_set)} eval images{held_out}, "
         f"{len(class_names)} classes{' (multi-label)' * multi_label} | {cfg.model} on {device} in {precision}, {model.config._attn_implementation} "
         f"attention, {workers} worker{'s' * (workers != 1)} | {max_steps} steps")
     if how:
