@@ -260,3 +260,12 @@ def test_a_trainer_flag_or_a_typo_is_answered_with_the_flag_it_means(capsys):
     assert "did you mean --lr?" in error(capsys, "--learning-rate", "1e-3")
     assert "did you mean --grad-accum-steps?" in error(capsys, "--gradient_accumulation_steps", "4")
     assert "did you mean --label-smoothing?" in error(capsys, "--label-smothing", "0.1")
+
+
+def test_dangling_and_looping_links_are_said_not_dropped_unseen(tmp_path, capsys):
+    root = image_folder(tmp_path / "photos", 4, classes=("a", "b"))
+    os.symlink(tmp_path / "gone.jpg", root / "a" / "dangling.jpg")
+    os.symlink(root / "b" / "loop.jpg", root / "b" / "loop.jpg")
+    train("--dataset", root, "--max-steps", 1, "--eval-steps", 1, "--save-steps", 1, "--output-dir", tmp_path / "run")
+    out = capsys.readouterr().out
+    assert "warning: 2 image file(s) in" in out and "a/dangling.jpg" in out and "b/loop.jpg" in out, out

@@ -104,3 +104,15 @@ def test_a_bad_probe_limit_is_one_line(tmp_path):
     seconds, p = run("--dataset", "food101", "--model", "vit-micro", "--output-dir", tmp_path / "a",
                      env={"VITFOOD_HUB_PROBE_SECONDS": "3s"})
     assert "VITFOOD_HUB_PROBE_SECONDS='3s'" in error_line(p, alone=True)
+
+
+@pytest.mark.slow
+def test_a_refused_connection_unprobed_is_one_note_and_names_the_network(tmp_path):
+    """VITFOOD_HUB_PROBE_SECONDS=0 and a Hub whose port refuses connections: huggingface_hub retries (about
+    25 s); the user sees one note, not two lines per retry, and an error that blames the connection, not a
+    missing repository."""
+    _, p = run("--dataset", "synthetic", "--model", "google/vit-base-patch16-224-in21k", "--output-dir", tmp_path / "a",
+               env={"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf"), "VITFOOD_HUB_PROBE_SECONDS": "0"})
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and "could not be reached (no connection)" in lines[-1], lines[-3:]
+    assert "Retry" not in p.stderr and len(lines) <= 2, lines

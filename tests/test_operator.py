@@ -243,3 +243,33 @@ def test_odd_paths_short_names_quoted_commands_and_shared_files(tmp_path, monkey
     for folder in ("model", "checkpoint-2"):
         mode = os.stat(spaced / folder / "model.safetensors").st_mode & 0o777
         assert mode == 0o666 & ~umask, oct(mode)  # what the umask allows, as for every other file
+
+
+def test_a_full_disk_under_the_event_writer_is_one_line_not_a_traceback(tmp_path):
+    """TensorBoard's writer thread meets ENOSPC (in a process of its own, with Python's own thread-exception
+    report): no traceback from the thread; the error comes back at the main thread's next write, one line."""
+    import subprocess
+    import sys
+    script = f"""
+import errno, time
+from torch.utils.tensorboard import SummaryWriter
+from vitfood.common import run_main
+
+def main():
+    w = SummaryWriter({str(tmp_path)!r})
+    worker = w.file_writer.event_writer._async_writer._worker
+
+    def full(data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    worker._record_writer.write = full
+    w.add_scalar("loss/train", 1.0, 1)
+    while worker.is_alive():  # the thread takes the record, fails and ends
+        time.sleep(0.05)
+    w.add_scalar("loss/train", 1.0, 2)
+    w.flush()
+
+run_main(main)
+"""
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and lines == ["error: No space left on device"], p.stderr[-2000:]

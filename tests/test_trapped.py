@@ -69,6 +69,7 @@ def test_training_batches_of_damaged_images_are_skipped_and_resume_exactly(tmp_p
 
 
 # ---------------------------------------------------------------- a stop while the last checkpoint is written
+@pytest.mark.slow  # 17 s: the default tier holds other SIGTERM stops (test_faults)
 def test_sigterm_while_the_last_checkpoint_is_written_saves_it_and_exits_75(tmp_path, reference):
     out = tmp_path / "run"
     # RUN saves every 5 of 30 steps: its 6th write is the last; it is held there 3 s

@@ -76,9 +76,19 @@ def _quiet_unraisable(args, default=sys.unraisablehook):
         default(args)
 
 
+def _quiet_event_writer(args, _default=threading.excepthook):
+    """TensorBoard's event-writer thread re-raises a failed write (a full disk) as the thread ends, which Python
+    prints as a traceback; the writer keeps the error and raises it in the main thread at its next write, where
+    run_main makes it one line. So the thread's own report is dropped."""
+    if issubclass(args.exc_type, OSError) and type(args.thread).__name__ == "_AsyncWriterThread":
+        return
+    _default(args)
+
+
 def run_main(main):
     """Run an entry point; a UserError becomes one line on stderr and exit status 2."""
     sys.unraisablehook = _quiet_unraisable
+    threading.excepthook = _quiet_event_writer
     signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C raises KeyboardInterrupt again (below)
     try:
         main()

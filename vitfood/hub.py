@@ -1,8 +1,10 @@
 """Local path or Hugging Face Hub id; a quick look at whether the Hub answers; one clear line when the Hub
 cannot give what was asked for."""
 
+import logging
 import math
 import os
+import sys
 import threading
 
 from vitfood.common import UserError, first_line
@@ -37,12 +39,28 @@ def check_local(**paths):
             raise UserError(f"--{what} {name}: no such folder")
 
 
+# what the Hub libraries' errors say when the network, not the repository, failed
+NO_CONNECTION = ("couldn't connect", "name or service not known", "temporary failure in name resolution",
+                 "failed to resolve", "connection refused", "network is unreachable", "connecterror", "connecttimeout")
+
+
+def _no_connection(e):
+    seen = 0
+    while e is not None and seen < 10:
+        if any(m in f"{type(e).__name__} {e}".lower() for m in NO_CONNECTION):
+            return True
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return False
+
+
 def hub_error(kind, name, e):
     """The UserError for a `kind` ('dataset' or 'model') that could not be had from the Hub."""
     if _unreachable:
         why = f"the Hugging Face Hub is unreachable ({_unreachable[0]}) and it is not in the local cache"
     elif os.environ.get("HF_HUB_OFFLINE") == "1":
         why = "the Hugging Face Hub is offline (HF_HUB_OFFLINE=1) and it is not in the local cache"
+    elif _no_connection(e):
+        why = "the Hugging Face Hub could not be reached (no connection) and it is not in the local cache"
     else:
         why = "it is not a local path and the Hugging Face Hub has no such repository, or refused access"
     hint = "a local imagefolder or save_to_disk folder (or --dataset synthetic)" if kind == "dataset" else \
@@ -114,6 +132,26 @@ def _probe(endpoint, seconds):
     return outcome[0] if outcome else f"{endpoint} did not answer within {seconds:g} s"
 
 
+class _OneRetryLine(logging.Filter):
+    """huggingface_hub logs two lines per retry of a request (ten before it gives up): the first is said once,
+    as a note; the rest are dropped."""
+    said = False
+
+    def filter(self, record):
+        text = record.getMessage()
+        if "Retry" not in text and "thrown while requesting" not in text:
+            return True
+        if not _OneRetryLine.said:
+            _OneRetryLine.said = True
+            print("note: the Hugging Face Hub did not answer; its library retries for up to about 25 s "
+                  "(VITFOOD_HUB_PROBE_SECONDS=0 skips vitfood's own 3 s check)", file=sys.stderr, flush=True)
+        return False
+
+
+def quiet_retries():
+    logging.getLogger("huggingface_hub.utils._http").addFilter(_OneRetryLine())
+
+
 def go_offline(reason):
     """Switch huggingface_hub, transformers and datasets to offline mode in this process: cached repositories
     load, anything else fails at once instead of after their retries."""
@@ -134,6 +172,7 @@ def prepare(dataset=None, model=None, trust_remote_code=False):
     if not names:
         return
     from huggingface_hub import constants
+    quiet_retries()
     seconds = probe_seconds()
     if not constants.HF_HUB_OFFLINE and not _unreachable and seconds > 0:
         reason = _probe(constants.ENDPOINT, seconds)
