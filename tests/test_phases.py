@@ -145,16 +145,20 @@ def test_two_writes_go_on_at_once_and_their_checkpoints_appear_in_step_order(tmp
     from vitfood.model import build_model
     from vitfood.phases import Phases
     model, processor = build_model(Config(model="vit-micro"), ["a", "b"])
-    monkeypatch.setenv("VITFOOD_FAULT", "delay:weights_written:1")  # the first write is held 3 s
-    monkeypatch.setenv("VITFOOD_FAULT_DELAY", "3")
+    monkeypatch.setenv("VITFOOD_FAULT", "delay:weights_written:1")  # the first write is held 6 s
+    monkeypatch.setenv("VITFOOD_FAULT_DELAY", "6")
     phases = Phases()
     saver = rundir.Checkpoints(str(tmp_path), keep=5, phases=phases)
     saver.open()
     t0 = time.perf_counter()
     saver.save(1, model, processor, dict(step=1))
     saver.save(2, model, processor, dict(step=2))  # beside the first: the loop does not wait
-    assert time.perf_counter() - t0 < 3 and not phases.count("save wait")  # waiting would take the 3 s hold
-    time.sleep(0.5)  # checkpoint-2's files are written by now, but it appears only after checkpoint-1
+    assert time.perf_counter() - t0 < 6 and not phases.count("save wait")  # waiting would take the 6 s hold
+    written = tmp_path / f".tmp-checkpoint-2-{os.getpid()}" / checkpoint.STATE
+    while not written.exists() and time.perf_counter() - t0 < 6:  # checkpoint-2's files are being written,
+        time.sleep(0.05)  # but it appears only after checkpoint-1, still held
+    time.sleep(0.3)
+    assert written.exists() and time.perf_counter() - t0 < 6
     assert checkpoint.complete_checkpoints(tmp_path) == []
     saver.save(3, model, processor, dict(step=3))  # a third waits for the oldest
     assert phases.count("save wait") == 1 and [s for s, _ in checkpoint.complete_checkpoints(tmp_path)][:1] == [1]
