@@ -264,3 +264,14 @@ def events(out):
     ea = EventAccumulator(str(out), size_guidance={"tensors": 0, "scalars": 0, "images": 0})
     ea.Reload()
     return ea
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 1.2 MB filesystem (tmpfs), where the platform lets us mount one."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1200k", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root and mount)")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)

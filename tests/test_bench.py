@@ -76,6 +76,10 @@ def test_the_loop_and_memory_modes_run_child_processes(capsys, tmp_path, monkeyp
     assert loop["steps"] == 60 and loop["img_s"] > 0 and loop["bare_img_s"] > 0 and 0 <= loop["data_wait"] <= 1
     assert loop["vs_bare"] == pytest.approx(loop["img_s"] / loop["bare_img_s"]) and loop["step_mode"] == "eager"
     rows = {r["mode"]: r for r in report["memory"]}  # each way to train, each in a fresh process
-    assert rows.keys() == {"full", "frozen", "lora", "checkpointing"}
+    assert rows.keys() == {"full", "frozen", "lora", "checkpointing", "ddp r0/2", "ddp r1/2", "fsdp r0/2", "fsdp r1/2"}
     assert rows["frozen"]["trainable"] < rows["lora"]["trainable"] < rows["full"]["trainable"]
+    for rank in (0, 1):  # DDP holds every weight, gradient and moment on each rank; FSDP about half of them
+        assert rows[f"ddp r{rank}/2"]["state_mb"] == pytest.approx(rows["full"]["state_mb"])
+        assert rows[f"fsdp r{rank}/2"]["state_mb"] < 0.75 * rows["full"]["state_mb"]
+    assert rows["fsdp r0/2"]["state_mb"] + rows["fsdp r1/2"]["state_mb"] == pytest.approx(rows["full"]["state_mb"])
     assert rows["checkpointing"]["activations_mb"] < rows["full"]["activations_mb"]

@@ -21,17 +21,6 @@ from conftest import EVALUATED, HOLD, RUN, error, error_line, finish, output, sa
 from vitfood import checkpoint
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A real 1.2 MB filesystem (tmpfs), where the platform lets us mount one."""
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1200k", "tmpfs", str(mnt)], capture_output=True).returncode:
-        pytest.skip("cannot mount a small tmpfs here (needs root and mount)")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
-
-
 def test_a_real_full_disk_is_one_line_and_the_run_resumes_exactly_after(small_disk, reference):
     out = small_disk / "run"
     p = start(out)

@@ -168,8 +168,10 @@ def levers_mode(x):
 
 def memory_mode(x):
     print(f"\n[memory] {x.cfg.model} at {x.cfg.image_size or 'its own'} px, {x.precision}: each way to train in a "
-          f"fresh process, {x.sweep.steps} timed steps\n{'mode':>14} {'batch':>6} {'trainable':>12} {'optim MB':>10} "
-          f"{'activ. MB':>12} {'peak MB':>10} {'step MB':>10} {'ms/step':>10}")
+          f"fresh process (ddp and fsdp: each of {measure.PROCESSES} processes under torchrun), {x.sweep.steps} timed "
+          f"steps; state: weights, gradients and optimizer state this process holds\n{'mode':>14} {'batch':>6} "
+          f"{'trainable':>12} {'optim MB':>10} {'state MB':>10} {'activ. MB':>12} {'peak MB':>10} {'step MB':>10} "
+          f"{'ms/step':>10}")
     return measure.bench_memory(x.cfg, x.names, x.device, x.precision, x.sweep.batch_sizes, x.sweep.steps)
 
 

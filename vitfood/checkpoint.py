@@ -5,6 +5,10 @@ model.safetensors, preprocessor_config.json), training_state.pt (every resumable
 run under its name, see `state_of`; loadable with weights_only=True) and, written last,
 COMPLETE.json listing every file, its size and SHA-256. It is built under a temporary name and
 renamed into place, so a folder named checkpoint-<step> is either complete or absent.
+
+An --fsdp run's checkpoint holds config.json instead of model.safetensors, and its weights and optimizer
+state in sharded/ (one file per rank, written by every rank at once; see fsdp.py), listed in COMPLETE.json
+like the rest.
 """
 
 import contextlib
@@ -91,11 +95,15 @@ def state_of(parts):
     return dict(format=FORMAT, **{name: part.state_dict() for name, part in parts.items()})
 
 
-def restore(path, state, model, parts):
+def restore(path, state, model, parts, optimizer=None):
     """Put a run back as it was at checkpoint `path`, whose training state is `state` (from load_state): the
-    model's weights, then each part of `parts` in order."""
-    from vitfood.model import load_weights
-    load_weights(model, path)
+    model's weights, then each part of `parts` in order. `optimizer`: an --fsdp run's, restored with the
+    weights from the checkpoint's shards (on any number of ranks)."""
+    from vitfood.model import load_shards, load_weights
+    if optimizer is not None:
+        load_shards(model, path, optimizer)
+    else:
+        load_weights(model, path)
     for name, part in parts.items():
         if state.get(name):  # an empty one (the scaler of a run that was not fp16) leaves the part as it is
             part.load_state_dict(state[name])
@@ -147,13 +155,48 @@ def save(output_dir, step, model, processor, training_state, weights=None, timin
     return final
 
 
+def save_sharded(output_dir, step, model, optimizer, processor, training_state, main, timing=None):
+    """checkpoint-<step> of an --fsdp run, complete or absent as save() makes one: every rank writes its shards
+    of the weights and the optimizer state into the same temporary folder at once (a failure on one raises on
+    all); rank 0 (`main`) then writes the config, processor and training state, seals and renames it. Every
+    rank calls this, on storage they share."""
+    from vitfood import dist, fsdp
+    final = os.path.join(output_dir, f"checkpoint-{step}")
+    tmp = os.path.join(output_dir, f".tmp-checkpoint-{step}-sharded")
+    timing = {} if timing is None else timing
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    dist.barrier()
+    try:
+        t0 = time.perf_counter()
+        fsdp.save(tmp, model, optimizer)
+        fault_point("weights_written")
+        if main:
+            model.config.save_pretrained(tmp)
+            processor.save_pretrained(tmp)
+            torch.save(training_state, os.path.join(tmp, STATE))
+            t1 = time.perf_counter()
+            files = _finish_files(tmp, timing=timing)
+            _fsync_dir(os.path.join(tmp, fsdp.SHARDS))
+            timing.update(files_s=round(t1 - t0, 3), seal_s=round(time.perf_counter() - t1, 3))
+            _mark(tmp, step, files)
+    except BaseException:
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if main:
+        _swap_in(tmp, final)
+        fault_point("renamed")
+    return final
+
+
 def _finish_files(folder, digest=True, timing=None):
     """{name: (size, sha256)} of a folder's files, each fsynced and given the permissions the umask allows
     (safetensors writes its files private, 0600; an exported model is meant to be shared). The files are done
     side by side (fsync and hashlib let go of the GIL): a ViT-B checkpoint's two large files, 0.7 and 0.3 GB,
     take the time of the larger one. `digest` False: sizes alone (the SHA-256 reads every byte back).
     `timing`: a dict that gets the seconds of fsync and hashing, summed over the files."""
-    names = [n for n in sorted(os.listdir(folder)) if os.path.isfile(os.path.join(folder, n))]
+    names = sorted(os.path.relpath(os.path.join(top, n), folder) for top, _, files in os.walk(folder) for n in files)
     with ThreadPoolExecutor(max_workers=max(1, len(names))) as pool:
         done = list(pool.map(lambda name: _finish_file(os.path.join(folder, name), digest), names))
     if timing is not None:

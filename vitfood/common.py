@@ -190,8 +190,12 @@ def autocast(precision, device, cache=True):
     return torch.autocast(device.type, dtype=DTYPES[precision], cache_enabled=cache)
 
 
-def mixed_precision(precision, device):
-    """(autocast context, GradScaler) for a resolved precision: loss scaling only for fp16."""
+def mixed_precision(precision, device, sharded=False):
+    """(autocast context, GradScaler) for a resolved precision: loss scaling only for fp16. `sharded` (--fsdp):
+    the scaler that agrees over the ranks whether a step overflowed (each rank checks only its shards)."""
+    if sharded:
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+        return autocast(precision, device), ShardedGradScaler(device.type, enabled=precision == "fp16")
     return autocast(precision, device), torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
 

@@ -58,7 +58,7 @@ class Config:
     bad_images: str = _opt("skip", "an image that cannot be decoded: skip it (counted, with a warning) or stop with an error", ["skip", "error"])
     max_bad_share: float = _opt(0.1, "with --bad-images skip: stop, naming files, once more than this share of a split's images could not be decoded")
     # model
-    model: str = _opt("google/vit-base-patch16-224-in21k", "Hub id, local model folder, or a named config: vit-tiny, vit-small, vit-base, vit-micro", decides="weights")
+    model: str = _opt("google/vit-base-patch16-224-in21k", "Hub id, local model folder, or a named config: vit-tiny, vit-small, vit-base, vit-large, vit-huge (ViT-L/16, ViT-H/14), vit-micro", decides="weights")
     image_size: int | None = _opt(None, "input resolution in px (unset: the model's own); a pretrained model's position tables are resized to it once, at load", decides="weights")
     freeze_backbone: bool = _opt(False, "train only the classification head (a linear probe); the backbone stays as loaded", decides="weights", legacy=False)
     freeze_epochs: float = _opt(0.0, "train the head alone for this many epochs first (the backbone frozen; its own lr, warm-up and decay), then the whole model on the configured schedule, as fastai's fine_tune (0: off)", decides="weights", legacy=0.0)
@@ -72,6 +72,7 @@ class Config:
     trust_remote_code: bool = _opt(False, "let a Hub model run its own code (off: nothing from a repository is executed)")
     attn: str = _opt("auto", "attention implementation; auto: sdpa on CUDA, eager on the CPU (faster there, measured in bench/README.md)", ["auto", "sdpa", "eager"])
     compile: bool = _opt(False, "torch.compile the model (first steps are slow; compile time is reported)")
+    fsdp: bool = _opt(False, "shard the weights, gradients and AdamW state over the processes (PyTorch FSDP2, each transformer block a unit of its own; under torchrun, or one process): checkpoints written by every process with torch.distributed.checkpoint, resumable on another number of processes; model/ an ordinary transformers folder", decides="weights", legacy=False, run_only=True)
     cuda_graph: bool = _opt(True, "on CUDA, capture the whole training step (forward, backward, clipping, AdamW) as one CUDA graph and replay it at every step; needs one process, --grad-accum-steps 1 and no --mixup/--cutmix (else the step runs eagerly)")
     # schedule
     max_steps: int | None = _opt(None, "optimizer steps to train; overrides --epochs", decides="schedule", run_only=True)
@@ -197,8 +198,9 @@ class Config:
             raise UserError("--export-ema needs --ema-decay (the EMA it would export)")
         if self.export_ema and self.export == "best":
             raise UserError("--export-ema exports the EMA of the last step; it does not combine with --export best")
-        from vitfood import adapt
+        from vitfood import adapt, fsdp
         adapt.check(self)
+        fsdp.check(self)
         if not 0 <= self.max_bad_share <= 1:
             raise UserError(f"--max-bad-share must be between 0 and 1, got {self.max_bad_share}")
         if not 0 < self.test_size < 1:

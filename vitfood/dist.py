@@ -14,11 +14,17 @@ import torch.distributed as dist
 from vitfood.common import UserError, pick_device
 
 
-def setup(device_name, timeout_s):
-    """(rank, world size, device). Joins the process group when launched by torchrun."""
+def setup(device_name, timeout_s, group=False):
+    """(rank, world size, device). Joins the process group when launched by torchrun; with `group` (--fsdp, whose
+    shards live on a device mesh) a single process outside torchrun makes a group of one."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
+    if world == 1 and not group:
         return 0, 1, pick_device(device_name)
+    if "RANK" not in os.environ:  # a group of one, in this process's memory
+        device = pick_device(device_name)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
+                                world_size=1, device_id=device if device.type == "cuda" else None)
+        return 0, 1, device
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if device_name.startswith("cuda:"):
         raise UserError(f"--device {device_name}: under torchrun each process takes the GPU of its local rank; "
@@ -71,6 +77,13 @@ def all_sum(tensor):
     """Sum over ranks, in place; returns the tensor."""
     if active():
         dist.all_reduce(tensor)
+    return tensor
+
+
+def all_max(tensor):
+    """Maximum over ranks, in place; returns the tensor."""
+    if active():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return tensor
 
 

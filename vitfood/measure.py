@@ -17,7 +17,7 @@ import time
 import torch
 import transformers
 
-from vitfood import adapt, rundir
+from vitfood import adapt, dist, fsdp, rundir
 from vitfood.common import mixed_precision, seed_everything
 from vitfood.config import Config
 from vitfood.data import EpochBatchSampler, KeptBatches, make_loader, stop_workers
@@ -67,25 +67,32 @@ def peak_memory_mb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS (Linux: KiB)
 
 
-def training(cfg, names, device, precision, graph_batch=None):
+def training(cfg, names, device, precision, graph_batch=None, world=1):
     """(model, its processor, its Step) as vitfood.train builds them, at a flat learning rate (timing only):
     --compile, label smoothing and mixup/cutmix as `cfg` says; with `graph_batch`, (images, labels) on a CUDA
-    device, the whole step as one CUDA graph of that batch's shapes."""
+    device, the whole step as one CUDA graph of that batch's shapes. `world` > 1 (under torchrun): DDP around
+    the model, or with --fsdp the model sharded."""
     seed_everything(cfg.seed)
     model, processor = build_model(cfg, names, device)
     model.to(device).train()
+    if cfg.fsdp:
+        fsdp.shard(model, precision)
     _, _, (mean, std) = transforms_for(processor)
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, 0, 10 ** 9)
-    amp, scaler = mixed_precision(precision, device)
-    train_model = compiled(model, device, graphed=graph_batch is not None) if cfg.compile else model
+    amp, scaler = mixed_precision(precision, device, sharded=cfg.fsdp)
+    ddp = model
+    if world > 1 and not cfg.fsdp:
+        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    train_model = compiled(ddp, device, graphed=graph_batch is not None) if cfg.compile else ddp
     mixing = Mixing(cfg.mixup, cfg.cutmix, cfg.mixup_prob, cfg.mixup_switch_prob, cfg.label_smoothing, len(names),
                     cfg.seed) if cfg.mixup or cfg.cutmix else None
     graph = graph_batch and GraphedStep(train_model, optimizer, scaler, scheduler, precision, mean, std,
                                         cfg.max_grad_norm, cfg.label_smoothing, None, *graph_batch,
                                         graph_batch[1].shape[0])
     return model, processor, Step(model, optimizer, scheduler, scaler, amp, mean, std, cfg.max_grad_norm,
-                                  cfg.label_smoothing, mixing=mixing, train_model=train_model, graph=graph)
+                                  cfg.label_smoothing, mixing=mixing, ddp=ddp, train_model=train_model, world=world,
+                                  graph=graph)
 
 
 def fixed_batch(model, names, batch_size, device):
@@ -244,6 +251,8 @@ _PLAIN = dict(freeze_backbone=False, lora_rank=0, gradient_checkpointing=False) 
 ADAPTATIONS = {"full": _PLAIN, "frozen": dict(_PLAIN, freeze_backbone=True),
                "lora": dict(_PLAIN, lora_rank=16, lora_alpha=16.0, lora_targets=None),
                "checkpointing": dict(_PLAIN, gradient_checkpointing=True)}
+SHARED = {"ddp": dict(_PLAIN, fsdp=False), "fsdp": dict(_PLAIN, fsdp=True)}  # full fine-tuning over PROCESSES ranks
+PROCESSES = 2
 
 
 def bench_memory(cfg, names, device, precision, batch_sizes, steps):
@@ -261,25 +270,56 @@ def bench_memory(cfg, names, device, precision, batch_sizes, steps):
                                capture_output=True, text=True)
             if p.returncode:
                 raise RuntimeError(f"memory mode, {name} at batch {batch}: {p.stderr.strip()[-600:]}")
-            row = dict(mode=name, batch_size=batch, **json.loads(p.stdout.strip().splitlines()[-1]))
-            rows.append(row)
-            print(f"{name:>14} {batch:>6} {row['trainable']:>12,} {row['optimizer_mb']:>10.1f} "
-                  f"{row['activations_mb']:>12.1f} {row['peak_mb']:>10.0f} {row['step_mb']:>10.0f} "
-                  f"{row['ms_step']:>10.0f}", flush=True)
+            rows.append(dict(mode=name, batch_size=batch, **json.loads(p.stdout.strip().splitlines()[-1])))
+            _print_row(rows[-1])
+        if device.type == "cuda" and torch.cuda.device_count() < PROCESSES:
+            print(f"{'ddp, fsdp':>14}: need {PROCESSES} GPUs (one process each); skipped")
+            continue
+        for name, change in SHARED.items():  # under torchrun, each rank's own figures
+            spec = dict(cfg=dataclasses.asdict(dataclasses.replace(cfg, batch_size=batch, **change)), names=names,
+                        device=str(device).split(":")[0], precision=precision, steps=steps)
+            with tempfile.TemporaryDirectory() as folder:  # each rank writes its row to a file of its own
+                p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                    f"--nproc_per_node={PROCESSES}", "--no-python", sys.executable, "-c",
+                                    "import json, os, sys; from vitfood.measure import memory_child; "
+                                    "row = memory_child(json.loads(sys.argv[1])); "
+                                    "json.dump(row, open(os.path.join(sys.argv[2], str(row['rank'])), 'w'))",
+                                    json.dumps(spec), folder], capture_output=True, text=True,
+                                   env={**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // PROCESSES))})
+                found = [json.load(open(os.path.join(folder, name))) for name in sorted(os.listdir(folder))]
+            if p.returncode or len(found) != PROCESSES:
+                raise RuntimeError(f"memory mode, {name} on {PROCESSES} processes at batch {batch}: "
+                                   f"{p.stderr.strip()[-600:]}")
+            for row in found:
+                rows.append(dict(mode=f"{name} r{row['rank']}/{PROCESSES}", batch_size=batch, **row))
+                _print_row(rows[-1])
     return rows
 
 
+def _print_row(row):
+    print(f"{row['mode']:>14} {row['batch_size']:>6} {row['trainable']:>12,} {row['optimizer_mb']:>10.1f} "
+          f"{row['state_mb']:>10.1f} {row['activations_mb']:>12.1f} {row['peak_mb']:>10.0f} {row['step_mb']:>10.0f} "
+          f"{row['ms_step']:>10.0f}", flush=True)
+
+
+def _local_bytes(t):
+    """Bytes a tensor takes on this rank: a sharded one's (FSDP's DTensor) own shard."""
+    t = t.to_local() if hasattr(t, "to_local") else t
+    return t.numel() * t.element_size()
+
+
 def memory_child(spec):
-    """One row of bench_memory, measured in this (fresh) process."""
-    cfg, device = Config(**spec["cfg"]), torch.device(spec["device"])
+    """One row of bench_memory, measured in this (fresh) process; under torchrun, this rank's."""
+    cfg = Config(**spec["cfg"])
+    rank, world, device = dist.setup(spec["device"], 600, group=cfg.fsdp)
     transformers.utils.logging.set_verbosity_error()
-    model, _, optimizer_step = training(cfg, spec["names"], device, spec["precision"])
+    model, _, optimizer_step = training(cfg, spec["names"], device, spec["precision"], world=world)
     images, labels = batch = fixed_batch(model, spec["names"], cfg.batch_size, device)
     step = stepping(optimizer_step, batch)
 
     before = _memory_mb(device)  # weights (and on a GPU nothing else yet)
     step()  # from here the gradients and the optimizer's state exist
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    params = {(p.to_local() if hasattr(p, "to_local") else p).untyped_storage().data_ptr() for p in model.parameters()}
     kept = {}
 
     def pack(t):  # each storage once; the weights themselves are not activations
@@ -291,11 +331,14 @@ def memory_child(spec):
         model(pixel_values=normalize(images, optimizer_step.mean, optimizer_step.std))  # as the step's, then dropped
     sec, _ = timed(step, device, 1, spec["steps"], warmup=0)
     trains, total = adapt.trainable(model)
-    state = sum(t.numel() * t.element_size() for s in optimizer_step.optimizer.state.values() for t in s.values()
+    state = sum(_local_bytes(t) for s in optimizer_step.optimizer.state.values() for t in s.values()
                 if torch.is_tensor(t))
+    weights = sum(_local_bytes(p) for p in model.parameters())  # and as much again for the gradients
     peak = _memory_mb(device, peak=True)
-    return dict(trainable=trains, parameters=total, optimizer_mb=state / 2 ** 20, activations_mb=sum(kept.values()) / 2 ** 20,
-                peak_mb=peak, step_mb=peak - before, ms_step=1000 * sec)
+    dist.close()
+    return dict(trainable=trains, parameters=total, optimizer_mb=state / 2 ** 20, state_mb=(2 * weights + state) / 2 ** 20,
+                activations_mb=sum(kept.values()) / 2 ** 20, peak_mb=peak, step_mb=peak - before, ms_step=1000 * sec,
+                rank=rank, world=world)
 
 
 def _memory_mb(device, peak=False):

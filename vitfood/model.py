@@ -8,6 +8,7 @@ import torch
 
 from vitfood import adapt, exported
 from vitfood.common import UserError, autocast, first_line, keep_compiled_kernels
+from vitfood.fsdp import SHARDS, is_sharded, is_sharded_checkpoint
 from vitfood.hub import hub_error, is_path
 
 # Named ViT shapes built from ViTConfig without any download. vit-tiny/small/base are the
@@ -17,6 +18,8 @@ NAMED = {
     "vit-tiny": dict(hidden_size=192, num_hidden_layers=12, num_attention_heads=3, intermediate_size=768, patch_size=16, image_size=224),
     "vit-small": dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536, patch_size=16, image_size=224),
     "vit-base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072, patch_size=16, image_size=224),
+    "vit-large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096, patch_size=16, image_size=224),
+    "vit-huge": dict(hidden_size=1280, num_hidden_layers=32, num_attention_heads=16, intermediate_size=5120, patch_size=14, image_size=224),
 }
 
 
@@ -128,7 +131,7 @@ def from_pretrained(name, attn, trust_remote_code=False, processor=None, **model
     """(model, image_processor) from a Hub id or a local folder; one clear line when it cannot be loaded.
     `attn` None: the processor alone (model None); `processor`: that one instead of the folder's."""
     from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
-    from transformers import AutoImageProcessor, AutoModelForImageClassification
+    from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
     from transformers.utils import logging
     downloads = not are_progress_bars_disabled()
     logging.disable_progress_bar()  # no "Loading weights" bar at every load
@@ -142,16 +145,26 @@ def from_pretrained(name, attn, trust_remote_code=False, processor=None, **model
             not os.path.isfile(os.path.join(path, "config.json")):
         raise UserError(f"{name} holds a LoRA adapter, not a whole model (a LoRA run's checkpoints hold what trains): "
                         "use the run's model/ folder, where the adapters are merged, or resume the run to export one")
+    sharded = local and is_sharded_checkpoint(path)  # an --fsdp run's checkpoint: its config, then its shards
     try:
         processor = processor or AutoImageProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
-        model = None if attn is None else AutoModelForImageClassification.from_pretrained(
-            path, attn_implementation=attn, trust_remote_code=trust_remote_code, **model_kwargs)
+        if attn is None:
+            model = None
+        elif sharded:
+            config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+            model = AutoModelForImageClassification.from_config(config, attn_implementation=attn,
+                                                                trust_remote_code=trust_remote_code)
+        else:
+            model = AutoModelForImageClassification.from_pretrained(
+                path, attn_implementation=attn, trust_remote_code=trust_remote_code, **model_kwargs)
     except UserError:
         raise
     except Exception as e:
         if local:
             raise UserError(f"cannot load model folder {name}: {first_line(e)}")
         raise hub_error("model", name, e)
+    if sharded and model is not None:
+        load_shards(model, path)
     return model, processor
 
 
@@ -254,7 +267,7 @@ def for_inference(model, precision, device, keep=True):
     activation on every call cost about 20% of forward time on the CPU (bench/README.md). fp16 keeps
     autocast, whose fp32 islands guard against overflow."""
     model = unwrap(model)
-    if precision != "bf16":
+    if precision != "bf16" or is_sharded(model):  # a sharded model's weights are gathered as bf16 by FSDP itself
         return model, autocast(precision, device)
     net = copy.deepcopy(model) if keep else model
     # ViT casts pixel_values to its weights' dtype itself; BEiT, Swin, ConvNeXt and ResNet do not
@@ -274,6 +287,8 @@ def load_weights(model, path):
         raise UserError(f"checkpoint {path} does not exist")
     if adapt.is_lora(model):  # a LoRA checkpoint holds what trains; the rest is rebuilt as it was loaded
         return adapt.load_adapter(model, path)
+    if is_sharded_checkpoint(path):  # an --fsdp run's: its shards, into a sharded or a plain model
+        return load_shards(model, path)
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # we report problems ourselves, in one line
     try:
@@ -290,3 +305,14 @@ def load_weights(model, path):
             f"{wrong[0]} has shape {tuple(theirs[wrong[0]].shape)}, expected {tuple(own[wrong[0]].shape)}"
         raise UserError(f"checkpoint {path} is from another model or data set ({what})")
     model.load_state_dict(theirs)
+
+
+def load_shards(model, path, optimizer=None):
+    """An --fsdp checkpoint's weights (and with `optimizer` its state) into `model`; one line when they are
+    another model's."""
+    from vitfood import fsdp
+    try:
+        fsdp.load(path, model, optimizer)
+    except Exception as e:
+        raise UserError(f"checkpoint {path}: cannot load its {SHARDS}/ weights (from another model or data set?): "
+                        f"{first_line(e, 160)}") from None

@@ -330,6 +330,21 @@ class Checkpoints:
         self._writers.append((writer, buffers))
         writer.start()
 
+    def save_sharded(self, step, model, optimizer, processor, state, best=None, new_best=False):
+        """checkpoint-<step> of an --fsdp run, written now by every rank (checkpoint.save_sharded); rank 0 then
+        records the best and rotates. No write goes on in the background: the shards are on the devices."""
+        self.wait()
+        with self.phases.span("write", step=step) if self.phases else contextlib.nullcontext({}) as timing:
+            try:
+                checkpoint.save_sharded(self.out, step, model, optimizer, processor, state, self.main, timing)
+                if self.main:
+                    if new_best:
+                        checkpoint.write_json_atomic(os.path.join(self.out, checkpoint.BEST), dict(best or {}))
+                    rotate(self.out, self.keep, (best or {}).get("step"))
+            except Exception as e:  # on every rank when one rank's write failed (fsdp.save)
+                raise UserError(f"cannot write checkpoint-{step} in {self.out}: {checkpoint.write_error(e, self.out)}; "
+                                "the complete checkpoints already there are intact") from None
+
     def _reap(self):
         """Writes that are done give their host copies back."""
         while self._writers and not self._writers[0][0].is_alive():

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from vitfood import dist
+from vitfood.fsdp import is_sharded
 from vitfood.common import Console, UserError, autocast, first_line
 from vitfood.images import VIEWS, averaged, normalize, views
 from vitfood.metrics import MultiLabel, SingleLabel
@@ -85,7 +86,9 @@ class Step:
         loss = torch.zeros((), device=next(self.model.parameters()).device)
         for micro, (images, labels) in enumerate(batches):
             sync = self.world == 1 or micro == len(batches) - 1  # all-reduce gradients once, on the last micro-batch
-            with contextlib.nullcontext() if sync else self.ddp.no_sync():  # DDP averages over ranks: / world
+            if is_sharded(self.ddp):  # FSDP keeps unsharded gradients until the last one, then reduce-scatters
+                self.ddp.set_requires_gradient_sync(sync)
+            with contextlib.nullcontext() if sync or is_sharded(self.ddp) else self.ddp.no_sync():  # both average: / world
                 loss += forward_backward(self.train_model, images, labels, self.amp, self.scaler, self.mean, self.std,
                                          samples / self.world, self.label_smoothing,
                                          self.mixing and self.mixing.at(step, micro), self.class_weight)
@@ -111,6 +114,8 @@ def update(model, optimizer, scaler, max_grad_norm, lrs=None):
     """
     scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm or float("inf"))
+    if hasattr(norm, "full_tensor"):  # --fsdp: the norm over every rank's shards, the same on each
+        norm = norm.full_tensor()
     finite = torch.isfinite(norm)
     optimizer.found_inf = (~finite).float()  # read by fused AdamW only: make_optimizer builds it fused
     numbers = [group["lr"] for group in optimizer.param_groups]
@@ -351,7 +356,7 @@ def eval_pass(model, loader, device, precision, mean, std, progress=True, num_cl
     k = num_classes or unwrap(model).config.num_labels
     meter = MultiLabel(k, device, threshold, mistakes) if multi_label else SingleLabel(k, device, mistakes)
     augmented = (MultiLabel(k, device, threshold) if multi_label else SingleLabel(k, device)) if tta != "none" else None
-    damaged, n, kept = [], 0, []
+    damaged, n, kept, calls = [], 0, [], 0
     for raw, labels, bad in tqdm(loader, desc="eval", leave=False, disable=not progress or not sys.stderr.isatty(),
                                  dynamic_ncols=True, file=Console(sys.stderr)):  # off a terminal: no cursor moves
         damaged += bad  # each image is met once in a pass: files, not encounters
@@ -361,12 +366,19 @@ def eval_pass(model, loader, device, precision, mean, std, progress=True, num_cl
         every = views(normalize(raw, mean, std), tta)
         with amp:
             logits = [net(pixel_values=x).logits.float() for x in every]
+        calls += len(every)
         meter.add(logits[0], labels, raw)
         if keep:
             kept.append((logits[0].cpu(), labels.cpu()))
         if augmented:
             augmented.add(averaged(logits, multi_label), labels, raw)
         n += labels.shape[0]
+    if is_sharded(net):  # every forward gathers weights from all ranks: the ranks with fewer images call it as often
+        idle = int(dist.all_max(torch.tensor(float(calls), device=device))) - calls
+        size = unwrap(model).config.image_size
+        with amp:
+            for _ in range(idle):
+                net(pixel_values=torch.zeros(1, 3, size, size, device=device))
     model.train(was_training)
     # under torchrun each rank saw its own part of the split: add the counts over ranks (one sync, at the end)
     n, skipped = (int(v) for v in dist.all_sum(torch.tensor([n, len(damaged)], dtype=torch.float64, device=device)).tolist())

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import transformers
 
-from vitfood import adapt, calibrate, checkpoint, dist, fit, hub, metrics, report, rundir
+from vitfood import adapt, calibrate, checkpoint, dist, fit, fsdp, hub, metrics, report, rundir
 from vitfood.common import (UserError, env_info, first_line, mixed_precision, num_workers, rank_seed, resolve_precision,
                             run_main, seconds_since_start, seed_everything, start_cuda)
 from vitfood.config import RUN_CONFIG, to_dict
@@ -92,9 +92,12 @@ class Run:
 def resumable(r):
     """Every part of a run that a checkpoint holds besides the weights, under its name in training_state.pt,
     in the order a resume loads them (RNGStreams reads the step). Each has state_dict() and load_state_dict():
-    adding state to a run is a part here, or a field of one."""
+    adding state to a run is a part here, or a field of one. An --fsdp run's optimizer state is sharded: it is
+    written with the weights, by every rank (checkpoint.save_sharded)."""
     parts = dict(progress=r.progress, ledger=r.ledger, data=r.data.batches, rng=r.rng,
                  optimizer=r.optimizer, scheduler=r.scheduler, scaler=r.scaler)
+    if r.cfg.fsdp:
+        del parts["optimizer"]
     return dict(parts, ema=r.ema) if r.ema else parts
 
 
@@ -103,7 +106,7 @@ def main(argv=None):
     phases.add("imports", 0.0, seconds_since_start())  # the interpreter's start and the imports above
     with phases.span("arguments"):
         cfg, out, resume = rundir.parse_run(argv)
-        rank, world, device = dist.setup(cfg.device, cfg.dist_timeout)
+        rank, world, device = dist.setup(cfg.device, cfg.dist_timeout, group=cfg.fsdp)
         cfg.output_dir = dist.from_rank0(out)  # a default name holds a timestamp: rank 0's for all
     cuda_ready = start_cuda(device)
     checkpoints = rundir.Checkpoints(cfg.output_dir, cfg.save_total_limit, main=rank == 0, phases=phases,
@@ -195,9 +198,11 @@ def setup(cfg, resume, rank, world, device, checkpoints, phases=None, cuda_ready
     # ---- optimizer and precision
     with phases.span("device"):
         model.to(device)
+        if cfg.fsdp:  # before the optimizer, which then holds each rank's shards
+            fsdp.shard(model, precision)
         optimizer = make_optimizer(model, cfg)  # every parameter, before a --freeze-epochs phase freezes some
         scheduler = make_scheduler(optimizer, cfg.warmup_steps, max_steps, freeze, (cfg.freeze_lr or 5 * cfg.lr) / cfg.lr)
-        amp, scaler = mixed_precision(precision, device)
+        amp, scaler = mixed_precision(precision, device, sharded=cfg.fsdp)
     progress = Progress(every=cfg.eval_steps, judge=judge, patience=cfg.early_stopping_patience,
                         min_delta=cfg.early_stopping_min_delta)
     r = Run(cfg=cfg, rank=rank, world=world, device=device, precision=precision, global_batch=global_batch,
@@ -214,7 +219,7 @@ def setup(cfg, resume, rank, world, device, checkpoints, phases=None, cuda_ready
     # ---- restore
     if state:
         with phases.span("restore"):
-            checkpoint.restore(resume_from, state, model, resumable(r))
+            checkpoint.restore(resume_from, state, model, resumable(r), optimizer if cfg.fsdp else None)
         dist.same_on_all(r.step, "the step of the checkpoint resumed from (is --output-dir on shared storage?)")
         early = r.progress.stopped_early()
         if (r.step >= max_steps or early) and os.path.isfile(os.path.join(cfg.output_dir, "all_results.json")):
@@ -249,7 +254,8 @@ def setup(cfg, resume, rank, world, device, checkpoints, phases=None, cuda_ready
     held_out = "" if cfg.eval_split else f" (held out of split {cfg.train_split!r}: --test-size {cfg.test_size:g})"
     train_n = f"{len(data.train_set)} streamed" if isinstance(data.train_set, StreamImages) else len(data.train_set)
     say(f"run: {out} | {train_n} train / {len(data.eval_set)} eval images{held_out}, "
-        f"{len(class_names)} classes{' (multi-label)' * multi_label} | {cfg.model} on {device} in {precision}, {model.config._attn_implementation} "
+        f"{len(class_names)} classes{' (multi-label)' * multi_label} | {cfg.model} on {device} in {precision}, "
+        f"{f'sharded over {world} process(es) (FSDP2), ' if cfg.fsdp else ''}{model.config._attn_implementation} "
         f"attention, {workers} worker{'s' * (workers != 1)} | {max_steps} steps")
     if how:
         say(f"step: {how}")
@@ -269,8 +275,8 @@ def build_step(r, graphed, say=print):
     """r.train_model (DDP around the model on several ranks, compiled with --compile) and r.optimizer_step, for
     the parameters that train now (DDP reduces those it was built with: built again when the backbone unfreezes)."""
     cfg, model = r.cfg, r.model
-    ddp = model
-    if r.world > 1:  # PyTorch's DDP: gradients averaged across ranks during backward
+    ddp = model  # --fsdp: the sharded model reduce-scatters its gradients itself
+    if r.world > 1 and not cfg.fsdp:  # PyTorch's DDP: gradients averaged across ranks during backward
         ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[r.device] if r.device.type == "cuda" else None)
     r.train_model = compiled(ddp, r.device, r.world, graphed) if cfg.compile else ddp
     graph = None
@@ -288,7 +294,7 @@ def step_mode(r):
     cfg = r.cfg
     compiled_model = ", the model compiled (--compile)" if cfg.compile else ""
     why = ("not on CUDA" if r.device.type != "cuda" else "--no-cuda-graph" if not cfg.cuda_graph else
-           "several processes" if r.world > 1 else "--grad-accum-steps" if cfg.grad_accum_steps > 1 else
+           "--fsdp" if cfg.fsdp else "several processes" if r.world > 1 else "--grad-accum-steps" if cfg.grad_accum_steps > 1 else
            "--mixup/--cutmix" if r.mixing else "--freeze-epochs (what trains changes midway)" if r.freeze_steps
            else None)
     if why == "not on CUDA":
@@ -392,7 +398,10 @@ def save(r, evaluated):
     new_best = evaluated and r.progress.consider_best()
     state = checkpoint.state_of(resumable(r))  # every rank: the RNG streams and the ledger gather over ranks
     r.log.flush()  # what was logged up to this checkpoint survives a kill; a resumed run purges the rest
-    r.checkpoints.save(r.step, r.model, r.processor, state, r.progress.best, new_best)
+    if r.cfg.fsdp:
+        r.checkpoints.save_sharded(r.step, r.model, r.optimizer, r.processor, state, r.progress.best, new_best)
+    else:
+        r.checkpoints.save(r.step, r.model, r.processor, state, r.progress.best, new_best)
     dist.barrier()
 
 
@@ -450,6 +459,7 @@ def finish(r, stopped):
                              best_metric=r.progress.judging().name, stopped_early=early, calibration=cal,
                              unknown=unknown)
     export = None
+    whole = fsdp.gathered(r.model, r.main) if cfg.fsdp else None  # every rank sends its shards to rank 0
     if r.main:
         env = env_info(r.device)
         card = report.model_card(cfg, results, r.progress.history, dict(train=len(r.data.train_set), eval=len(r.data.eval_set)),
@@ -458,13 +468,13 @@ def finish(r, stopped):
         with phases.span("export"):
             if adapt.is_lora(r.model):  # the adapter as it trained, then the model with it merged in
                 checkpoint.export(out, r.model, r.processor, name=adapt.ADAPTER)
-            exported = adapt.merged(r.model)
+            exported = whole or adapt.merged(r.model)
             if cal:  # model/ scores calibrated wherever it is loaded; the checkpoints keep the raw weights
                 calibrate.fold(exported, cal["temperature"])
             calibrate.record(exported.config, cal, unknown and unknown[0])
             # the checkpoint of the exported step holds these very weights, unless they are merged, the EMA's or
             # calibrated
-            same = not (adapt.is_lora(r.model) or cfg.export_ema or cal)
+            same = not (adapt.is_lora(r.model) or cfg.export_ema or cal or whole)
             export = checkpoint.Export(out, exported, r.processor, card,
                                        weights_of=os.path.join(out, f"checkpoint-{export_step}") if same else None,
                                        own_config=unknown is not None)
