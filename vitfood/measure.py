@@ -333,10 +333,12 @@ def memory_child(spec):
     trains, total = adapt.trainable(model)
     state = sum(_local_bytes(t) for s in optimizer_step.optimizer.state.values() for t in s.values()
                 if torch.is_tensor(t))
-    weights = sum(_local_bytes(p) for p in model.parameters())  # and as much again for the gradients
+    weights = sum(_local_bytes(p) for p in model.parameters())
+    grads = sum(_local_bytes(p) for p in model.parameters() if p.requires_grad)  # the size of what trains
     peak = _memory_mb(device, peak=True)
     dist.close()
-    return dict(trainable=trains, parameters=total, optimizer_mb=state / 2 ** 20, state_mb=(2 * weights + state) / 2 ** 20,
+    return dict(trainable=trains, parameters=total, optimizer_mb=state / 2 ** 20,
+                state_mb=(weights + grads + state) / 2 ** 20,
                 activations_mb=sum(kept.values()) / 2 ** 20, peak_mb=peak, step_mb=peak - before, ms_step=1000 * sec,
                 rank=rank, world=world)
 
