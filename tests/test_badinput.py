@@ -269,3 +269,5 @@ def test_dangling_and_looping_links_are_said_not_dropped_unseen(tmp_path, capsys
     train("--dataset", root, "--max-steps", 1, "--eval-steps", 1, "--save-steps", 1, "--output-dir", tmp_path / "run")
     out = capsys.readouterr().out
     assert "warning: 2 image file(s) in" in out and "a/dangling.jpg" in out and "b/loop.jpg" in out, out
+    line = error(capsys, "--dataset", root, "--bad-images", "error", "--output-dir", tmp_path / "strict")
+    assert "2 image file(s)" in line and "lead nowhere" in line and "--bad-images error" in line, line

@@ -76,7 +76,9 @@ def test_two_sharded_processes_match_ddp_resume_exactly_and_on_one_process(tmp_p
     resumed on 2 processes bit for bit, on 1 process within tolerance; the export runs in transformers.pipeline
     and vitfood.export's parity gate on a sharded checkpoint."""
     import transformers
-    args = ("--precision", precision, "--batch-size", "8", "--grad-accum-steps", "2")
+    # 41 eval images in batches of 5: rank 0 has 5 batches, rank 1 four (its sharded model forwards once more idle)
+    args = ("--precision", precision, "--batch-size", "8", "--grad-accum-steps", "2", "--max-eval-samples", "41",
+            "--eval-batch-size", "5")
     ddp = tmp_path / "ddp"
     p = cli("--standalone", "--nproc_per_node=2", "-m", "vitfood.train", *RUN, *args, "--output-dir", ddp,
             module="torch.distributed.run", env={"OMP_NUM_THREADS": "1"})
@@ -93,7 +95,7 @@ def test_two_sharded_processes_match_ddp_resume_exactly_and_on_one_process(tmp_p
     p = sharded(killed, *args, nproc=2)
     assert p.returncode == 0 and "resuming from" in p.stdout, p.stderr[-2000:]
     assert same(weights(killed), weights(ref))
-    p = sharded(one, "--precision", precision, "--batch-size", "16")  # 1 x 16 x 2: the same global batch
+    p = sharded(one, *args[:2], "--batch-size", "16", *args[4:])  # 1 x 16 x 2: the same global batch
     assert p.returncode == 0 and "resuming from" in p.stdout, p.stderr[-2000:]
     assert max_diff(weights(one), weights(ref)) < (ATOL if precision == "fp32" else 2e-2)
 

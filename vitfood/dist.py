@@ -22,6 +22,9 @@ def setup(device_name, timeout_s, group=False):
         return 0, 1, pick_device(device_name)
     if "RANK" not in os.environ:  # a group of one, in this process's memory
         device = pick_device(device_name)
+        if device.type == "cuda":  # NCCL and FSDP's device mesh take the current device, by index
+            device = torch.device("cuda", device.index or 0)
+            torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
                                 world_size=1, device_id=device if device.type == "cuda" else None)
         return 0, 1, device

@@ -44,21 +44,24 @@ def check(cfg):
                         "--batch-size")
 
 
-def shard(model, precision):
+def shard(model, precision, device):
     """Shard `model` in place: every block its family names as not to be split (transformers'
     `_no_split_modules`: ViTLayer, ViTEmbeddings, ...) an FSDP unit of its own, the rest the root's. With
-    bf16 or fp16 the units gather their weights in that type (half the traffic) and reduce gradients in
-    fp32; autocast still picks each op's precision, as in a plain run."""
+    bf16 or fp16 the units gather their weights in that type (half the traffic), take their inputs in it (so
+    the activations between blocks are bf16/fp16, where a plain run's autocast leaves the residual stream in
+    fp32) and reduce gradients in fp32; inside a unit autocast still runs its fp32 ops (softmax, norms) in fp32."""
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))  # the run's device, not the default
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32 if dtype else None)
     names = set(getattr(model, "_no_split_modules", None) or ())
     blocks = [m for m in model.modules() if type(m).__name__ in names]
     if not blocks:
         raise UserError(f"--fsdp: {type(model).__name__} names no blocks to shard (transformers' _no_split_modules)")
-    for block in blocks:
-        fully_shard(block, mp_policy=policy)
-    fully_shard(model, mp_policy=policy)
+    for block in reversed(blocks):  # innermost first, should a family name a block inside another
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
     return model
 
 
@@ -90,7 +93,8 @@ def load(folder, model, optimizer=None):
     from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
                                                          set_state_dict)
     path = os.path.join(folder, SHARDS)
-    alone = not torch.distributed.is_initialized()  # predict, evaluate or export on one process: no group
+    # predict, evaluate or export (no group), or a plain model on one rank: read alone, no collective
+    alone = not torch.distributed.is_initialized() or not is_sharded(model)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "torch.distributed is disabled")  # said even when asked for
         with _cause():

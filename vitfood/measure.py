@@ -76,7 +76,7 @@ def training(cfg, names, device, precision, graph_batch=None, world=1):
     model, processor = build_model(cfg, names, device)
     model.to(device).train()
     if cfg.fsdp:
-        fsdp.shard(model, precision)
+        fsdp.shard(model, precision, device)
     _, _, (mean, std) = transforms_for(processor)
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, 0, 10 ** 9)
@@ -286,8 +286,9 @@ def bench_memory(cfg, names, device, precision, batch_sizes, steps):
                                     "json.dump(row, open(os.path.join(sys.argv[2], str(row['rank'])), 'w'))",
                                     json.dumps(spec), folder], capture_output=True, text=True,
                                    env={**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // PROCESSES))})
-                found = [json.load(open(os.path.join(folder, name))) for name in sorted(os.listdir(folder))]
-            if p.returncode or len(found) != PROCESSES:
+                found = [] if p.returncode else [json.load(open(os.path.join(folder, name)))
+                                                 for name in sorted(os.listdir(folder))]
+            if len(found) != PROCESSES:
                 raise RuntimeError(f"memory mode, {name} on {PROCESSES} processes at batch {batch}: "
                                    f"{p.stderr.strip()[-600:]}")
             for row in found:

@@ -146,6 +146,9 @@ def from_pretrained(name, attn, trust_remote_code=False, processor=None, **model
         raise UserError(f"{name} holds a LoRA adapter, not a whole model (a LoRA run's checkpoints hold what trains): "
                         "use the run's model/ folder, where the adapters are merged, or resume the run to export one")
     sharded = local and is_sharded_checkpoint(path)  # an --fsdp run's checkpoint: its config, then its shards
+    if sharded and model_kwargs:  # a new head, labels or drop path for training: only from a whole model
+        raise UserError(f"{name} is an --fsdp run's checkpoint (sharded weights): give the run's model/ folder as "
+                        "--model, or --resume it")
     try:
         processor = processor or AutoImageProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
         if attn is None:

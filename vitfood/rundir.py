@@ -334,6 +334,7 @@ class Checkpoints:
         """checkpoint-<step> of an --fsdp run, written now by every rank (checkpoint.save_sharded); rank 0 then
         records the best and rotates. No write goes on in the background: the shards are on the devices."""
         self.wait()
+        failure = None
         with self.phases.span("write", step=step) if self.phases else contextlib.nullcontext({}) as timing:
             try:
                 checkpoint.save_sharded(self.out, step, model, optimizer, processor, state, self.main, timing)
@@ -341,9 +342,12 @@ class Checkpoints:
                     if new_best:
                         checkpoint.write_json_atomic(os.path.join(self.out, checkpoint.BEST), dict(best or {}))
                     rotate(self.out, self.keep, (best or {}).get("step"))
-            except Exception as e:  # on every rank when one rank's write failed (fsdp.save)
-                raise UserError(f"cannot write checkpoint-{step} in {self.out}: {checkpoint.write_error(e, self.out)}; "
-                                "the complete checkpoints already there are intact") from None
+            except Exception as e:  # the shards' failure reaches every rank (fsdp.save); rank 0's own part, rank 0
+                failure = f"{checkpoint.write_error(e, self.out)}"
+        if dist.any_rank([failure is not None], next(model.parameters()).device)[0]:  # every rank stops here
+            raise UserError(f"cannot write checkpoint-{step} in {self.out}: "
+                            f"{failure or 'rank 0 failed (its error is above)'}; the complete checkpoints already "
+                            "there are intact")
 
     def _reap(self):
         """Writes that are done give their host copies back."""

@@ -31,7 +31,7 @@ def _take_split(splits, spec):
     return ds
 
 
-def _load_local(path, log=print):
+def _load_local(path, log=print, strict=False):
     import datasets
     if os.path.isfile(os.path.join(path, "dataset_dict.json")) or os.path.isfile(os.path.join(path, "state.json")):
         loaded = datasets.load_from_disk(path)
@@ -42,8 +42,11 @@ def _load_local(path, log=print):
     broken = sorted(os.path.relpath(os.path.join(root, f), path) for root, _, files in os.walk(path) for f in files
                     if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS and not os.path.exists(os.path.join(root, f)))
     if broken:  # listed by the walk, skipped by the imagefolder loader: said here, or they would vanish unseen
-        log(f"warning: {len(broken)} image file(s) in {path} are symbolic links that lead nowhere (dangling, or a "
-            f"loop) and are not read: {', '.join(broken[:3])}{', ...' if len(broken) > 3 else ''}")
+        what = (f"{len(broken)} image file(s) in {path} are symbolic links that lead nowhere (dangling, or a loop)"
+                f": {', '.join(broken[:3])}{', ...' if len(broken) > 3 else ''}")
+        if strict:  # --bad-images error: as a file that cannot be decoded
+            raise UserError(f"{what} (--bad-images error; skip them with --bad-images skip)")
+        log(f"warning: {what}; they are not read")
     splits = datasets.load_dataset("imagefolder", data_dir=path)
     if any(f in ("metadata.csv", "metadata.jsonl") for _, _, files in os.walk(path) for f in files):
         _check_listed_files(path, splits)
@@ -273,7 +276,7 @@ def load_splits(cfg, log=print):
         if not os.path.isdir(path):
             raise UserError(f"data set path {name} does not exist (or is not a folder)")
         try:
-            splits = _load_local(path, log)
+            splits = _load_local(path, log, cfg.bad_images == "error")
         except UserError:
             raise
         except Exception as e:
@@ -340,7 +343,7 @@ def _streamed(cfg, log):
                             "part of itself)")
         path = os.path.expanduser(cfg.dataset)
         try:
-            evals = (_take_split(_load_local(path, log), cfg.eval_split) if os.path.isdir(path)
+            evals = (_take_split(_load_local(path, log, cfg.bad_images == "error"), cfg.eval_split) if os.path.isdir(path)
                      else datasets.load_dataset(cfg.dataset, split=cfg.eval_split))
         except UserError:
             raise

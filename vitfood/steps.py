@@ -341,6 +341,32 @@ class NonFiniteStreak:
 
 
 @torch.inference_mode()
+class Idle:
+    """The forwards a rank of a sharded (--fsdp) model makes with no images of its own, so that every rank makes as
+    many (each gathers weights from all): one batch's views for an empty batch (all its images damaged), and at the
+    end as many batches as the rank with the most has over this one's. The counts are agreed before the pass."""
+
+    def __init__(self, net, loader, device, amp, views_per_batch):
+        self.net, self.device, self.amp, self.per_batch = net, device, amp, views_per_batch
+        self.left = int(dist.all_max(torch.tensor(float(len(loader)), device=device)))
+        size = getattr(unwrap(net).config, "image_size", 224)
+        self.shape = (1, 3, *(size if isinstance(size, (tuple, list)) else (size, size)))
+
+    def counted(self, raw):
+        self.left -= 1
+        self.shape = (1, *raw.shape[1:])
+
+    def batch(self):
+        with self.amp:
+            for _ in range(self.per_batch):
+                self.net(pixel_values=torch.zeros(self.shape, device=self.device))
+        self.left -= 1
+
+    def finish(self):
+        while self.left > 0:
+            self.batch()
+
+
 def eval_pass(model, loader, device, precision, mean, std, progress=True, num_classes=None, mistakes=0,
               multi_label=False, threshold=0.5, tta="none", keep=False):
     """Metrics summed over every sample of `loader` (no sample dropped or repeated), and over ranks: those of
@@ -356,29 +382,29 @@ def eval_pass(model, loader, device, precision, mean, std, progress=True, num_cl
     k = num_classes or unwrap(model).config.num_labels
     meter = MultiLabel(k, device, threshold, mistakes) if multi_label else SingleLabel(k, device, mistakes)
     augmented = (MultiLabel(k, device, threshold) if multi_label else SingleLabel(k, device)) if tta != "none" else None
-    damaged, n, kept, calls = [], 0, [], 0
+    damaged, n, kept = [], 0, []
+    idle = Idle(net, loader, device, amp, VIEWS[tta]) if is_sharded(net) else None  # --fsdp: forwards in step
     for raw, labels, bad in tqdm(loader, desc="eval", leave=False, disable=not progress or not sys.stderr.isatty(),
                                  dynamic_ncols=True, file=Console(sys.stderr)):  # off a terminal: no cursor moves
         damaged += bad  # each image is met once in a pass: files, not encounters
         if labels.shape[0] == 0:  # every image of the batch was damaged
+            if idle:
+                idle.batch()
             continue
         raw, labels = raw.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         every = views(normalize(raw, mean, std), tta)
         with amp:
             logits = [net(pixel_values=x).logits.float() for x in every]
-        calls += len(every)
+        if idle:
+            idle.counted(raw)
         meter.add(logits[0], labels, raw)
         if keep:
             kept.append((logits[0].cpu(), labels.cpu()))
         if augmented:
             augmented.add(averaged(logits, multi_label), labels, raw)
         n += labels.shape[0]
-    if is_sharded(net):  # every forward gathers weights from all ranks: the ranks with fewer images call it as often
-        idle = int(dist.all_max(torch.tensor(float(calls), device=device))) - calls
-        size = unwrap(model).config.image_size
-        with amp:
-            for _ in range(idle):
-                net(pixel_values=torch.zeros(1, 3, size, size, device=device))
+    if idle:
+        idle.finish()
     model.train(was_training)
     # under torchrun each rank saw its own part of the split: add the counts over ranks (one sync, at the end)
     n, skipped = (int(v) for v in dist.all_sum(torch.tensor([n, len(damaged)], dtype=torch.float64, device=device)).tolist())

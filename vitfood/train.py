@@ -199,7 +199,7 @@ def setup(cfg, resume, rank, world, device, checkpoints, phases=None, cuda_ready
     with phases.span("device"):
         model.to(device)
         if cfg.fsdp:  # before the optimizer, which then holds each rank's shards
-            fsdp.shard(model, precision)
+            fsdp.shard(model, precision, device)
         optimizer = make_optimizer(model, cfg)  # every parameter, before a --freeze-epochs phase freezes some
         scheduler = make_scheduler(optimizer, cfg.warmup_steps, max_steps, freeze, (cfg.freeze_lr or 5 * cfg.lr) / cfg.lr)
         amp, scaler = mixed_precision(precision, device, sharded=cfg.fsdp)
