@@ -8,6 +8,9 @@ Modes (all by default):
   data   images/s of the training input pipeline alone (decode, augment, collate) per worker count
   model  a full training step on tensors already on the device: images/s, ms/step, peak memory,
          achieved FLOP/s and MFU against the dense matmul peak measured here, for the same dtype
+  memory each way to train in a fresh process (full, frozen, LoRA, gradient checkpointing), and each process
+         of a 2-process torchrun job with DDP and with --fsdp: what it holds (weights, gradients, optimizer
+         state), activations, peak memory
   e2e    the real step fed by the real loader: images/s and the share of time waiting for data
   loop   vitfood.train's whole loop (a child process) against the bare step: the loop's own cost
   eval   inference images/s over the eval split
