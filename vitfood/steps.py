@@ -340,7 +340,6 @@ class NonFiniteStreak:
         return skipped
 
 
-@torch.inference_mode()
 class Idle:
     """The forwards a rank of a sharded (--fsdp) model makes with no images of its own, so that every rank makes as
     many (each gathers weights from all): one batch's views for an empty batch (all its images damaged), and at the
@@ -367,6 +366,7 @@ class Idle:
             self.batch()
 
 
+@torch.inference_mode()
 def eval_pass(model, loader, device, precision, mean, std, progress=True, num_classes=None, mistakes=0,
               multi_label=False, threshold=0.5, tta="none", keep=False):
     """Metrics summed over every sample of `loader` (no sample dropped or repeated), and over ranks: those of
