@@ -81,5 +81,6 @@ def test_the_loop_and_memory_modes_run_child_processes(capsys, tmp_path, monkeyp
     for rank in (0, 1):  # DDP holds every weight, gradient and moment on each rank; FSDP about half of them
         assert rows[f"ddp r{rank}/2"]["state_mb"] == pytest.approx(rows["full"]["state_mb"])
         assert rows[f"fsdp r{rank}/2"]["state_mb"] < 0.75 * rows["full"]["state_mb"]
-    assert rows["fsdp r0/2"]["state_mb"] + rows["fsdp r1/2"]["state_mb"] == pytest.approx(rows["full"]["state_mb"])
+    total = rows["fsdp r0/2"]["state_mb"] + rows["fsdp r1/2"]["state_mb"]  # shards of an odd dim are padded
+    assert total == pytest.approx(rows["full"]["state_mb"], rel=1e-3)
     assert rows["checkpointing"]["activations_mb"] < rows["full"]["activations_mb"]
