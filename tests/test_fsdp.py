@@ -124,3 +124,29 @@ def test_a_full_disk_under_a_sharded_write_is_one_line_and_leaves_no_partial_che
     assert not [n for n in os.listdir(out) if n.startswith(".")]  # no temporary folder left
     saved = checkpoint.complete_checkpoints(out)
     assert saved and all(checkpoint.damage(path) is None for _, path in saved)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["swin", "convnext", "resnet", "beit"])
+def test_other_families_shard_resume_bit_exact_and_equal_the_plain_loop_in_fp32(family, tmp_path):
+    """Families other than ViT, in fp32 and bf16 (ResNet's BatchNorm units keep fp32 weights): killed -9 and
+    resumed ends bit for bit as a run never stopped; in fp32 that is the plain loop's weights too."""
+    import torch
+    from test_adapt import FAMILIES
+    cls, config, processor = FAMILIES[family]
+    model = tmp_path / family
+    torch.manual_seed(0)
+    cls(config()).save_pretrained(model)
+    processor().save_pretrained(model)
+    for precision in ("fp32", "bf16"):
+        args = ("--model", model, "--precision", precision, "--calibrate", "none")
+        ref, killed = tmp_path / f"ref-{precision}", tmp_path / f"killed-{precision}"
+        assert sharded(ref, *args).returncode == 0
+        assert sharded(killed, *args, env={"VITFOOD_FAULT": "step:5"}).returncode == -signal.SIGKILL
+        p = sharded(killed, *args)
+        assert p.returncode == 0 and "resuming from" in p.stdout, p.stderr[-2000:]
+        assert same(weights(killed), weights(ref))
+    plain = tmp_path / "plain"
+    assert cli(*RUN, "--model", model, "--calibrate", "none", "--output-dir", plain,
+               env={"OMP_NUM_THREADS": "1"}).returncode == 0
+    assert same(weights(plain), weights(tmp_path / "ref-fp32"))

@@ -49,19 +49,23 @@ def shard(model, precision, device):
     `_no_split_modules`: ViTLayer, ViTEmbeddings, ...) an FSDP unit of its own, the rest the root's. With
     bf16 or fp16 the units gather their weights in that type (half the traffic), take their inputs in it (so
     the activations between blocks are bf16/fp16, where a plain run's autocast leaves the residual stream in
-    fp32) and reduce gradients in fp32; inside a unit autocast still runs its fp32 ops (softmax, norms) in fp32."""
+    fp32) and reduce gradients in fp32; inside a unit autocast still runs its fp32 ops (softmax, norms) in fp32.
+    A unit holding BatchNorm (ResNet, ...) keeps fp32 weights, as its running statistics are: autocast alone
+    decides its precision, as in a plain run."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))  # the run's device, not the default
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32 if dtype else None)
+    batch_norm = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d, torch.nn.SyncBatchNorm)
+    policy_of = lambda unit: MixedPrecisionPolicy() if any(isinstance(m, batch_norm) for m in unit.modules()) else policy
     names = set(getattr(model, "_no_split_modules", None) or ())
     blocks = [m for m in model.modules() if type(m).__name__ in names]
     if not blocks:
         raise UserError(f"--fsdp: {type(model).__name__} names no blocks to shard (transformers' _no_split_modules)")
     for block in reversed(blocks):  # innermost first, should a family name a block inside another
-        fully_shard(block, mesh=mesh, mp_policy=policy)
-    fully_shard(model, mesh=mesh, mp_policy=policy)
+        fully_shard(block, mesh=mesh, mp_policy=policy_of(block))
+    fully_shard(model, mesh=mesh, mp_policy=policy_of(model))
     return model
 
 
