@@ -126,63 +126,45 @@ def upgrade(state):
                           global_batch=state.get("global_batch")))
 
 
-def save(output_dir, step, model, processor, training_state, weights=None, timing=None, before_marker=None):
+def save(output_dir, step, model, processor, training_state, weights=None, timing=None, before_marker=None,
+         optimizer=None, main=True):
     """Write checkpoint-<step> atomically and return its path. `weights`: the model's state dict to write
     (a snapshot), instead of the model's current one. `timing`: a dict that gets the seconds spent writing
     the files, and sealing them (fsync, SHA-256, marker). `before_marker`: called once the files are written
-    and synced, before the marker makes the checkpoint complete (an earlier write's end, awaited)."""
-    final = os.path.join(output_dir, f"checkpoint-{step}")
-    tmp = os.path.join(output_dir, f".tmp-checkpoint-{step}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    timing = {} if timing is None else timing
-    try:
-        t0 = time.perf_counter()
-        model.save_pretrained(tmp, state_dict=weights)
-        processor.save_pretrained(tmp)
-        fault_point("weights_written")
-        torch.save(training_state, os.path.join(tmp, STATE))
-        t1 = time.perf_counter()
-        files = _finish_files(tmp, timing=timing)
-        timing.update(files_s=round(t1 - t0, 3), seal_s=round(time.perf_counter() - t1, 3))
-        if before_marker:
-            before_marker()
-        _mark(tmp, step, files)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # never leave a partial folder behind, even on a full disk
-        raise
-    _swap_in(tmp, final)
-    fault_point("renamed")
-    return final
+    and synced, before the marker makes the checkpoint complete (an earlier write's end, awaited).
 
-
-def save_sharded(output_dir, step, model, optimizer, processor, training_state, main, timing=None):
-    """checkpoint-<step> of an --fsdp run, complete or absent as save() makes one: every rank writes its shards
-    of the weights and the optimizer state into the same temporary folder at once (a failure on one raises on
-    all); rank 0 (`main`) then writes the config, processor and training state, seals and renames it. Every
-    rank calls this, on storage they share."""
+    `optimizer`: an --fsdp run's. Every rank calls this, on storage they share: each writes its shards of the
+    weights and of the optimizer state into the same temporary folder at once (fsdp.save; a failure on one
+    raises on all), then rank 0 (`main`) the rest, and seals and renames the folder as for any checkpoint."""
     from vitfood import dist, fsdp
     final = os.path.join(output_dir, f"checkpoint-{step}")
-    tmp = os.path.join(output_dir, f".tmp-checkpoint-{step}-sharded")
+    tmp = os.path.join(output_dir, f".tmp-checkpoint-{step}-{'sharded' if optimizer else os.getpid()}")  # one for all ranks
     timing = {} if timing is None else timing
     if main:
         shutil.rmtree(tmp, ignore_errors=True)
-    dist.barrier()
+    if optimizer is not None:
+        dist.barrier()  # no rank writes into the folder before rank 0 has cleared it
     try:
         t0 = time.perf_counter()
-        fsdp.save(tmp, model, optimizer)
+        if optimizer is None:
+            model.save_pretrained(tmp, state_dict=weights)
+        else:
+            fsdp.save(tmp, model, optimizer)
         fault_point("weights_written")
         if main:
-            model.config.save_pretrained(tmp)
+            if optimizer is not None:
+                model.config.save_pretrained(tmp)
             processor.save_pretrained(tmp)
             torch.save(training_state, os.path.join(tmp, STATE))
             t1 = time.perf_counter()
             files = _finish_files(tmp, timing=timing)
-            _fsync_dir(os.path.join(tmp, fsdp.SHARDS))
             timing.update(files_s=round(t1 - t0, 3), seal_s=round(time.perf_counter() - t1, 3))
+            if before_marker:
+                before_marker()
             _mark(tmp, step, files)
     except BaseException:
         if main:
-            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(tmp, ignore_errors=True)  # never leave a partial folder behind, even on a full disk
         raise
     if main:
         _swap_in(tmp, final)
@@ -233,6 +215,9 @@ def _mark(tmp, step, files):
     """The marker that makes the folder a complete checkpoint: each file's size (checked whenever checkpoints
     are listed) and SHA-256 (checked when one is resumed from)."""
     fault_point("marker")
+    for top, folders, _ in os.walk(tmp):  # an --fsdp checkpoint's sharded/: its entries synced too
+        for folder in folders:
+            _fsync_dir(os.path.join(top, folder))
     write_json_atomic(os.path.join(tmp, MARKER), dict(step=step, files=files))
     _fsync_dir(tmp)
 

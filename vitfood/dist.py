@@ -45,6 +45,11 @@ def setup(device_name, timeout_s, group=False):
     return rank, world, device
 
 
+def data_parallel(model, device):
+    """PyTorch's DistributedDataParallel around `model`, on this rank's device."""
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+
+
 def active():
     return dist.is_available() and dist.is_initialized()
 

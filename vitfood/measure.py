@@ -83,7 +83,7 @@ def training(cfg, names, device, precision, graph_batch=None, world=1):
     amp, scaler = mixed_precision(precision, device, sharded=cfg.fsdp)
     ddp = model
     if world > 1 and not cfg.fsdp:
-        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+        ddp = dist.data_parallel(model, device)
     train_model = compiled(ddp, device, graphed=graph_batch is not None) if cfg.compile else ddp
     mixing = Mixing(cfg.mixup, cfg.cutmix, cfg.mixup_prob, cfg.mixup_switch_prob, cfg.label_smoothing, len(names),
                     cfg.seed) if cfg.mixup or cfg.cutmix else None

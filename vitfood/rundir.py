@@ -331,19 +331,20 @@ class Checkpoints:
         writer.start()
 
     def save_sharded(self, step, model, optimizer, processor, state, best=None, new_best=False):
-        """checkpoint-<step> of an --fsdp run, written now by every rank (checkpoint.save_sharded); rank 0 then
-        records the best and rotates. No write goes on in the background: the shards are on the devices."""
+        """checkpoint-<step> of an --fsdp run, written now by every rank (checkpoint.save with the optimizer); rank 0
+        then records the best and rotates. No write goes on in the background: the shards are on the devices."""
         self.wait()
         failure = None
         with self.phases.span("write", step=step) if self.phases else contextlib.nullcontext({}) as timing:
             try:
-                checkpoint.save_sharded(self.out, step, model, optimizer, processor, state, self.main, timing)
+                checkpoint.save(self.out, step, model, processor, state, timing=timing, optimizer=optimizer,
+                                main=self.main)
                 if self.main:
                     if new_best:
                         checkpoint.write_json_atomic(os.path.join(self.out, checkpoint.BEST), dict(best or {}))
                     rotate(self.out, self.keep, (best or {}).get("step"))
             except Exception as e:  # the shards' failure reaches every rank (fsdp.save); rank 0's own part, rank 0
-                failure = f"{checkpoint.write_error(e, self.out)}"
+                failure = checkpoint.write_error(e, self.out)
         if dist.any_rank([failure is not None], next(model.parameters()).device)[0]:  # every rank stops here
             raise UserError(f"cannot write checkpoint-{step} in {self.out}: "
                             f"{failure or 'rank 0 failed (its error is above)'}; the complete checkpoints already "

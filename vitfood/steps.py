@@ -76,6 +76,7 @@ class Step:
         self.mean, self.std, self.max_grad_norm, self.label_smoothing = mean, std, max_grad_norm, label_smoothing
         self.class_weight, self.mixing, self.world, self.graph = class_weight, mixing, world, graph
         self.ddp, self.train_model = ddp or model, train_model or ddp or model
+        self.sharded = is_sharded(self.ddp)  # --fsdp
 
     def __call__(self, batches, step, samples):
         """Optimizer step `step` on `batches`, [(images, labels)] (one per micro-batch), whose loss is divided by
@@ -86,9 +87,9 @@ class Step:
         loss = torch.zeros((), device=next(self.model.parameters()).device)
         for micro, (images, labels) in enumerate(batches):
             sync = self.world == 1 or micro == len(batches) - 1  # all-reduce gradients once, on the last micro-batch
-            if is_sharded(self.ddp):  # FSDP keeps unsharded gradients until the last one, then reduce-scatters
+            if self.sharded:  # FSDP keeps unsharded gradients until the last one, then reduce-scatters
                 self.ddp.set_requires_gradient_sync(sync)
-            with contextlib.nullcontext() if sync or is_sharded(self.ddp) else self.ddp.no_sync():  # both average: / world
+            with contextlib.nullcontext() if sync or self.sharded else self.ddp.no_sync():  # both average: / world
                 loss += forward_backward(self.train_model, images, labels, self.amp, self.scaler, self.mean, self.std,
                                          samples / self.world, self.label_smoothing,
                                          self.mixing and self.mixing.at(step, micro), self.class_weight)

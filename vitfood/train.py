@@ -93,7 +93,7 @@ def resumable(r):
     """Every part of a run that a checkpoint holds besides the weights, under its name in training_state.pt,
     in the order a resume loads them (RNGStreams reads the step). Each has state_dict() and load_state_dict():
     adding state to a run is a part here, or a field of one. An --fsdp run's optimizer state is sharded: it is
-    written with the weights, by every rank (checkpoint.save_sharded)."""
+    written with the weights, by every rank (checkpoint.save)."""
     parts = dict(progress=r.progress, ledger=r.ledger, data=r.data.batches, rng=r.rng,
                  optimizer=r.optimizer, scheduler=r.scheduler, scaler=r.scaler)
     if r.cfg.fsdp:
@@ -277,7 +277,7 @@ def build_step(r, graphed, say=print):
     cfg, model = r.cfg, r.model
     ddp = model  # --fsdp: the sharded model reduce-scatters its gradients itself
     if r.world > 1 and not cfg.fsdp:  # PyTorch's DDP: gradients averaged across ranks during backward
-        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[r.device] if r.device.type == "cuda" else None)
+        ddp = dist.data_parallel(model, r.device)
     r.train_model = compiled(ddp, r.device, r.world, graphed) if cfg.compile else ddp
     graph = None
     if graphed:
