@@ -1,6 +1,7 @@
 """Hostile input: damaged images, bad labels, bad configs and checkpoints. One clear line, or a counted skip."""
 
 import io
+import json
 import os
 import shutil
 
@@ -269,5 +270,10 @@ def test_dangling_and_looping_links_are_said_not_dropped_unseen(tmp_path, capsys
     train("--dataset", root, "--max-steps", 1, "--eval-steps", 1, "--save-steps", 1, "--output-dir", tmp_path / "run")
     out = capsys.readouterr().out
     assert "warning: 2 image file(s) in" in out and "a/dangling.jpg" in out and "b/loop.jpg" in out, out
+    assert json.loads((tmp_path / "run" / "all_results.json").read_text())["broken_links"] == 2
     line = error(capsys, "--dataset", root, "--bad-images", "error", "--output-dir", tmp_path / "strict")
     assert "2 image file(s)" in line and "lead nowhere" in line and "--bad-images error" in line, line
+    for link in (root / "a" / "dangling.jpg", root / "b" / "loop.jpg"):
+        link.unlink()
+    train("--dataset", root, "--max-steps", 1, "--eval-steps", 1, "--save-steps", 1, "--output-dir", tmp_path / "fixed")
+    assert json.loads((tmp_path / "fixed" / "all_results.json").read_text())["broken_links"] == 0

@@ -386,17 +386,19 @@ def model_card(cfg, results, history, sizes, names, precision, world, step_batch
 
 
 def results(final, step, exported_step, ledger, startup, ema=False, best_metric=None, stopped_early=None,
-            calibration=None, unknown=None):
+            calibration=None, unknown=None, broken_links=0):
     """all_results.json: the final eval (`final`, of the exported weights) under metrics' names, with how the run
     went (`ledger`: state.Ledger's state_dict over every segment; `startup`: seconds from process start to the
     first batch; `stopped_early`: why the run stopped before --max-steps, or None; `calibration` and `unknown`:
-    calibrate.fitted's); with `ema`, the EMA's loss and score too."""
+    calibrate.fitted's; `broken_links`: image files of the data set folder that are links leading nowhere, so in
+    no split); with `ema`, the EMA's loss and score too."""
     rows = metrics.table(final)
     runtime = ledger["train_runtime"]
     record = dict({m.result: final[m.key] for m in rows}, global_step=step, exported_step=exported_step,
                   train_runtime=round(runtime, 3), train_samples_per_second=round(ledger["images"] / runtime, 3),
                   segments=ledger["segments"], damaged_train_files=len(ledger["damaged_files"]),
                   damaged_train_encounters=ledger["damaged_encounters"], damaged_eval_files=final["skipped"],
+                  broken_links=broken_links,
                   startup_seconds=round(startup, 2), best_metric=best_metric, stopped_early=stopped_early)
     if calibration:  # of model/'s scores on the eval split: its temperature, ECE and NLL before and after
         record["calibration"] = {k: v for k, v in calibration.items() if not k.startswith("bins_")}

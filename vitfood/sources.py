@@ -31,6 +31,16 @@ def _take_split(splits, spec):
     return ds
 
 
+# The image files of each folder read so far that are links leading nowhere: the imagefolder loader never lists
+# them, so no split holds them; all_results.json counts them beside the damaged files (broken_links).
+_BROKEN_LINKS = {}
+
+
+def broken_links(name):
+    """The image files of data set folder `name`, as it was last read in this process, that lead nowhere."""
+    return _BROKEN_LINKS.get(os.path.abspath(os.path.expanduser(str(name))), [])
+
+
 def _load_local(path, log=print, strict=False):
     import datasets
     if os.path.isfile(os.path.join(path, "dataset_dict.json")) or os.path.isfile(os.path.join(path, "state.json")):
@@ -41,6 +51,7 @@ def _load_local(path, log=print, strict=False):
                         "files, in one subfolder per class) and is not a save_to_disk folder")
     broken = sorted(os.path.relpath(os.path.join(root, f), path) for root, _, files in os.walk(path) for f in files
                     if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS and not os.path.exists(os.path.join(root, f)))
+    _BROKEN_LINKS[os.path.abspath(path)] = broken
     if broken:  # listed by the walk, skipped by the imagefolder loader: said here, or they would vanish unseen
         what = (f"{len(broken)} image file(s) in {path} are symbolic links that lead nowhere (dangling, or a loop)"
                 f": {', '.join(broken[:3])}{', ...' if len(broken) > 3 else ''}")

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import transformers
 
-from vitfood import adapt, calibrate, checkpoint, dist, fit, fsdp, hub, metrics, report, rundir
+from vitfood import adapt, calibrate, checkpoint, dist, fit, fsdp, hub, metrics, report, rundir, sources
 from vitfood.common import (UserError, env_info, first_line, mixed_precision, num_workers, rank_seed, resolve_precision,
                             run_main, seconds_since_start, seed_everything, start_cuda)
 from vitfood.config import RUN_CONFIG, to_dict
@@ -457,7 +457,7 @@ def finish(r, stopped):
     early = r.progress.stopped_early()
     results = report.results(final, r.step, export_step, ledger, r.startup, ema=r.ema is not None,
                              best_metric=r.progress.judging().name, stopped_early=early, calibration=cal,
-                             unknown=unknown)
+                             unknown=unknown, broken_links=len(sources.broken_links(cfg.dataset)))
     export = None
     whole = fsdp.gathered(r.model, r.main) if cfg.fsdp else None  # every rank sends its shards to rank 0
     if r.main:
