@@ -170,7 +170,7 @@ def test_a_killed_loader_worker_is_a_clear_error_not_a_hang(tmp_path):
     os.kill(_children(p.pid)[0], signal.SIGKILL)  # as the kernel's OOM killer would
     _, stderr = output(p, timeout=120)
     last = stderr.strip().splitlines()[-1]
-    assert p.returncode == 1 and last.startswith("error: DataLoader worker") and "Traceback" not in stderr, stderr[-1500:]
+    assert p.returncode == 2 and last.startswith("error: DataLoader worker") and "Traceback" not in stderr, stderr[-1500:]
     _only_complete_checkpoints(out)
     assert [s for s, _ in checkpoint.complete_checkpoints(out)] == [7]
 
@@ -312,7 +312,7 @@ def test_vit_base_killed_while_its_checkpoint_is_written_in_the_background_resum
 def test_a_worker_killed_at_random_moments_is_one_line_every_time_and_resumes_exactly(tmp_path, reference):
     """30 runs, each with one loader worker SIGKILLed (as the OOM killer does) at a random moment of its loop,
     unheld: whatever the main process was doing (waiting on the queue, unpickling a batch, starting a save),
-    one `error:` line naming the worker and exit 1, never a traceback or another cause. The last run is then
+    one `error:` line naming the worker and exit 2, never a traceback or another cause. The last run is then
     resumed and ends with the weights of a run never stopped."""
     rng, seen = random.Random(), []
     for i in range(30):
@@ -329,7 +329,7 @@ def test_a_worker_killed_at_random_moments_is_one_line_every_time_and_resumes_ex
         last = stderr.strip().splitlines()[-1]
         if p.returncode == 0:  # the kill landed as the run ended (its workers already stopped)
             continue
-        assert p.returncode == 1 and last.startswith("error: DataLoader worker") and "Traceback" not in stderr, \
+        assert p.returncode == 2 and last.startswith("error: DataLoader worker") and "Traceback" not in stderr, \
             (i, stderr[-1500:])
         _only_complete_checkpoints(out)
         seen.append(out)

@@ -129,7 +129,7 @@ def run_main(main):
         print(f"error: {first_line(e, 400)} (killed for memory? try fewer --num-workers "
               "or a smaller --batch-size; resume with --resume auto)", file=sys.stderr, flush=True)
         # leave now: interpreter teardown with a dead worker prints multiprocessing tracebacks, or hangs
-        os._exit(1)
+        os._exit(2)
 
 
 def _rank_prefix():
