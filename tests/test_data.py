@@ -160,3 +160,46 @@ def test_trains_on_an_imagefolder_of_mixed_image_modes(tmp_path):
     assert results["global_step"] == 3 and math.isfinite(results["eval_loss"])
     cfg = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
     assert sorted(cfg["id2label"].values()) == ["cake", "soup"]
+
+
+
+class _ConnectionDrops(torch.utils.data.Dataset):
+    """Sample 1 meets a dropped connection, as the main process does when it reads a batch's tensors from a worker
+    killed mid-send; with `die`, its worker is SIGKILLed 0.3 s later (a killed process's sockets close before it
+    can be reaped)."""
+
+    def __init__(self, die):
+        self.die = die
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        import os
+        import signal
+        import threading
+        if i == 1:
+            if self.die:
+                threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGKILL)).start()
+            raise ConnectionResetError(104, "Connection reset by peer")
+        return torch.full((4,), float(i)), i
+
+
+@pytest.mark.parametrize("die", [True, False])
+def test_a_connection_dropped_by_a_dying_worker_is_the_loaders_worker_error(die):
+    import signal
+    from vitfood.data import Loader, stop_workers
+    loader = Loader(_ConnectionDrops(die), batch_size=1, num_workers=1, prefetch_factor=2, persistent_workers=True)
+    batches = iter(loader)
+    assert next(batches)[1].tolist() == [0]
+    handler = signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would raise first, anywhere
+    try:
+        if die:  # the worker dies after the error is read: it is the worker's death that is reported
+            with pytest.raises(RuntimeError, match=r"DataLoader worker \(pid\(s\) \d+\) exited while sending a batch"):
+                next(batches)
+        else:  # a live worker's own error stays what it is
+            with pytest.raises(ConnectionResetError, match="Connection reset by peer"):
+                next(batches)
+    finally:
+        stop_workers(loader)  # and forget its worker, whose death torch's handler would raise at the next SIGCHLD
+        signal.signal(signal.SIGCHLD, handler)

@@ -13,6 +13,7 @@ import math
 import os
 import random
 import signal
+import time
 from typing import NamedTuple
 
 import torch
@@ -207,6 +208,37 @@ class BatchStream:
             self.position, self._batches = position, None
 
 
+class Loader(torch.utils.data.DataLoader):
+    """A DataLoader whose batches, when a worker dies while sending one, end in the loader's own "DataLoader
+    worker" error: the main process reads a batch's tensors through a connection to the worker that made them
+    (file descriptors passed over a socket), and a worker gone mid-send shows there as a reset connection or an
+    end of file."""
+
+    def __iter__(self):
+        batches = super().__iter__()
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            except (EOFError, ConnectionError) as e:
+                dead = _dead_workers(getattr(batches, "_workers", []))
+                if not dead:  # the dataset's own error, raised in a worker or here
+                    raise
+                raise RuntimeError(f"DataLoader worker (pid(s) {', '.join(map(str, dead))}) exited while sending a "
+                                   f"batch ({type(e).__name__})") from e
+            yield batch
+
+
+def _dead_workers(workers, wait=2.0):
+    """The pids of `workers` that have ended, waiting up to `wait` seconds for one to: a killed process closes its
+    sockets before it can be reaped, so its reader may see the connection drop a moment before it is dead."""
+    deadline = time.monotonic() + wait
+    while not (dead := [w.pid for w in workers if not w.is_alive()]) and workers and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return dead
+
+
 def make_loader(dataset, batch_size, num_workers, device, sampler=None, seed=0):
     """Batches of `batch_size` in order or over `sampler`; an EpochBatchSampler makes the batches itself."""
     if isinstance(sampler, (EpochBatchSampler, StreamSampler)):
@@ -214,7 +246,7 @@ def make_loader(dataset, batch_size, num_workers, device, sampler=None, seed=0):
     else:
         batching = dict(batch_size=batch_size, sampler=sampler, drop_last=False)
     size = getattr(getattr(dataset, "transform", None), "size", None)
-    return torch.utils.data.DataLoader(
+    return Loader(
         dataset, **batching, num_workers=num_workers,
         collate_fn=functools.partial(collate, size=size, classes=getattr(dataset, "multi_hot", None)),
         pin_memory=device.type == "cuda", persistent_workers=num_workers > 0,
