@@ -13,6 +13,7 @@ import math
 import os
 import random
 import signal
+import threading
 import time
 from typing import NamedTuple
 
@@ -209,14 +210,24 @@ class BatchStream:
 
 
 class Loader(torch.utils.data.DataLoader):
-    """A DataLoader whose batches, when a worker dies while sending one, end in the loader's own "DataLoader
-    worker" error: the main process reads a batch's tensors through a connection to the worker that made them
-    (file descriptors passed over a socket), and a worker gone mid-send shows there as a reset connection or an
-    end of file."""
+    """A DataLoader whose worker deaths are raised where the main process takes a batch, as the loader's own
+    "DataLoader worker" error, and nowhere else.
+
+    PyTorch's SIGCHLD handler raises that error wherever the main thread happens to be when a worker dies: inside
+    a checkpoint's write or the export (where it reads as a disk failure), a finally block, a thread's start.
+    Here the handler's error is kept and raised at the next batch any Loader hands out (a loader waiting on the
+    dead worker's batch finds the death itself within 5 s). And the main process reads a batch's tensors through
+    a connection to the worker that made them (file descriptors passed over a socket): a worker killed mid-send
+    shows there as a reset connection or an end of file, which is that worker's death too."""
 
     def __iter__(self):
         batches = super().__iter__()
+        _defer_worker_deaths()  # the iterator has just installed PyTorch's handler (the first time)
         while True:
+            if _worker_deaths:
+                death = _worker_deaths[0]
+                _worker_deaths.clear()
+                raise death
             try:
                 batch = next(batches)
             except StopIteration:
@@ -228,6 +239,26 @@ class Loader(torch.utils.data.DataLoader):
                 raise RuntimeError(f"DataLoader worker (pid(s) {', '.join(map(str, dead))}) exited while sending a "
                                    f"batch ({type(e).__name__})") from e
             yield batch
+
+
+_worker_deaths = []  # errors of PyTorch's SIGCHLD handler, for the next batch
+
+
+def _defer_worker_deaths():
+    """Wrap PyTorch's SIGCHLD handler (once, from the main thread) so that its error is kept, not raised."""
+    handler = signal.getsignal(signal.SIGCHLD)
+    if not callable(handler) or getattr(handler, "deferred", False) or threading.current_thread() is not threading.main_thread():
+        return
+
+    def deferred(signum, frame):
+        try:
+            handler(signum, frame)
+        except RuntimeError as e:
+            if "DataLoader worker" not in str(e):
+                raise
+            _worker_deaths.append(e)
+    deferred.deferred = True
+    signal.signal(signal.SIGCHLD, deferred)
 
 
 def _dead_workers(workers, wait=2.0):
