@@ -263,6 +263,17 @@ def test_a_trainer_flag_or_a_typo_is_answered_with_the_flag_it_means(capsys):
     assert "did you mean --label-smoothing?" in error(capsys, "--label-smothing", "0.1")
 
 
+@pytest.mark.parametrize("tool", ["train", "predict", "evaluate", "export"])
+def test_no_entry_point_takes_an_abbreviated_flag(tool, capsys):
+    """argparse's prefix matching read --epoch 2 as --epochs 2 without a word."""
+    import importlib
+    main = importlib.import_module(f"vitfood.{tool}").main
+    args = {"train": ["--epoch", "2"], "predict": ["--model", "m", "x.jpg", "--top", "3"],
+            "evaluate": ["--model", "m", "--mistake", "3"], "export": ["run", "--int"]}[tool]
+    line = error(capsys, *args, main=None if tool == "train" else main)
+    assert "unrecognized arguments" in line and "did you mean --" in line, line
+
+
 def test_dangling_and_looping_links_are_said_not_dropped_unseen(tmp_path, capsys):
     root = image_folder(tmp_path / "photos", 4, classes=("a", "b"))
     os.symlink(tmp_path / "gone.jpg", root / "a" / "dangling.jpg")

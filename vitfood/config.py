@@ -280,6 +280,12 @@ TRAINER_NAMES = {"--learning-rate": "--lr", "--learning_rate": "--lr", "--num-tr
 
 
 class OneLineParser(argparse.ArgumentParser):
+    """Every entry point's parser: no abbreviations (argparse would read --epoch 2 as --epochs 2 without a word;
+    a misspelling gets "did you mean" instead), and an error is one line."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
+
     def error(self, message):  # one line, no usage block; same exit path as every other input error
         if message.startswith("unrecognized arguments: "):
             import difflib
