@@ -22,9 +22,11 @@ Single-label data only.
 """
 
 import vitfood
+import vitfood.stack
 
 if __name__ == "__main__":
     vitfood.quiet_ctrl_c()
+vitfood.stack.require(__name__)  # a broken install (a torchvision built for another torch) is one line, no traceback
 
 import argparse
 import ctypes

@@ -86,7 +86,22 @@ def _quiet_event_writer(args, _default=threading.excepthook):
 
 
 def run_main(main):
-    """Run an entry point; a UserError becomes one line on stderr and exit status 2."""
+    """Run an entry point; a UserError becomes one line on stderr and exit status 2. An error of no known kind is
+    first checked against the install (vitfood.stack): a torchvision built for another torch fails far from its
+    cause, and is then one line that says so; any other error keeps its traceback."""
+    try:
+        _one_line_errors(main)
+    except Exception:
+        from vitfood import stack
+        line = stack.problem()
+        if line is None:
+            raise
+        _close_progress_bars()
+        print(f"error: {line}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _one_line_errors(main):
     sys.unraisablehook = _quiet_unraisable
     threading.excepthook = _quiet_event_writer
     signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C raises KeyboardInterrupt again (below)

@@ -14,9 +14,11 @@ with the temperature folded in and the unknown threshold in its config.
 """
 
 import vitfood
+import vitfood.stack
 
 if __name__ == "__main__":
     vitfood.quiet_ctrl_c()  # before the heavy imports below
+vitfood.stack.require(__name__)  # a broken install (a torchvision built for another torch) is one line, no traceback
 
 import argparse
 import json

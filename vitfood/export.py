@@ -23,9 +23,11 @@ export-rejected-<time>/, never deleted).
 """
 
 import vitfood
+import vitfood.stack
 
 if __name__ == "__main__":
     vitfood.quiet_ctrl_c()  # before the heavy imports below
+vitfood.stack.require(__name__)  # a broken install (a torchvision built for another torch) is one line, no traceback
 
 import argparse
 import datetime

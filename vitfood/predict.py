@@ -20,9 +20,11 @@ damaged; the others are still classified), 2 for a usage error (no such model, n
 """
 
 import vitfood
+import vitfood.stack
 
 if __name__ == "__main__":
     vitfood.quiet_ctrl_c()  # before the heavy imports below
+vitfood.stack.require(__name__)  # a broken install (a torchvision built for another torch) is one line, no traceback
 
 import argparse
 import csv

@@ -14,9 +14,11 @@ written under a temporary name and renamed when complete. Single-label data.
 """
 
 import vitfood
+import vitfood.stack
 
 if __name__ == "__main__":
     vitfood.quiet_ctrl_c()
+vitfood.stack.require(__name__)  # a broken install (a torchvision built for another torch) is one line, no traceback
 
 import argparse
 import io

@@ -11,9 +11,11 @@ checkpoint), the loop (fetch, step, log, eval, save), finish (export and report)
 """
 
 import vitfood
+import vitfood.stack
 
 if __name__ == "__main__":
     vitfood.quiet_ctrl_c()  # before the heavy imports below
+vitfood.stack.require(__name__)  # a broken install (a torchvision built for another torch) is one line, no traceback
 
 import contextlib
 import math
