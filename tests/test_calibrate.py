@@ -39,6 +39,24 @@ def test_the_fitted_temperature_is_the_one_the_labels_were_drawn_at(multi):
     for t in (cal["temperature"] * 0.97, cal["temperature"] * 1.03):  # a minimum
         assert calibrate.nll(z, labels, multi, t) > cal["nll_after"]
     assert cal["nll_after"] < cal["nll_before"] and cal["ece_after"] < 0.02 < cal["ece_before"]
+    assert cal["kept"] and cal["nll_out_of_fold"] < cal["nll_before"] and cal["ece_out_of_fold"] < 0.02
+    assert calibrate.kept(cal) == cal["temperature"] and calibrate.summary(cal).endswith(": kept")
+
+
+def test_a_temperature_that_does_not_help_out_of_fold_is_not_kept():
+    """Scores already calibrated (labels drawn from softmax(z)) on 40 images: the temperature fitted on them lowers
+    their NLL, as a fit on its own data does, and does not hold on the images it was not fitted on."""
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(40, 10, generator=g) * 3
+    labels = torch.multinomial(torch.softmax(z, -1), 1, generator=g).squeeze(1)
+    cal = calibrate.calibrate(z, labels, False)
+    assert cal["nll_after"] < cal["nll_before"]  # in sample, it always looks better
+    assert not cal["kept"] and calibrate.kept(cal) == 1.0 and "out of fold it raised the" in cal["not_kept"]
+    assert "raw scores kept, out of fold it raised the" in calibrate.summary(cal)
+    # every image confidently wrong: the NLL falls all the way to the search bound (uniform scores), no minimum
+    wrong = torch.eye(10)[torch.arange(60) % 10] * 5
+    cal = calibrate.calibrate(wrong, (torch.arange(60) + 1) % 10, False)
+    assert not cal["kept"] and "search bound" in cal["not_kept"]
 
 
 def test_the_threshold_for_a_target_reaches_it_on_the_split_it_was_fitted_on():
@@ -67,9 +85,9 @@ def test_model_is_the_checkpoint_with_its_last_layer_divided_by_the_temperature(
     from PIL import Image
     out, results = tiny_run
     cal = results["calibration"]
-    t = cal["temperature"]
-    assert json.loads((out / "model" / "config.json").read_text())[calibrate.KEY]["temperature"] == t
-    assert cal["nll_after"] <= cal["nll_before"] and 0 <= cal["ece_after"] <= 1
+    t = calibrate.kept(cal)  # the fitted temperature, or 1 where it did not help out of fold (the raw weights)
+    assert json.loads((out / "model" / "config.json").read_text())[calibrate.KEY] == cal
+    assert cal["nll_after"] <= cal["nll_before"] and 0 <= cal["ece_after"] <= 1 and cal["folds"] == 5
     raw, folded = load_file(out / "checkpoint-200" / "model.safetensors"), load_file(out / "model" / "model.safetensors")
     for key in raw:
         assert torch.equal(folded[key], raw[key] / t if key.startswith("classifier.") else raw[key]), key
@@ -85,7 +103,8 @@ def test_model_is_the_checkpoint_with_its_last_layer_divided_by_the_temperature(
     assert scores == pytest.approx({plain.config.id2label[i]: p for i, p in enumerate(expected.tolist())}, abs=1e-5)
     assert max(scores, key=scores.get) == plain.config.id2label[int(z.argmax())]
     card = (out / "model" / "README.md").read_text()
-    assert f"T = {t:.3f}" in card and f"{cal['ece_before']:.4f} raw" in card
+    assert f"T = {cal['temperature']:.3f}" in card and f"{cal['ece_before']:.4f} raw" in card
+    assert ("Scores are calibrated" if cal["kept"] else "Scores are the raw ones") in card
 
 
 def test_none_keeps_the_raw_model_and_a_target_stores_the_unknown_threshold(tmp_path, tiny_run):
@@ -115,13 +134,16 @@ def test_predict_answers_unknown_below_the_stored_threshold(tiny_run, tmp_path):
 
 
 def test_evaluate_calibrate_writes_a_calibrated_copy_and_leaves_the_model_alone(tiny_run, tmp_path):
-    out, _ = tiny_run
+    out, results = tiny_run
     before = (out / "model" / "config.json").read_text()
     p = cli("--model", out / "model", "--calibrate", "--target-accuracy", "0.9", "--output-dir", tmp_path / "e",
             "--num-workers", 0, module="vitfood.evaluate")
     assert p.returncode == 0, p.stderr[-2000:]
     r = json.loads((tmp_path / "e" / "eval_results.json").read_text())
-    assert r["calibration"]["temperature"] == pytest.approx(1.0, abs=0.02)  # model/ is calibrated already
+    # model/ is calibrated already (T near 1 again), or kept its raw scores (the run's T again)
+    run_t = results["calibration"]["temperature"]
+    assert r["calibration"]["temperature"] == pytest.approx(1.0 if results["calibration"]["kept"] else run_t, abs=0.02)
+    assert f"use it: python -m vitfood.predict --model {tmp_path / 'e' / 'model'} <images>" in p.stdout
     assert 0 <= r["ece"] <= 1 and (tmp_path / "e" / "reliability.png").is_file()
     assert (tmp_path / "e" / "risk_coverage.csv").read_text().startswith("threshold,coverage,accuracy")
     copy = json.loads((tmp_path / "e" / "model" / "config.json").read_text())

@@ -8,6 +8,12 @@ ours, and no answer changes (the argmax of z / T is the argmax of z; a multi-lab
 there, other thresholds move with the scores). Multi-label runs fit one temperature for every class too: it keeps
 the classes' ranking of an image, folds the same way, and needs only the positives that each class has, not
 enough per class on small eval splits for a Platt scaling of each.
+
+Judged out of fold: a temperature fitted and judged on the same images can overfit them (on 500 images one
+lowered the NLL and doubled the ECE). So the eval images are split into FOLDS parts; each part is scored with the
+temperature fitted on the others (cross-fitting), and the temperature fitted on all of them is kept only when these
+out-of-fold scores have a lower NLL and an ECE no higher than the raw scores. Otherwise the raw scores are kept,
+and the run says why.
 """
 
 import math
@@ -19,6 +25,8 @@ from vitfood.common import UserError
 
 BINS = 15
 FEWEST = 2  # eval images a temperature is fitted on, at the least
+FOLDS = 5  # the parts of the eval split a temperature is judged on, each with the temperature fitted on the others
+BOUNDS = (0.05, 20.0)  # the temperature's search interval: a fit at an end found no minimum inside it
 KEY = "vitfood_calibration"  # in a model's config.json: what was fitted, on what, and the errors before and after
 UNKNOWN = "vitfood_unknown_threshold"  # in a model's config.json: predict answers "unknown" below this top score
 
@@ -42,7 +50,7 @@ def fit_temperature(logits, labels, multi_label):
     right or all wrong, would push T to an end)."""
     def loss(log_t):
         return nll(logits, labels, multi_label, math.exp(log_t))
-    lo, hi = math.log(0.05), math.log(20.0)
+    lo, hi = map(math.log, BOUNDS)
     g = (math.sqrt(5) - 1) / 2
     a, b = hi - g * (hi - lo), lo + g * (hi - lo)
     fa, fb = loss(a), loss(b)
@@ -82,16 +90,43 @@ def reliability(score, right, bins=BINS):
     return rows, ece
 
 
+def cross_fitted(logits, labels, multi_label, folds=FOLDS):
+    """The logits divided, image by image, by the temperature fitted on the other folds (image i is in fold
+    i % folds): scores of a temperature judged on images it was not fitted on."""
+    fold = torch.arange(len(labels)) % folds
+    out = logits.double().clone()
+    for f in range(folds):
+        held = fold == f
+        out[held] /= fit_temperature(logits[~held], labels[~held], multi_label)
+    return out
+
+
 def calibrate(logits, labels, multi_label):
-    """The temperature fitted on these logits, with the NLL and ECE before and after, and the diagram's bins."""
+    """The temperature fitted on these logits; the NLL and ECE of the raw scores (before), of the scores with this
+    temperature (after: what model/ gives on this split) and out of fold (cross-fitted); whether the temperature is
+    kept, and why not; the diagram's bins (raw, and out of fold)."""
     if len(labels) < FEWEST:
         raise UserError(f"calibration needs at least {FEWEST} images")
     t = fit_temperature(logits, labels, multi_label)
-    out = dict(method="temperature", temperature=t, samples=len(labels), bins=BINS)
-    for when, temp in (("before", 1.0), ("after", t)):
-        rows, ece = reliability(*confidence(probabilities(logits, multi_label, temp), labels, multi_label))
-        out.update({f"nll_{when}": nll(logits, labels, multi_label, temp), f"ece_{when}": ece, f"bins_{when}": rows})
+    folds = min(FOLDS, len(labels))
+    out = dict(method="temperature", temperature=t, samples=len(labels), bins=BINS, folds=folds)
+    for when, z, temp in (("before", logits, 1.0), ("after", logits, t),
+                          ("out_of_fold", cross_fitted(logits, labels, multi_label, folds), 1.0)):
+        rows, ece = reliability(*confidence(probabilities(z, multi_label, temp), labels, multi_label))
+        out.update({f"nll_{when}": nll(z, labels, multi_label, temp), f"ece_{when}": ece, f"bins_{when}": rows})
+    if not BOUNDS[0] * 1.001 < t < BOUNDS[1] / 1.001:
+        out["not_kept"] = f"the fitted temperature reached its search bound ({t:.3g}): no minimum of the NLL inside it"
+    elif out["nll_out_of_fold"] >= out["nll_before"]:
+        out["not_kept"] = (f"out of fold it raised the NLL ({out['nll_before']:.4f} -> {out['nll_out_of_fold']:.4f})")
+    elif out["ece_out_of_fold"] > out["ece_before"]:
+        out["not_kept"] = (f"out of fold it raised the ECE ({out['ece_before']:.4f} -> {out['ece_out_of_fold']:.4f})")
+    out["kept"] = "not_kept" not in out
     return out
+
+
+def kept(cal):
+    """The temperature model/ gets: the fitted one when it helped out of fold, else 1 (the raw scores)."""
+    return cal["temperature"] if cal and cal["kept"] else 1.0
 
 
 def last_layer(model):
@@ -134,14 +169,16 @@ def threshold_for(curve, accuracy=None, coverage=None):
 
 
 def summary(cal):
-    """One line: T, and the ECE and NLL before and after."""
-    return (f"temperature {cal['temperature']:.3f}: ECE {cal['ece_before']:.4f} -> {cal['ece_after']:.4f}, "
-            f"NLL {cal['nll_before']:.4f} -> {cal['nll_after']:.4f} ({cal['samples']} eval images)")
+    """One line: T, the ECE and NLL before and out of fold, and which scores were kept."""
+    figures = (f"temperature {cal['temperature']:.3f}: ECE {cal['ece_before']:.4f} -> {cal['ece_out_of_fold']:.4f}, "
+               f"NLL {cal['nll_before']:.4f} -> {cal['nll_out_of_fold']:.4f} out of fold ({cal['samples']} eval "
+               f"images, {cal['folds']} folds)")
+    return f"{figures}: kept" if cal["kept"] else f"{figures}: raw scores kept, {cal['not_kept']}"
 
 
 def diagram(cal, size=400):
-    """The reliability diagram: per bin, the share right against the mean score, before (grey) and after (blue)
-    calibration, with the diagonal a calibrated model follows."""
+    """The reliability diagram: per bin, the share right against the mean score, raw (grey) and calibrated out of
+    fold (blue), with the diagonal a calibrated model follows."""
     left, top, side = 40, 56, size - 90
     img = Image.new("RGB", (size, size), "white")
     d = ImageDraw.Draw(img)
@@ -152,7 +189,7 @@ def diagram(cal, size=400):
     d.rectangle([*at(0, 1), *at(1, 0)], outline="black")
     d.line([at(0, 0), at(1, 1)], fill=(150, 150, 150))
     width = side / cal["bins"]
-    for half, (when, colour) in enumerate((("before", (170, 170, 170)), ("after", (40, 90, 200)))):
+    for half, (when, colour) in enumerate((("before", (170, 170, 170)), ("out_of_fold", (40, 90, 200)))):
         for b, (n, _, acc) in enumerate(cal[f"bins_{when}"]):  # each bin: raw on its left half, calibrated right
             if n:
                 x = x0 + b * width + half * width / 2
@@ -163,7 +200,8 @@ def diagram(cal, size=400):
     d.text((x0 + side / 2, y0 + 20), "score (15 bins)", fill="black", anchor="mt")
     d.text((x0, top - 4), "share right", fill="black", anchor="ld")
     d.text((4, 6), f"grey: raw scores, ECE {cal['ece_before']:.3f}", fill=(110, 110, 110))
-    d.text((4, 22), f"blue: divided by T = {cal['temperature']:.2f}, ECE {cal['ece_after']:.3f}", fill=(40, 90, 200))
+    d.text((4, 22), f"blue: divided by T = {cal['temperature']:.2f} out of fold, ECE {cal['ece_out_of_fold']:.3f}"
+                    f"{'' if cal['kept'] else ' (not kept)'}", fill=(40, 90, 200))
     return img
 
 
@@ -189,12 +227,13 @@ def check(multi_label, accuracy=None, coverage=None):
 
 def fitted(logits, labels, multi_label, method="temperature", accuracy=None, coverage=None):
     """What the end of a run (and vitfood.evaluate --calibrate) stores with a model: the calibration (None with
-    method "none"), and for a single-label target the unknown threshold's row, (threshold, coverage, accuracy), of
-    the calibrated scores (None when no threshold reaches the accuracy: every image is then answered)."""
+    method "none"; its temperature is folded in only when kept), and for a single-label target the unknown
+    threshold's row, (threshold, coverage, accuracy), of the scores the model will give (None when no threshold
+    reaches the accuracy: every image is then answered)."""
     check(multi_label, accuracy, coverage)
     cal = calibrate(logits, labels, multi_label) if method != "none" else None
     row = None
     if accuracy or coverage:
-        scores = confidence(probabilities(logits, False, cal["temperature"] if cal else 1.0), labels, False)
+        scores = confidence(probabilities(logits, False, kept(cal)), labels, False)
         row = threshold_for(risk_coverage(*scores), accuracy, coverage)
     return cal, row

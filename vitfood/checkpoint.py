@@ -241,7 +241,7 @@ class Export:
     temporary folder and renamed into place by `seal()`. With `weights_of`, a checkpoint folder that holds these
     very weights, its weights files are hard-linked at `seal()` instead of written again (so it may still be
     being written until then), and its config.json copied unless `own_config` (the model's config holds more than
-    the checkpoint's: an unknown threshold); elsewhere they are written now."""
+    the checkpoint's: a calibration not kept, an unknown threshold); elsewhere they are written now."""
 
     def __init__(self, output_dir, model, processor, card=None, name=MODEL, weights_of=None, own_config=False):
         self.output_dir, self.weights_of = output_dir, weights_of

@@ -23,11 +23,13 @@ vitfood.stack.require(__name__)  # a broken install (a torchvision built for ano
 import argparse
 import json
 import os
+import shlex
 
 import transformers
 
 from vitfood import calibrate, checkpoint, hub, metrics, report
-from vitfood.common import UserError, num_workers, pick_device, resolve_precision, run_main, safe_name
+from vitfood.common import DTYPES, UserError, model_precision, num_workers, pick_device, resolve_precision, run_main, \
+    safe_name
 from vitfood.config import RUN_CONFIG, OneLineParser, resolve, run_config_path, saved_run
 from vitfood.data import build_data, eval_skip_warning
 from vitfood.exported import is_onnx
@@ -53,7 +55,9 @@ def main(argv=None):
     p.add_argument("--label-separator", default=";", help="with --dataset: the character between an image's classes "
                                                           "in a text label column (multi-label)")
     p.add_argument("--batch-size", type=int, help="images per batch (unset: the run's eval batch, else 32)")
-    p.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"], help="unset: the run's, else auto")
+    p.add_argument("--precision", choices=["auto", *DTYPES], help="unset: the model's own (fp32 for a run's model/), "
+                   "as transformers.pipeline and the ONNX export run it; auto: bf16 on a CPU with bf16 units, fp16 on "
+                   "CUDA, faster")
     p.add_argument("--device", default="auto")
     p.add_argument("--num-workers", type=int, default=-1)
     p.add_argument("--mistakes", type=int, default=16, help="most confident mistakes to draw")
@@ -105,9 +109,8 @@ def main(argv=None):
             raise UserError("an .onnx model runs on the CPU in fp32 (onnxruntime): leave --device and --precision unset")
         a.device, a.precision = "cpu", "fp32"
     device = pick_device(a.device)
-    own_run = saved and not a.dataset  # the run's own eval split: its precision, eval batch and attention
-    precision = resolve_precision(a.precision or (cfg.precision if own_run else "auto"), device,
-                                  inherited=a.precision is None)
+    own_run = saved and not a.dataset  # the run's own eval split: its eval batch and attention
+    precision = resolve_precision(a.precision, device) if a.precision else None
     batch_size = a.batch_size or (cfg.eval_batch(device) if own_run else 32)
     hub.prepare(hub_dataset(cfg.dataset), hub_model(a.model))  # before the data: a missing model fails fast
     if a.dataset:  # a multi-label model reads a data set's single labels as lists of one
@@ -115,6 +118,7 @@ def main(argv=None):
     _, eval_ds, names = load_splits(cfg, log=lambda *args: None)  # then data: a wrong split fails fast
     transformers.utils.logging.disable_progress_bar()
     model, processor = load_for_inference(a.model, device, cfg.attn if own_run else "auto")
+    precision = precision or model_precision(model, device)
     model_names = [model.config.id2label[i] for i in range(model.config.num_labels)]
     if names != model_names and sorted(names) != sorted(model_names):
         raise UserError(f"the model's {len(model_names)} labels ({', '.join(model_names[:5])}, ...) are not "
@@ -164,8 +168,8 @@ def main(argv=None):
     if unknown:
         results.update(unknown_threshold=unknown[0], unknown_coverage=unknown[1], unknown_accuracy=unknown[2])
     if fits:  # a copy of the model that scores as fitted here: nothing of the model given is touched
-        if cal:
-            calibrate.fold(model, cal["temperature"])
+        if calibrate.kept(cal) != 1:
+            calibrate.fold(model, calibrate.kept(cal))
         calibrate.record(model.config, cal, unknown and unknown[0])
         checkpoint.export(out, model, processor)
         files.append("model/")
@@ -205,6 +209,8 @@ def main(argv=None):
     worst = sorted(rows, key=lambda x: x["f1"])[:3]
     print("lowest F1: " + ", ".join(f"{x['label']} {x['f1']:.3f}" for x in worst))
     print(f"results: {out}/ ({', '.join(files)})")
+    if fits:  # the copy is what answers "unknown", not the model given
+        print(f"use it: python -m vitfood.predict --model {shlex.quote(os.path.join(out, 'model'))} <images>")
     print(json.dumps({m.result: r[m.key] for m in table[:3]} | dict(samples=r["samples"])))
     return results
 

@@ -365,10 +365,15 @@ def model_card(cfg, results, history, sizes, names, precision, world, step_batch
                       f"training ran {results['train_runtime']:.0f} s at {results['train_samples_per_second']:.1f} images/s."]
     if results.get("calibration"):
         c = results["calibration"]
-        lines += ["", f"Scores are calibrated: the last layer is divided by the temperature T = {c['temperature']:.3f}, "
-                      f"fitted on the eval split ({c['samples']} images). Expected calibration error (15 bins) "
-                      f"{c['ece_before']:.4f} raw, {c['ece_after']:.4f} calibrated; NLL {c['nll_before']:.4f} -> "
-                      f"{c['nll_after']:.4f}."]
+        judged = (f"Judged out of fold ({c['folds']} folds: each part of the eval split scored with the temperature "
+                  f"fitted on the others), the expected calibration error (15 bins) is {c['ece_before']:.4f} raw and "
+                  f"{c['ece_out_of_fold']:.4f} calibrated; NLL {c['nll_before']:.4f} -> {c['nll_out_of_fold']:.4f}.")
+        if c["kept"]:
+            lines += ["", f"Scores are calibrated: the last layer is divided by the temperature T = {c['temperature']:.3f}, "
+                          f"fitted on the eval split ({c['samples']} images). {judged}"]
+        else:
+            lines += ["", f"Scores are the raw ones: a temperature T = {c['temperature']:.3f} was fitted on the eval split "
+                          f"({c['samples']} images) and not kept, since {c['not_kept']}. {judged}"]
     if results.get("unknown_threshold") is not None:
         lines += ["", f"vitfood.predict answers \"unknown\" below a top score of {results['unknown_threshold']:.4f}: on "
                       f"the eval split it answers {results['unknown_coverage']:.1%} of the images, "

@@ -151,3 +151,20 @@ def ensure(size, num_classes=10, max_px=512, seed=0, log=print, dishes=1):
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+SAMPLES = "samples"  # in a run folder: a few of the eval split's images, for a first `vitfood.predict`
+
+
+def write_samples(run_dir, eval_set, class_names, n=4):
+    """The first `n` eval images of a run on generated data, as JPEG files named for their class in
+    RUN_DIR/samples/: the data set itself lives in an Arrow folder of the cache, so a newcomer has no photo of
+    these dishes to give vitfood.predict. Returns the folder."""
+    folder = os.path.join(run_dir, SAMPLES)
+    os.makedirs(folder, exist_ok=True)
+    for i in range(min(n, len(eval_set))):
+        cell, label = eval_set.ds[i][eval_set.image_column], eval_set.labels[i]
+        name = "+".join(class_names[c] for c in label) if isinstance(label, tuple) else class_names[label]
+        with open(os.path.join(folder, f"{name}-{i}.jpg"), "wb") as fh:
+            fh.write(cell["bytes"] if cell.get("bytes") else open(cell["path"], "rb").read())
+    return folder

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import transformers
 
-from vitfood import adapt, calibrate, checkpoint, dist, fit, fsdp, hub, metrics, report, rundir, sources
+from vitfood import adapt, calibrate, checkpoint, dist, fit, fsdp, hub, metrics, report, rundir, sources, synthetic
 from vitfood.common import (UserError, env_info, first_line, mixed_precision, num_workers, rank_seed, resolve_precision,
                             run_main, seconds_since_start, seed_everything, start_cuda)
 from vitfood.config import RUN_CONFIG, to_dict
@@ -454,7 +454,7 @@ def finish(r, stopped):
                 log.say(f"warning: {len(seen['labels'])} eval image(s): too few to calibrate or set an unknown "
                         f"threshold on (at least {calibrate.FEWEST}); model/ keeps the raw scores")
         log.calibration(export_step, cal, unknown, cfg.target_accuracy)
-        if cal:  # the exported model's loss: its scores are the calibrated ones (every other figure is the same)
+        if cal and cal["kept"]:  # the exported model's loss: its scores are the calibrated ones (the rest is the same)
             final = dict(final, loss=cal["nll_after"])
     early = r.progress.stopped_early()
     results = report.results(final, r.step, export_step, ledger, r.startup, ema=r.ema is not None,
@@ -471,15 +471,15 @@ def finish(r, stopped):
             if adapt.is_lora(r.model):  # the adapter as it trained, then the model with it merged in
                 checkpoint.export(out, r.model, r.processor, name=adapt.ADAPTER)
             exported = whole or adapt.merged(r.model)
-            if cal:  # model/ scores calibrated wherever it is loaded; the checkpoints keep the raw weights
-                calibrate.fold(exported, cal["temperature"])
+            if calibrate.kept(cal) != 1:  # model/ scores calibrated wherever it is loaded; checkpoints keep the raw
+                calibrate.fold(exported, calibrate.kept(cal))
             calibrate.record(exported.config, cal, unknown and unknown[0])
             # the checkpoint of the exported step holds these very weights, unless they are merged, the EMA's or
             # calibrated
-            same = not (adapt.is_lora(r.model) or cfg.export_ema or cal or whole)
+            same = not (adapt.is_lora(r.model) or cfg.export_ema or calibrate.kept(cal) != 1 or whole)
             export = checkpoint.Export(out, exported, r.processor, card,
                                        weights_of=os.path.join(out, f"checkpoint-{export_step}") if same else None,
-                                       own_config=unknown is not None)
+                                       own_config=cal is not None or unknown is not None)
     with phases.span("final wait"):
         r.checkpoints.wait()  # the last checkpoint is complete before its weights are linked or the process ends
     if dist.any_rank([r.stopper.signal], r.device)[0]:  # a signal while it was written: stop, as during the eval
@@ -497,6 +497,9 @@ def finish(r, stopped):
         if early:
             print(f"  stopped early at step {r.step} of {r.max_steps}: {early}")
         print(f"  model: {model_dir}")
+        if cfg.dataset == "synthetic":  # a few images to try the model on, where the next command finds them
+            samples = synthetic.write_samples(out, r.data.eval_set, r.class_names)
+            print(f"  try it: python -m vitfood.predict --model {shlex.quote(out)} {shlex.quote(samples)}")
         print(f"  tensorboard --logdir {shlex.quote(out)}")
         print(f"  {phases.summary()}")
         phases.write(out, "success")
