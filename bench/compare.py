@@ -64,13 +64,13 @@ def main():
     recipe = ["--max-steps", str(a.steps), "--eval-steps", str(a.every), "--save-steps", str(a.every)]
     r = {}
     r["guide_pipeline"] = run([py, os.path.join(HERE, "guide_pipeline.py"), "--flip"], threads=1)
-    r["vitfood_pipeline"] = run([py, "-m", "vitfood.bench", *DATA, "--modes", "data", "--worker-counts", "0",
+    r["vitfood_pipeline"] = run([py, "-m", "vitfood.bench", "--json", *DATA, "--modes", "data", "--worker-counts", "0",
                                  "--steps", "20", "--repeats", "3"], threads=1)
     r["trainer_recipe"] = run([py, os.path.join(HERE, "hf_trainer.py"), *recipe])
     r["trainer_best"] = run([py, os.path.join(HERE, "hf_trainer.py"), *recipe, "--bf16", "--num-workers", "1"])
     r["vitfood_default"] = vitfood_train(a.steps, a.every)
     r["vitfood_fp32"] = vitfood_train(a.steps, a.every, "--precision", "fp32")
-    r["vitfood_bench"] = run([py, "-m", "vitfood.bench", *DATA, "--modes", "e2e,eval", "--steps", "5", "--repeats", "7"])
+    r["vitfood_bench"] = run([py, "-m", "vitfood.bench", "--json", *DATA, "--modes", "e2e,eval", "--steps", "5", "--repeats", "7"])
 
     v, vf, tr, tb = r["vitfood_default"], r["vitfood_fp32"], r["trainer_recipe"], r["trainer_best"]
     vb = r["vitfood_bench"]

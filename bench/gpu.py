@@ -134,7 +134,7 @@ def main():
                 a.out)
         elif phase in ("bench", "bench_graph"):  # bench_graph: the graphed step's rows alone, a shorter phase
             full = phase == "bench"
-            run(phase, [py, "-m", "vitfood.bench", *data, "--model", model, "--batch-size", "16",
+            run(phase, [py, "-m", "vitfood.bench", "--json", *data, "--model", model, "--batch-size", "16",
                         "--modes", "model,eval,save" if full else "model", "--batch-sizes", bench_sizes,
                         "--compile-modes", "eager" if a.tiny else "eager,graph" if full else "graph",
                         "--precisions", "fp32" if a.tiny else "fp16,bf16",

@@ -206,11 +206,10 @@ def test_tensorboard_serves_the_run(tiny_run):
         server.wait(timeout=30)
 
 
-def test_the_pipeline_on_the_exported_model_scores_as_predict_does(tiny_run, tmp_path):
+def test_the_pipeline_on_the_exported_model_scores_as_predict_does(tiny_run, tmp_path, monkeypatch, capsys):
     """model/'s image processor is what transformers.pipeline runs: it must see images as vitfood's eval does."""
     from transformers import pipeline
-    from vitfood.model import load_for_inference
-    from vitfood.predict import predict
+    from vitfood.predict import main
     from PIL import Image
     rng = np.random.default_rng(0)
     files = []
@@ -220,10 +219,39 @@ def test_the_pipeline_on_the_exported_model_scores_as_predict_does(tiny_run, tmp
         files.append(str(tmp_path / f"{i}.jpg"))
         Image.fromarray(pixels).save(files[-1], quality=90)
     out, _ = tiny_run
-    ours = list(predict(*load_for_inference(str(out / "model"), torch.device("cpu")), files, torch.device("cpu"),
-                        "fp32", top_k=2))
+    # vitfood.predict as a user runs it, with no --precision, on a CPU whose `auto` is bf16 (AMX, AVX512-BF16)
+    monkeypatch.setenv("VITFOOD_CPU_PRECISION", "bf16")
+    main(["--model", str(out / "model"), *files, "--top-k", "2", "--json"])
+    ours = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     clf = pipeline("image-classification", model=str(out / "model"), device="cpu")
     for f, o in zip(files, ours):
         theirs = clf(f, top_k=2)
         assert [p["label"] for p in theirs] == [p["label"] for p in o["predictions"]]
         assert [p["score"] for p in theirs] == pytest.approx([p["score"] for p in o["predictions"]], abs=2e-6)
+
+
+def test_auto_precision_on_a_cpu_can_be_set_to_either_kind_of_cpu(monkeypatch):
+    """VITFOOD_CPU_PRECISION: what --precision auto picks on a CPU, so one machine runs both kinds' numbers."""
+    from vitfood.common import UserError, model_precision, resolve_precision
+    cpu = torch.device("cpu")
+    for forced in ("fp32", "bf16"):
+        monkeypatch.setenv("VITFOOD_CPU_PRECISION", forced)
+        assert resolve_precision("auto", cpu) == forced and resolve_precision("fp32", cpu) == "fp32"
+    monkeypatch.setenv("VITFOOD_CPU_PRECISION", "fp16")
+    with pytest.raises(UserError, match="use fp32 or bf16"):
+        resolve_precision("auto", cpu)
+    layer = torch.nn.Linear(2, 2)
+    assert model_precision(layer, cpu) == "fp32" and model_precision(layer.to(torch.bfloat16), cpu) == "bf16"
+    assert model_precision(layer.to(torch.float16), cpu) == "fp32"  # fp16 weights run in fp32 on a CPU
+
+
+def test_an_image_named_alone_and_in_its_folder_is_predicted_once(tmp_path):
+    from vitfood.predict import find_images
+    (tmp_path / "photos" / "sub").mkdir(parents=True)
+    for name in ("a.jpg", "b.png", "sub/c.jpg", "notes.txt"):
+        (tmp_path / "photos" / name).write_bytes(b"x")
+    os.symlink(tmp_path / "photos" / "b.png", tmp_path / "link.png")
+    photos = tmp_path / "photos"
+    assert find_images([str(photos / "b.png"), str(photos), str(tmp_path / "link.png"), str(photos / "a.jpg")]) == \
+        [str(photos / "b.png"), str(photos / "a.jpg"), str(photos / "sub" / "c.jpg")]
+    assert find_images([str(tmp_path / "missing.jpg")] * 2) == [str(tmp_path / "missing.jpg")]  # said once

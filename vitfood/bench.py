@@ -71,11 +71,13 @@ def parse_args(argv=None):
     g.add_argument("--decode-modes", default="fast,full", help="comma list of fast,full: the JPEG decode path in data mode")
     g.add_argument("--steps", type=int, help="timed steps per repeat")
     g.add_argument("--repeats", type=int, help="repeats; the median is reported")
-    g.add_argument("--out", help="also write the JSON document to this file")
+    g.add_argument("--out", help="the JSON document's file (default: runs/bench-<date>-<time>.json)")
+    g.add_argument("--json", action="store_true", help="also print the JSON document as the last line, for scripts")
     g.add_argument("--profile", action="store_true", help="write a torch.profiler trace (Chrome/Perfetto JSON) of e2e steps")
     args = vars(p.parse_args(argv))
     bench = {k: args.pop(k, None) for k in ["modes", "quick", "batch_sizes", "precisions", "compile_modes", "attns",
-                                             "worker_counts", "decode_modes", "steps", "repeats", "out", "profile"]}
+                                             "worker_counts", "decode_modes", "steps", "repeats", "out", "json",
+                                             "profile"]}
     return resolve(args), argparse.Namespace(**bench)
 
 
@@ -271,10 +273,13 @@ def main(argv=None):
     data.close()
     _check_finite(report)
     text = json.dumps(report, default=float)
-    if b.out:
-        with open(b.out, "w") as fh:
-            fh.write(text + "\n")
-    print(text)
+    path = b.out or os.path.join("runs", f"bench-{datetime.datetime.now():%Y%m%d-%H%M%S}.json")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as fh:
+        fh.write(text + "\n")
+    print(f"\nreport: {path}")  # the tables above are for reading; the whole document is in the file
+    if b.json:
+        print(text)
     return report
 
 

@@ -181,20 +181,32 @@ def cpu_has_bf16_units():
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def resolve_precision(precision, device, inherited=False):
-    """The one place precision is decided: 'auto' becomes fp16/bf16/fp32 for this device. An `inherited`
-    precision (a training run's, reused by evaluate) that this device cannot run is chosen afresh."""
-    if inherited and precision == "fp16" and device.type == "cpu":
-        precision = "auto"  # the run's fp16 was for its GPU
+def resolve_precision(precision, device):
+    """The one place precision is decided: 'auto' becomes fp16 on CUDA, and on a CPU bf16 where it has bf16 matrix
+    units, else fp32. VITFOOD_CPU_PRECISION=fp32|bf16 sets what 'auto' picks on a CPU: the other kind of CPU's
+    numbers on this one (a test suite run both ways, a figure compared with another machine's)."""
     if precision == "auto":
         if device.type == "cuda":
             return "fp16"
+        forced = os.environ.get("VITFOOD_CPU_PRECISION")
+        if forced:
+            if forced not in ("fp32", "bf16"):
+                raise UserError(f"VITFOOD_CPU_PRECISION={forced}: use fp32 or bf16")
+            return forced
         return "bf16" if cpu_has_bf16_units() else "fp32"
     if precision == "fp16" and device.type == "cpu":
         raise UserError("--precision fp16 is not supported on the CPU; use bf16 or fp32")
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise UserError("--precision bf16: this GPU does not support bfloat16; use fp16 or fp32")
     return precision
+
+
+def model_precision(model, device):
+    """The precision a loaded model's own weights give, as transformers.pipeline and an ONNX export run it: what
+    predict and evaluate use unless --precision asks for another (fp16 weights run in fp32 on a CPU)."""
+    dtype = next(model.parameters()).dtype if hasattr(model, "parameters") else torch.float32
+    name = {v: k for k, v in DTYPES.items()}.get(dtype, "fp32")
+    return "fp32" if name == "fp16" and device.type == "cpu" else name
 
 
 def autocast(precision, device, cache=True):
