@@ -150,9 +150,30 @@ EVALUATED = "step 10: eval"
 def start(out, *extra, env=None):
     """A training process on RUN in `out` with --resume auto, as a job scheduler would start it."""
     cmd = [sys.executable, "-m", "vitfood.train", *RUN, "--output-dir", str(out), "--resume", "auto", *extra]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONUNBUFFERED": "1", **(env or {})},
-                            start_new_session=True)
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONUNBUFFERED": "1", **(env or {})},
+                         start_new_session=True)
+    p.pidfd = os.pidfd_open(p.pid)  # now, while it cannot have been reaped: this process and no other, ever
+    return p
+
+
+def send(proc, sig, group=False):
+    """`sig` to a process started here, never to one that took its pid later (Linux recycles pids, and a kill(2)
+    of a recycled pid that is now a thread of this very process signals this process): through its pidfd, or to
+    its process group while it is not reaped (the unreaped leader keeps the group's id from being reused).
+    A process already gone is not signalled."""
+    if group:
+        if proc.poll() is None:
+            os.killpg(proc.pid, sig)
+        return
+    fd = getattr(proc, "pidfd", None)
+    if fd is None:
+        proc.send_signal(sig)  # Popen polls first and never signals a child it has reaped
+        return
+    try:
+        signal.pidfd_send_signal(fd, sig)
+    except ProcessLookupError:
+        pass
 
 
 def wait_for(proc, prefix="run:", timeout=120):
@@ -185,7 +206,7 @@ def stop(out, sig, *extra):
     (SIGINT) reaches the terminal's whole process group; SIGTERM the main process (kill, docker stop, Kubernetes)."""
     p = start(out, *extra, env=HOLD)
     wait_for(p, EVALUATED)
-    os.killpg(p.pid, sig) if sig == signal.SIGINT else os.kill(p.pid, sig)
+    send(p, sig, group=sig == signal.SIGINT)
     stdout, stderr = output(p)
     return p.returncode, stdout, stderr
 
@@ -202,6 +223,9 @@ def output(proc, timeout=300):
     """(stdout, stderr) of a process started with start(), once it has ended; stdout whole, with what
     wait_for read."""
     out, err = proc.communicate(timeout=timeout)
+    if getattr(proc, "pidfd", None) is not None:
+        os.close(proc.pidfd)
+        proc.pidfd = None
     return getattr(proc, "seen", "") + out, err
 
 
@@ -275,3 +299,20 @@ def small_disk(tmp_path):
         pytest.skip("cannot mount a small tmpfs here (needs root and mount)")
     yield mnt
     subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def send_to_child_of(parent, pid, sig):
+    """`sig` to `pid`, read from /proc as a child of process `parent` (a loader worker), only while it still is:
+    pinned by a pidfd first, so that a pid freed and reused since the listing is never signalled."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            if int(fh.read().rsplit(")", 1)[1].split()[1]) == parent:
+                signal.pidfd_send_signal(fd, sig)
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    finally:
+        os.close(fd)

@@ -194,19 +194,25 @@ def _answers(n, wrong):
 
 
 def test_the_int8_gate_refuses_a_drop_the_eval_split_can_show_and_keeps_one_it_cannot():
+    import torch
     score = lambda logits, labels: export.scored_by(logits, labels, False, 0.5, 3)
     ref, labels = _answers(48, 0)
     two_of_48, _ = _answers(48, 2)  # 0.042 below, as two images flipped by a CPU's int8 kernels
-    low, high = export.drop_interval(ref, two_of_48, labels, score)
+    low, high = export.drop_interval(ref, two_of_48, labels, score, False)
     assert low <= 0.01 < 2 / 48 <= high  # so few images cannot show a drop beyond 0.01: kept
     ref, labels = _answers(500, 0)
-    low, high = export.drop_interval(ref, _answers(500, 15)[0], labels, score)
+    low, high = export.drop_interval(ref, _answers(500, 15)[0], labels, score, False)
     assert 0.01 < low < 0.03 < high  # 500 images can: refused
-    assert export.drop_interval(ref, ref, labels, score) == [0, 0]
-    low, high = export.drop_interval(_answers(500, 15)[0], ref, labels, score)  # int8 better: below 0
+    assert export.drop_interval(ref, ref, labels, score, False) == [0, 0]
+    low, high = export.drop_interval(_answers(500, 15)[0], ref, labels, score, False)  # int8 better: below 0
     assert low < high < 0
-    assert export.drop_interval(ref, _answers(500, 15)[0], labels, score) == [*export.drop_interval(
-        ref, _answers(500, 15)[0], labels, score)]  # seeded: the verdict depends on the images and models only
+    assert export.drop_interval(ref, _answers(500, 15)[0], labels, score, False) == export.drop_interval(
+        ref, _answers(500, 15)[0], labels, score, False)  # seeded: the verdict depends on the images and models only
+    multi = lambda logits, truth: export.scored_by(logits, truth, True, 0.5, 3)  # macro mAP, scored per resample
+    hot = torch.nn.functional.one_hot(torch.arange(60) % 3, 3).float()
+    assert export.drop_interval(hot * 4 - 2, hot * 4 - 2, hot, multi, True) == [0, 0]
+    low, high = export.drop_interval(hot * 4 - 2, -(hot * 4 - 2), hot, multi, True)  # every class inverted
+    assert 0.3 < low <= high
 
 
 def test_what_to_export_and_bad_input_are_one_line(run, tmp_path, capsys):

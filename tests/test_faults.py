@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import EVALUATED, HOLD, HOLD_S, finish, output, same, start, stop, train, wait_for, weights
+from conftest import EVALUATED, HOLD, HOLD_S, finish, output, same, send, send_to_child_of, start, stop, train, wait_for, weights
 from vitfood import checkpoint, rundir
 
 
@@ -65,7 +65,7 @@ def _kill_at_random_times(tmp_path, reference, trials, seed):
             p = start(out)
             wait_for(p)
             time.sleep(rng.uniform(0.0, 2.5))
-            os.killpg(p.pid, signal.SIGKILL)
+            send(p, signal.SIGKILL, group=True)
             p.communicate(timeout=60)
             _only_complete_checkpoints(out)
         finish(out)
@@ -104,10 +104,10 @@ def test_second_ctrl_c_exits_at_once_without_harm(tmp_path):
     out = tmp_path / "run"
     p = start(out, env=HOLD)
     wait_for(p, EVALUATED)
-    os.killpg(p.pid, signal.SIGINT)
+    send(p, signal.SIGINT, group=True)
     wait_for(p, "SIGINT: finishing this step")  # the first asked for a stop; the run is still held at step 11
     t0 = time.monotonic()
-    os.killpg(p.pid, signal.SIGINT)
+    send(p, signal.SIGINT, group=True)
     p.wait(timeout=60)
     waited = time.monotonic() - t0
     _, stderr = output(p)
@@ -168,7 +168,7 @@ def test_a_killed_loader_worker_is_a_clear_error_not_a_hang(tmp_path):
     p = start(out, "--save-steps", "7", env=HOLD)  # saves at steps 7 and 14: none at the kill
     wait_for(p, EVALUATED)
     _held(p.pid)  # asleep at the end of step 11, not reading a batch: the loader's workers are alive (persistent)
-    os.kill(_children(p.pid)[0], signal.SIGKILL)  # as the kernel's OOM killer would
+    send_to_child_of(p.pid, _children(p.pid)[0], signal.SIGKILL)  # as the kernel's OOM killer would
     _, stderr = output(p, timeout=120)
     last = stderr.strip().splitlines()[-1]
     assert p.returncode == 2 and last.startswith("error: DataLoader worker") and "Traceback" not in stderr, stderr[-1500:]
@@ -216,7 +216,7 @@ def _restart_right_after_kill_9(tmp_path, reference, trials):
         _children(p.pid)  # the loop has started its loader worker
         time.sleep(0.3 + 0.05 * (trial % 10))
         workers = _children(p.pid)
-        os.kill(p.pid, signal.SIGKILL)  # the main process only, as the kernel's OOM killer does
+        send(p, signal.SIGKILL)  # the main process only, as the kernel's OOM killer does
         p.wait(timeout=60)  # the main process, not its output pipes, which its workers hold open
         time.sleep(0.1)
         alive = [w for w in workers if _alive(w)]
@@ -224,7 +224,7 @@ def _restart_right_after_kill_9(tmp_path, reference, trials):
             break  # it ended before the kill
         again = start(out, "--num-workers", "-1")
         wait_for(again)  # not refused ("another vitfood process is running")
-        os.killpg(again.pid, signal.SIGKILL)
+        send(again, signal.SIGKILL, group=True)
         again.communicate(timeout=60)
         p.communicate(timeout=60)
         assert workers and not alive, (workers, alive)  # the workers died with their process, not seconds later
@@ -275,7 +275,7 @@ def test_kill_while_a_background_write_is_in_flight_then_resume_is_exact(tmp_pat
         assert time.time() < deadline and p.poll() is None
         time.sleep(0.02)
     time.sleep(0.5)  # the loop trains on while the write of checkpoint-10 waits (2 s)
-    os.killpg(p.pid, signal.SIGKILL)
+    send(p, signal.SIGKILL, group=True)
     p.communicate(timeout=60)
     assert p.returncode == -signal.SIGKILL
     _only_complete_checkpoints(out)
@@ -301,7 +301,7 @@ def test_vit_base_killed_while_its_checkpoint_is_written_in_the_background_resum
         assert time.time() < deadline and p.poll() is None
         time.sleep(0.01)
     time.sleep(0.5)  # checkpoint-4 is being written while the loop trains on
-    os.killpg(p.pid, signal.SIGKILL)
+    send(p, signal.SIGKILL, group=True)
     p.communicate(timeout=60)
     _only_complete_checkpoints(out)
     assert [s for s, _ in checkpoint.complete_checkpoints(out)] == [2]
@@ -317,13 +317,13 @@ def _stderr_or_where_it_waits(p, timeout):
     except subprocess.TimeoutExpired:
         children = subprocess.run(["ps", "-o", "pid,stat,wchan:24,cmd", "--ppid", str(p.pid)], capture_output=True,
                                   text=True).stdout
-        os.kill(p.pid, signal.SIGABRT)
+        send(p, signal.SIGABRT)
         try:
             stacks = p.communicate(timeout=30)[1]
         except subprocess.TimeoutExpired:
             stacks = "(no exit on SIGABRT either)"
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(p.pid, signal.SIGKILL)  # its workers
+            send(p, signal.SIGKILL, group=True)  # its workers
         raise AssertionError(f"no exit {timeout} s after its worker was killed; its children:\n{children}\n"
                              f"{stacks[-6000:]}")
 
@@ -353,7 +353,7 @@ def test_a_worker_killed_at_random_moments_is_one_line_every_time_and_resumes_ex
         if not workers:  # it got past its loop first
             output(p)
             continue
-        os.kill(rng.choice(workers), signal.SIGKILL)
+        send_to_child_of(p.pid, rng.choice(workers), signal.SIGKILL)
         stderr = _stderr_or_where_it_waits(p, timeout=120)
         if p.returncode == 0:  # the kill came after the last batch was taken
             ended_well += 1
