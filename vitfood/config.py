@@ -102,7 +102,7 @@ class Config:
     ema_decay: float = _opt(0.0, "keep an exponential moving average of the weights with this decay (0: none; its decay warms up as in timm: min(D, 1 - (1 + updates)^(-2/3))); evaluated beside the weights at each eval", decides="weights", legacy=0.0)
     export_ema: bool = _opt(False, "export the EMA weights to model/ instead of the trained ones (needs --ema-decay)", run_only=True)
     max_nonfinite_steps: int = _opt(25, "stop after this many consecutive steps with non-finite loss or gradients (each is skipped)", run_only=True)
-    precision: str = _opt("auto", "auto: fp16 on CUDA, bf16 on CPUs with bf16 matrix units, else fp32", ["auto", *DTYPES])
+    precision: str = _opt("auto", "auto: fp16 on CUDA, bf16 on CPUs with bf16 matrix units, else fp32 (VITFOOD_CPU_PRECISION=fp32 or bf16 sets what auto picks on a CPU)", ["auto", *DTYPES])
     # evaluation, checkpoints, logging
     eval_steps: int = _opt(100, "evaluate every N optimizer steps (and at the end)", run_only=True)
     save_steps: int = _opt(100, "save a checkpoint every N optimizer steps (and at the end)", run_only=True)
