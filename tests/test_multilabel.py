@@ -229,10 +229,11 @@ def test_a_multi_label_export_passes_the_gate_and_predict_writes_each_plates_cla
     assert parity["multi_label"] and parity["score_name"] == "mAP" and onnx["passed"] and onnx["agreement"] >= 0.999
     assert onnx["score"] == pytest.approx(parity["models"]["pytorch"]["score"], abs=1e-6)
     assert parity["models"]["pytorch"]["score"] == pytest.approx(plates_run[1]["eval_map"], abs=1e-6)
+    (tmp_path / "plates").mkdir()
     for i, dishes in enumerate(([0], [1, 3], [0, 2, 3])):
-        Image.fromarray(make_plate(dishes, np.random.default_rng(i), 128, 4)).save(tmp_path / f"plate{i}.jpg")
+        Image.fromarray(make_plate(dishes, np.random.default_rng(i), 128, 4)).save(tmp_path / "plates" / f"plate{i}.jpg")
     for model in (out / "model", out / "export" / "model.onnx"):
-        predict_main(["--model", str(model), "--precision", "fp32", "--threshold", "0.5", str(tmp_path),
+        predict_main(["--model", str(model), "--precision", "fp32", "--threshold", "0.5", str(tmp_path / "plates"),
                       "--output", str(tmp_path / f"{model.name}.csv")])
     rows = list(csv.DictReader(open(tmp_path / "model.csv")))
     assert list(rows[0]) == ["file", "labels", "scores", "error"] and len(rows) == 3

@@ -53,8 +53,12 @@ def find_images(paths):
                 found += [os.path.join(root, n) for n in sorted(names) if n.lower().endswith(IMAGE_EXTENSIONS)]
         else:
             found.append(path)
-    seen = set()
-    return [f for f in found if not (os.path.realpath(f) in seen or seen.add(os.path.realpath(f)))]
+    once, seen = [], set()
+    for f in found:
+        if os.path.realpath(f) not in seen:
+            seen.add(os.path.realpath(f))
+            once.append(f)
+    return once
 
 
 @torch.inference_mode()
