@@ -157,3 +157,12 @@ def test_bad_calibration_options_are_one_line(capsys, tmp_path):
     assert "must be in (0, 1]" in error(capsys, "--target-accuracy", "1.5")
     assert "for single-label models" in error(capsys, "--synthetic-dishes", "3", "--target-accuracy", "0.9",
                                               "--output-dir", tmp_path / "m")
+
+
+def test_one_eval_image_is_one_warning_with_its_one_reason(tmp_path, capsys):
+    results = train("--eval-split", "validation[:1]", "--max-steps", 1, "--eval-steps", 1, "--save-steps", 1,
+                    "--target-accuracy", "0.9", "--output-dir", tmp_path / "run")
+    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
+    assert warnings == ["warning: 1 eval image(s): too few to calibrate or set an unknown threshold on (at least 2); "
+                        "model/ keeps the raw scores"]
+    assert "calibration" not in results and "unknown_threshold" not in results

@@ -109,6 +109,7 @@ def test_config_files_in_other_encodings_yaml_floats_and_edited_run_configs(tmp_
     assert str(tmp_path / "binary.json") in fails("--config", tmp_path / "binary.json")
     (tmp_path / "typed.yaml").write_text("batch_size: big\n")
     assert str(tmp_path / "typed.yaml") in fails("--config", tmp_path / "typed.yaml")
+    assert fails("--config", tmp_path).endswith(f"config file {tmp_path} is a folder: give a JSON or YAML file")
     out = tmp_path / "run"
     train("--max-steps", 4, "--save-steps", 2, "--eval-steps", 2, "--output-dir", out)
     capsys.readouterr()

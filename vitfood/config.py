@@ -370,6 +370,8 @@ def _decode(path, data):
 
 def read_config_file(path, run=False):
     """Option values from a JSON or YAML file; `run`: it is a run's own train_config.json."""
+    if os.path.isdir(path):
+        raise UserError(f"config file {path} is a folder: give a JSON or YAML file")
     if not os.path.isfile(path):
         raise UserError(f"config file {path} does not exist")
     try:

@@ -450,10 +450,10 @@ def finish(r, stopped):
             if len(seen["labels"]) >= calibrate.FEWEST:
                 cal, unknown = calibrate.fitted(seen["logits"], seen["labels"], r.multi_label, cfg.calibrate,
                                                 cfg.target_accuracy, cfg.target_coverage)
-            else:
+                log.calibration(export_step, cal, unknown, cfg.target_accuracy)
+            else:  # the one reason: a second warning about the target would blame the threshold
                 log.say(f"warning: {len(seen['labels'])} eval image(s): too few to calibrate or set an unknown "
                         f"threshold on (at least {calibrate.FEWEST}); model/ keeps the raw scores")
-        log.calibration(export_step, cal, unknown, cfg.target_accuracy)
         if cal and cal["kept"]:  # the exported model's loss: its scores are the calibrated ones (the rest is the same)
             final = dict(final, loss=cal["nll_after"])
     early = r.progress.stopped_early()
