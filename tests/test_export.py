@@ -215,6 +215,19 @@ def test_the_int8_gate_refuses_a_drop_the_eval_split_can_show_and_keeps_one_it_c
     assert 0.3 < low <= high
 
 
+def test_weights_that_are_not_finite_are_named_not_called_a_disagreement(run, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+    out = tmp_path / "tiny"
+    shutil.copytree(run[0], out, ignore=shutil.ignore_patterns("export"))
+    weights = load_file(out / "model" / "model.safetensors")
+    weights["classifier.bias"][1] = float("nan")
+    os.remove(out / "model" / "model.safetensors")
+    save_file(weights, out / "model" / "model.safetensors", metadata={"format": "pt"})
+    line = error(capsys, out, main=export.main, alone=True)
+    assert "weights are not finite (classifier.bias holds NaN or inf)" in line and "agreement" not in line, line
+    assert not (out / "export").exists() and not list(out.glob("export*"))
+
+
 def test_what_to_export_and_bad_input_are_one_line(run, tmp_path, capsys):
     out = run[0]
     assert export.pick(str(out), "best") == (str(out / "checkpoint-200"), 200)

@@ -76,6 +76,10 @@ def main(argv=None):
     multi = cfg.multi_label or is_multi_label(eval_ds, cfg.label_column)
     model, processor = load(cfg, source, names, multi, lora)
     model_names = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    not_finite = next((k for k, t in model.state_dict().items() if t.is_floating_point() and not t.isfinite().all()), None)
+    if not_finite:  # else the gate would compare NaN with NaN and call it a disagreement
+        raise UserError(f"{shown(source)}'s weights are not finite ({not_finite} holds NaN or inf): nothing to export; "
+                        "export a checkpoint from before it diverged (--checkpoint checkpoint-<step>)")
     if sorted(names) != sorted(model_names):
         raise UserError(f"{source}'s labels are not the classes of its run's data set ({', '.join(names[:5])}, ...)")
     clear_leftovers(run)
