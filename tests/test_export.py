@@ -276,3 +276,22 @@ def test_the_demo_model_exports_to_int8_within_the_default_drop(tmp_path):
     assert models["onnx"]["passed"] and models["onnx"]["agreement"] >= 0.999
     assert models["onnx_int8"]["passed"]  # on 500 images the gate refuses a real drop beyond 0.01
     assert models["onnx_int8"]["size_mb"] < models["onnx"]["size_mb"] / 3
+
+
+@pytest.mark.slow
+def test_an_export_onto_a_full_disk_says_so_and_leaves_the_run_as_it_was(run, small_disk, monkeypatch, capsys):
+    """A real 1.2 MB tmpfs holding the run's model/: refused before writing; and a disk that fills while writing
+    (the check before it fooled) is the same line, not the exporter's or onnxruntime's error about a cut file."""
+    out = small_disk / "run"
+    out.mkdir()
+    shutil.copy(run[0] / "train_config.json", out)
+    shutil.copytree(run[0] / "model", out / "model")
+    before = sorted(os.listdir(out))
+    line = error(capsys, out, "--int8", main=export.main, alone=True)
+    assert "the disk holding it is full" in line and "nothing was written" in line, line
+    assert sorted(os.listdir(out)) == before
+    monkeypatch.setattr(export, "room_needed", lambda model, int8: 1)  # let it start writing
+    (small_disk / "filler").write_bytes(b"\0" * (shutil.disk_usage(small_disk).free - 60 * 1024))  # 60 kB left
+    line = error(capsys, out, "--int8", main=export.main, alone=True)
+    assert "the disk holding it is full" in line and "ONNX" not in line and "Wire format" not in line, line
+    assert sorted(os.listdir(out)) == before

@@ -83,13 +83,23 @@ def main(argv=None):
     if sorted(names) != sorted(model_names):
         raise UserError(f"{source}'s labels are not the classes of its run's data set ({', '.join(names[:5])}, ...)")
     clear_leftovers(run)
+    need = room_needed(model, a.int8)
+    if shutil.disk_usage(run).free < need:  # before anything is written: the run folder stays as it is
+        raise UserError(disk_full(run, need))
 
     tmp = os.path.join(run, f"{EXPORT}.tmp-{os.getpid()}")
     os.makedirs(tmp)
     try:
         t0 = time.perf_counter()
         print(f"export: {shown(source)} (step {step}) to ONNX opset {a.opset}, torch.onnx's dynamo exporter")
-        write_files(tmp, model, processor, model_names, a)
+        try:
+            write_files(tmp, model, processor, model_names, a)
+        except (UserError, OSError) as e:
+            # a disk filled while writing surfaces as the exporter's error, or as onnxruntime's on a file cut short
+            shutil.rmtree(tmp, ignore_errors=True)
+            if "No space left on device" in str(e) or shutil.disk_usage(run).free < need:
+                raise UserError(disk_full(run, need)) from None
+            raise
         print(f"written in {time.perf_counter() - t0:.1f} s; the parity gate on the eval split ({len(eval_ds)} images)")
         parity = gate(cfg, model, processor, tmp, eval_ds, names, model_names, multi, a)
         parity.update(source=shown(source, run), step=step, opset=a.opset, exporter="torch.onnx.export, dynamo=True")
@@ -137,6 +147,19 @@ def write_files(folder, model, processor, model_names, a):
     processor.save_pretrained(folder)
     with open(os.path.join(folder, "labels.txt"), "w") as fh:
         fh.write("".join(f"{n}\n" for n in model_names))
+
+
+def room_needed(model, int8):
+    """Bytes an export writes, about: model.onnx holds the fp32 weights, model-int8.onnx a quarter of them, and
+    the configs, labels and figures 1 MB at most."""
+    weights = sum(t.numel() * 4 for t in model.state_dict().values() if t.is_floating_point())
+    return int(weights * (1.25 if int8 else 1.0)) + 2 ** 20
+
+
+def disk_full(run, need):
+    free = shutil.disk_usage(run).free
+    return (f"cannot export into {shown(run)}: the disk holding it is full ({free / 2 ** 20:.1f} MB free; the export "
+            f"needs about {need / 2 ** 20:.1f} MB); nothing was written, the run folder is as it was")
 
 
 def hand_over(run, tmp, parity, max_int8_drop):
