@@ -55,6 +55,13 @@ def test_bad_shards_are_one_line(shards, tmp_path, capsys):
     (tmp_path / "not-a-tar.tar").write_bytes(b"this is not a tar file")
     assert "cannot read the train shards" in error(capsys, "--dataset", tmp_path / "not-a-tar.tar",
                                                    "--output-dir", tmp_path / "b")
+    cut = tmp_path / "cut"  # shard 2 of 4 cut short in the middle of a sample, as an interrupted copy leaves it
+    shutil.copytree(shards, cut)
+    data = (cut / "train-000002.tar").read_bytes()
+    (cut / "train-000002.tar").write_bytes(data[:len(data) // 2])
+    line = error(capsys, *flags(cut), "--output-dir", tmp_path / "b2")
+    assert f"shard {cut}/train-000002.tar breaks at byte " in line and "samples read whole" in line, line
+    assert "--bad-images skip does not cover a broken shard" in line, line
     with tarfile.open(shards / "train-000000.tar") as source, tarfile.open(tmp_path / "no-label.tar", "w") as t:
         for name in ("000000000.jpg", "000000000.cls", "000000001.jpg"):  # the second sample has no class id
             t.addfile(source.getmember(name), source.extractfile(name))

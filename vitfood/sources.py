@@ -243,6 +243,11 @@ def load_shards(spec, cfg, which):
         ds = datasets.load_dataset("webdataset", data_files={"train": [os.path.expanduser(f) for f in files]},
                                    split="train")
     except Exception as e:  # not a tar, a truncated tar, a URL that does not answer: datasets' own types
+        broken = _broken_shard(local)
+        if broken:
+            raise UserError(f"cannot read the {which} shards {spec!r}: {broken}; --bad-images skip does not cover a "
+                            "broken shard: write it again (python -m vitfood.shards) or leave it out of the pattern") \
+                from None
         raise UserError(f"cannot read the {which} shards {spec!r}: {first_line(e)}") from None
     for col in (cfg.image_column, cfg.label_column):
         if col in ds.column_names and ds.data.column(col).null_count:
@@ -250,6 +255,28 @@ def load_shards(spec, cfg, which):
             raise UserError(f"sample {ds[row]['__key__']} of shard {ds[row]['__url__']} has no {col!r} file "
                             f"(every sample needs --image-column {cfg.image_column} and --label-column {cfg.label_column})")
     return ds
+
+
+def _broken_shard(files):
+    """Where the first local shard that is not a whole tar breaks: its name, the byte and the last sample read
+    whole (datasets' builder only says that "an error occurred while generating the dataset"). None if all read."""
+    import tarfile
+    for f in files:
+        samples, last, at = set(), None, 0
+        try:
+            with tarfile.open(os.path.expanduser(f)) as tar:
+                for member in tar:
+                    if member.isfile():
+                        tar.extractfile(member).read()  # a file cut short fails here, not at its header
+                        key = member.name.split(".", 1)[0]
+                        samples.add(key)
+                        last, at = key, member.offset_data + member.size
+        except (tarfile.TarError, OSError, EOFError) as e:
+            after = f"after sample {last!r}, {len(samples)} samples read whole" if last else "before any sample"
+            if last is None and isinstance(e, tarfile.ReadError) and at == 0 and "could not be opened" in str(e):
+                return f"shard {f} is not a tar file"
+            return f"shard {f} breaks at byte {at:,} ({after}; {type(e).__name__}: {first_line(e, 120)})"
+    return None
 
 
 def shard_names(spec, ds, column):
