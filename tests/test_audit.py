@@ -103,3 +103,26 @@ def test_an_audit_killed_in_a_fold_resumes_to_the_same_findings(audited, tmp_pat
     assert done.returncode == 0, done.stderr[-2000:]
     for name in ("label_issues.csv", "duplicates.csv", "outliers.csv"):
         assert (tmp_path / "a" / name).read_text() == (out / name).read_text(), name
+
+
+def test_a_fold_run_still_finishing_is_waited_for_not_started_beside(tmp_path):
+    """An audit killed -9 leaves its fold run saving (its parent-death SIGTERM); the audit run again at once waits
+    for that run's lock instead of starting the same fold beside it."""
+    import subprocess
+    import sys
+    import time
+    from vitfood import rundir
+    run = tmp_path / "fold-1"
+    run.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from vitfood import rundir; "
+                               f"rundir.lock({str(run)!r}); print('held', flush=True); time.sleep(2)"],
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    said, t0 = [], time.monotonic()
+    rundir.wait_unlocked(str(run), said.append)
+    assert holder.wait(timeout=30) == 0 and time.monotonic() - t0 > 1  # it waited for the holder to end
+    assert said == [f"waiting for the vitfood process still running in {run} to finish"]
+    rundir.wait_unlocked(str(run), said.append)  # nothing holds it now: no wait, nothing said
+    assert len(said) == 1
+    rundir.lock(str(run))  # and a run can take it
+    rundir.unlock(str(run))

@@ -42,7 +42,7 @@ import torch
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from vitfood import calibrate, checkpoint, hub, report
+from vitfood import calibrate, checkpoint, hub, report, rundir
 from vitfood.common import Console, UserError, autocast, num_workers, pick_device, resolve_precision, run_main
 from vitfood.config import RUN_CONFIG, OneLineParser, build_parser, resolve, saved_run
 from vitfood.data import ImageDataset, make_loader
@@ -159,6 +159,7 @@ def out_of_fold(a, rest, cfg, names, device, precision, workers, out):
         run = os.path.join(out, "folds", f"fold-{k}")
         if not os.path.isfile(os.path.join(run, "model", "config.json")):  # a finished fold is kept
             print(f"fold {k} of {a.folds}: {run}", flush=True)
+            rundir.wait_unlocked(run, lambda line: print(line, flush=True))  # a killed audit's fold, still saving
             status = fold_run([*rest, "--fold", f"{k}/{a.folds}", "--output-dir", run, "--resume", "auto",
                                "--calibrate", "none"])
             if status == EXIT_STOPPED:  # stopped by a signal, a checkpoint saved: the same command resumes it

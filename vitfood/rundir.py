@@ -141,6 +141,27 @@ def lock(output_dir):
     _locks[key] = fh
 
 
+def wait_unlocked(output_dir, say, timeout=600):
+    """Until no process holds `output_dir`'s run lock (a run still finishing there: an audit's fold run orphaned by
+    a kill -9 of the audit saves and exits on its parent-death SIGTERM), saying so once; one line after `timeout`."""
+    import fcntl
+    path, deadline, said = os.path.join(output_dir, "run.lock"), time.monotonic() + timeout, False
+    while os.path.exists(path):
+        with open(path, "a+") as fh:  # closed at once: the lock, if taken, is released with it
+            try:
+                fcntl.lockf(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except OSError as e:
+                if e.errno not in (errno.EACCES, errno.EAGAIN):
+                    raise
+        if not said:
+            say(f"waiting for the vitfood process still running in {output_dir} to finish")
+            said = True
+        if time.monotonic() > deadline:
+            raise UserError(f"another vitfood process has held {output_dir} for {timeout} s; stop it, then run again")
+        time.sleep(0.5)
+
+
 def unlock(output_dir):
     """The run is over: its lock file removed (while still held, so no other process can lock the old file), then
     released."""
