@@ -204,7 +204,8 @@ def resolve_precision(precision, device):
 def model_precision(model, device):
     """The precision a loaded model's own weights give, as transformers.pipeline and an ONNX export run it: what
     predict and evaluate use unless --precision asks for another (fp16 weights run in fp32 on a CPU)."""
-    dtype = next(model.parameters()).dtype if hasattr(model, "parameters") else torch.float32
+    weight = next(model.parameters(), None) if hasattr(model, "parameters") else None  # an ONNX file has none
+    dtype = weight.dtype if weight is not None else torch.float32
     name = {v: k for k, v in DTYPES.items()}.get(dtype, "fp32")
     return "fp32" if name == "fp16" and device.type == "cpu" else name
 
