@@ -120,19 +120,14 @@ def lock(output_dir):
     A POSIX record lock (fcntl), not flock: forked children such as DataLoader workers do not inherit it,
     so a restart right after a kill -9 of the main process is not refused by workers still exiting, and
     the kernel drops it the moment the process dies."""
-    import fcntl
     key = os.path.realpath(output_dir)
     if key in _locks:  # this process holds it already (closing a second handle would drop the lock)
         return
     path = os.path.join(output_dir, "run.lock")
     while True:
         fh = open(path, "a+")
-        try:
-            fcntl.lockf(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
+        if not _locked(fh):
             fh.close()
-            if e.errno not in (errno.EACCES, errno.EAGAIN):
-                raise
             raise UserError(f"another vitfood process is running in {output_dir}; wait for it or use another --output-dir")
         with contextlib.suppress(OSError):  # the file locked is still the one at `path`: not one a run that
             if os.stat(path).st_ino == os.fstat(fh.fileno()).st_ino:  # ended (unlock) removed meanwhile
@@ -141,19 +136,26 @@ def lock(output_dir):
     _locks[key] = fh
 
 
+def _locked(fh):
+    """Whether this process now holds the exclusive run lock on the open file `fh` (False: another process does)."""
+    import fcntl
+    try:
+        fcntl.lockf(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError as e:
+        if e.errno not in (errno.EACCES, errno.EAGAIN):
+            raise
+        return False
+
+
 def wait_unlocked(output_dir, say, timeout=600):
     """Until no process holds `output_dir`'s run lock (a run still finishing there: an audit's fold run orphaned by
     a kill -9 of the audit saves and exits on its parent-death SIGTERM), saying so once; one line after `timeout`."""
-    import fcntl
     path, deadline, said = os.path.join(output_dir, "run.lock"), time.monotonic() + timeout, False
     while os.path.exists(path):
         with open(path, "a+") as fh:  # closed at once: the lock, if taken, is released with it
-            try:
-                fcntl.lockf(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if _locked(fh):
                 return
-            except OSError as e:
-                if e.errno not in (errno.EACCES, errno.EAGAIN):
-                    raise
         if not said:
             say(f"waiting for the vitfood process still running in {output_dir} to finish")
             said = True
