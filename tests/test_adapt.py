@@ -142,6 +142,22 @@ def test_lora_exports_a_plain_merged_model_and_its_adapter_beside_it(tmp_path):
     assert "LoRA adapters (rank 4" in card
 
 
+def test_a_finished_lora_run_with_ema_resumed_exports_a_damaged_adapter_and_model_again(tmp_path, capsys):
+    """Neither folder shares a checkpoint's bytes (merged; the EMA's): resumed, the run writes both again, the same."""
+    out = tmp_path / "run"
+    args = ["--model", "vit-micro", "--lora-rank", "4", "--ema-decay", "0.9", "--export-ema"]
+    run(out, *args)
+    files = [out / "adapter" / "adapter_model.safetensors", out / "model" / "model.safetensors"]
+    before = [f.read_bytes() for f in files]
+    for f in files:
+        f.write_bytes(f.read_bytes()[:-1] + b"x")
+    run(out, *args, "--resume", "auto")
+    said = capsys.readouterr().out
+    assert "adapter/ is damaged" in said and "model/ is damaged" in said
+    assert [f.read_bytes() for f in files] == before
+    assert sorted(p.name.split("-")[0] for p in out.iterdir() if ".damaged-" in p.name) == ["adapter.damaged", "model.damaged"]
+
+
 def test_gradient_checkpointing_gives_the_same_loss(tmp_path):
     plain = run(tmp_path / "a", "--model", "vit-micro", "--precision", "fp32")
     ckpt = run(tmp_path / "b", "--model", "vit-micro", "--precision", "fp32", "--gradient-checkpointing")

@@ -127,6 +127,7 @@ def test_predict_answers_unknown_below_the_stored_threshold(tiny_run, tmp_path):
     Image.new("RGB", (40, 40), (10, 200, 30)).save(tmp_path / "a.png")
     p = cli("--model", model, tmp_path / "a.png", module="vitfood.predict")
     assert p.returncode == 0 and ": unknown (best: " in p.stdout, p.stderr
+    assert f"note: config.json in {model} changed after it was written (edited?): read as it is now" in p.stderr
     p = cli("--model", model, tmp_path / "a.png", "--threshold", "0", "--output", tmp_path / "p.csv",
             module="vitfood.predict")
     lines = (tmp_path / "p.csv").read_text().splitlines()
@@ -166,3 +167,12 @@ def test_one_eval_image_is_one_warning_with_its_one_reason(tmp_path, capsys):
     assert warnings == ["warning: 1 eval image(s): too few to calibrate or set an unknown threshold on (at least 2); "
                         "model/ keeps the raw scores"]
     assert "calibration" not in results and "unknown_threshold" not in results
+
+
+def test_the_moved_threshold_predicts_on_calibrated_scores_the_classes_the_raw_ones_did():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(2000, 3, generator=g, dtype=torch.float64) * 3
+    for t, temperature in ((0.4, 0.7), (0.3, 2.5), (0.5, 1.7), (0.9, 0.2)):
+        own = calibrate.moved(t, temperature)
+        assert torch.equal(torch.sigmoid(z) >= t, torch.sigmoid(z / temperature) >= own), (t, temperature)
+    assert calibrate.moved(0.5, 3.0) == 0.5 and calibrate.moved(0.3, 1.0) == pytest.approx(0.3)

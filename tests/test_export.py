@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from conftest import error, error_line
-from vitfood import export, exported
+from vitfood import export, exported, seal
 from vitfood.common import run_main
 
 
@@ -51,8 +51,9 @@ def predicted(capsys, *args):
 def test_the_export_passes_the_gate_and_writes_a_folder_a_deployment_can_use(run):
     out, results, parity, _ = run
     folder = out / "export"
-    assert sorted(os.listdir(folder)) == ["README.md", "config.json", "labels.txt", "model-int8.onnx", "model.onnx",
-                                          "parity.json", "preprocessor_config.json"]
+    assert sorted(os.listdir(folder)) == ["README.md", "SHA256SUMS", "config.json", "labels.txt", "model-int8.onnx",
+                                          "model.onnx", "parity.json", "preprocessor_config.json"]
+    assert seal.damaged_file(folder) is None and "  model-int8.onnx\n" in (folder / "SHA256SUMS").read_text()
     assert json.loads((folder / "parity.json").read_text()) == json.loads(json.dumps(parity))
     fp32, int8, torch_row = parity["models"]["onnx"], parity["models"]["onnx_int8"], parity["models"]["pytorch"]
     assert parity["images"] == 48 and parity["source"] == "model" and parity["step"] == 200
@@ -177,8 +178,9 @@ def test_an_int8_file_beyond_the_accepted_drop_is_refused_and_the_fp32_export_ke
     assert e.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "with 95% confidence), more than --max-int8-drop 0.05" in err[0], err
-    assert sorted(os.listdir(out / "export")) == ["README.md", "config.json", "labels.txt", "model.onnx", "parity.json",
-                                                  "preprocessor_config.json"]
+    assert sorted(os.listdir(out / "export")) == ["README.md", "SHA256SUMS", "config.json", "labels.txt", "model.onnx",
+                                                  "parity.json", "preprocessor_config.json"]
+    assert seal.damaged_file(out / "export") is None  # sealed without the int8 file it kept aside
     assert "ONNX int8 (refused)" in (out / "export" / "README.md").read_text()
     aside = next(out.glob("export-rejected-*"))
     assert sorted(os.listdir(aside)) == ["model-int8.onnx", "parity.json"]
@@ -223,9 +225,23 @@ def test_weights_that_are_not_finite_are_named_not_called_a_disagreement(run, tm
     weights["classifier.bias"][1] = float("nan")
     os.remove(out / "model" / "model.safetensors")
     save_file(weights, out / "model" / "model.safetensors", metadata={"format": "pt"})
+    seal.seal_folder(out / "model")  # as a run that diverged would have written and sealed it
     line = error(capsys, out, main=export.main, alone=True)
     assert "weights are not finite (classifier.bias holds NaN or inf)" in line and "agreement" not in line, line
     assert not (out / "export").exists() and not list(out.glob("export*"))
+
+
+def test_a_changed_byte_in_an_export_is_named_with_the_command_that_writes_it_again(run, tmp_path, capsys):
+    from vitfood import predict
+    out = tmp_path / "tiny"
+    shutil.copytree(run[0], out)
+    onnx = out / "export" / "model.onnx"
+    data = bytearray(onnx.read_bytes())
+    data[len(data) // 2] ^= 1
+    onnx.write_bytes(bytes(data))
+    line = error(capsys, "--model", onnx, out / "samples", main=predict.main, alone=True)
+    assert line == (f"error: {out / 'export'} is damaged: model.onnx does not match its SHA-256 (changed after it was "
+                    f"written); export it again: python -m vitfood.export {out}")
 
 
 def test_what_to_export_and_bad_input_are_one_line(run, tmp_path, capsys):

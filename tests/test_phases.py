@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from vitfood import checkpoint, rundir
+from vitfood import checkpoint, rundir, seal
 from vitfood.data import BatchStream, EpochBatchSampler, KeptBatches, make_loader, stop_workers
 from vitfood.metrics import Worst
 
@@ -59,7 +59,7 @@ def test_model_takes_the_last_checkpoints_weights_file_without_writing_it_again(
     assert os.path.samefile(exported, saved)  # one file, two names
     assert (out / "model" / "config.json").read_text() == (out / "checkpoint-4" / "config.json").read_text()
     assert not checkpoint.damage(out / "checkpoint-4")  # its marker's SHA-256 still holds
-    assert oct(exported.stat().st_mode & 0o777) == oct(0o666 & ~checkpoint._UMASK)
+    assert oct(exported.stat().st_mode & 0o777) == oct(0o666 & ~seal._UMASK)
 
 
 def test_an_ema_export_writes_its_own_weights(tmp_path):

@@ -317,3 +317,52 @@ def test_the_run_folder_done_prints_is_taken_for_its_model_and_its_checkpoints(t
     from vitfood.rundir import parse_run
     cfg, where, resume = parse_run(["--resume", str(out)])
     assert (where, resume) == (str(out), "auto")
+
+
+# ---------------------------------------------------------------- a damaged model/ (sealed with SHA256SUMS)
+def _flip(path):
+    """One bit changed in the middle of the file, as a disk or a careless tool would change it."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 1
+    path.write_bytes(bytes(data))
+
+
+def test_a_changed_byte_in_model_is_named_by_every_tool_and_resume_exports_it_again(tiny_run, tmp_path, capsys):
+    from conftest import error
+    from vitfood import audit, evaluate, export, predict
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run[0], out)  # copied: model/'s weights no longer share the checkpoint's bytes
+    sealed = (out / "model" / "SHA256SUMS").read_text()
+    assert "  model.safetensors\n" in sealed and "  config.json\n" in sealed
+    original = (out / "model" / "model.safetensors").read_bytes()
+    _flip(out / "model" / "model.safetensors")
+    mend = f"export it again from the run's newest checkpoint: python -m vitfood.train --resume auto --output-dir {out}"
+    for main, args in ((predict.main, ["--model", out / "model", out]), (predict.main, ["--model", out, out]),
+                       (evaluate.main, ["--model", out / "model", "--output-dir", tmp_path / "eval"]),
+                       (export.main, [out]), (audit.main, ["--model", out, "--output-dir", tmp_path / "audit"])):
+        line = error(capsys, *args, main=main)
+        assert line == f"error: {out / 'model'} is damaged: model.safetensors does not match its SHA-256 (changed " \
+                       f"after it was written); {mend}", (main.__module__, line)
+    assert not (out / "export").exists()
+    train("--resume", "auto", "--output-dir", out)
+    said = capsys.readouterr().out
+    assert "the run finished, but model/ is damaged" in said and "exporting it again" in said
+    assert (out / "model" / "model.safetensors").read_bytes() == original  # the same model, sealed again
+    again = (out / "model" / "SHA256SUMS").read_text().splitlines()  # the model card's figures differ, not the model
+    assert [r for r in again if "README" not in r] == [r for r in sealed.splitlines() if "README" not in r]
+    aside = [p for p in out.iterdir() if p.name.startswith("model.damaged-")]
+    assert len(aside) == 1 and (aside[0] / "model.safetensors").read_bytes() != original  # moved, not deleted
+    (out / "model" / "config.json").unlink()
+    assert error(capsys, "--model", out / "model", out, main=predict.main).endswith(
+        f"is damaged: config.json is missing; {mend}")
+
+
+def test_a_sealed_folder_outside_its_run_says_to_restore_it(tiny_run, tmp_path, capsys):
+    from conftest import error
+    from vitfood import predict
+    copy = tmp_path / "elsewhere"
+    shutil.copytree(tiny_run[0] / "model", copy)
+    (copy / "SHA256SUMS").write_text("not a list\n")
+    assert error(capsys, "--model", copy, tiny_run[0] / "samples", main=predict.main) == (
+        f"error: {copy} is damaged: its list of checksums cannot be read (SHA256SUMS is not a list of SHA-256 sums); "
+        "restore it from a copy, or export it again from its run")

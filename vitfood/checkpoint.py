@@ -9,11 +9,12 @@ renamed into place, so a folder named checkpoint-<step> is either complete or ab
 An --fsdp run's checkpoint holds config.json instead of model.safetensors, and its weights and optimizer
 state in sharded/ (one file per rank, written by every rank at once; see fsdp.py), listed in COMPLETE.json
 like the rest.
+
+The exported model/ (and a LoRA run's adapter/) is sealed too, with SHA256SUMS (seal.py).
 """
 
 import contextlib
 import errno
-import hashlib
 import json
 import os
 import re
@@ -25,8 +26,9 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from vitfood.common import UserError, first_line
+from vitfood import seal
+from vitfood.seal import MARKER, finish_files, seal_folder, sha256
 
-MARKER = "COMPLETE.json"
 STATE = "training_state.pt"
 BEST = "best_checkpoint.json"
 NAME = re.compile(r"^checkpoint-(\d+)$")  # a checkpoint folder's name
@@ -34,9 +36,6 @@ MODEL = "model"  # <output-dir>/model: the exported model
 
 
 _reached = {}
-_UMASK = os.umask(0o022)  # read (there is no other way) and put back at import, before any thread runs
-os.umask(_UMASK)
-_FILE_MODE = 0o666 & ~_UMASK
 
 
 def fault_point(name):
@@ -157,7 +156,7 @@ def save(output_dir, step, model, processor, training_state, weights=None, timin
             processor.save_pretrained(tmp)
             torch.save(training_state, os.path.join(tmp, STATE))
             t1 = time.perf_counter()
-            files = _finish_files(tmp, timing=timing)
+            files = finish_files(tmp, timing=timing)
             timing.update(files_s=round(t1 - t0, 3), seal_s=round(time.perf_counter() - t1, 3))
             if before_marker:
                 before_marker()
@@ -172,43 +171,9 @@ def save(output_dir, step, model, processor, training_state, weights=None, timin
     return final
 
 
-def _finish_files(folder, digest=True, timing=None):
-    """{name: (size, sha256)} of a folder's files, each fsynced and given the permissions the umask allows
-    (safetensors writes its files private, 0600; an exported model is meant to be shared). The files are done
-    side by side (fsync and hashlib let go of the GIL): a ViT-B checkpoint's two large files, 0.7 and 0.3 GB,
-    take the time of the larger one. `digest` False: sizes alone (the SHA-256 reads every byte back).
-    `timing`: a dict that gets the seconds of fsync and hashing, summed over the files."""
-    names = sorted(os.path.relpath(os.path.join(top, n), folder) for top, _, files in os.walk(folder) for n in files)
-    with ThreadPoolExecutor(max_workers=max(1, len(names))) as pool:
-        done = list(pool.map(lambda name: _finish_file(os.path.join(folder, name), digest), names))
-    if timing is not None:
-        timing.update(fsync_s=round(sum(d[2] for d in done), 3), sha256_s=round(sum(d[3] for d in done), 3),
-                      mb=round(sum(d[0] for d in done) / 2 ** 20, 1))
-    return {name: dict(size=size, sha256=sha) for name, (size, sha, _, _) in zip(names, done)}
-
-
-def _finish_file(path, digest):
-    """(size, sha256 or None, seconds of fsync, seconds of hashing) of one file, synced to the disk."""
-    os.chmod(path, _FILE_MODE)
-    t0 = time.perf_counter()
-    with open(path, "rb") as fh:  # fsync needs no write access (a umask may have taken it away)
-        os.fsync(fh.fileno())
-    t1 = time.perf_counter()
-    sha = _sha256(path) if digest else None
-    return os.path.getsize(path), sha, t1 - t0, time.perf_counter() - t1
-
-
-def _sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _seal(tmp, step):
     """fsync every file, then write the marker that makes the folder a complete checkpoint."""
-    _mark(tmp, step, _finish_files(tmp))
+    _mark(tmp, step, finish_files(tmp))
 
 
 def _mark(tmp, step, files):
@@ -251,7 +216,9 @@ class Export:
         with self._guard():
             if weights_of:
                 os.makedirs(self.tmp)
-                if own_config:
+                if own_config:  # with what save_pretrained adds to it, though no checkpoint was saved this time
+                    model.config.dtype = str(model.dtype).split(".")[1]
+                    model.config.architectures = [type(model).__name__]
                     model.config.save_pretrained(self.tmp)
             else:
                 model.save_pretrained(self.tmp)
@@ -272,18 +239,38 @@ class Export:
     def seal(self):
         """The folder in place, every file synced; returns its path."""
         with self._guard():
+            known = {}
             if self.weights_of:
+                files = seal.listed(self.weights_of)
                 for name in os.listdir(self.weights_of):
                     if name == "config.json" and not os.path.exists(os.path.join(self.tmp, name)):  # the same model's
                         shutil.copyfile(os.path.join(self.weights_of, name), os.path.join(self.tmp, name))
                     elif name.startswith("model") and ".safetensors" in name:  # model.safetensors, or its shards
                         link(os.path.join(self.weights_of, name), os.path.join(self.tmp, name))
-            _finish_files(self.tmp, digest=False)
+                        known[name] = files.get(name, (0, None))[1]  # as written: a change since then shows
+            seal_folder(self.tmp, known)
         _swap_in(self.tmp, self.final)
         return self.final
 
     def discard(self):
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def unsound_exports(output_dir, lora, say, main=True):
+    """After a finished run: its model/ (and a LoRA run's adapter/) missing or damaged? Each damaged one is moved
+    aside by the `main` process (never deleted), and said, so that the run's end exports it again. True when one is
+    (on every rank: the others find it damaged or already moved)."""
+    unsound = False
+    for name in (MODEL, "adapter") if lora else (MODEL,):
+        path = os.path.join(output_dir, name)
+        problem = seal.damaged_file(path) if os.path.isdir(path) else f"{name}/ is missing"
+        if problem and main and os.path.isdir(path):
+            moved = set_aside(path)
+            problem = f"{name}/ is damaged ({problem}; moved to {os.path.basename(moved)}/)"
+        if problem:
+            say(f"{output_dir}: the run finished, but {problem}: exporting it again from the newest checkpoint")
+            unsound = True
+    return unsound
 
 
 def export(output_dir, model, processor, card=None, name=MODEL):
@@ -301,19 +288,12 @@ def link(source, target):
         shutil.copyfile(source, target)
 
 
-def _listed(path):
-    """{name: (size, sha256 or None)} from a checkpoint's marker (sizes alone in older checkpoints)."""
-    with open(os.path.join(path, MARKER)) as fh:
-        files = json.load(fh)["files"]
-    return {n: (f["size"], f["sha256"]) if isinstance(f, dict) else (f, None) for n, f in files.items()}
-
-
 def is_complete(path):
     """True when the folder's marker exists, lists the training state, and every file it lists is there with
     its size."""
     try:
-        listed = _listed(path)
-        return STATE in listed and all(os.path.getsize(os.path.join(path, n)) == size for n, (size, _) in listed.items())
+        files = seal.listed(path)
+        return STATE in files and all(os.path.getsize(os.path.join(path, n)) == size for n, (size, _) in files.items())
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
 
@@ -323,11 +303,11 @@ def damage(path):
     its training state readable; else what is wrong, in a few words. Reads the whole checkpoint."""
     if not is_complete(path):
         return f"no valid {MARKER}, or a file is missing or truncated"
-    listed = _listed(path)
-    for name, (_, expected) in listed.items():
-        if expected and _sha256(os.path.join(path, name)) != expected:
+    files = seal.listed(path)
+    for name, (_, expected) in files.items():
+        if expected and sha256(os.path.join(path, name)) != expected:
             return f"{name} does not match its checksum (changed after it was written)"
-    if listed.get(STATE, (0, None))[1]:
+    if files.get(STATE, (0, None))[1]:
         return None  # byte for byte as written: readable (load_state reads it once, for the resume)
     try:  # an older checkpoint, sizes alone: read its state to be sure
         torch.load(os.path.join(path, STATE), map_location="cpu", weights_only=True)

@@ -15,6 +15,7 @@ import typing
 from dataclasses import dataclass, field
 
 from vitfood.common import DTYPES, UserError, first_line
+from vitfood.seal import RUN_CONFIG  # noqa: F401 (a run's options, in its folder; imported from here)
 
 
 _NONE = object()
@@ -445,7 +446,6 @@ def to_dict(cfg):
     return dataclasses.asdict(cfg)
 
 
-RUN_CONFIG = "train_config.json"  # a run's options, in its folder
 
 
 def saved_run(path):

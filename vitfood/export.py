@@ -44,13 +44,14 @@ import time
 import torch
 import transformers
 
-from vitfood import adapt, checkpoint, exported, hub, measure, metrics
+from vitfood import adapt, calibrate, checkpoint, exported, hub, measure, metrics
 from vitfood.common import UserError, num_workers, run_main
 from vitfood.config import RUN_CONFIG, OneLineParser, resolve, saved_run
 from vitfood.data import build_data
 from vitfood.images import normalize, transforms_for
 from vitfood.model import NAMED, build_model, hub_model, load_for_inference
 from vitfood.rundir import model_step
+from vitfood.seal import check_intact, seal_folder
 from vitfood.sources import hub_dataset, is_multi_label, load_splits
 
 AGREEMENT, MAX_PROB_DIFF = 0.999, 1e-3  # the gate for the fp32 file
@@ -240,6 +241,7 @@ def load(cfg, path, names, multi, lora):
     trained and the adapters merged, as the run's model/ is."""
     if not lora:
         return load_for_inference(path, CPU)
+    check_intact(path)
     if cfg.model in NAMED:
         raise UserError(f"{shown(path)} holds LoRA adapters over {cfg.model}, a randomly initialised base that no file "
                         "keeps: export the run's model/ (the adapters merged by training) instead")
@@ -284,13 +286,14 @@ def gate(cfg, model, processor, folder, eval_ds, names, model_names, multi, a):
     # the export folder's own preprocessing, as a deployment reads it
     onnx_processor = transformers.AutoImageProcessor.from_pretrained(folder)
     outs, _, onnx_images = outputs(sessions, onnx_processor, cfg, eval_ds, names, model_names, workers)
-    score = lambda logits, truth=labels: scored_by(logits, truth, multi, cfg.threshold, len(model_names))
+    threshold = calibrate.label_threshold(model.config, cfg.threshold)  # the model's own, on its own scores
+    score = lambda logits, truth=labels: scored_by(logits, truth, multi, threshold, len(model_names))
     weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     models = dict(pytorch=dict(file=None, score=score(ref), size_mb=weights / 2 ** 20,
                                **measure.inference_speed(model, images)))
     for f, session, out in zip(files, sessions, outs):
         row = dict(file=f, score=score(out), size_mb=os.path.getsize(os.path.join(folder, f)) / 2 ** 20,
-                   **agreement(ref, out, multi, cfg.threshold), **measure.inference_speed(session, onnx_images))
+                   **agreement(ref, out, multi, threshold), **measure.inference_speed(session, onnx_images))
         row["accuracy_drop"] = models["pytorch"]["score"] - row["score"]
         if f == FP32:
             row["passed"] = row["agreement"] >= AGREEMENT and row["max_prob_diff"] <= MAX_PROB_DIFF
@@ -301,7 +304,7 @@ def gate(cfg, model, processor, folder, eval_ds, names, model_names, multi, a):
     return dict(models=models, score_name=metrics.scored(metrics.rows_for(multi)).heading, images=len(labels),
                 skipped=len(eval_ds) - len(labels), dataset=cfg.dataset,
                 split=cfg.eval_split or f"{cfg.train_split} (held out)", multi_label=multi,
-                threshold=cfg.threshold if multi else None,
+                threshold=threshold if multi else None,
                 gate=dict(agreement=AGREEMENT, max_prob_diff=MAX_PROB_DIFF, max_int8_drop=a.max_int8_drop),
                 machine=dict(cpu=exported.cpu_name(), threads=threads, torch=torch.__version__,
                              onnxruntime=onnxruntime.__version__, transformers=transformers.__version__),
@@ -415,8 +418,9 @@ def alive(pid):
 
 
 def install(tmp, final):
-    """`tmp` becomes `final`; an earlier export there is replaced (its folder renamed away first, so that a kill
-    leaves one of the two whole)."""
+    """`tmp` becomes `final`, its files synced and listed in SHA256SUMS; an earlier export there is replaced (its
+    folder renamed away first, so that a kill leaves one of the two whole)."""
+    seal_folder(tmp)
     old = f"{final}.old-{os.getpid()}"
     if os.path.isdir(final):
         os.replace(final, old)

@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import torch
 
 from vitfood.common import UserError, first_line
+from vitfood.seal import check_intact
 
 OPSET = 18  # the dynamo exporter's own default: every op vitfood's families use has it
 
@@ -106,6 +107,7 @@ def load(path, threads=None):
     if not os.path.isfile(os.path.expanduser(path)):
         raise UserError(f"model file {path} does not exist")
     path = os.path.abspath(os.path.expanduser(path))
+    check_intact(os.path.dirname(path))
     try:
         return OnnxClassifier(path, threads), AutoImageProcessor.from_pretrained(os.path.dirname(path))
     except Exception as e:

@@ -10,6 +10,7 @@ from vitfood import adapt, exported
 from vitfood.common import UserError, autocast, first_line, keep_compiled_kernels
 from vitfood.fsdp import SHARDS, is_sharded, is_sharded_checkpoint
 from vitfood.hub import hub_error, is_path
+from vitfood.seal import check_intact
 
 # Named ViT shapes built from ViTConfig without any download. vit-tiny/small/base are the
 # ViT-Ti/S/B /16 shapes; vit-micro is for tests.
@@ -145,6 +146,8 @@ def from_pretrained(name, attn, trust_remote_code=False, processor=None, **model
             not os.path.isfile(os.path.join(path, "config.json")):
         raise UserError(f"{name} holds a LoRA adapter, not a whole model (a LoRA run's checkpoints hold what trains): "
                         "use the run's model/ folder, where the adapters are merged, or resume the run to export one")
+    if local:
+        check_intact(path)  # a file changed since it was written: named, never loaded
     sharded = local and is_sharded_checkpoint(path)  # an --fsdp run's checkpoint: its config, then its shards
     if sharded and model_kwargs:  # a new head, labels or drop path for training: only from a whole model
         raise UserError(f"{name} is an --fsdp run's checkpoint (sharded weights): give the run's model/ folder as "

@@ -224,7 +224,8 @@ def setup(cfg, resume, rank, world, device, checkpoints, phases=None, cuda_ready
             checkpoint.restore(resume_from, state, model, resumable(r), optimizer if cfg.fsdp else None)
         dist.same_on_all(r.step, "the step of the checkpoint resumed from (is --output-dir on shared storage?)")
         early = r.progress.stopped_early()
-        if (r.step >= max_steps or early) and os.path.isfile(os.path.join(cfg.output_dir, "all_results.json")):
+        finished = (r.step >= max_steps or early) and os.path.isfile(os.path.join(cfg.output_dir, "all_results.json"))
+        if finished and not checkpoint.unsound_exports(cfg.output_dir, adapt.is_lora(model), say, main_rank):
             say(f"{cfg.output_dir}: the run already finished at step {r.step} (of {max_steps}"
                 f"{'; stopped early' if early else ''}); nothing to do")
             data.close()
@@ -457,7 +458,7 @@ def finish(r, stopped):
         if cal and cal["kept"]:  # the exported model's loss: its scores are the calibrated ones (the rest is the same)
             final = dict(final, loss=cal["nll_after"])
     early = r.progress.stopped_early()
-    results = report.results(final, r.step, export_step, ledger, r.startup, ema=r.ema is not None,
+    results = report.results(final, r.step, export_step, ledger, r.startup, r.precision, ema=r.ema is not None,
                              best_metric=r.progress.judging().name, stopped_early=early, calibration=cal,
                              unknown=unknown, broken_links=len(sources.broken_links(cfg.dataset)))
     export = None
@@ -473,7 +474,7 @@ def finish(r, stopped):
             exported = whole or adapt.merged(r.model)
             if calibrate.kept(cal) != 1:  # model/ scores calibrated wherever it is loaded; checkpoints keep the raw
                 calibrate.fold(exported, calibrate.kept(cal))
-            calibrate.record(exported.config, cal, unknown and unknown[0])
+            calibrate.record(exported.config, cal, unknown and unknown[0], cfg.threshold if r.multi_label else None)
             # the checkpoint of the exported step holds these very weights, unless they are merged, the EMA's or
             # calibrated
             same = not (adapt.is_lora(r.model) or cfg.export_ema or calibrate.kept(cal) != 1 or whole)
