@@ -14,7 +14,7 @@ from vitfood.metrics import MultiLabel, average_precision
 
 # The generated plates of 1 to 3 dishes, 4 classes, at TINY's scale.
 PLATES = ["--synthetic-dishes", "3", "--max-steps", 6, "--eval-steps", 3, "--save-steps", 3]
-LEVERS = ["--mixup", "0.8", "--label-smoothing", "0.1", "--ema-decay", "0.9"]
+LEVERS = ["--mixup", "0.8", "--label-smoothing", "0.1", "--ema-decay", "0.9", "--threshold", "0.4"]
 
 
 def test_average_precision_is_scikit_learns_definition_with_ties_and_nan_for_a_class_never_present():
@@ -201,14 +201,56 @@ def test_pipeline_scores_are_vitfood_predict_scores_and_predict_prints_classes_o
     assert "note: --top-k is for single-label models" in capsys.readouterr().err
 
 
-def test_evaluate_a_multi_label_model_reports_per_class_ap(plates_run, tmp_path):
+def test_evaluate_a_multi_label_model_reports_per_class_ap_and_the_run_s_figures_at_its_threshold(plates_run, tmp_path):
+    """The temperature folded into model/ moves every sigmoid score; the threshold model/ holds moves with them,
+    so that it gives the run's answers: F1 and exact match at the run's --threshold 0.4, as well as the mAP."""
+    from vitfood import calibrate
     from vitfood.evaluate import main as evaluate_main
     out, results = plates_run
+    own = json.loads((out / "model" / "config.json").read_text())["vitfood_threshold"]
+    assert own == pytest.approx(calibrate.moved(0.4, calibrate.kept(results["calibration"])))
     r = evaluate_main(["--model", str(out / "model"), "--output-dir", str(tmp_path / "eval"), "--num-workers", "0"])
-    assert r["eval_map"] == pytest.approx(results["eval_map"], abs=1e-6)  # the run's own eval split and precision
+    assert r["threshold"] == own and results["eval_precision"] == r["precision"] == "fp32"
+    for key in ("eval_map", "eval_f1_micro", "eval_f1_macro", "eval_exact_match"):  # the run's eval split, precision
+        assert r[key] == pytest.approx(results[key], abs=1e-6), key
     rows = list(csv.DictReader(open(tmp_path / "eval" / "per_class.csv")))
     assert list(rows[0]) == ["label", "ap", "precision", "recall", "f1", "support"] and len(rows) == 4
     assert not (tmp_path / "eval" / "confusion_matrix.png").exists() and (tmp_path / "eval" / "mistakes.png").is_file()
+
+
+def test_a_calibrated_copy_of_a_multi_label_model_gives_its_answers_with_other_scores(plates_run, tmp_path, capsys):
+    """An overconfident model (its head x 4): evaluate --calibrate keeps a temperature, and the copy it writes holds
+    the threshold moved with it, so that predict gives every image the same classes as the model it came from."""
+    import shutil
+    import numpy as np
+    from PIL import Image
+    from safetensors.torch import save_file
+    from vitfood import seal
+    from vitfood.evaluate import main as evaluate_main
+    from vitfood.predict import main as predict_main
+    from vitfood.synthetic import make_plate
+    out = tmp_path / "run"
+    shutil.copytree(plates_run[0], out, ignore=shutil.ignore_patterns("checkpoint-*", "export*"))
+    weights = load_file(out / "model" / "model.safetensors")
+    weights = {k: v * 4 if k.startswith("classifier.") else v for k, v in weights.items()}
+    (out / "model" / "model.safetensors").unlink()  # a new file: the checkpoint's hard link stays as it was
+    save_file(weights, out / "model" / "model.safetensors", metadata={"format": "pt"})
+    seal.seal_folder(out / "model")
+    r = evaluate_main(["--model", str(out / "model"), "--calibrate", "--output-dir", str(tmp_path / "eval"),
+                       "--num-workers", "0"])
+    assert r["calibration"]["kept"] and r["calibration"]["temperature"] > 2, r["calibration"]
+    (tmp_path / "plates").mkdir()
+    for i in range(24):
+        dishes = np.random.default_rng(i).choice(4, size=1 + i % 3, replace=False).tolist()
+        Image.fromarray(make_plate(dishes, np.random.default_rng(i), 128, 4)).save(tmp_path / "plates" / f"{i}.png")
+    capsys.readouterr()
+    answers = []
+    for model in (out / "model", tmp_path / "eval" / "model"):
+        predict_main(["--model", str(model), "--json", str(tmp_path / "plates")])
+        answers.append([json.loads(line)["predictions"] for line in capsys.readouterr().out.splitlines()])
+    labels = [[[p["label"] for p in image] for image in run] for run in answers]
+    assert labels[0] == labels[1] and any(labels[0]) and not all(len(x) == 4 for x in labels[0])
+    assert answers[0] != answers[1]  # the scores did move
 
 
 def test_a_multi_label_export_passes_the_gate_and_predict_writes_each_plates_classes_to_csv(plates_run, tmp_path):
@@ -285,3 +327,14 @@ def test_a_multi_label_mistake_card_says_what_was_missed_and_what_is_not_there()
     assert lines[-1].startswith("p(to") and "…" in lines[-1] and lines[-1].endswith("ves)=0.03")
     wrongly = dict(mistake, surest=1)  # a class predicted but absent: its score is the confidence
     assert report.card_caption(wrongly, names, report.font(12), 160)[-1][0] == "p(apple_pie)=0.97"
+
+
+def test_evaluate_says_when_it_measures_a_run_s_model_in_another_precision_than_the_run_did(tmp_path):
+    from vitfood.evaluate import run_precision_differs
+    (tmp_path / "model").mkdir()
+    (tmp_path / "checkpoint-6").mkdir()
+    (tmp_path / "all_results.json").write_text(json.dumps({"eval_precision": "bf16"}))
+    assert run_precision_differs(str(tmp_path / "model"), "fp32") == (
+        "note: the run measured its figures (all_results.json) in bf16, these are in fp32; --precision bf16 gives the run's")
+    assert run_precision_differs(str(tmp_path / "model"), "bf16") is None
+    assert run_precision_differs(str(tmp_path / "checkpoint-6"), "fp32") is None  # no figures of its own there

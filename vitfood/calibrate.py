@@ -4,8 +4,9 @@ threshold below which a single-label model answers "unknown" (the risk-coverage 
 
 Folding: scores are softmax(z / T) (sigmoid for multi-label). The last layer computes z = W h + b, so W / T and
 b / T give z / T: the saved model, transformers.pipeline and an ONNX export then score calibrated with no code of
-ours, and no answer changes (the argmax of z / T is the argmax of z; a multi-label class at a sigmoid of 0.5 stays
-there, other thresholds move with the scores). Multi-label runs fit one temperature for every class too: it keeps
+ours, and no answer changes: the argmax of z / T is the argmax of z, and a multi-label class is predicted where
+z >= logit(t), which the model keeps as its own threshold on the calibrated scores, sigmoid(logit(t) / T) (0.5
+stays 0.5; THRESHOLD, read by predict, evaluate and export). Multi-label runs fit one temperature for every class too: it keeps
 the classes' ranking of an image, folds the same way, and needs only the positives that each class has, not
 enough per class on small eval splits for a Platt scaling of each.
 
@@ -29,6 +30,7 @@ FOLDS = 5  # the parts of the eval split a temperature is judged on, each with t
 BOUNDS = (0.05, 20.0)  # the temperature's search interval: a fit at an end found no minimum inside it
 KEY = "vitfood_calibration"  # in a model's config.json: what was fitted, on what, and the errors before and after
 UNKNOWN = "vitfood_unknown_threshold"  # in a model's config.json: predict answers "unknown" below this top score
+THRESHOLD = "vitfood_threshold"  # in a multi-label model's config.json: a class is predicted from this sigmoid score
 
 
 def probabilities(logits, multi_label, temperature=1.0):
@@ -210,12 +212,27 @@ def stored(config):
     return getattr(config, UNKNOWN, None)
 
 
-def record(config, cal=None, threshold=None):
-    """What was fitted, into the config save_pretrained writes (the bins stay out: they are in the diagram)."""
+def label_threshold(config, default=0.5):
+    """A multi-label model's own threshold: the sigmoid score from which a class is predicted, as its run chose it
+    and moved by the temperature folded in (`default` for a model that holds none)."""
+    return getattr(config, THRESHOLD, None) or default
+
+
+def moved(threshold, temperature):
+    """The threshold on sigmoid(z / T) that predicts the classes sigmoid(z) >= `threshold` predicts."""
+    return 1 / (1 + math.exp(-math.log(threshold / (1 - threshold)) / temperature))
+
+
+def record(config, cal=None, threshold=None, label_threshold=None):
+    """What was fitted, into the config save_pretrained writes (the bins stay out: they are in the diagram);
+    `threshold`: the unknown threshold; `label_threshold`: a multi-label model's threshold on its raw scores, kept
+    as the one on the scores it gives (the temperature folded in)."""
     if cal is not None:
         setattr(config, KEY, {k: v for k, v in cal.items() if not k.startswith("bins_")})
     if threshold is not None:
         setattr(config, UNKNOWN, threshold)
+    if label_threshold is not None:
+        setattr(config, THRESHOLD, moved(label_threshold, kept(cal)))
 
 
 def check(multi_label, accuracy=None, coverage=None):

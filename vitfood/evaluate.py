@@ -62,7 +62,7 @@ def main(argv=None):
     p.add_argument("--num-workers", type=int, default=-1)
     p.add_argument("--mistakes", type=int, default=16, help="most confident mistakes to draw")
     p.add_argument("--threshold", type=float, help="multi-label: a class is predicted at a sigmoid score of at least "
-                                                   "this (unset: the run's --threshold, else 0.5)")
+                                                   "this (unset: the threshold the model holds, else the run's --threshold, else 0.5)")
     p.add_argument("--tta", default="none", choices=TTA, help="also score the probabilities averaged over views of each "
                    "image: flip (and its mirror image), flip+crops (and the four corner and the centre crops, 7/8 of "
                    "the side); the report gives the figures with and without")
@@ -132,7 +132,7 @@ def main(argv=None):
     data = build_data(cfg, None, eval_ds, (train_tf, eval_tf), len(names), device, num_workers(a.num_workers),
                       eval_batch=batch_size, relabel=[model_names.index(n) for n in names])  # same classes, any order
     step = model_step(a.model) if a.tensorboard else 0  # read before a rotation can take the checkpoint away
-    threshold = a.threshold if a.threshold is not None else cfg.threshold
+    threshold = a.threshold if a.threshold is not None else calibrate.label_threshold(model.config, cfg.threshold)
     r = eval_pass(model, data.eval_loader, device, precision, mean, std, num_classes=len(model_names),
                   mistakes=a.mistakes, multi_label=multi, threshold=threshold, tta=a.tta, keep=True)
     data.close()
@@ -170,7 +170,7 @@ def main(argv=None):
     if fits:  # a copy of the model that scores as fitted here: nothing of the model given is touched
         if calibrate.kept(cal) != 1:
             calibrate.fold(model, calibrate.kept(cal))
-        calibrate.record(model.config, cal, unknown and unknown[0])
+        calibrate.record(model.config, cal, unknown and unknown[0], threshold if multi else None)
         checkpoint.export(out, model, processor)
         files.append("model/")
     if "tta" in r:  # the same figures, of the probabilities averaged over the views
@@ -206,6 +206,9 @@ def main(argv=None):
               f"{unknown[2]:.1%} of them right (stored in {out}/model)")
     elif a.target_accuracy:
         print(f"no threshold reaches accuracy {a.target_accuracy:g} on this split: every image is answered")
+    note = run_precision_differs(a.model, precision) if own_run else None
+    if note:
+        print(note)
     worst = sorted(rows, key=lambda x: x["f1"])[:3]
     print("lowest F1: " + ", ".join(f"{x['label']} {x['f1']:.3f}" for x in worst))
     print(f"results: {out}/ ({', '.join(files)})")
@@ -213,6 +216,21 @@ def main(argv=None):
         print(f"use it: python -m vitfood.predict --model {shlex.quote(os.path.join(out, 'model'))} <images>")
     print(json.dumps({m.result: r[m.key] for m in table[:3]} | dict(samples=r["samples"])))
     return results
+
+
+def run_precision_differs(model, precision):
+    """For a run's model/ evaluated in another precision than its run's final eval ran in: the line that says
+    why the figures differ from all_results.json's (in the third decimal, typically), and how to get the run's."""
+    folder = os.path.normpath(os.path.abspath(os.path.expanduser(model)))
+    try:
+        with open(os.path.join(os.path.dirname(folder), "all_results.json")) as fh:
+            theirs = json.load(fh).get("eval_precision")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if os.path.basename(folder) != checkpoint.MODEL or theirs in (None, precision):
+        return None
+    return (f"note: the run measured its figures (all_results.json) in {theirs}, these are in {precision}; "
+            f"--precision {theirs} gives the run's")
 
 
 def cli():

@@ -107,7 +107,8 @@ def main(argv=None):
     p.add_argument("images", nargs="+", help="image files or folders")
     p.add_argument("--top-k", type=int, help="single-label models: the k most likely classes (default 5)")
     p.add_argument("--threshold", type=float,
-                   help="multi-label models: every class whose sigmoid score is at least this (unset: 0.5); single-label "
+                   help="multi-label models: every class whose sigmoid score is at least this (unset: the threshold the "
+                        "model holds, its run's --threshold on its own scores, else 0.5); single-label "
                         "models: answer 'unknown' below this top score (unset: the threshold stored in the model by "
                         "--target-accuracy or --target-coverage, if any; 0: always answer)")
     p.add_argument("--tta", default="none", choices=TTA, help="average the probabilities over views of each image: "
@@ -147,7 +148,8 @@ def main(argv=None):
     if multi and asked_k:
         print(f"note: --top-k is for single-label models; {a.model} is multi-label: every class scoring at least "
               "--threshold is listed", file=sys.stderr)
-    threshold = a.threshold if a.threshold is not None else (0.5 if multi else calibrate.stored(model.config))
+    threshold = a.threshold if a.threshold is not None else (calibrate.label_threshold(model.config) if multi else
+                                                             calibrate.stored(model.config))
     results = predict(model, processor, files, device, precision, a.top_k, a.batch_size, threshold, a.tta)
     if a.output:
         failed = write(results, a.output, multi, min(a.top_k, model.config.num_labels), threshold is not None)

@@ -7,7 +7,7 @@ import json
 import numpy as np
 from PIL import Image, ImageDraw
 
-from vitfood import metrics
+from vitfood import calibrate, metrics
 from vitfood.config import to_dict
 from vitfood.hub import is_path
 
@@ -322,14 +322,18 @@ def model_card(cfg, results, history, sizes, names, precision, world, step_batch
              f"      split: {json.dumps(cfg.eval_split or f'{cfg.train_split} (held-out {cfg.test_size:g})')}",
              "    metrics:", f"    - type: {'map' if multi else 'accuracy'}", f"      value: {acc:.4f}", f"      name: {title}",
              "---", ""]
+    # a multi-label class is predicted from the run's --threshold on the raw scores: on the scores the exported
+    # model gives, with a temperature folded in, that is calibrate.moved(...), the threshold it holds
+    own = calibrate.moved(cfg.threshold, calibrate.kept(results.get("calibration"))) if multi else None
+    at = f"{cfg.threshold:g}" + (f", {own:.4f} on its calibrated scores" if multi and own != cfg.threshold else "")
     lines = [
         f"# {cfg.output_dir.rstrip('/').split('/')[-1]}", "",
         f"An image classifier fine-tuned from `{cfg.model}` on `{cfg.dataset}` with "
         "vitfood, a plain PyTorch training loop that follows the Hugging Face image-classification guide.",
         "",
         (f"It reaches a macro mAP of **{acc:.4f}** (F1 micro {figure['f1_micro']:.4f}, macro "
-         f"{figure['f1_macro']:.4f} and exact match {figure['exact_match']:.4f} at threshold "
-         f"{cfg.threshold:g}; loss {figure['loss']:.4f})" if multi else
+         f"{figure['f1_macro']:.4f} and exact match {figure['exact_match']:.4f} at threshold {at}; "
+         f"loss {figure['loss']:.4f})" if multi else
          f"It reaches **{acc:.4f}** top-1 accuracy ({figure['acc5']:.4f} top-5, loss "
          f"{figure['loss']:.4f})") + f" on the evaluation split, at step {results['exported_step']}.", "",
         "## Data", "",
@@ -383,23 +387,24 @@ def model_card(cfg, results, history, sizes, names, precision, world, step_batch
                       f"(--early-stopping-patience {cfg.early_stopping_patience})."]
     lines += ["", "## Use", "", "```python", "from transformers import pipeline",
               "classify = pipeline(\"image-classification\", model=\"path/to/this/folder\")",
-              "classify(\"dish.jpg\"" + (", top_k=None)  # every class's sigmoid score; those over "
-                                          f"{cfg.threshold:g} are its labels" if multi else ")"),
+              "classify(\"dish.jpg\"" + (", top_k=None)  # every class's sigmoid score; those from "
+                                          f"{own:.4g} are its labels" if multi else ")"),
               "```", "", "## Framework versions", ""]
     lines += [f"- {k} {v}" for k, v in versions.items()]
     return "\n".join(meta + lines) + "\n"
 
 
-def results(final, step, exported_step, ledger, startup, ema=False, best_metric=None, stopped_early=None,
+def results(final, step, exported_step, ledger, startup, precision, ema=False, best_metric=None, stopped_early=None,
             calibration=None, unknown=None, broken_links=0):
-    """all_results.json: the final eval (`final`, of the exported weights) under metrics' names, with how the run
-    went (`ledger`: state.Ledger's state_dict over every segment; `startup`: seconds from process start to the
+    """all_results.json: the final eval (`final`, of the exported weights, in `precision`) under metrics' names, with
+    how the run went (`ledger`: state.Ledger's state_dict over every segment; `startup`: seconds from process start to the
     first batch; `stopped_early`: why the run stopped before --max-steps, or None; `calibration` and `unknown`:
     calibrate.fitted's; `broken_links`: image files of the data set folder that are links leading nowhere, so in
     no split); with `ema`, the EMA's loss and score too."""
     rows = metrics.table(final)
     runtime = ledger["train_runtime"]
-    record = dict({m.result: final[m.key] for m in rows}, global_step=step, exported_step=exported_step,
+    record = dict({m.result: final[m.key] for m in rows}, eval_precision=precision, global_step=step,
+                  exported_step=exported_step,
                   train_runtime=round(runtime, 3), train_samples_per_second=round(ledger["images"] / runtime, 3),
                   segments=ledger["segments"], damaged_train_files=len(ledger["damaged_files"]),
                   damaged_train_encounters=ledger["damaged_encounters"], damaged_eval_files=final["skipped"],
