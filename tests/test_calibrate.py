@@ -118,20 +118,21 @@ def test_none_keeps_the_raw_model_and_a_target_stores_the_unknown_threshold(tmp_
     assert results["unknown_coverage"] >= 0.5
 
 
-def test_predict_answers_unknown_below_the_stored_threshold(tiny_run, tmp_path):
+def test_predict_answers_unknown_below_the_stored_threshold(tiny_run, tmp_path, capsys):
+    from vitfood.predict import main as predict
     model = tmp_path / "model"
     shutil.copytree(tiny_run[0] / "model", model)
     config = json.loads((model / "config.json").read_text())
     (model / "config.json").write_text(json.dumps({**config, calibrate.UNKNOWN: 0.999}))
     from PIL import Image
     Image.new("RGB", (40, 40), (10, 200, 30)).save(tmp_path / "a.png")
-    p = cli("--model", model, tmp_path / "a.png", module="vitfood.predict")
-    assert p.returncode == 0 and ": unknown (best: " in p.stdout, p.stderr
-    assert f"note: config.json in {model} changed after it was written (edited?): read as it is now" in p.stderr
-    p = cli("--model", model, tmp_path / "a.png", "--threshold", "0", "--output", tmp_path / "p.csv",
-            module="vitfood.predict")
+    predict(["--model", str(model), str(tmp_path / "a.png")])
+    printed = capsys.readouterr()
+    assert ": unknown (best: " in printed.out, printed
+    assert f"note: config.json in {model} changed after it was written (edited?): read as it is now" in printed.err
+    predict(["--model", str(model), str(tmp_path / "a.png"), "--threshold", "0", "--output", str(tmp_path / "p.csv")])
     lines = (tmp_path / "p.csv").read_text().splitlines()
-    assert p.returncode == 0 and lines[0].endswith(",unknown,error") and lines[1].endswith(",false,")
+    assert lines[0].endswith(",unknown,error") and lines[1].endswith(",false,")
 
 
 def test_evaluate_calibrate_writes_a_calibrated_copy_and_leaves_the_model_alone(tiny_run, tmp_path):

@@ -233,6 +233,7 @@ def _restart_right_after_kill_9(tmp_path, reference, trials):
     assert same(weights(out), reference)
 
 
+@pytest.mark.slow  # a kill loop of one; test_kill_inside_a_save_window_... restarts after a kill -9 in the default tier
 def test_restart_right_after_kill_9_is_not_refused(tmp_path, reference):
     _restart_right_after_kill_9(tmp_path, reference, trials=1)
 

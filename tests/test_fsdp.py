@@ -27,6 +27,7 @@ def sharded(out, *args, env=None, nproc=1):
                env=env)
 
 
+@pytest.mark.slow  # a kill and a resume, and the plain run beside it
 def test_a_sharded_run_killed_and_resumed_ends_with_the_plain_run_s_weights(tmp_path, capsys):
     """On one process (a group of one) FSDP computes what the plain loop computes; its checkpoints hold the
     shards, sealed and checked like every checkpoint; a kill -9 and --resume auto change nothing; predict reads
