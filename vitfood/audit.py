@@ -47,6 +47,7 @@ from vitfood.common import Console, UserError, autocast, num_workers, pick_devic
 from vitfood.config import RUN_CONFIG, OneLineParser, build_parser, resolve, saved_run
 from vitfood.data import ImageDataset, make_loader
 from vitfood.images import DECODE_ERRORS, normalize, open_image, transforms_for
+from vitfood.evalsplit import class_order, model_names
 from vitfood.model import build_model, hub_model, load_for_inference
 from vitfood.sources import fold_indices, is_multi_label, load_splits
 
@@ -117,7 +118,7 @@ def main(argv=None):
     sets = {split: ImageDataset(ds, cfg.image_column, cfg.label_column, None) for split, ds in splits.items() if ds}
     labels = {split: s.labels for split, s in sets.items()}
     issues = label_issues(scored, sets, names)
-    feats = {split: score(embedder, ds, cfg, device, precision, workers, f"embeddings ({split})", features=True)
+    feats = {split: score((*embedder, None), ds, cfg, device, precision, workers, f"embeddings ({split})", features=True)
              for split, ds in splits.items() if ds is not None}
     # centred on their mean before the cosine: what every image shares (large in transformers' embeddings, and in a
     # model not trained at all) would otherwise make any two images look alike
@@ -187,11 +188,9 @@ def out_of_fold(a, rest, cfg, names, device, precision, workers, out):
 
 
 def load(model_dir, names, device):
-    """A trained model for scoring, whose classes must be the data set's, in its order."""
+    """(a trained model for scoring, its processor, the model's logit for each of the data set's classes)."""
     model, processor = load_for_inference(model_dir, device)
-    if [model.config.id2label[i] for i in range(model.config.num_labels)] != names:
-        raise UserError(f"{model_dir}'s classes are not the data set's")
-    return model, processor
+    return model, processor, class_order(model_names(model), names, model_dir)
 
 
 def fold_run(args):
@@ -213,9 +212,10 @@ def fold_run(args):
 
 @torch.inference_mode()
 def score(loaded, ds, cfg, device, precision, workers, desc, features=False):
-    """Each image's probabilities under `loaded`, (model, processor) (and with `features` the input of the model's
-    last layer), in the data set's order; `ok`: False where the image could not be decoded."""
-    model, processor = loaded
+    """Each image's probabilities under `loaded`, (model, processor, the model's logit for each class: None for the
+    model's own order) (and with `features` the input of the model's last layer), in the data set's order and its
+    classes' order; `ok`: False where the image could not be decoded."""
+    model, processor, columns = loaded
     model.eval()
     _, eval_tf, (mean, std) = transforms_for(processor, cfg.fast_decode)
     images = ImageDataset(ds, cfg.image_column, cfg.label_column, eval_tf)
@@ -235,7 +235,7 @@ def score(loaded, ds, cfg, device, precision, workers, desc, features=False):
             kept.clear()
             with autocast(precision, device):
                 logits = model(pixel_values=normalize(raw.to(device), mean, std)).logits.float()
-            probs[rows] = logits.softmax(-1).double().cpu()
+            probs[rows] = logits.softmax(-1)[:, columns or slice(None)].double().cpu()
             ok[rows] = True
             if features:
                 f = kept[-1].float().flatten(1).cpu()

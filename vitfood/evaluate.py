@@ -30,19 +30,46 @@ import transformers
 from vitfood import calibrate, checkpoint, hub, metrics, report
 from vitfood.common import DTYPES, UserError, model_precision, num_workers, pick_device, resolve_precision, run_main, \
     safe_name
-from vitfood.config import RUN_CONFIG, OneLineParser, resolve, run_config_path, saved_run
+from vitfood.config import RUN_CONFIG, OneLineParser, check_option, check_targets, resolve, run_config_path, saved_run
 from vitfood.data import build_data, eval_skip_warning
-from vitfood.exported import is_onnx
+from vitfood.onnxfile import is_onnx
 from vitfood.hub import is_path
 from vitfood.images import TTA, transforms_for
 from vitfood.logs import eval_records
-from vitfood.model import hub_model, load_for_inference, read_config
+from vitfood.evalsplit import open_eval
+from vitfood.model import hub_model, load_for_inference
 from vitfood.rundir import model_step
-from vitfood.sources import hub_dataset, is_multi_label, load_splits
+from vitfood.sources import hub_dataset
 from vitfood.steps import eval_pass
 
 
 def main(argv=None):
+    a = parse_args(argv)
+    cfg, own_run = data_options(a)
+    device = pick_device(a.device)
+    hub.prepare(hub_dataset(cfg.dataset), hub_model(a.model))  # before the data: a missing model fails fast
+    transformers.utils.logging.disable_progress_bar()
+    split = open_eval(cfg, a.model, lambda *_: load_for_inference(a.model, device, cfg.attn if own_run else "auto"))
+    cfg, model, multi = split.cfg, split.model, split.multi
+    precision = resolve_precision(a.precision, device) if a.precision else model_precision(model, device)
+    batch_size = a.batch_size or (cfg.eval_batch(device) if own_run else 32)
+    calibrate.check(multi, a.target_accuracy, a.target_coverage)
+    step = model_step(a.model) if a.tensorboard else 0  # read before a rotation can take the checkpoint away
+    threshold = a.threshold if a.threshold is not None else calibrate.label_threshold(model.config, cfg.threshold)
+    r, skipped_of = scored(a, split, device, precision, batch_size, threshold)
+    cal, unknown = calibrate.fitted(r["logits"], r["labels"], multi, "temperature" if a.calibrate else "none",
+                                    a.target_accuracy, a.target_coverage)
+    out = output_dir(a)
+    results, files = write_results(a, out, split, r, cal, unknown, precision, batch_size, threshold)
+    if a.tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+        with SummaryWriter(a.tensorboard) as w:
+            eval_records(w, step, r, split.model_names, mistakes=4)
+    summarize(a, out, split, r, results, files, cal, unknown, precision, threshold, skipped_of, own_run)
+    return results
+
+
+def parse_args(argv):
     p = OneLineParser(prog="python -m vitfood.evaluate", description=__doc__,
                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="a run's model/ or checkpoint-<step>/ folder, a Hub model id, or an "
@@ -80,80 +107,70 @@ def main(argv=None):
     a.model = hub.run_model(a.model)  # a run folder stands for its model
     if a.batch_size is not None and a.batch_size < 1 or a.mistakes < 0:
         raise UserError("--batch-size must be positive and --mistakes not negative")
-    if a.threshold is not None and not 0 < a.threshold < 1:
-        raise UserError(f"--threshold must be between 0 and 1, got {a.threshold}")
-    for name in ("target_accuracy", "target_coverage"):
-        if getattr(a, name) is not None and not 0 < getattr(a, name) <= 1:
-            raise UserError(f"--{name.replace('_', '-')} must be in (0, 1], got {getattr(a, name)}")
-    if a.target_accuracy is not None and a.target_coverage is not None:
-        raise UserError("--target-accuracy and --target-coverage exclude each other: give one")
-    fits = a.calibrate or a.target_accuracy or a.target_coverage
-    if fits and is_onnx(a.model):
+    check_option("threshold", a.threshold)  # vitfood.train's rules for the flags of the same names
+    check_targets(a.target_accuracy, a.target_coverage)
+    a.fits = a.calibrate or a.target_accuracy or a.target_coverage
+    if a.fits and is_onnx(a.model):
         raise UserError("--calibrate and --target-* write a model: give the PyTorch model the export came from, then "
                         "export that")
-
-    saved = run_config_path(a.model) if is_path(a.model) else None
-    if a.dataset:
-        split = a.split or "validation"
-        cfg = resolve(dict(dataset=a.dataset, train_split=split, eval_split=split, image_column=a.image_column,
-                           label_column=a.label_column, label_separator=a.label_separator, model=a.model))
-    elif saved:
-        cfg = resolve({}, saved_run(saved))
-        if a.split:
-            raise UserError("--split needs --dataset; without it the run's own eval split is used")
-    else:
-        raise UserError(f"{a.model} is not inside a vitfood run (no {RUN_CONFIG} beside it): "
-                        "pass --dataset and --split")
     if is_onnx(a.model):  # onnxruntime on the CPU, in float32, as vitfood.export checked it
         if a.device not in ("auto", "cpu") or a.precision not in (None, "auto", "fp32"):
             raise UserError("an .onnx model runs on the CPU in fp32 (onnxruntime): leave --device and --precision unset")
         a.device, a.precision = "cpu", "fp32"
-    device = pick_device(a.device)
-    own_run = saved and not a.dataset  # the run's own eval split: its eval batch and attention
-    precision = resolve_precision(a.precision, device) if a.precision else None
-    batch_size = a.batch_size or (cfg.eval_batch(device) if own_run else 32)
-    hub.prepare(hub_dataset(cfg.dataset), hub_model(a.model))  # before the data: a missing model fails fast
-    if a.dataset:  # a multi-label model reads a data set's single labels as lists of one
-        cfg.multi_label = getattr(read_config(a.model), "problem_type", None) == "multi_label_classification"
-    _, eval_ds, names = load_splits(cfg, log=lambda *args: None)  # then data: a wrong split fails fast
-    transformers.utils.logging.disable_progress_bar()
-    model, processor = load_for_inference(a.model, device, cfg.attn if own_run else "auto")
-    precision = precision or model_precision(model, device)
-    model_names = [model.config.id2label[i] for i in range(model.config.num_labels)]
-    if names != model_names and sorted(names) != sorted(model_names):
-        raise UserError(f"the model's {len(model_names)} labels ({', '.join(model_names[:5])}, ...) are not "
-                        f"the data set's {len(names)} classes ({', '.join(names[:5])}, ...)")
-    multi = model.config.problem_type == "multi_label_classification"
-    calibrate.check(multi, a.target_accuracy, a.target_coverage)
-    if multi != is_multi_label(eval_ds, cfg.label_column):
-        raise UserError(f"{a.model} is a {'multi' if multi else 'single'}-label classifier, and the data set's "
-                        f"label column {cfg.label_column!r} holds {'one class' if multi else 'a list of classes'} per image")
-    train_tf, eval_tf, (mean, std) = transforms_for(processor, cfg.fast_decode)
-    data = build_data(cfg, None, eval_ds, (train_tf, eval_tf), len(names), device, num_workers(a.num_workers),
-                      eval_batch=batch_size, relabel=[model_names.index(n) for n in names])  # same classes, any order
-    step = model_step(a.model) if a.tensorboard else 0  # read before a rotation can take the checkpoint away
-    threshold = a.threshold if a.threshold is not None else calibrate.label_threshold(model.config, cfg.threshold)
-    r = eval_pass(model, data.eval_loader, device, precision, mean, std, num_classes=len(model_names),
-                  mistakes=a.mistakes, multi_label=multi, threshold=threshold, tta=a.tta, keep=True)
-    data.close()
-    cal, unknown = calibrate.fitted(r["logits"], r["labels"], multi, "temperature" if a.calibrate else "none",
-                                    a.target_accuracy, a.target_coverage)
-    scores = calibrate.probabilities(r["logits"], multi)
-    raw, ece = calibrate.reliability(*calibrate.confidence(scores, r["labels"], multi))
+    return a
 
+
+def data_options(a):
+    """(the options the split is read with, whether it is the model's own run's eval split): --dataset's, or
+    those of the run the model comes from."""
+    saved = run_config_path(a.model) if is_path(a.model) else None
+    if a.dataset:
+        split = a.split or "validation"
+        return resolve(dict(dataset=a.dataset, train_split=split, eval_split=split, image_column=a.image_column,
+                            label_column=a.label_column, label_separator=a.label_separator, model=a.model)), False
+    if not saved:
+        raise UserError(f"{a.model} is not inside a vitfood run (no {RUN_CONFIG} beside it): pass --dataset and --split")
+    if a.split:
+        raise UserError("--split needs --dataset; without it the run's own eval split is used")
+    return resolve({}, saved_run(saved)), True
+
+
+def scored(a, split, device, precision, batch_size, threshold):
+    """eval_pass's figures of the model on the split, the logits kept; and the split's size (for the warning about
+    images that could not be read)."""
+    train_tf, eval_tf, (mean, std) = transforms_for(split.processor, split.cfg.fast_decode)
+    data = build_data(split.cfg, None, split.eval_ds, (train_tf, eval_tf), len(split.names), device,
+                      num_workers(a.num_workers), eval_batch=batch_size, relabel=split.relabel)
+    try:
+        return eval_pass(split.model, data.eval_loader, device, precision, mean, std,
+                         num_classes=len(split.model_names), mistakes=a.mistakes, multi_label=split.multi,
+                         threshold=threshold, tta=a.tta, keep=True), len(data.eval_set)
+    finally:
+        data.close()
+
+
+def output_dir(a):
     model_dir = os.path.abspath(os.path.expanduser(a.model))
     out = a.output_dir or (os.path.join(os.path.dirname(model_dir), f"eval-{os.path.basename(model_dir)}")
                            if is_path(a.model) else f"eval-{safe_name(a.model)}")
     os.makedirs(out, exist_ok=True)
-    rows = report.per_class(r, model_names)
+    return out
+
+
+def write_results(a, out, split, r, cal, unknown, precision, batch_size, threshold):
+    """eval_results.json, per_class.csv, mistakes.png, and as they apply confusion_matrix.png, risk_coverage.csv,
+    reliability.png and the calibrated model/ copy; returns (the results, the files written)."""
+    cfg, names, multi, model = split.cfg, split.model_names, split.multi, split.model
+    rows = report.per_class(r, names)
     report.write_csv(os.path.join(out, "per_class.csv"), rows)
     files = ["eval_results.json", "per_class.csv", "mistakes.png"]
-    report.mistakes_image(r["mistakes"], model_names).save(os.path.join(out, "mistakes.png"))
+    report.mistakes_image(r["mistakes"], names).save(os.path.join(out, "mistakes.png"))
     table = metrics.table(r)
     results = dict(model=a.model, dataset=cfg.dataset, split=cfg.eval_split or f"{cfg.train_split} (held out)",
                    precision=precision, batch_size=batch_size, **{m.result: r[m.key] for m in table},
                    eval_samples=r["samples"], skipped_images=r["skipped"], per_class=rows)
-    results["ece"] = ece  # of the scores as the model gives them (15 bins)
+    scores = calibrate.probabilities(r["logits"], multi)
+    results["ece"] = calibrate.reliability(*calibrate.confidence(scores, r["labels"], multi))[1]  # 15 bins
     if not multi:  # the risk-coverage curve: the answers kept above each top-score threshold, and their accuracy
         curve = calibrate.risk_coverage(*calibrate.confidence(scores, r["labels"], False))
         report.write_csv(os.path.join(out, "risk_coverage.csv"),
@@ -167,36 +184,38 @@ def main(argv=None):
         files.append("reliability.png")
     if unknown:
         results.update(unknown_threshold=unknown[0], unknown_coverage=unknown[1], unknown_accuracy=unknown[2])
-    if fits:  # a copy of the model that scores as fitted here: nothing of the model given is touched
+    if a.fits:  # a copy of the model that scores as fitted here: nothing of the model given is touched
         if calibrate.kept(cal) != 1:
             calibrate.fold(model, calibrate.kept(cal))
         calibrate.record(model.config, cal, unknown and unknown[0], threshold if multi else None)
-        checkpoint.export(out, model, processor)
+        checkpoint.write_model(out, model, split.processor)
         files.append("model/")
     if "tta" in r:  # the same figures, of the probabilities averaged over the views
         results["tta"] = dict(mode=a.tta, views=r["tta"]["views"], **{m.result: r["tta"][m.key] for m in table})
     if multi:
         results.update(threshold=threshold)
     else:
-        report.confusion_image(r["confusion"], model_names).save(os.path.join(out, "confusion_matrix.png"))
+        report.confusion_image(r["confusion"], names).save(os.path.join(out, "confusion_matrix.png"))
         files.insert(2, "confusion_matrix.png")
         results.update(correct=round(r["acc1"] * r["samples"]), confusion_matrix=r["confusion"])
     checkpoint.write_json_atomic(os.path.join(out, "eval_results.json"), results)
-    if a.tensorboard:
-        from torch.utils.tensorboard import SummaryWriter
-        with SummaryWriter(a.tensorboard) as w:
-            eval_records(w, step, r, model_names, mistakes=4)
+    return results, files
+
+
+def summarize(a, out, split, r, results, files, cal, unknown, precision, threshold, split_size, own_run):
+    """The console's account: the figures, per class for multi-label, calibration, the weakest classes, the files."""
+    table, multi = metrics.table(r), split.multi
     if r["skipped"]:
-        print(eval_skip_warning(r["skipped"], len(data.eval_set)))
+        print(eval_skip_warning(r["skipped"], split_size))
     at = f", threshold {threshold:g}" if multi else ""
-    print(f"{a.model} on {cfg.dataset} ({results['split']}, {r['samples']} images, {precision}{at}): "
+    print(f"{a.model} on {split.cfg.dataset} ({results['split']}, {r['samples']} images, {precision}{at}): "
           + "  ".join(f"{m.heading} {r[m.key]:.4f}" for m in table))
     if "tta" in r:
         print(f"with test-time augmentation ({a.tta}, {r['tta']['views']} views per image): "
               + "  ".join(f"{m.heading} {r['tta'][m.key]:.4f}" for m in table))
     if multi:
-        print(report.per_class_markdown(rows))
-    print(f"expected calibration error (15 bins): {ece:.4f}" + (
+        print(report.per_class_markdown(results["per_class"]))
+    print(f"expected calibration error (15 bins): {results['ece']:.4f}" + (
         "  coverage at accuracy " + ", ".join(f"{k}: {v:.1%}" for k, v in results["coverage_at_accuracy"].items())
         if not multi else ""))
     if cal:
@@ -209,13 +228,12 @@ def main(argv=None):
     note = run_precision_differs(a.model, precision) if own_run else None
     if note:
         print(note)
-    worst = sorted(rows, key=lambda x: x["f1"])[:3]
+    worst = sorted(results["per_class"], key=lambda x: x["f1"])[:3]
     print("lowest F1: " + ", ".join(f"{x['label']} {x['f1']:.3f}" for x in worst))
     print(f"results: {out}/ ({', '.join(files)})")
-    if fits:  # the copy is what answers "unknown", not the model given
+    if a.fits:  # the copy is what answers "unknown", not the model given
         print(f"use it: python -m vitfood.predict --model {shlex.quote(os.path.join(out, 'model'))} <images>")
     print(json.dumps({m.result: r[m.key] for m in table[:3]} | dict(samples=r["samples"])))
-    return results
 
 
 def run_precision_differs(model, precision):

@@ -44,15 +44,16 @@ import time
 import torch
 import transformers
 
-from vitfood import adapt, calibrate, checkpoint, exported, hub, measure, metrics
+from vitfood import adapt, calibrate, checkpoint, hub, measure, metrics, onnxfile
 from vitfood.common import UserError, num_workers, run_main
 from vitfood.config import RUN_CONFIG, OneLineParser, resolve, saved_run
 from vitfood.data import build_data
 from vitfood.images import normalize, transforms_for
 from vitfood.model import NAMED, build_model, hub_model, load_for_inference
+from vitfood.evalsplit import open_eval
 from vitfood.rundir import model_step
 from vitfood.seal import check_intact, seal_folder
-from vitfood.sources import hub_dataset, is_multi_label, load_splits
+from vitfood.sources import hub_dataset
 
 AGREEMENT, MAX_PROB_DIFF = 0.999, 1e-3  # the gate for the fp32 file
 RESAMPLES, MULTI_RESAMPLES = 1000, 200  # the int8 gate's bootstrap (single-label, multi-label)
@@ -62,7 +63,7 @@ CPU = torch.device("cpu")
 
 def main(argv=None):
     a = parse_args(argv)
-    exported.need()
+    onnxfile.need()
     run = os.path.abspath(os.path.expanduser(a.run_dir))
     if not os.path.isfile(os.path.join(run, RUN_CONFIG)):
         raise UserError(f"{a.run_dir} is not a vitfood run (no {RUN_CONFIG} in it)")
@@ -70,19 +71,14 @@ def main(argv=None):
     source, step = pick(run, a.checkpoint)
     lora = is_adapter(source)
     hub.prepare(hub_dataset(cfg.dataset), hub_model(cfg.model) if lora else None, cfg.trust_remote_code)
-    _, eval_ds, names = load_splits(cfg, log=lambda *args: None)
-    if a.max_images:
-        eval_ds = eval_ds.select(range(min(a.max_images, len(eval_ds))))
     transformers.utils.logging.disable_progress_bar()
-    multi = cfg.multi_label or is_multi_label(eval_ds, cfg.label_column)
-    model, processor = load(cfg, source, names, multi, lora)
-    model_names = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    split = open_eval(cfg, source, lambda names, multi: load(cfg, source, names, multi, lora), a.max_images)
+    cfg, model, processor, eval_ds = split.cfg, split.model, split.processor, split.eval_ds
+    names, model_names, multi = split.names, split.model_names, split.multi
     not_finite = next((k for k, t in model.state_dict().items() if t.is_floating_point() and not t.isfinite().all()), None)
     if not_finite:  # else the gate would compare NaN with NaN and call it a disagreement
         raise UserError(f"{shown(source)}'s weights are not finite ({not_finite} holds NaN or inf): nothing to export; "
                         "export a checkpoint from before it diverged (--checkpoint checkpoint-<step>)")
-    if sorted(names) != sorted(model_names):
-        raise UserError(f"{source}'s labels are not the classes of its run's data set ({', '.join(names[:5])}, ...)")
     clear_leftovers(run)
     need = room_needed(model, a.int8)
     if shutil.disk_usage(run).free < need:  # before anything is written: the run folder stays as it is
@@ -122,7 +118,7 @@ def parse_args(argv):
     p.add_argument("run_dir", metavar="RUN_DIR", help="a vitfood run's folder (runs/<run>)")
     p.add_argument("--format", default="onnx", choices=["onnx"])
     p.add_argument("--int8", action="store_true", help="also an int8 model-int8.onnx (onnxruntime's dynamic quantization)")
-    p.add_argument("--opset", type=int, default=exported.OPSET, help="ONNX opset (default: %(default)s)")
+    p.add_argument("--opset", type=int, default=onnxfile.OPSET, help="ONNX opset (default: %(default)s)")
     p.add_argument("--checkpoint", default="model",
                    help="what to export: model (the run's model/ folder, default), best, last, or checkpoint-<step>")
     p.add_argument("--max-int8-drop", type=float, default=0.01,
@@ -141,9 +137,9 @@ def parse_args(argv):
 def write_files(folder, model, processor, model_names, a):
     """model.onnx (and model-int8.onnx), the config, the labels and the image processor, into `folder`."""
     size = transforms_for(processor)[1].size  # what the eval transform gives the model
-    exported.to_onnx(model, os.path.join(folder, FP32), size, a.opset)
+    onnxfile.to_onnx(model, os.path.join(folder, FP32), size, a.opset)
     if a.int8:
-        exported.to_int8(os.path.join(folder, FP32), os.path.join(folder, INT8))
+        onnxfile.to_int8(os.path.join(folder, FP32), os.path.join(folder, INT8))
     model.config.save_pretrained(folder)  # the labels and the problem type
     processor.save_pretrained(folder)
     with open(os.path.join(folder, "labels.txt"), "w") as fh:
@@ -280,7 +276,7 @@ def gate(cfg, model, processor, folder, eval_ds, names, model_names, multi, a):
     import onnxruntime
     threads = torch.get_num_threads()
     files = [f for f in (FP32, INT8) if os.path.isfile(os.path.join(folder, f))]
-    sessions = [exported.load(os.path.join(folder, f), threads)[0] for f in files]
+    sessions = [onnxfile.load(os.path.join(folder, f), threads)[0] for f in files]
     workers = num_workers(a.num_workers)
     (ref,), labels, images = outputs([model], processor, cfg, eval_ds, names, model_names, workers)
     # the export folder's own preprocessing, as a deployment reads it
@@ -306,7 +302,7 @@ def gate(cfg, model, processor, folder, eval_ds, names, model_names, multi, a):
                 split=cfg.eval_split or f"{cfg.train_split} (held out)", multi_label=multi,
                 threshold=threshold if multi else None,
                 gate=dict(agreement=AGREEMENT, max_prob_diff=MAX_PROB_DIFF, max_int8_drop=a.max_int8_drop),
-                machine=dict(cpu=exported.cpu_name(), threads=threads, torch=torch.__version__,
+                machine=dict(cpu=onnxfile.cpu_name(), threads=threads, torch=torch.__version__,
                              onnxruntime=onnxruntime.__version__, transformers=transformers.__version__),
                 date=datetime.datetime.now().isoformat(timespec="seconds"))
 
