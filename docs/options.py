@@ -9,11 +9,9 @@ import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from vitfood.config import PRESETS, Config, flag  # noqa: E402
+from vitfood.config import GROUPS, PRESETS, Config, flag  # noqa: E402
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "options.md")
-GROUPS = (("data", "dataset"), ("model", "model"), ("schedule", "max_steps"), ("evaluation, checkpoints, logging", "eval_steps"),
-          ("machine", "device"))  # each group starts at the field named
 
 
 def render():
@@ -30,25 +28,27 @@ def render():
         "`python docs/options.py`.",
         "",
     ]
-    starts = {field: title for title, field in GROUPS}
-    for f in dataclasses.fields(Config):
-        if f.name in starts:
-            lines += ["" if lines[-1] else None, f"## {starts[f.name].capitalize()}", "", "| option | default | meaning |",
-                      "| --- | --- | --- |"]
-            lines = [line for line in lines if line is not None]
-        default = "unset" if f.default is None else ("on" if f.default else "off") if isinstance(f.default, bool) \
-            else f"`{f.default}`"
-        name = f"`--{flag(f.name)}`" + (f" / `--no-{flag(f.name)}`" if isinstance(f.default, bool) else "")
-        meaning = f.metadata["help"].replace("|", "\\|")
-        if f.metadata.get("choices"):
-            meaning += " (" + ", ".join(f"`{c}`" for c in f.metadata["choices"]) + ")"
-        if f.metadata["decides"] in ("weights", "data"):
-            meaning += "; *fixed on resume*"
-        lines.append(f"| {name} | {default} | {meaning} |")
-    lines += ["", "## Presets", ""]
+    for group in GROUPS:  # each field declares its group
+        lines += [f"## {group.capitalize()}", "", "| option | default | meaning |", "| --- | --- | --- |"]
+        lines += [row(f) for f in dataclasses.fields(Config) if f.metadata["group"] == group]
+        lines.append("")
+    lines += ["## Presets", ""]
     for name, values in PRESETS.items():
         lines.append(f"- `--preset {name}`: " + ", ".join(f"`--{flag(k)} {v}`" for k, v in values.items()))
     return "\n".join(lines) + "\n"
+
+
+def row(f):
+    """An option's row: its flag, default and meaning (its choices, and whether it is fixed on resume)."""
+    default = "unset" if f.default is None else ("on" if f.default else "off") if isinstance(f.default, bool) \
+        else f"`{f.default}`"
+    name = f"`--{flag(f.name)}`" + (f" / `--no-{flag(f.name)}`" if isinstance(f.default, bool) else "")
+    meaning = f.metadata["help"].replace("|", "\\|")
+    if f.metadata.get("choices"):
+        meaning += " (" + ", ".join(f"`{c}`" for c in f.metadata["choices"]) + ")"
+    if f.metadata["decides"] in ("weights", "data"):
+        meaning += "; *fixed on resume*"
+    return f"| {name} | {default} | {meaning} |"
 
 
 if __name__ == "__main__":

@@ -32,10 +32,10 @@ def cache_dir(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def fault_counts_from_zero():
-    """checkpoint.fault_point counts, per process, how often each point was reached: a test that sets
+    """faults.at counts, per process, how often each point was reached: a test that sets
     VITFOOD_FAULT in this process counts from zero, whatever the tests before it reached."""
-    from vitfood import checkpoint
-    checkpoint._reached.clear()
+    from vitfood import faults
+    faults._reached.clear()
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from conftest import error, error_line
-from vitfood import export, exported, seal
+from vitfood import export, onnxfile, seal
 from vitfood.common import run_main
 
 
@@ -171,8 +171,8 @@ def test_an_int8_file_beyond_the_accepted_drop_is_refused_and_the_fp32_export_ke
     from transformers import AutoModelForImageClassification
     broken = AutoModelForImageClassification.from_pretrained(out / "model").eval()
     torch.nn.init.zeros_(broken.classifier.weight)
-    exported.to_onnx(broken, str(tmp_path / "broken.onnx"), (64, 64))
-    monkeypatch.setattr(exported, "to_int8", lambda source, path: shutil.copy(tmp_path / "broken.onnx", path))
+    onnxfile.to_onnx(broken, str(tmp_path / "broken.onnx"), (64, 64))
+    monkeypatch.setattr(onnxfile, "to_int8", lambda source, path: shutil.copy(tmp_path / "broken.onnx", path))
     with pytest.raises(SystemExit) as e:
         run_main(lambda: export.main([str(out), "--int8", "--max-int8-drop", "0.05"]))
     assert e.value.code == 1

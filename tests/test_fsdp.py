@@ -38,7 +38,7 @@ def test_a_sharded_run_killed_and_resumed_ends_with_the_plain_run_s_weights(tmp_
     assert sharded(out, env={"VITFOOD_FAULT": "step:5"}).returncode == -signal.SIGKILL
     ckpt = out / "checkpoint-3"
     listed = json.load(open(ckpt / checkpoint.MARKER))["files"]
-    assert {f"{fsdp.SHARDS}/.metadata", f"{fsdp.SHARDS}/__0_0.distcp", checkpoint.STATE, "config.json"} <= set(listed)
+    assert {f"{fsdp.SHARDED_DIR}/.metadata", f"{fsdp.SHARDED_DIR}/__0_0.distcp", checkpoint.STATE, "config.json"} <= set(listed)
     assert "model.safetensors" not in listed and checkpoint.damage(ckpt) is None
     p = sharded(out)
     assert p.returncode == 0 and "resuming from" in p.stdout and "(FSDP2)" in p.stdout, p.stderr[-2000:]
@@ -55,7 +55,7 @@ def test_a_sharded_run_killed_and_resumed_ends_with_the_plain_run_s_weights(tmp_
     assert printed[0] == printed[1] and "x.png: " in printed[0]
     assert not [w for w in said if "torch.distributed" in str(w.message)]  # DCP's single-process note, silenced
 
-    shard = ckpt / fsdp.SHARDS / "__0_0.distcp"
+    shard = ckpt / fsdp.SHARDED_DIR / "__0_0.distcp"
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))

@@ -53,3 +53,15 @@ def test_no_import_cycles():
 def test_architecture_lists_every_module():
     text = (PACKAGE.parent / "ARCHITECTURE.md").read_text()
     assert all(f"`{m}.py`" in text for m in _imports()), "a module is missing from ARCHITECTURE.md"
+
+
+def test_no_module_over_500_lines_and_no_function_over_80():
+    long = []
+    for path in PACKAGE.glob("*.py"):
+        text = path.read_text()
+        if len(text.splitlines()) > 500:
+            long.append(f"{path.name}: {len(text.splitlines())} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 80:
+                long.append(f"{path.name}: {node.name} is {node.end_lineno - node.lineno + 1} lines")
+    assert not long, long

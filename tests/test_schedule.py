@@ -115,7 +115,7 @@ def test_bad_freeze_combinations_are_one_line(args, message, tmp_path, capsys):
 
 # ---- --batch-size auto
 def test_activations_are_measured_per_image_and_checkpointing_keeps_fewer():
-    from vitfood import fit
+    from vitfood import autobatch as fit
     from vitfood.config import Config
     from vitfood.model import build_model
     cpu = torch.device("cpu")
@@ -137,13 +137,13 @@ def test_activations_are_measured_per_image_and_checkpointing_keeps_fewer():
 def test_batch_size_auto_splits_the_global_batch_into_what_fits_and_keeps_its_gradient(tmp_path, monkeypatch, capsys):
     """A machine that holds 5 images per step: the global batch of 16 trains as 4 micro-batches of 4, with the
     gradient of one batch of 16."""
-    from vitfood import fit
+    from vitfood import autobatch as fit
     monkeypatch.setattr(fit, "activation_bytes", lambda *args: 2 * 2 ** 20)  # 1 MB an image
     monkeypatch.setattr(fit, "free_bytes", lambda device: (fit.state_bytes(model_of[0]) + 5.5 * fit.BACKWARD * 2 ** 20)
                         / fit.SHARE)
     model_of = []
     real_choose = fit.choose
-    monkeypatch.setattr(fit, "choose", lambda cfg, model, *args: (model_of.append(model), real_choose(cfg, model, *args)))
+    monkeypatch.setattr(fit, "choose", lambda cfg, model, *args: (model_of.append(model), real_choose(cfg, model, *args))[1])
     args = ["--max-steps", 2, "--logging-steps", 1, "--eval-steps", 2, "--save-steps", 2, "--max-grad-norm", 0]
     train(*args, "--batch-size", "auto", "--output-dir", tmp_path / "auto")
     assert "micro-batch 4 x 4 accumulation step(s) x 1 process(es) = global batch 16 (as asked)" in capsys.readouterr().out

@@ -84,7 +84,7 @@ def test_every_part_comes_back_as_it_was_saved(tmp_path, short_run):
     (again / "checkpoint-4" / checkpoint.MARKER).unlink()
     checkpoint._seal(again / "checkpoint-4", 4)
     from vitfood.rundir import parse_run
-    from vitfood.train import resumable, setup
+    from vitfood.start import resumable, setup
     cfg, out, resume = parse_run([*TINY, *SHORT, "--output-dir", str(again), "--resume", "auto"])
     r = setup(cfg, resume, 0, 1, torch.device("cpu"), rundir.Checkpoints(out, 2))
     state = checkpoint.state_of(resumable(r))

@@ -127,7 +127,7 @@ def test_long_class_names_keep_every_caption_line_on_the_cards():
     long = ["grilled_cheese_sandwich", "Tomato___Tomato_Yellow_Leaf_Curl_Virus_disease", "apple pie with whipped cream",
             "x" * 60]
     for name in long:
-        lines = report.fit(name, fnt, 90, 2)
+        lines = report.wrap_lines(name, fnt, 90, 2)
         assert len(lines) <= 2 and all(fnt.getlength(line) <= 90 for line in lines), lines
         assert lines[-1].endswith("…") == (len(report.wrap(name, fnt, 90)) > 2 or fnt.getlength(name) > 180)
     mistakes = [dict(confidence=0.9, true=i, pred=(i + 1) % 4, image=torch.zeros(3, 64, 64, dtype=torch.uint8))

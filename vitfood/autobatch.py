@@ -103,9 +103,9 @@ def runs(model, size, batch, precision, device):
 
 
 def choose(cfg, model, device, precision, world, size, train_images, say=print):
-    """For --batch-size auto: set cfg.batch_size (the micro-batch) and cfg.grad_accum_steps, keeping
+    """For --batch-size auto: {batch_size (the micro-batch), grad_accum_steps, global_batch}, keeping
     cfg.global_batch (or, with --global-batch auto, taking the largest micro-batch with no accumulation and
-    setting cfg.global_batch from it)."""
+    the global batch from it)."""
     training = model.training
     model.train()  # as it trains: dropout's masks are kept too
     per_image = activation_bytes(model, example(size, 2, device), precision, device) / 2
@@ -126,10 +126,10 @@ def choose(cfg, model, device, precision, world, size, train_images, say=print):
         if batch == 1:
             raise UserError("--batch-size auto: one image's training step does not fit in the GPU's free memory")
         batch = divisor_at_most(per_rank, batch - 1)
-    cfg.batch_size, cfg.grad_accum_steps = batch, per_rank // batch
-    cfg.global_batch = batch * cfg.grad_accum_steps * world
+    accum = per_rank // batch
     say(f"batch: --batch-size auto: {fits:,} images would fit in a step ({per_image * BACKWARD / 2 ** 20:.1f} MB each "
         f"with the backward pass, {state / 2 ** 20:.0f} MB of weights, gradients and AdamW moments, "
-        f"{SHARE:.0%} of {free / 2 ** 30:.1f} GB free on {device}); micro-batch {batch} x {cfg.grad_accum_steps} "
-        f"accumulation step(s) x {world} process(es) = global batch {cfg.global_batch}"
+        f"{SHARE:.0%} of {free / 2 ** 30:.1f} GB free on {device}); micro-batch {batch} x {accum} "
+        f"accumulation step(s) x {world} process(es) = global batch {batch * accum * world}"
         + (" (as asked)" if keep else " (--global-batch auto: the largest, nothing accumulated)"))
+    return dict(batch_size=batch, grad_accum_steps=accum, global_batch=batch * accum * world)

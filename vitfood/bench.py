@@ -41,7 +41,7 @@ import platform
 import torch
 import transformers
 
-from vitfood import exported, hub, measure
+from vitfood import hub, measure, onnxfile
 from vitfood.common import DTYPES, UserError, env_info, num_workers, pick_device, resolve_precision, run_main
 from vitfood.config import build_parser, resolve
 from vitfood.data import build_data
@@ -62,7 +62,7 @@ def parse_args(argv=None):
     g.add_argument("--quick", action="store_true", help="few repeats, small sweep, no compile, and of all modes those "
                    "that start no other process (not memory or loop): under a minute")
     g.add_argument("--batch-sizes", help="comma list for the model sweep (default: --batch-size; full: x1, x2, x4)")
-    g.add_argument("--precisions", help="comma list of fp32,fp16,bf16 (default: every one the device runs)")
+    g.add_argument("--precisions", help=f"comma list of {','.join(DTYPES)} (default: every one the device runs)")
     g.add_argument("--compile-modes", help="comma list of how the step runs: eager, compile (torch.compile), graph "
                    "(the whole step as one CUDA graph), graph+compile (default: eager,compile, and graph on CUDA; "
                    "--quick: eager); off and on mean eager and compile")
@@ -95,14 +95,14 @@ def plan(cfg, b, device, precision):
             raise UserError(f"--modes: unknown mode {m!r}; use {', '.join(MODES)} or all")
     if "export" in modes:
         try:
-            exported.need("--modes export")
+            onnxfile.need("--modes export")
         except UserError:
             if b.modes != "all":
                 raise
             modes = tuple(m for m in modes if m != "export")  # all: those this install can run
             print("note: no export mode: it needs the export extra (pip install 'vitfood[export]')")
-    precisions = _list(b.precisions) or ([precision] if quick else ["fp32", "fp16", "bf16"] if device.type == "cuda"
-                                         else ["fp32", "bf16"])
+    precisions = _list(b.precisions) or ([precision] if quick else  # fp16 runs on CUDA alone
+                                         [p for p in DTYPES if device.type == "cuda" or p != "fp16"])
     for p in precisions:
         resolve_precision(p, device)  # refuses fp16 on the CPU, bf16 on old GPUs
     compiles = _list(b.compile_modes) or (["eager"] if quick else ["eager", "compile"] + ["graph"] * (device.type == "cuda"))

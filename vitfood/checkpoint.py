@@ -19,48 +19,18 @@ import json
 import os
 import re
 import shutil
-import signal
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 from vitfood.common import UserError, first_line
-from vitfood import seal
+from vitfood import faults, seal
 from vitfood.seal import MARKER, finish_files, seal_folder, sha256
 
 STATE = "training_state.pt"
 BEST = "best_checkpoint.json"
 NAME = re.compile(r"^checkpoint-(\d+)$")  # a checkpoint folder's name
 MODEL = "model"  # <output-dir>/model: the exported model
-
-
-_reached = {}
-
-
-def fault_point(name):
-    """Test hook for the windows of a save, and for a failing rank. VITFOOD_FAULT=<name>[:<n>] SIGKILLs this
-    process the n-th time (default 1st) it reaches <name>; VITFOOD_FAULT=enospc:<name>[:<n>] fails there as a
-    full disk, error:<name>[:<n>] with an error, delay:<name>[:<n>] sleeps VITFOOD_FAULT_DELAY seconds (2) there.
-    VITFOOD_FAULT_RANK=<r>: only on rank r."""
-    spec = os.environ.get("VITFOOD_FAULT", "")
-    if not spec or os.environ.get("VITFOOD_FAULT_RANK", os.environ.get("RANK", "0")) != os.environ.get("RANK", "0"):
-        return
-    parts = spec.split(":")
-    kind = parts[0] if parts[0] in ("enospc", "error", "delay") else "kill"
-    parts = parts[1:] if kind != "kill" else parts
-    if parts[0] != name:
-        return
-    _reached[name] = _reached.get(name, 0) + 1
-    if _reached[name] == int(parts[1] if len(parts) > 1 else 1):
-        if kind == "enospc":
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        if kind == "error":
-            raise UserError(f"fault injected at {name} (VITFOOD_FAULT)")
-        if kind == "delay":
-            time.sleep(float(os.environ.get("VITFOOD_FAULT_DELAY", "2")))
-            return
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _fsync_dir(path):
@@ -98,9 +68,9 @@ def restore(path, state, model, parts, optimizer=None):
     """Put a run back as it was at checkpoint `path`, whose training state is `state` (from load_state): the
     model's weights, then each part of `parts` in order. `optimizer`: an --fsdp run's, restored with the
     weights from the checkpoint's shards (on any number of ranks)."""
-    from vitfood.model import load_shards, load_weights
+    from vitfood.model import load_sharded_weights, load_weights
     if optimizer is not None:
-        load_shards(model, path, optimizer)
+        load_sharded_weights(model, path, optimizer)
     else:
         load_weights(model, path)
     for name, part in parts.items():
@@ -149,7 +119,7 @@ def save(output_dir, step, model, processor, training_state, weights=None, timin
             model.save_pretrained(tmp, state_dict=weights)
         else:
             fsdp.save(tmp, model, optimizer)
-        fault_point("weights_written")
+        faults.at("weights_written")
         if main:
             if optimizer is not None:
                 model.config.save_pretrained(tmp)
@@ -167,7 +137,7 @@ def save(output_dir, step, model, processor, training_state, weights=None, timin
         raise
     if main:
         _swap_in(tmp, final)
-        fault_point("renamed")
+        faults.at("renamed")
     return final
 
 
@@ -179,7 +149,7 @@ def _seal(tmp, step):
 def _mark(tmp, step, files):
     """The marker that makes the folder a complete checkpoint: each file's size (checked whenever checkpoints
     are listed) and SHA-256 (checked when one is resumed from)."""
-    fault_point("marker")
+    faults.at("marker")
     for top, folders, _ in os.walk(tmp):  # an --fsdp checkpoint's sharded/: its entries synced too
         for folder in folders:
             _fsync_dir(os.path.join(top, folder))
@@ -193,7 +163,7 @@ def _swap_in(tmp, final):
     if os.path.exists(final):
         old = os.path.join(parent, f".old-{name}-{os.getpid()}")
         os.replace(final, old)
-        fault_point("swapping")
+        faults.at("swapping")
         os.replace(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
     else:
@@ -201,7 +171,7 @@ def _swap_in(tmp, final):
     _fsync_dir(parent)
 
 
-class Export:
+class ModelFolder:
     """<output-dir>/<name> (a model folder: weights, config, image processor, the card as README.md), built in a
     temporary folder and renamed into place by `seal()`. With `weights_of`, a checkpoint folder that holds these
     very weights, its weights files are hard-linked at `seal()` instead of written again (so it may still be
@@ -273,10 +243,10 @@ def unsound_exports(output_dir, lora, say, main=True):
     return unsound
 
 
-def export(output_dir, model, processor, card=None, name=MODEL):
+def write_model(output_dir, model, processor, card=None, name=MODEL):
     """save_pretrained into <output-dir>/<name>, with the model card `card` as README.md, atomically;
     returns its path."""
-    return Export(output_dir, model, processor, card, name).seal()
+    return ModelFolder(output_dir, model, processor, card, name).seal()
 
 
 def link(source, target):

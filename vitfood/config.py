@@ -7,6 +7,7 @@ defaults, preset and config file, so `--resume auto --output-dir DIR` alone cont
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -21,110 +22,126 @@ from vitfood.seal import RUN_CONFIG  # noqa: F401 (a run's options, in its folde
 _NONE = object()
 
 
-def _opt(default, help, choices=None, decides=None, legacy=_NONE, run_only=False, auto=False):
-    """A Config field. `decides`: what the option decides, when it decides the run: "weights" or "data" (the
-    data order), both fixed once a run has started, or "schedule" (its length and batch, which a resumed run
-    may change). `legacy`: the value that runs written before the option existed behaved as. `run_only`: it
-    means something to a training run only (vitfood.bench has no such flag). `auto`: the value "auto" is
-    accepted too (a number the run works out)."""
-    meta = {"help": help, "choices": choices, "decides": decides, "run_only": run_only, "auto": auto}
+def _opt(group, default, help, choices=None, decides=None, legacy=_NONE, run_only=False, auto=False, check=None):
+    """A Config field, in `group` (its section of --help and docs/options.md). `decides`: what the option decides,
+    when it decides the run: "weights" or "data" (the data order), both fixed once a run has started, or
+    "schedule" (its length and batch, which a resumed run may change). `legacy`: the value that runs written
+    before the option existed behaved as. `run_only`: it means something to a training run only (vitfood.bench
+    has no such flag). `auto`: the value "auto" is accepted too (a number the run works out). `check`: its
+    rule (_rule), applied to any value but unset and auto."""
+    meta = {"group": group, "help": help, "choices": choices, "decides": decides, "run_only": run_only, "auto": auto,
+            "check": check}
     if legacy is not _NONE:
         meta["legacy"] = legacy
     return field(default=default, metadata=meta)
 
 
+GROUPS = ("data", "model", "schedule and optimizer", "augmentation and regularisation",
+          "evaluation, checkpoints, logging", "machine")
+_data, _model, _schedule, _augment, _eval, _machine = (functools.partial(_opt, g) for g in GROUPS)
+
+
+def _rule(ok, says):
+    """A field's check: `ok(value)`, or the error `--<flag> <says>, got <value>`."""
+    return lambda value: None if ok(value) else says
+
+
+def _finite(ok):
+    return lambda v: math.isfinite(v) and ok(v)
+
+
+POSITIVE = _rule(lambda v: v >= 1, "must be a positive integer")
+NOT_NEGATIVE = _rule(_finite(lambda v: v >= 0), "must not be negative")
+SHARE = _rule(lambda v: 0 <= v <= 1, "must be between 0 and 1")
+
+
 @dataclass
 class Config:
-    # data
-    dataset: str = _opt("food101", "Hub dataset id, imagefolder folder, save_to_disk folder, WebDataset tar shards ('DIR/train-{000000..000009}.tar', a comma list, or fsspec URLs), or 'synthetic'", decides="data")
-    train_split: str = _opt("train[:5000]", "split to train on; slices like 'train[:5000]' work", decides="data")
-    eval_split: str | None = _opt(None, "existing split to evaluate on (e.g. 'validation'; with shards as --dataset, the eval shards' pattern); unset: carve --test-size out of the train split", decides="data")
-    test_size: float = _opt(0.2, "share of the train split held out for eval when --eval-split is unset (seeded)", decides="data")
-    fold: str | None = _opt(None, "k/K: train on the train split less its k-th of K seeded folds, and evaluate on that fold (vitfood.audit's out-of-fold runs; --eval-split is then not used)", decides="data", legacy=None)
-    max_train_samples: int | None = _opt(None, "keep only the first N training images", decides="data")
-    max_eval_samples: int | None = _opt(None, "keep only the first N eval images", decides="data")
-    streaming: bool = _opt(False, "read the train split as a stream, never copied to disk: tar shards or a Hub data set (each process its own shards, a seeded shard order and --shuffle-buffer; resume is exact); needs --eval-split and --train-samples", decides="data", legacy=False)
-    train_samples: int | None = _opt(None, "with --streaming: images in an epoch, as a stream has no length (unset: the count the Hub data set declares)", decides="schedule", legacy=None)
-    shuffle_buffer: int = _opt(1000, "with --streaming: samples held in the shuffle buffer that each process reads its shards through (1: the shards' own order)", decides="data", legacy=1000)
-    image_column: str = _opt("image", "name of the image column", decides="data")
-    label_column: str = _opt("label", "name of the label column", decides="data")
-    multi_label: bool = _opt(False, "train multi-label (binary cross-entropy, sigmoid scores) even where every image has one label; detected from the data otherwise (a list of classes per image)", decides="weights", legacy=False)
-    label_separator: str = _opt(";", "in a text label column (a metadata.csv), the character between an image's classes, which makes the data multi-label", decides="data", legacy=";")
-    threshold: float = _opt(0.5, "multi-label: a class is predicted where its sigmoid score is at least this (F1 and exact match; mAP needs none)")
-    synthetic_size: int = _opt(2500, "images generated for --dataset synthetic (all in its 'train' split)", decides="data")
-    synthetic_classes: int = _opt(10, "classes of --dataset synthetic", decides="data")
-    synthetic_dishes: int = _opt(1, "dishes per image of --dataset synthetic: 1, one class per image; N > 1, plates of 1 to N dishes, labelled with each (multi-label)", decides="data", legacy=1)
-    synthetic_max_px: int = _opt(512, "longest side, in pixels, of the largest synthetic image", decides="data")
-    fast_decode: bool = _opt(True, "decode a JPEG at 1/2, 1/4 or 1/8 scale (libjpeg DCT scaling) when its crop is downscaled by that much anyway; faster, same accuracy (bench/README.md)", decides="data", legacy=False)
-    bad_images: str = _opt("skip", "an image that cannot be decoded: skip it (counted, with a warning) or stop with an error", ["skip", "error"])
-    max_bad_share: float = _opt(0.1, "with --bad-images skip: stop, naming files, once more than this share of a split's images could not be decoded")
-    # model
-    model: str = _opt("google/vit-base-patch16-224-in21k", "Hub id, local model folder, or a named config: vit-tiny, vit-small, vit-base, vit-large, vit-huge (ViT-L/16, ViT-H/14), vit-micro", decides="weights")
-    image_size: int | None = _opt(None, "input resolution in px (unset: the model's own); a pretrained model's position tables are resized to it once, at load", decides="weights")
-    freeze_backbone: bool = _opt(False, "train only the classification head (a linear probe); the backbone stays as loaded", decides="weights", legacy=False)
-    freeze_epochs: float = _opt(0.0, "train the head alone for this many epochs first (the backbone frozen; its own lr, warm-up and decay), then the whole model on the configured schedule, as fastai's fine_tune (0: off)", decides="weights", legacy=0.0)
-    freeze_steps: int | None = _opt(None, "the same as --freeze-epochs in optimizer steps; overrides it", decides="weights", legacy=None)
-    freeze_lr: float | None = _opt(None, "peak learning rate of the head while the backbone is frozen (unset: 5x --lr: a head alone takes a higher rate, bench/README.md)", decides="weights", legacy=None)
-    lora_rank: int = _opt(0, "train LoRA adapters of this rank (through peft) and the head; the rest stays as loaded (0: off)", decides="weights", legacy=0)
-    lora_alpha: float = _opt(16.0, "LoRA: scale alpha (the update is scaled by alpha / rank)", decides="weights", legacy=16.0)
-    lora_dropout: float = _opt(0.1, "LoRA: dropout on the adapters' input", decides="weights", legacy=0.1)
-    lora_targets: str | None = _opt(None, "LoRA: comma list of module names to adapt (unset: the attention's q_proj,v_proj)", decides="weights", legacy=None)
-    gradient_checkpointing: bool = _opt(False, "recompute activations in the backward pass instead of keeping them (less memory, about a third more compute)", decides="weights", legacy=False)
-    trust_remote_code: bool = _opt(False, "let a Hub model run its own code (off: nothing from a repository is executed)")
-    attn: str = _opt("auto", "attention implementation; auto: sdpa on CUDA, eager on the CPU (faster there, measured in bench/README.md)", ["auto", "sdpa", "eager"])
-    compile: bool = _opt(False, "torch.compile the model (first steps are slow; compile time is reported)")
-    fsdp: bool = _opt(False, "shard the weights, gradients and AdamW state over the processes (PyTorch FSDP2, each transformer block a unit of its own; under torchrun, or one process): checkpoints written by every process with torch.distributed.checkpoint, resumable on another number of processes; model/ an ordinary transformers folder", decides="weights", legacy=False, run_only=True)
-    cuda_graph: bool = _opt(True, "on CUDA, capture the whole training step (forward, backward, clipping, AdamW) as one CUDA graph and replay it at every step; needs one process, --grad-accum-steps 1 and no --mixup/--cutmix (else the step runs eagerly)")
-    # schedule
-    max_steps: int | None = _opt(None, "optimizer steps to train; overrides --epochs", decides="schedule", run_only=True)
-    epochs: float = _opt(4.0, "epochs to train, converted to optimizer steps", decides="schedule", run_only=True)
-    batch_size: int = _opt(16, "images per micro-batch (per process); auto: the largest whose training step fits in memory (measured at the start), with accumulation steps that keep the global batch (--global-batch, else this option's value before auto x --grad-accum-steps x processes)", decides="schedule", auto=True)
-    global_batch: int | None = _opt(None, "images per optimizer step over every process; with --batch-size auto what its split keeps; auto (with --batch-size auto): the largest micro-batch, nothing accumulated", decides="schedule", legacy=None, auto=True)
-    eval_batch_size: int | None = _opt(None, "images per eval batch (unset: 2x --batch-size on the CPU, 8x on CUDA)")
-    eval_cache_gb: float = _opt(2.0, "keep the decoded eval images between evals when they take at most this many GB (in GPU memory on CUDA when that is at most a twentieth of it, else in host memory), so that only the first eval decodes; 0: decode at every eval")
-    grad_accum_steps: int = _opt(1, "micro-batches per optimizer step", decides="weights")
-    lr: float = _opt(2e-4, "peak learning rate of AdamW", decides="weights")
-    weight_decay: float = _opt(0.0, "AdamW weight decay (never applied to biases and norm weights)", decides="weights")
-    warmup_steps: int = _opt(0, "linear warm-up steps, then linear decay to 0", decides="schedule")
-    max_grad_norm: float = _opt(1.0, "clip the gradient norm to this (0: no clipping)")
-    label_smoothing: float = _opt(0.0, "training targets: 1 - F on the label, F spread over every class (eval stays plain cross-entropy)", decides="weights", legacy=0.0)
-    layer_decay: float = _opt(1.0, "layer-wise lr decay for the ViT family: the head at --lr, each block below times F, the embeddings lowest (1: off)", decides="weights", legacy=1.0)
-    drop_path: float = _opt(0.0, "stochastic depth rate, for models whose config has drop_path_rate (BEiT, DINOv2, Swin, ConvNeXt; not HF's ViT)", decides="weights", legacy=0.0)
-    auto_augment: str = _opt("none", "torchvision's automatic augmentation of training crops, in the loader workers", ["none", "randaugment", "trivialaugment"], decides="weights", legacy="none")
-    randaugment_ops: int = _opt(2, "RandAugment: operations per image", decides="weights", legacy=2)
-    randaugment_magnitude: int = _opt(9, "RandAugment: magnitude, 0-30", decides="weights", legacy=9)
-    random_erasing: float = _opt(0.0, "probability of erasing a random rectangle of a training crop (torchvision's RandomErasing)", decides="weights", legacy=0.0)
-    mixup: float = _opt(0.0, "mixup's Beta(A, A) on training batches (0: off); mixed on the device with soft targets", decides="weights", legacy=0.0)
-    cutmix: float = _opt(0.0, "CutMix's Beta(A, A) (0: off); with --mixup too, one of the two per batch", decides="weights", legacy=0.0)
-    mixup_prob: float = _opt(1.0, "share of batches mixed when --mixup or --cutmix is on", decides="weights", legacy=1.0)
-    mixup_switch_prob: float = _opt(0.5, "with both --mixup and --cutmix: share of mixed batches that use CutMix", decides="weights", legacy=0.5)
-    class_weights: str = _opt("none", "weight the loss of each class: balanced, n / (classes x n_class) from the training split's counts", ["none", "balanced"], decides="weights", legacy="none")
-    sampler: str = _opt("uniform", "training order: uniform (each image once an epoch) or balanced (each epoch drawn with replacement, classes equally likely; keyed on seed and epoch)", ["uniform", "balanced"], decides="data", legacy="uniform")
-    ema_decay: float = _opt(0.0, "keep an exponential moving average of the weights with this decay (0: none; its decay warms up as in timm: min(D, 1 - (1 + updates)^(-2/3))); evaluated beside the weights at each eval", decides="weights", legacy=0.0)
-    export_ema: bool = _opt(False, "export the EMA weights to model/ instead of the trained ones (needs --ema-decay)", run_only=True)
-    max_nonfinite_steps: int = _opt(25, "stop after this many consecutive steps with non-finite loss or gradients (each is skipped)", run_only=True)
-    precision: str = _opt("auto", "auto: fp16 on CUDA, bf16 on CPUs with bf16 matrix units, else fp32 (VITFOOD_CPU_PRECISION=fp32 or bf16 sets what auto picks on a CPU)", ["auto", *DTYPES])
-    # evaluation, checkpoints, logging
-    eval_steps: int = _opt(100, "evaluate every N optimizer steps (and at the end)", run_only=True)
-    save_steps: int = _opt(100, "save a checkpoint every N optimizer steps (and at the end)", run_only=True)
-    logging_steps: int = _opt(10, "log training scalars every N optimizer steps", run_only=True)
-    save_total_limit: int = _opt(2, "keep the newest N complete checkpoints (the best is kept in addition)", run_only=True)
-    best_metric: str = _opt("auto", "the eval figure that picks the best checkpoint (and stops early): auto (top-1 accuracy; multi-label: macro mAP), or the name of any figure in all_results.json without 'eval_'; the loss lower, the others higher", ["auto", "loss", "accuracy", "top5", "balanced_accuracy", "f1_macro", "map", "f1_micro", "exact_match"], decides="weights", legacy="auto")
-    early_stopping_patience: int = _opt(0, "stop when this many evals in a row have not improved --best-metric on its best by more than --early-stopping-min-delta (0: never); the stop is part of the run's state, so a resumed run stops at the same step", decides="schedule", legacy=0)
-    early_stopping_min_delta: float = _opt(0.0, "the improvement of --best-metric that counts as one for --early-stopping-patience", decides="schedule", legacy=0.0)
-    export: str = _opt("last", "which weights go to <output-dir>/model at the end", ["last", "best"], run_only=True)
-    calibrate: str = _opt("temperature", "at the end, fit one temperature on the eval split (minimising its NLL) and fold it into model/'s last layer, so every tool that loads it gives calibrated scores; none: keep the raw scores", ["temperature", "none"], run_only=True, legacy="none")
-    target_accuracy: float | None = _opt(None, "single-label: store in model/ the score threshold whose answers reach this accuracy on the eval split (the most answers that do); vitfood.predict answers 'unknown' below it", run_only=True, legacy=None)
-    target_coverage: float | None = _opt(None, "single-label: the same, for the threshold that keeps this share of the eval split's answers", run_only=True, legacy=None)
-    output_dir: str | None = _opt(None, "run directory (unset: runs/<timestamp>-<model>-<dataset>)", run_only=True)
-    overwrite_output_dir: bool = _opt(False, "allow a fresh run in a directory that already holds checkpoints", run_only=True)
-    resume: str | None = _opt(None, "'auto' (newest complete checkpoint of --output-dir, or start fresh) or a checkpoint path", run_only=True)
-    # machine
-    device: str = _opt("auto", "auto, cpu, cuda, cuda:N")
-    num_workers: int = _opt(-1, "DataLoader worker processes per training process (-1: from the CPU count)")
-    dist_timeout: int = _opt(600, "under torchrun: seconds a rank waits for the others before the job fails", run_only=True)
-    seed: int = _opt(42, "seed for the split, initialisation, shuffling and augmentation", decides="data")
-    preset: str | None = _opt(None, "start from a named preset: demo (offline, minutes on a CPU), demo-multilabel (the same, multi-label), finetune (the recipe levers of the published ViT fine-tunes)", ["demo", "demo-multilabel", "finetune"])
+    dataset: str = _data("food101", "Hub dataset id, imagefolder folder, save_to_disk folder, WebDataset tar shards ('DIR/train-{000000..000009}.tar', a comma list, or fsspec URLs), or 'synthetic'", decides="data")
+    train_split: str = _data("train[:5000]", "split to train on; slices like 'train[:5000]' work", decides="data")
+    eval_split: str | None = _data(None, "existing split to evaluate on (e.g. 'validation'; with shards as --dataset, the eval shards' pattern); unset: carve --test-size out of the train split", decides="data")
+    test_size: float = _data(0.2, "share of the train split held out for eval when --eval-split is unset (seeded)", decides="data", check=_rule(lambda v: 0 < v < 1, "must be between 0 and 1"))
+    fold: str | None = _data(None, "k/K: train on the train split less its k-th of K seeded folds, and evaluate on that fold (vitfood.audit's out-of-fold runs; --eval-split is then not used)", decides="data", legacy=None)
+    max_train_samples: int | None = _data(None, "keep only the first N training images", decides="data", check=POSITIVE)
+    max_eval_samples: int | None = _data(None, "keep only the first N eval images", decides="data", check=POSITIVE)
+    streaming: bool = _data(False, "read the train split as a stream, never copied to disk: tar shards or a Hub data set (each process its own shards, a seeded shard order and --shuffle-buffer; resume is exact); needs --eval-split and --train-samples", decides="data", legacy=False)
+    train_samples: int | None = _data(None, "with --streaming: images in an epoch, as a stream has no length (unset: the count the Hub data set declares)", decides="schedule", legacy=None, check=POSITIVE)
+    shuffle_buffer: int = _data(1000, "with --streaming: samples held in the shuffle buffer that each process reads its shards through (1: the shards' own order)", decides="data", legacy=1000, check=POSITIVE)
+    image_column: str = _data("image", "name of the image column", decides="data")
+    label_column: str = _data("label", "name of the label column", decides="data")
+    multi_label: bool = _data(False, "train multi-label (binary cross-entropy, sigmoid scores) even where every image has one label; detected from the data otherwise (a list of classes per image)", decides="weights", legacy=False)
+    label_separator: str = _data(";", "in a text label column (a metadata.csv), the character between an image's classes, which makes the data multi-label", decides="data", legacy=";", check=_rule(lambda v: len(v) == 1 and not v.isalnum(), "must be one character, not a letter or digit"))
+    threshold: float = _data(0.5, "multi-label: a class is predicted where its sigmoid score is at least this (F1 and exact match; mAP needs none)", check=_rule(lambda v: 0 < v < 1, "must be between 0 and 1"))
+    synthetic_size: int = _data(2500, "images generated for --dataset synthetic (all in its 'train' split)", decides="data", check=POSITIVE)
+    synthetic_classes: int = _data(10, "classes of --dataset synthetic", decides="data", check=_rule(lambda v: v >= 2, "must be at least 2"))
+    synthetic_dishes: int = _data(1, "dishes per image of --dataset synthetic: 1, one class per image; N > 1, plates of 1 to N dishes, labelled with each (multi-label)", decides="data", legacy=1)
+    synthetic_max_px: int = _data(512, "longest side, in pixels, of the largest synthetic image", decides="data", check=POSITIVE)
+    fast_decode: bool = _data(True, "decode a JPEG at 1/2, 1/4 or 1/8 scale (libjpeg DCT scaling) when its crop is downscaled by that much anyway; faster, same accuracy (bench/README.md)", decides="data", legacy=False)
+    bad_images: str = _data("skip", "an image that cannot be decoded: skip it (counted, with a warning) or stop with an error", ["skip", "error"])
+    max_bad_share: float = _data(0.1, "with --bad-images skip: stop, naming files, once more than this share of a split's images could not be decoded", check=SHARE)
+    model: str = _model("google/vit-base-patch16-224-in21k", "Hub id, local model folder, or a named config: vit-tiny, vit-small, vit-base, vit-large, vit-huge (ViT-L/16, ViT-H/14), vit-micro", decides="weights")
+    image_size: int | None = _model(None, "input resolution in px (unset: the model's own); a pretrained model's position tables are resized to it once, at load", decides="weights", check=POSITIVE)
+    freeze_backbone: bool = _model(False, "train only the classification head (a linear probe); the backbone stays as loaded", decides="weights", legacy=False)
+    freeze_epochs: float = _model(0.0, "train the head alone for this many epochs first (the backbone frozen; its own lr, warm-up and decay), then the whole model on the configured schedule, as fastai's fine_tune (0: off)", decides="weights", legacy=0.0, check=_rule(_finite(lambda v: v >= 0), "must be a finite number of epochs, 0 or more"))
+    freeze_steps: int | None = _model(None, "the same as --freeze-epochs in optimizer steps; overrides it", decides="weights", legacy=None, check=POSITIVE)
+    freeze_lr: float | None = _model(None, "peak learning rate of the head while the backbone is frozen (unset: 5x --lr: a head alone takes a higher rate, bench/README.md)", decides="weights", legacy=None, check=_rule(_finite(lambda v: v > 0), "must be positive"))
+    lora_rank: int = _model(0, "train LoRA adapters of this rank (through peft) and the head; the rest stays as loaded (0: off)", decides="weights", legacy=0)
+    lora_alpha: float = _model(16.0, "LoRA: scale alpha (the update is scaled by alpha / rank)", decides="weights", legacy=16.0)
+    lora_dropout: float = _model(0.1, "LoRA: dropout on the adapters' input", decides="weights", legacy=0.1)
+    lora_targets: str | None = _model(None, "LoRA: comma list of module names to adapt (unset: the attention's q_proj,v_proj)", decides="weights", legacy=None)
+    gradient_checkpointing: bool = _model(False, "recompute activations in the backward pass instead of keeping them (less memory, about a third more compute)", decides="weights", legacy=False)
+    trust_remote_code: bool = _model(False, "let a Hub model run its own code (off: nothing from a repository is executed)")
+    attn: str = _model("auto", "attention implementation; auto: sdpa on CUDA, eager on the CPU (faster there, measured in bench/README.md)", ["auto", "sdpa", "eager"])
+    compile: bool = _model(False, "torch.compile the model (first steps are slow; compile time is reported)")
+    fsdp: bool = _model(False, "shard the weights, gradients and AdamW state over the processes (PyTorch FSDP2, each transformer block a unit of its own; under torchrun, or one process): checkpoints written by every process with torch.distributed.checkpoint, resumable on another number of processes; model/ an ordinary transformers folder", decides="weights", legacy=False, run_only=True)
+    cuda_graph: bool = _model(True, "on CUDA, capture the whole training step (forward, backward, clipping, AdamW) as one CUDA graph and replay it at every step; needs one process, --grad-accum-steps 1 and no --mixup/--cutmix (else the step runs eagerly)")
+    max_steps: int | None = _schedule(None, "optimizer steps to train; overrides --epochs", decides="schedule", run_only=True, check=POSITIVE)
+    epochs: float = _schedule(4.0, "epochs to train, converted to optimizer steps", decides="schedule", run_only=True, check=_rule(_finite(lambda v: v > 0), "must be positive"))
+    batch_size: int = _schedule(16, "images per micro-batch (per process); auto: the largest whose training step fits in memory (measured at the start), with accumulation steps that keep the global batch (--global-batch, else this option's value before auto x --grad-accum-steps x processes)", decides="schedule", auto=True, check=POSITIVE)
+    global_batch: int | None = _schedule(None, "images per optimizer step over every process; with --batch-size auto what its split keeps; auto (with --batch-size auto): the largest micro-batch, nothing accumulated", decides="schedule", legacy=None, auto=True, check=POSITIVE)
+    eval_batch_size: int | None = _schedule(None, "images per eval batch (unset: 2x --batch-size on the CPU, 8x on CUDA)", check=POSITIVE)
+    eval_cache_gb: float = _schedule(2.0, "keep the decoded eval images between evals when they take at most this many GB (in GPU memory on CUDA when that is at most a twentieth of it, else in host memory), so that only the first eval decodes; 0: decode at every eval", check=_rule(_finite(lambda v: v >= 0), "must be a finite number of GB, 0 or more"))
+    grad_accum_steps: int = _schedule(1, "micro-batches per optimizer step", decides="weights", check=POSITIVE)
+    lr: float = _schedule(2e-4, "peak learning rate of AdamW", decides="weights", check=_rule(_finite(lambda v: v > 0), "must be positive"))
+    weight_decay: float = _schedule(0.0, "AdamW weight decay (never applied to biases and norm weights)", decides="weights", check=NOT_NEGATIVE)
+    warmup_steps: int = _schedule(0, "linear warm-up steps, then linear decay to 0", decides="schedule", check=NOT_NEGATIVE)
+    max_grad_norm: float = _schedule(1.0, "clip the gradient norm to this (0: no clipping)", check=NOT_NEGATIVE)
+    label_smoothing: float = _augment(0.0, "training targets: 1 - F on the label, F spread over every class (eval stays plain cross-entropy)", decides="weights", legacy=0.0, check=_rule(lambda v: 0 <= v < 1, "must be in [0, 1)"))
+    layer_decay: float = _augment(1.0, "layer-wise lr decay for the ViT family: the head at --lr, each block below times F, the embeddings lowest (1: off)", decides="weights", legacy=1.0, check=_rule(lambda v: 0 < v <= 1, "must be in (0, 1] (1: off)"))
+    drop_path: float = _augment(0.0, "stochastic depth rate, for models whose config has drop_path_rate (BEiT, DINOv2, Swin, ConvNeXt; not HF's ViT)", decides="weights", legacy=0.0, check=_rule(lambda v: 0 <= v < 1, "must be in [0, 1)"))
+    auto_augment: str = _augment("none", "torchvision's automatic augmentation of training crops, in the loader workers", ["none", "randaugment", "trivialaugment"], decides="weights", legacy="none")
+    randaugment_ops: int = _augment(2, "RandAugment: operations per image", decides="weights", legacy=2, check=POSITIVE)
+    randaugment_magnitude: int = _augment(9, "RandAugment: magnitude, 0-30", decides="weights", legacy=9, check=_rule(lambda v: 0 <= v <= 30, "must be between 0 and 30"))
+    random_erasing: float = _augment(0.0, "probability of erasing a random rectangle of a training crop (torchvision's RandomErasing)", decides="weights", legacy=0.0, check=SHARE)
+    mixup: float = _augment(0.0, "mixup's Beta(A, A) on training batches (0: off); mixed on the device with soft targets", decides="weights", legacy=0.0, check=_rule(_finite(lambda v: v >= 0), "must be a finite alpha >= 0 (0: off)"))
+    cutmix: float = _augment(0.0, "CutMix's Beta(A, A) (0: off); with --mixup too, one of the two per batch", decides="weights", legacy=0.0, check=_rule(_finite(lambda v: v >= 0), "must be a finite alpha >= 0 (0: off)"))
+    mixup_prob: float = _augment(1.0, "share of batches mixed when --mixup or --cutmix is on", decides="weights", legacy=1.0, check=SHARE)
+    mixup_switch_prob: float = _augment(0.5, "with both --mixup and --cutmix: share of mixed batches that use CutMix", decides="weights", legacy=0.5, check=SHARE)
+    class_weights: str = _augment("none", "weight the loss of each class: balanced, n / (classes x n_class) from the training split's counts", ["none", "balanced"], decides="weights", legacy="none")
+    sampler: str = _augment("uniform", "training order: uniform (each image once an epoch) or balanced (each epoch drawn with replacement, classes equally likely; keyed on seed and epoch)", ["uniform", "balanced"], decides="data", legacy="uniform")
+    ema_decay: float = _augment(0.0, "keep an exponential moving average of the weights with this decay (0: none; its decay warms up as in timm: min(D, 1 - (1 + updates)^(-2/3))); evaluated beside the weights at each eval", decides="weights", legacy=0.0, check=_rule(lambda v: 0 <= v < 1, "must be in [0, 1) (0: no EMA)"))
+    export_ema: bool = _augment(False, "export the EMA weights to model/ instead of the trained ones (needs --ema-decay)", run_only=True)
+    max_nonfinite_steps: int = _schedule(25, "stop after this many consecutive steps with non-finite loss or gradients (each is skipped)", run_only=True, check=POSITIVE)
+    precision: str = _schedule("auto", "auto: fp16 on CUDA, bf16 on CPUs with bf16 matrix units, else fp32 (VITFOOD_CPU_PRECISION=fp32 or bf16 sets what auto picks on a CPU)", ["auto", *DTYPES])
+    eval_steps: int = _eval(100, "evaluate every N optimizer steps (and at the end)", run_only=True, check=POSITIVE)
+    save_steps: int = _eval(100, "save a checkpoint every N optimizer steps (and at the end)", run_only=True, check=POSITIVE)
+    logging_steps: int = _eval(10, "log training scalars every N optimizer steps", run_only=True, check=POSITIVE)
+    save_total_limit: int = _eval(2, "keep the newest N complete checkpoints (the best is kept in addition)", run_only=True, check=POSITIVE)
+    best_metric: str = _eval("auto", "the eval figure that picks the best checkpoint (and stops early): auto (top-1 accuracy; multi-label: macro mAP), or the name of any figure in all_results.json without 'eval_'; the loss lower, the others higher", ["auto", "loss", "accuracy", "top5", "balanced_accuracy", "f1_macro", "map", "f1_micro", "exact_match"], decides="weights", legacy="auto")
+    early_stopping_patience: int = _eval(0, "stop when this many evals in a row have not improved --best-metric on its best by more than --early-stopping-min-delta (0: never); the stop is part of the run's state, so a resumed run stops at the same step", decides="schedule", legacy=0, check=_rule(lambda v: v >= 0, "must not be negative (0: off)"))
+    early_stopping_min_delta: float = _eval(0.0, "the improvement of --best-metric that counts as one for --early-stopping-patience", decides="schedule", legacy=0.0, check=NOT_NEGATIVE)
+    export: str = _eval("last", "which weights go to <output-dir>/model at the end", ["last", "best"], run_only=True)
+    calibrate: str = _eval("temperature", "at the end, fit one temperature on the eval split (minimising its NLL) and fold it into model/'s last layer, so every tool that loads it gives calibrated scores; none: keep the raw scores", ["temperature", "none"], run_only=True, legacy="none")
+    target_accuracy: float | None = _eval(None, "single-label: store in model/ the score threshold whose answers reach this accuracy on the eval split (the most answers that do); vitfood.predict answers 'unknown' below it", run_only=True, legacy=None, check=_rule(lambda v: 0 < v <= 1, "must be in (0, 1]"))
+    target_coverage: float | None = _eval(None, "single-label: the same, for the threshold that keeps this share of the eval split's answers", run_only=True, legacy=None, check=_rule(lambda v: 0 < v <= 1, "must be in (0, 1]"))
+    output_dir: str | None = _eval(None, "run directory (unset: runs/<timestamp>-<model>-<dataset>)", run_only=True)
+    overwrite_output_dir: bool = _eval(False, "allow a fresh run in a directory that already holds checkpoints", run_only=True)
+    resume: str | None = _eval(None, "'auto' (newest complete checkpoint of --output-dir, or start fresh) or a checkpoint path", run_only=True)
+    device: str = _machine("auto", "auto, cpu, cuda, cuda:N")
+    num_workers: int = _machine(-1, "DataLoader worker processes per training process (-1: from the CPU count)", check=_rule(lambda v: v >= -1, "must be -1 (auto) or at least 0"))
+    dist_timeout: int = _machine(600, "under torchrun: seconds a rank waits for the others before the job fails", run_only=True, check=POSITIVE)
+    seed: int = _machine(42, "seed for the split, initialisation, shuffling and augmentation", decides="data", check=_rule(lambda v: 0 <= v < 2 ** 32, "must be between 0 and 2**32 - 1"))
+    preset: str | None = _machine(None, "start from a named preset: demo (offline, minutes on a CPU), demo-multilabel (the same, multi-label), finetune (the recipe levers of the published ViT fine-tunes)", ["demo", "demo-multilabel", "finetune"])
 
     def eval_batch(self, device):
         # on the CPU inference ran fastest at batch 32, 2x the recipe's (64 fell back by a third); on CUDA a larger
@@ -132,98 +149,75 @@ class Config:
         return self.eval_batch_size or (8 if device.type == "cuda" else 2) * self.batch_size
 
     def validate(self):
-        positive = ["batch_size", "grad_accum_steps", "eval_steps", "save_steps", "logging_steps", "max_nonfinite_steps",
-                    "save_total_limit", "synthetic_size", "synthetic_max_px", "dist_timeout"]
-        if self.global_batch == "auto" and self.batch_size != "auto":
-            raise UserError("--global-batch auto needs --batch-size auto (the largest micro-batch that fits)")
-        for name in positive + ["global_batch"]:
-            if getattr(self, name) in ("auto", None) and name in ("batch_size", "global_batch"):
-                continue
-            if getattr(self, name) < 1:
-                raise UserError(f"--{flag(name)} must be a positive integer, got {getattr(self, name)}")
-        if not (math.isfinite(self.eval_cache_gb) and self.eval_cache_gb >= 0):
-            raise UserError(f"--eval-cache-gb must be a finite number of GB, 0 or more, got {self.eval_cache_gb}")
-        for name in ["max_steps", "max_train_samples", "max_eval_samples", "image_size", "eval_batch_size"]:
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise UserError(f"--{flag(name)} must be a positive integer, got {value}")
-        if not 0 < self.threshold < 1:
-            raise UserError(f"--threshold must be between 0 and 1, got {self.threshold}")
-        if len(self.label_separator) != 1 or self.label_separator.isalnum():
-            raise UserError(f"--label-separator must be one character, not a letter or digit, got {self.label_separator!r}")
-        if not 1 <= self.synthetic_dishes <= min(4, self.synthetic_classes):
-            raise UserError(f"--synthetic-dishes must be between 1 and 4, and at most --synthetic-classes "
-                            f"({self.synthetic_classes}), got {self.synthetic_dishes}")
-        if self.synthetic_classes < 2:
-            raise UserError(f"--synthetic-classes must be at least 2, got {self.synthetic_classes}")
-        for name in ("epochs", "lr", "weight_decay", "max_grad_norm", "test_size"):
-            if not math.isfinite(getattr(self, name)):
-                raise UserError(f"--{flag(name)} must be a finite number, got {getattr(self, name)}")
-        if not 0 <= self.seed < 2 ** 32:
-            raise UserError(f"--seed must be between 0 and 2**32 - 1, got {self.seed}")
-        if not self.epochs > 0:
-            raise UserError(f"--epochs must be positive, got {self.epochs}")
-        if not self.lr > 0:
-            raise UserError(f"--lr must be positive, got {self.lr}")
-        if self.weight_decay < 0 or self.warmup_steps < 0 or self.max_grad_norm < 0:
-            raise UserError("--weight-decay, --warmup-steps and --max-grad-norm must not be negative")
-        if not 0 <= self.label_smoothing < 1:
-            raise UserError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
-        for name in ("mixup", "cutmix"):
-            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
-                raise UserError(f"--{name} must be a finite alpha >= 0 (0: off), got {getattr(self, name)}")
-        if not 0 < self.layer_decay <= 1:
-            raise UserError(f"--layer-decay must be in (0, 1] (1: off), got {self.layer_decay}")
-        if not 0 <= self.drop_path < 1:
-            raise UserError(f"--drop-path must be in [0, 1), got {self.drop_path}")
-        if self.randaugment_ops < 1 or not 0 <= self.randaugment_magnitude <= 30:
-            raise UserError("--randaugment-ops must be at least 1 and --randaugment-magnitude between 0 and 30")
-        for name in ("mixup_prob", "mixup_switch_prob", "random_erasing"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise UserError(f"--{flag(name)} must be between 0 and 1, got {getattr(self, name)}")
-        if not 0 <= self.ema_decay < 1:
-            raise UserError(f"--ema-decay must be in [0, 1) (0: no EMA), got {self.ema_decay}")
-        if self.early_stopping_patience < 0 or not (math.isfinite(self.early_stopping_min_delta)
-                                                    and self.early_stopping_min_delta >= 0):
-            raise UserError("--early-stopping-patience (0: off) and --early-stopping-min-delta must not be negative")
-        if not (math.isfinite(self.freeze_epochs) and self.freeze_epochs >= 0):
-            raise UserError(f"--freeze-epochs must be a finite number of epochs, 0 or more, got {self.freeze_epochs}")
-        if self.freeze_steps is not None and self.freeze_steps < 1 or self.freeze_lr is not None and not self.freeze_lr > 0:
-            raise UserError("--freeze-steps and --freeze-lr must be positive")
-        for name in ("target_accuracy", "target_coverage"):
-            if getattr(self, name) is not None and not 0 < getattr(self, name) <= 1:
-                raise UserError(f"--{name.replace('_', '-')} must be in (0, 1], got {getattr(self, name)}")
-        if self.target_accuracy is not None and self.target_coverage is not None:
-            raise UserError("--target-accuracy and --target-coverage exclude each other: give one")
-        if self.export_ema and not self.ema_decay:
-            raise UserError("--export-ema needs --ema-decay (the EMA it would export)")
-        if self.export_ema and self.export == "best":
-            raise UserError("--export-ema exports the EMA of the last step; it does not combine with --export best")
-        from vitfood import adapt, fsdp
-        adapt.check(self)
-        fsdp.check(self)
-        if not 0 <= self.max_bad_share <= 1:
-            raise UserError(f"--max-bad-share must be between 0 and 1, got {self.max_bad_share}")
-        if not 0 < self.test_size < 1:
-            raise UserError(f"--test-size must be between 0 and 1, got {self.test_size}")
-        if self.export == "best" and self.save_steps % self.eval_steps:
-            raise UserError(f"--export best needs evals at the saves: --save-steps ({self.save_steps}) must be a "
-                            f"multiple of --eval-steps ({self.eval_steps})")
-        if self.streaming:
-            for bad, what in ((self.fold, "--fold"), (self.max_train_samples, "--max-train-samples (use --train-samples)"),
-                              (self.sampler == "balanced", "--sampler balanced"),
-                              (self.class_weights == "balanced", "--class-weights balanced")):
-                if bad:
-                    raise UserError(f"{what} needs the whole train split at hand; it does not combine with --streaming")
-        if self.shuffle_buffer < 1 or self.train_samples is not None and self.train_samples < 1:
-            raise UserError("--shuffle-buffer and --train-samples must be positive")
-        if self.num_workers < -1:
-            raise UserError(f"--num-workers must be -1 (auto) or at least 0, got {self.num_workers}")
+        """Each field by its own rule and choices, then the rules between fields; returns self."""
         for f in dataclasses.fields(self):
-            choices = f.metadata.get("choices")
-            if choices and getattr(self, f.name) is not None and getattr(self, f.name) not in choices:
-                raise UserError(f"--{flag(f.name)} must be one of {', '.join(choices)}, got {getattr(self, f.name)!r}")
+            check_option(f.name, getattr(self, f.name))
+        from vitfood import adapt, fsdp
+        for rule in (_batch_auto, _synthetic_dishes, _targets, _export_ema, _export_best, _streaming, adapt.check,
+                     fsdp.check):
+            rule(self)
         return self
+
+
+def check_option(name, value):
+    """One line when `value` breaks Config field `name`'s choices or rule (an unset value, or auto where the
+    field takes it, passes): the rule vitfood.evaluate applies to its flags of the same names too."""
+    meta = Config.__dataclass_fields__[name].metadata
+    if value is None or value == "auto" and meta["auto"]:
+        return
+    if meta["choices"] and value not in meta["choices"]:
+        raise UserError(f"--{flag(name)} must be one of {', '.join(meta['choices'])}, got {value!r}")
+    if meta["check"] and (says := meta["check"](value)):
+        if isinstance(value, float) and not math.isfinite(value) and "finite" not in says:
+            says = "must be a finite number"  # nan or inf: not "must be positive"
+        raise UserError(f"--{flag(name)} {says}, got {repr(value) if isinstance(value, str) else value}")
+
+
+# The rules between fields, each one named.
+def _batch_auto(cfg):
+    if cfg.global_batch == "auto" and cfg.batch_size != "auto":
+        raise UserError("--global-batch auto needs --batch-size auto (the largest micro-batch that fits)")
+
+
+def _synthetic_dishes(cfg):
+    if not 1 <= cfg.synthetic_dishes <= min(4, cfg.synthetic_classes):
+        raise UserError(f"--synthetic-dishes must be between 1 and 4, and at most --synthetic-classes "
+                        f"({cfg.synthetic_classes}), got {cfg.synthetic_dishes}")
+
+
+def _targets(cfg):
+    check_targets(cfg.target_accuracy, cfg.target_coverage)
+
+
+def check_targets(accuracy, coverage):
+    """--target-accuracy and --target-coverage: each by its field's rule, and not both (vitfood.evaluate's too)."""
+    check_option("target_accuracy", accuracy)
+    check_option("target_coverage", coverage)
+    if accuracy is not None and coverage is not None:
+        raise UserError("--target-accuracy and --target-coverage exclude each other: give one")
+
+
+def _export_ema(cfg):
+    if cfg.export_ema and not cfg.ema_decay:
+        raise UserError("--export-ema needs --ema-decay (the EMA it would export)")
+    if cfg.export_ema and cfg.export == "best":
+        raise UserError("--export-ema exports the EMA of the last step; it does not combine with --export best")
+
+
+def _export_best(cfg):
+    if cfg.export == "best" and cfg.save_steps % cfg.eval_steps:
+        raise UserError(f"--export best needs evals at the saves: --save-steps ({cfg.save_steps}) must be a "
+                        f"multiple of --eval-steps ({cfg.eval_steps})")
+
+
+def _streaming(cfg):
+    if not cfg.streaming:
+        return
+    for bad, what in ((cfg.fold, "--fold"), (cfg.max_train_samples, "--max-train-samples (use --train-samples)"),
+                      (cfg.sampler == "balanced", "--sampler balanced"),
+                      (cfg.class_weights == "balanced", "--class-weights balanced")):
+        if bad:
+            raise UserError(f"{what} needs the whole train split at hand; it does not combine with --streaming")
 
 
 PRESETS = {
@@ -308,6 +302,7 @@ def build_parser(run=True):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", help="JSON or YAML file of option values (flags override it)")
     hints = typing.get_type_hints(Config)
+    sections = {title: p.add_argument_group(title) for title in GROUPS}
     for f in dataclasses.fields(Config):
         tp = _base_type(hints[f.name])
         kw = dict(help=f"{f.metadata['help']} (default: {f.default})")
@@ -321,7 +316,7 @@ def build_parser(run=True):
             kw["type"] = _parse_none(tp) if f.default is None else tp
             if f.metadata.get("choices"):
                 kw["choices"] = f.metadata["choices"]
-        p.add_argument("--" + flag(f.name), dest=f.name, **kw)
+        sections[f.metadata["group"]].add_argument("--" + flag(f.name), dest=f.name, **kw)
     return p
 
 

@@ -54,6 +54,11 @@ def active():
     return dist.is_available() and dist.is_initialized()
 
 
+def rank():
+    """This process's rank (0 outside torchrun)."""
+    return dist.get_rank() if active() else 0
+
+
 def barrier():
     if active():
         dist.barrier()

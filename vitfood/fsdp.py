@@ -19,7 +19,7 @@ from vitfood.common import UserError
 # torch.distributed.fsdp and .checkpoint are imported where used: 0.65 s that a plain run, predict and the
 # checks of the options do not pay
 
-SHARDS = "sharded"  # a checkpoint's folder of DCP files
+SHARDED_DIR = "sharded"  # a checkpoint's folder of DCP files
 
 # what a sharded run cannot do yet, each with why, said in one line before anything is loaded
 REFUSED = (
@@ -77,7 +77,7 @@ def is_sharded(model):
 
 
 def is_sharded_checkpoint(path):
-    return os.path.isdir(os.path.join(path, SHARDS))
+    return os.path.isdir(os.path.join(path, SHARDED_DIR))
 
 
 def save(folder, model, optimizer):
@@ -87,7 +87,7 @@ def save(folder, model, optimizer):
     from torch.distributed.checkpoint.state_dict import get_state_dict
     weights, moments = get_state_dict(model, optimizer)
     with _cause():
-        dcp.save(dict(model=weights, optimizer=moments), checkpoint_id=os.path.join(folder, SHARDS))
+        dcp.save(dict(model=weights, optimizer=moments), checkpoint_id=os.path.join(folder, SHARDED_DIR))
 
 
 def load(folder, model, optimizer=None):
@@ -96,7 +96,7 @@ def load(folder, model, optimizer=None):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
                                                          set_state_dict)
-    path = os.path.join(folder, SHARDS)
+    path = os.path.join(folder, SHARDED_DIR)
     # predict, evaluate or export (no group), or a plain model on one rank: read alone, no collective
     alone = not torch.distributed.is_initialized() or not is_sharded(model)
     with warnings.catch_warnings():

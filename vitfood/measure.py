@@ -22,8 +22,8 @@ from vitfood.common import mixed_precision, seed_everything
 from vitfood.config import Config
 from vitfood.data import EpochBatchSampler, KeptBatches, make_loader, stop_workers
 from vitfood.images import normalize, transforms_for
-from vitfood.model import build_model, compiled, for_inference, make_optimizer, make_scheduler, resolve_attn, vit_flops_per_image
-from vitfood.steps import EMA, GraphedStep, Mixing, Step, eval_pass
+from vitfood.model import build_model, for_inference, make_optimizer, make_scheduler, resolve_attn, vit_flops_per_image
+from vitfood.steps import EMA, GraphedStep, build_step, eval_pass, mixing_for
 
 
 def sync(device):
@@ -81,18 +81,10 @@ def training(cfg, names, device, precision, graph_batch=None, world=1):
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, 0, 10 ** 9)
     amp, scaler = mixed_precision(precision, device, sharded=cfg.fsdp)
-    ddp = model
-    if world > 1 and not cfg.fsdp:
-        ddp = dist.data_parallel(model, device)
-    train_model = compiled(ddp, device, graphed=graph_batch is not None) if cfg.compile else ddp
-    mixing = Mixing(cfg.mixup, cfg.cutmix, cfg.mixup_prob, cfg.mixup_switch_prob, cfg.label_smoothing, len(names),
-                    cfg.seed) if cfg.mixup or cfg.cutmix else None
-    graph = graph_batch and GraphedStep(train_model, optimizer, scaler, scheduler, precision, mean, std,
-                                        cfg.max_grad_norm, cfg.label_smoothing, None, *graph_batch,
-                                        graph_batch[1].shape[0])
-    return model, processor, Step(model, optimizer, scheduler, scaler, amp, mean, std, cfg.max_grad_norm,
-                                  cfg.label_smoothing, mixing=mixing, ddp=ddp, train_model=train_model, world=world,
-                                  graph=graph)
+    _, step = build_step(cfg, model, optimizer, scheduler, scaler, amp, precision, mean, std, device, world,
+                         mixing=mixing_for(cfg, len(names), dist.rank()), graph_batch=graph_batch,
+                         divisor=graph_batch and graph_batch[1].shape[0])
+    return model, processor, step
 
 
 def fixed_batch(model, names, batch_size, device):
@@ -456,7 +448,7 @@ def bench_eval(cfg, eval_set, names, device, precision, workers, max_images):
 @torch.inference_mode()
 def inference_speed(model, images, repeats=5):
     """Latency per image at batch 1 (ms) and images/s at batch 32 of `model` (called as a transformers
-    classifier: a PyTorch model, or an exported.OnnxClassifier) on the CPU, on `images` (normalized, repeated
+    classifier: a PyTorch model, or an onnxfile.OnnxClassifier) on the CPU, on `images` (normalized, repeated
     to fill the batch): the medians over `repeats` runs, after warm-up."""
     one = images[:1]
     batch = images.repeat((32 + len(images) - 1) // len(images), 1, 1, 1)[:32]
@@ -469,7 +461,7 @@ def bench_export(cfg, eval_set, names, mean, std, precision):
     """The model as vitfood.export writes it (ONNX fp32 and int8, run by onnxruntime) against eager PyTorch fp32
     (and in `precision`, as vitfood.predict runs it there, when that is bf16), on the CPU with as many threads,
     on the same eval images: latency at batch 1, images/s at batch 32, size."""
-    from vitfood import exported
+    from vitfood import onnxfile
     seed_everything(cfg.seed)
     cpu = torch.device("cpu")
     model, _ = build_model(cfg, names, cpu)
@@ -486,14 +478,14 @@ def bench_export(cfg, eval_set, names, mean, std, precision):
     with tempfile.TemporaryDirectory() as tmp:
         fp32, int8 = os.path.join(tmp, "model.onnx"), os.path.join(tmp, "model-int8.onnx")
         t0 = time.perf_counter()
-        exported.to_onnx(model, fp32, tuple(images.shape[-2:]))
+        onnxfile.to_onnx(model, fp32, tuple(images.shape[-2:]))
         rows["export_s"] = time.perf_counter() - t0
-        exported.to_int8(fp32, int8)
+        onnxfile.to_int8(fp32, int8)
         model.config.save_pretrained(tmp)
         for key, path in (("onnx", fp32), ("onnx_int8", int8)):
-            session = exported.OnnxClassifier(path, threads)
+            session = onnxfile.OnnxClassifier(path, threads)
             with torch.inference_mode():
                 diff = (session(pixel_values=images).logits - model(pixel_values=images).logits).abs().max().item()
             rows[key] = dict(size_mb=os.path.getsize(path) / 2 ** 20, max_logit_diff=diff,
                              **inference_speed(session, images))
-    return dict(rows, threads=threads, cpu=exported.cpu_name(), images=len(images))
+    return dict(rows, threads=threads, cpu=onnxfile.cpu_name(), images=len(images))

@@ -6,9 +6,9 @@ import os
 
 import torch
 
-from vitfood import adapt, exported
+from vitfood import adapt, onnxfile
 from vitfood.common import UserError, autocast, first_line, keep_compiled_kernels
-from vitfood.fsdp import SHARDS, is_sharded, is_sharded_checkpoint
+from vitfood.fsdp import SHARDED_DIR, is_sharded, is_sharded_checkpoint
 from vitfood.hub import hub_error, is_path
 from vitfood.seal import check_intact
 
@@ -120,7 +120,7 @@ def read_config(name, trust_remote_code=False):
     """A Hub or local model's config alone (no weights), or None where it cannot be read (loading the model
     then says why, in one line)."""
     from transformers import AutoConfig
-    if exported.is_onnx(name):  # an export's config.json is beside its .onnx file
+    if onnxfile.is_onnx(name):  # an export's config.json is beside its .onnx file
         name = os.path.dirname(os.path.abspath(os.path.expanduser(name)))
     try:
         return AutoConfig.from_pretrained(os.path.expanduser(name), trust_remote_code=trust_remote_code)
@@ -170,15 +170,15 @@ def from_pretrained(name, attn, trust_remote_code=False, processor=None, **model
             raise UserError(f"cannot load model folder {name}: {first_line(e)}")
         raise hub_error("model", name, e)
     if sharded and model is not None:
-        load_shards(model, path)
+        load_sharded_weights(model, path)
     return model, processor
 
 
 def load_for_inference(name, device, attn="auto"):
     """(model in eval mode on `device`, processor), with the attention training uses by default there. An .onnx
     file (vitfood.export's) is run by onnxruntime on the CPU, with the processor of the folder it is in."""
-    if exported.is_onnx(name):
-        return exported.load(name)
+    if onnxfile.is_onnx(name):
+        return onnxfile.load(name)
     model, processor = from_pretrained(name, resolve_attn(attn, device))
     return model.to(device).eval(), processor
 
@@ -294,7 +294,7 @@ def load_weights(model, path):
     if adapt.is_lora(model):  # a LoRA checkpoint holds what trains; the rest is rebuilt as it was loaded
         return adapt.load_adapter(model, path)
     if is_sharded_checkpoint(path):  # an --fsdp run's: its shards, into a sharded or a plain model
-        return load_shards(model, path)
+        return load_sharded_weights(model, path)
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # we report problems ourselves, in one line
     try:
@@ -313,12 +313,12 @@ def load_weights(model, path):
     model.load_state_dict(theirs)
 
 
-def load_shards(model, path, optimizer=None):
+def load_sharded_weights(model, path, optimizer=None):
     """An --fsdp checkpoint's weights (and with `optimizer` its state) into `model`; one line when they are
     another model's."""
     from vitfood import fsdp
     try:
         fsdp.load(path, model, optimizer)
     except Exception as e:
-        raise UserError(f"checkpoint {path}: cannot load its {SHARDS}/ weights (from another model or data set?): "
+        raise UserError(f"checkpoint {path}: cannot load its {SHARDED_DIR}/ weights (from another model or data set?): "
                         f"{first_line(e, 160)}") from None

@@ -36,7 +36,7 @@ import torch
 
 from vitfood import calibrate, hub
 from vitfood.common import DTYPES, UserError, model_precision, pick_device, resolve_precision, run_main
-from vitfood.exported import is_onnx
+from vitfood.onnxfile import is_onnx
 from vitfood.config import OneLineParser
 from vitfood.images import DECODE_ERRORS, IMAGE_EXTENSIONS, TTA, averaged, normalize, open_image, transforms_for, views
 from vitfood.model import for_inference, hub_model, load_for_inference

@@ -93,7 +93,7 @@ def middle(text, fnt, width):
     return head + "…" + tail
 
 
-def fit(text, fnt, width, max_lines):
+def wrap_lines(text, fnt, width, max_lines):
     """`text` wrapped into at most `max_lines` lines no wider than `width` px; what does not fit is cut with
     an ellipsis, so that a long class name never pushes the lines after it off a card."""
     lines = wrap(text, fnt, width)
@@ -207,7 +207,7 @@ def card_caption(mistake, names, fnt, width):
         last = f"p({middle(names[worst], fnt, width - fnt.getlength('p()=0.00'))})={score:.2f}"
     lines = []
     for title, ids, colour in parts:
-        lines += [(title, colour)] + [(t, colour) for t in fit(named(ids, names), fnt, width, 2)]
+        lines += [(title, colour)] + [(t, colour) for t in wrap_lines(named(ids, names), fnt, width, 2)]
     return lines + [(last, grey)]
 
 
@@ -301,27 +301,30 @@ def trained(cfg):
     return what + ("; gradient checkpointing" if cfg.gradient_checkpointing else "")
 
 
-def model_card(cfg, results, history, sizes, names, precision, world, step_batch, versions):
-    """README.md for the exported model, in the Hugging Face model-card format (YAML front matter)."""
-    hub_model = not is_path(cfg.model) and "/" in cfg.model
-    hub_data = not is_path(cfg.dataset) and cfg.dataset != "synthetic"
-    rows = metrics.table(results)
-    multi = rows is metrics.MULTI
-    title = "macro mAP" if multi else "top-1 accuracy"
-    figure = {m.key: results[m.result] for m in rows}  # by name, from metrics' one list
-    acc = figure[metrics.scored(rows).key]
+def card_front_matter(cfg, multi, score):
+    """The model card's YAML front matter: the Hub's tags, base model, data set and model index with the score."""
     meta = ["---", "library_name: transformers", "pipeline_tag: image-classification",
             "tags:", "- image-classification", "- vision", "- vitfood"]
-    if hub_model:
+    if not is_path(cfg.model) and "/" in cfg.model:
         meta.append(f"base_model: {cfg.model}")
-    if hub_data:
+    if not is_path(cfg.dataset) and cfg.dataset != "synthetic":
         meta += ["datasets:", f"- {cfg.dataset}"]
     meta += ["metrics:", "- accuracy", "model-index:", f"- name: {json.dumps(cfg.output_dir.rstrip('/').split('/')[-1])}",
              "  results:", "  - task:", "      type: image-classification", "      name: Image Classification",
              "    dataset:", f"      name: {json.dumps(cfg.dataset)}", f"      type: {json.dumps(cfg.dataset)}",
              f"      split: {json.dumps(cfg.eval_split or f'{cfg.train_split} (held-out {cfg.test_size:g})')}",
-             "    metrics:", f"    - type: {'map' if multi else 'accuracy'}", f"      value: {acc:.4f}", f"      name: {title}",
-             "---", ""]
+             "    metrics:", f"    - type: {'map' if multi else 'accuracy'}", f"      value: {score:.4f}",
+             f"      name: {'macro mAP' if multi else 'top-1 accuracy'}", "---", ""]
+    return meta
+
+
+def model_card(cfg, results, history, sizes, names, precision, world, step_batch, versions):
+    """README.md for the exported model, in the Hugging Face model-card format (YAML front matter)."""
+    rows = metrics.table(results)
+    multi = rows is metrics.MULTI
+    figure = {m.key: results[m.result] for m in rows}  # by name, from metrics' one list
+    acc = figure[metrics.scored(rows).key]
+    meta = card_front_matter(cfg, multi, acc)
     # a multi-label class is predicted from the run's --threshold on the raw scores: on the scores the exported
     # model gives, with a temperature folded in, that is calibrate.moved(...), the threshold it holds
     own = calibrate.moved(cfg.threshold, calibrate.kept(results.get("calibration"))) if multi else None

@@ -3,6 +3,7 @@ background writes, rotation, the best, which checkpoint a run resumes from and w
 `parse_run`, the command line read over the run's own saved config."""
 
 import contextlib
+import dataclasses
 import datetime
 import errno
 import json
@@ -13,7 +14,7 @@ import time
 
 import torch
 
-from vitfood import adapt, checkpoint, dist
+from vitfood import adapt, checkpoint, dist, faults
 from vitfood.common import UserError, safe_name
 from vitfood.config import FIXED_ON_RESUME, RUN_CONFIG, build_parser, read_config_file, resolve, saved_run
 from vitfood.hub import is_path
@@ -45,7 +46,7 @@ def parse_run(argv):
     if out is None:  # a new run: rank 0 claims its folder now (another run may start in the same second)
         out = os.path.join("runs", run_name(cfg))
         out = claim(out) if os.environ.get("RANK", "0") == "0" else out
-    cfg.output_dir = out
+    cfg = dataclasses.replace(cfg, output_dir=out)
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"--output-dir {out} exists and is not a folder")
     return cfg, out, resume
@@ -194,7 +195,7 @@ def rotate(output_dir, keep, best_step=None):
             continue
         trash = os.path.join(output_dir, f".trash-checkpoint-{step}-{os.getpid()}")
         os.replace(path, trash)  # renamed first: a kill mid-delete never leaves a partial checkpoint-N
-        checkpoint.fault_point("rotating")
+        faults.at("rotating")
         shutil.rmtree(trash)
 
 
@@ -338,7 +339,7 @@ class Checkpoints:
         self.check()
         if not self.main:
             return
-        checkpoint.fault_point("snapshot")
+        faults.at("snapshot")
         buffers = self._free.pop() if self._free else {}
         weights = snapshot(model.state_dict(), buffers, ("model",))
         state = snapshot(state, buffers, ("state",))

@@ -403,8 +403,10 @@ def _streamed(cfg, log):
 
 
 def open_stream(cfg, names, describe):
-    """The train split of `cfg` as a stream.Stream: tar shards, or a `datasets` streaming split."""
+    """The train split of `cfg` as a stream.Stream: tar shards, or a `datasets` streaming split. Its samples:
+    --train-samples, else the count a Hub data set declares."""
     import datasets
+    samples = cfg.train_samples
     if is_shards(cfg.dataset):
         files = [os.path.expanduser(f) for f in expand(cfg.dataset)]
         missing = [f for f in files if "://" not in f and not os.path.isfile(f)]
@@ -428,12 +430,12 @@ def open_stream(cfg, names, describe):
                 raise UserError(f"column {col!r} not found in the streamed train split; columns: "
                                 f"{', '.join(ds.features)}")
         reader = SplitShards(ds, cfg.image_column, cfg.label_column)
-        if cfg.train_samples is None:  # the count a Hub data set's card declares for the split, if any
+        if samples is None:  # the count a Hub data set's card declares for the split, if any
             split = (ds.info.splits or {}).get(cfg.train_split)
-            cfg.train_samples = getattr(split, "num_examples", None) or None
-    if cfg.train_samples is None:
+            samples = getattr(split, "num_examples", None) or None
+    if samples is None:
         raise UserError("--streaming needs --train-samples N, the images in an epoch (a stream has no length)")
-    return Stream(reader, names, cfg.train_samples, describe)
+    return Stream(reader, names, samples, describe)  # the run records its samples as --train-samples
 
 
 def fold_of(spec):

@@ -1,7 +1,7 @@
 """What a run carries across a stop, besides its weights, optimizer, scheduler and scaler: where it is
 (`Progress`), what it has cost and met (`Ledger`) and its random streams (`RNGStreams`). Each has
 `state_dict()` / `load_state_dict()` (the Stateful protocol of torch.distributed.checkpoint);
-`train.resumable` names every such part of a run, and `checkpoint` saves and restores them together.
+`start.resumable` names every such part of a run, and `checkpoint` saves and restores them together.
 The data position is `data.BatchStream`'s.
 """
 

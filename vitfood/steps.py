@@ -17,7 +17,7 @@ from vitfood.fsdp import is_sharded
 from vitfood.common import Console, UserError, autocast, first_line
 from vitfood.images import VIEWS, averaged, normalize, views
 from vitfood.metrics import MultiLabel, SingleLabel
-from vitfood.model import for_inference, unwrap
+from vitfood.model import compiled, for_inference, unwrap
 
 
 def forward_backward(model, images, labels, amp, scaler, mean, std, divisor, label_smoothing=0.0, mix=None,
@@ -94,6 +94,32 @@ class Step:
                                          samples / self.world, self.label_smoothing,
                                          self.mixing and self.mixing.at(step, micro), self.class_weight)
         return (loss, *optimizer_step(self.model, self.optimizer, self.scaler, self.scheduler, self.max_grad_norm))
+
+
+def build_step(cfg, model, optimizer, scheduler, scaler, amp, precision, mean, std, device, world=1, class_weight=None,
+               mixing=None, graph_batch=None, divisor=None, say=print):
+    """(what the forward calls, the optimizer Step): the one way vitfood.train and the bench assemble a step.
+    DDP around the model on several processes (not with --fsdp: the sharded model reduces its own gradients),
+    compiled with --compile; with `graph_batch` (images, labels), the whole step one CUDA graph of those shapes,
+    each step's loss divided by `divisor` (the global batch)."""
+    ddp = model
+    if world > 1 and not cfg.fsdp:  # PyTorch's DDP: gradients averaged across ranks during backward
+        ddp = dist.data_parallel(model, device)
+    train_model = compiled(ddp, device, world, graph_batch is not None) if cfg.compile else ddp
+    graph = None
+    if graph_batch is not None:
+        graph = GraphedStep(train_model, optimizer, scaler, scheduler, precision, mean, std, cfg.max_grad_norm,
+                            cfg.label_smoothing, class_weight, *graph_batch, divisor, say)
+    return train_model, Step(model, optimizer, scheduler, scaler, amp, mean, std, cfg.max_grad_norm,
+                             cfg.label_smoothing, class_weight, mixing, ddp, train_model, world, graph)
+
+
+def mixing_for(cfg, num_classes, rank=0):
+    """--mixup/--cutmix's Mixing for this rank, or None."""
+    if not (cfg.mixup or cfg.cutmix):
+        return None
+    return Mixing(cfg.mixup, cfg.cutmix, cfg.mixup_prob, cfg.mixup_switch_prob, cfg.label_smoothing, num_classes,
+                  cfg.seed, rank)
 
 
 def optimizer_step(model, optimizer, scaler, scheduler, max_grad_norm):
