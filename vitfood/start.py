@@ -59,6 +59,7 @@ class Run:
     startup: float = 0.0  # seconds from process start to the loop
     train_model: torch.nn.Module | None = None  # what the forward calls: DDP around the model, compiled with --compile
     optimizer_step: Step | None = None  # one optimizer step: micro-batches, DDP, mixing, the CUDA graph
+    kept: dict | None = None  # the last eval's logits and labels of the weights model/ gets, with its step
     log: RunLog | None = None
     stopper: dist.Stopper | None = None  # SIGTERM/SIGINT/SIGHUP: save and exit 75, until nothing is left to write
 

@@ -120,8 +120,8 @@ def train_loop(r):
         t_pause = time.perf_counter()
         evaluated = r.progress.due(r.step, last_step)  # also when stopping: history and best stay whole
         if evaluated:  # eval
-            with r.phases.span("eval", step=r.step) as info:
-                scores = evaluate(r, mistakes=8)
+            with r.phases.span("eval", step=r.step) as info:  # the last one keeps its logits, for calibration
+                scores = evaluate(r, mistakes=8, keep=last_step and calibrates(cfg))
                 info["images"] = scores["samples"] * (2 if r.ema else 1)  # with an EMA, a second pass
             log.eval(r.step, scores, r.class_names)
             r.progress.evaluated(scores, train_loss)
@@ -225,7 +225,9 @@ def final_eval(r):
     if final is None or not metrics.complete(final):  # the best's weights, or a run resumed at its last step
         # from a save between evals (or written by a vitfood without some of today's metrics)
         with r.phases.span("final eval"):
-            final = evaluate(r)
+            final = evaluate(r, keep=calibrates(cfg))
+        if r.kept:
+            r.kept["step"] = export_step  # the logits of the weights just loaded
     if cfg.export_ema:  # the EMA's weights and eval stand for the model
         r.model.load_state_dict(r.ema.model.state_dict())
         final = dict(final, **{m.key: final[f"ema_{m.key}"] for m in metrics.table(final)})
@@ -239,12 +241,14 @@ def calibration(r, final, export_step):
     """(the calibration, the unknown threshold's row, the final figures with the calibrated loss when it is kept),
     fitted on the eval split's logits of the weights model/ gets; (None, None, final) with --calibrate none."""
     cfg, log = r.cfg, r.log
-    if cfg.calibrate == "none" and not cfg.target_accuracy and not cfg.target_coverage:
+    if not calibrates(cfg):
         return None, None, final
     cal, unknown = None, None
     with r.phases.span("calibration"):
-        seen = eval_pass(r.model, r.data.eval_loader, r.device, r.precision, r.mean, r.std, progress=r.main,
-                         num_classes=len(r.class_names), multi_label=r.multi_label, keep=True)
+        seen = r.kept  # the final eval's logits: the exported weights' (final_eval loaded or evaluated them)
+        if seen is None or seen["step"] != export_step:  # a run resumed after its last eval, before its end
+            seen = eval_pass(r.model, r.data.eval_loader, r.device, r.precision, r.mean, r.std, progress=r.main,
+                             num_classes=len(r.class_names), multi_label=r.multi_label, keep=True)
         if len(seen["labels"]) >= calibrate.FEWEST:
             cal, unknown = calibrate.fitted(seen["logits"], seen["labels"], r.multi_label, cfg.calibrate,
                                             cfg.target_accuracy, cfg.target_coverage)
@@ -324,17 +328,27 @@ def stop(r, by):
     raise SystemExit(EXIT_STOPPED)
 
 
-def evaluate(r, **details):
+def evaluate(r, keep=False, **details):
     """The eval of the weights, and with --ema-decay of the EMA weights too (keys ema_loss, ema_acc1, ...);
-    `details`: how many mistakes to keep, for the weights."""
-    def run(model, **more):
-        return eval_pass(model, r.data.eval_loader, r.device, r.precision, r.mean, r.std, progress=r.main,
-                         num_classes=len(r.class_names), multi_label=r.multi_label, threshold=r.cfg.threshold, **more)
-    result = run(r.train_model, **details)
+    `details`: how many mistakes to keep, for the weights. `keep`: the logits and labels of the weights model/
+    gets (the EMA's with --export-ema) are kept in r.kept, with the step, for the calibration at the end."""
+    def run(model, logits=False, **more):
+        result = eval_pass(model, r.data.eval_loader, r.device, r.precision, r.mean, r.std, progress=r.main,
+                           num_classes=len(r.class_names), multi_label=r.multi_label, threshold=r.cfg.threshold,
+                           keep=logits, **more)
+        if logits:
+            r.kept = dict(step=r.step, logits=result.pop("logits"), labels=result.pop("labels"))
+        return result
+    result = run(r.train_model, keep and not r.cfg.export_ema, **details)
     if r.ema:
-        ema = run(r.ema.model)
+        ema = run(r.ema.model, keep and r.cfg.export_ema)
         result.update({f"ema_{m.key}": ema[m.key] for m in metrics.table(ema)})
     return result
+
+
+def calibrates(cfg):
+    """Whether the end of the run fits something on the eval split's logits: a temperature, an unknown threshold."""
+    return cfg.calibrate != "none" or bool(cfg.target_accuracy or cfg.target_coverage)
 
 
 def cli():
