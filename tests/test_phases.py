@@ -139,7 +139,7 @@ def test_the_loader_starts_before_the_model_and_a_resume_at_that_position_keeps_
     assert stream.loader._iterator is None and not any(w.is_alive() for w in workers)
 
 
-def test_two_writes_go_on_at_once_and_their_checkpoints_appear_in_step_order(tmp_path, monkeypatch):
+def test_two_writes_go_on_at_once_and_their_checkpoints_appear_in_step_order(tmp_path, monkeypatch, capsys):
     import time
     from vitfood.config import Config
     from vitfood.model import build_model
@@ -160,8 +160,15 @@ def test_two_writes_go_on_at_once_and_their_checkpoints_appear_in_step_order(tmp
     time.sleep(0.3)
     assert written.exists() and time.perf_counter() - t0 < 6
     assert checkpoint.complete_checkpoints(tmp_path) == []
-    saver.save(3, model, processor, dict(step=3))  # a third waits for the oldest
+    saver.save(3, model, processor, dict(step=3))  # a third waits for the oldest, and says why, once
     assert phases.count("save wait") == 1 and [s for s, _ in checkpoint.complete_checkpoints(tmp_path)][:1] == [1]
+    said = capsys.readouterr().out
+    assert said.startswith("note: the loop waited ") and "MB/s), and a save every " in said and "--save-steps" in said
     saver.wait()
-    assert [s for s, _ in checkpoint.complete_checkpoints(tmp_path)] == [1, 2, 3]
-    assert [p["step"] for p in sorted(phases.records, key=lambda p: p["end"]) if p["name"] == "write"] == [1, 2, 3]
+    saver.save(4, model, processor, dict(step=4))
+    saver.save(5, model, processor, dict(step=5))
+    saver.save(6, model, processor, dict(step=6))
+    assert "note:" not in capsys.readouterr().out
+    saver.wait()
+    assert [s for s, _ in checkpoint.complete_checkpoints(tmp_path)] == [2, 3, 4, 5, 6]
+    assert [p["step"] for p in sorted(phases.records, key=lambda p: p["end"]) if p["name"] == "write"] == [1, 2, 3, 4, 5, 6]

@@ -41,7 +41,7 @@ import platform
 import torch
 import transformers
 
-from vitfood import hub, measure, onnxfile
+from vitfood import hub, measure, measure_save, onnxfile
 from vitfood.common import DTYPES, UserError, env_info, num_workers, pick_device, resolve_precision, run_main
 from vitfood.config import build_parser, resolve
 from vitfood.data import build_data
@@ -215,10 +215,13 @@ def eval_mode(x):
 
 
 def save_mode(x):
-    r = measure.bench_save(x.cfg, x.names, x.device, x.precision, x.sweep.steps)
+    r = measure_save.bench_save(x.cfg, x.names, x.device, x.precision, x.sweep.steps)
     print(f"\n[save] a {r['checkpoint_mb']:.0f} MB checkpoint: the loop paused {r['pause_s']:.3f} s (copy to host "
           f"memory); {r['steps_during_write']} step(s) ran beside the background write, {r['slowdown_s']:.3f} s slower "
           f"in all; stall {r['stall_s']:.3f} s per save, against {r['sync_write_s']:.2f} s for a synchronous write")
+    print(f"[save] the writer: {r['write_mb_s']:.0f} MB/s, against {r['disk_mb_s']:.0f} MB/s for one plain write and "
+          f"fsync of as many bytes in the same folder: {r['writer_share']:.2f} of the disk (medians of "
+          f"{measure_save.PAIRS}, in alternation)")
     return r
 
 

@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -124,12 +125,20 @@ def save(output_dir, step, model, processor, training_state, weights=None, timin
             if optimizer is not None:
                 model.config.save_pretrained(tmp)
             processor.save_pretrained(tmp)
-            torch.save(training_state, os.path.join(tmp, STATE))
-            t1 = time.perf_counter()
-            files = finish_files(tmp, timing=timing)
+            with ThreadPoolExecutor(1) as beside:  # the weights synced and hashed while the state is serialized
+                written = os.listdir(tmp)
+                part = {}
+                weights_done = beside.submit(finish_files, tmp, only=written, timing=part)
+                save_state(training_state, os.path.join(tmp, STATE))
+                t1 = time.perf_counter()
+                rest = finish_files(tmp, timing=timing, only=[n for n in os.listdir(tmp) if n not in written])
+                files = {**weights_done.result(), **rest}
+            timing.update({k: round(timing.get(k, 0) + v, 3) for k, v in part.items()})
             timing.update(files_s=round(t1 - t0, 3), seal_s=round(time.perf_counter() - t1, 3))
             if before_marker:
+                t2 = time.perf_counter()
                 before_marker()
+                timing["waited_s"] = round(time.perf_counter() - t2, 3)  # for the earlier write: not this one's
             _mark(tmp, step, files)
     except BaseException:
         if main:
@@ -139,6 +148,19 @@ def save(output_dir, step, model, processor, training_state, weights=None, timin
         _swap_in(tmp, final)
         faults.at("renamed")
     return final
+
+
+def save_state(state, path):
+    """torch.save without the zip's CRC-32 where torch can (2.6 and later): it took two thirds of the time of
+    AdamW's state (1.4-2.0 s against 0.66 s for 660 MB on a 2-core Xeon). The SHA-256 in COMPLETE.json covers
+    every byte instead, and torch.load reads the file alike."""
+    try:
+        from torch.utils.serialization import config
+        unchecked = config.patch({"save.compute_crc32": False})
+    except (ImportError, AttributeError):
+        unchecked = contextlib.nullcontext()
+    with unchecked:
+        torch.save(state, path)
 
 
 def _seal(tmp, step):

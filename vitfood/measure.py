@@ -1,6 +1,6 @@
 """The measurements of vitfood.bench, each built from the pieces vitfood.train runs (the model, its optimizer and
 the same `steps.Step`): the training step, its levers, the memory of each way to train, the input pipeline, the
-step fed by the loader, the loop itself, inference, a checkpoint save and the exported ONNX files."""
+step fed by the loader, the loop itself, inference and the exported ONNX files (a checkpoint save: measure_save.py)."""
 
 import copy
 import dataclasses
@@ -17,7 +17,7 @@ import time
 import torch
 import transformers
 
-from vitfood import adapt, dist, fsdp, rundir
+from vitfood import adapt, dist, fsdp
 from vitfood.common import mixed_precision, seed_everything
 from vitfood.config import Config
 from vitfood.data import EpochBatchSampler, KeptBatches, make_loader, stop_workers
@@ -98,44 +98,6 @@ def stepping(step, batch):
     """A function that runs optimizer `step` on `batch` (images, labels), counting its steps (for mixup's draws)."""
     count = itertools.count()
     return lambda: step([batch], next(count), batch[1].shape[0])
-
-
-def bench_save(cfg, names, device, precision, steps):
-    """How long one checkpoint save (the model with its AdamW state) holds up the loop. The save call copies
-    the state to host memory (the pause); the write then runs in the background while steps go on, each a
-    little slower (the slowdown). A synchronous save of the same checkpoint is timed for comparison."""
-    model, processor, optimizer_step = training(cfg, names, device, precision)
-    batch = cfg.batch_size if device.type == "cuda" else min(cfg.batch_size, 2)  # on a CPU: a short step
-    step = stepping(optimizer_step, fixed_batch(model, names, batch, device))
-    step_s, _ = timed(step, device, steps, 1, warmup=2)  # the warm-up also makes the optimizer state
-    parts = optimizer_step
-    state = lambda: dict(step=1, optimizer=parts.optimizer.state_dict(), scheduler=parts.scheduler.state_dict(),
-                         scaler=parts.scaler.state_dict())
-    os.makedirs("runs", exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".bench-save-", dir="runs") as out:  # on disk, as a run writes
-        saver = rundir.Checkpoints(out, keep=2)
-        saver.open()
-        saver.save(1, model, processor, state())  # the first save of a run also allocates the host buffers
-        saver.wait()
-        sync(device)
-        t0 = time.perf_counter()
-        saver.save(2, model, processor, state())
-        pause = time.perf_counter() - t0
-        n, t1 = 0, time.perf_counter()
-        while saver.writing():
-            step()
-            n += 1
-        sync(device)
-        overlapped = time.perf_counter() - t1
-        saver.wait()
-        t2 = time.perf_counter()
-        saver.save(3, model, processor, state())
-        saver.wait()
-        write = time.perf_counter() - t2
-        mb = sum(f.stat().st_size for f in os.scandir(os.path.join(out, "checkpoint-3"))) / 2 ** 20
-    slowdown = max(0.0, overlapped - n * step_s)  # what the steps lost to the write beside them
-    return dict(pause_s=pause, slowdown_s=slowdown, stall_s=pause + slowdown, sync_write_s=write,
-                steps_during_write=n, step_ms=1000 * step_s, batch_size=batch, checkpoint_mb=mb)
 
 
 def bench_model(cfg, names, device, precision, batch_size, compile_it, attn, steps, repeats, graph=False):

@@ -236,6 +236,7 @@ class Checkpoints:
         self._free = []  # sets of host copies no write uses, reused from save to save (about 3x the weights with AdamW)
         self._writers = []  # (thread, its host copies), oldest first
         self._failure = None  # (step, exception) of a failed write
+        self._pace = dict(saved_at=[], written=None, said=False)  # save times, the last write's (MB, s), said once
 
     def open(self):
         """Create and lock the directory for this process's life (a second run there is refused), and
@@ -332,10 +333,13 @@ class Checkpoints:
         """Start writing checkpoint-<step> holding the model's weights and `state` as they are now; keep the
         best, `best` (dict(step, ...)), and record it when it is `new_best`."""
         self._reap()
+        self._pace["saved_at"] = [*self._pace["saved_at"][-1:], time.perf_counter()]
         if len(self._writers) >= self.IN_FLIGHT:  # as many writes as may be going: the loop waits for the oldest
+            t0 = time.perf_counter()
             with self.phases.span("save wait", step=step) if self.phases else contextlib.nullcontext():
                 self._writers[0][0].join()
             self._reap()
+            self._slow_disk(time.perf_counter() - t0)
         self.check()
         if not self.main:
             return
@@ -353,6 +357,18 @@ class Checkpoints:
                                         earlier))
         self._writers.append((writer, buffers))
         writer.start()
+
+    def _slow_disk(self, waited):
+        """Once a run, when the loop waited for the writer: the figures that say why (what the writer does against
+        what the save cadence needs), instead of a loop that slows down without a word."""
+        pace = self._pace
+        if pace["said"] or not self.main or waited < 0.2 or not pace["written"] or len(pace["saved_at"]) < 2:
+            return
+        pace["said"] = True
+        (mb, seconds), every = pace["written"], pace["saved_at"][1] - pace["saved_at"][0]
+        print(f"note: the loop waited {waited:.1f} s for the checkpoint writer: it writes {mb:.0f} MB in {seconds:.1f} s "
+              f"({mb / seconds:.0f} MB/s), and a save every {every:.1f} s needs {mb / every:.0f} MB/s; save less often "
+              "(--save-steps) or write to a faster disk", flush=True)
 
     def save_sharded(self, step, model, optimizer, processor, state, best=None, new_best=False):
         """checkpoint-<step> of an --fsdp run, written now by every rank (checkpoint.save with the optimizer); rank 0
@@ -390,7 +406,9 @@ class Checkpoints:
             if copied:
                 copied.synchronize()  # the copies to host memory are done
             # the earlier checkpoint is complete, its best recorded and its rotation done before this one appears
+            t0 = time.perf_counter()
             checkpoint.save(self.out, step, model, processor, state, weights, timing, before_marker=earlier and earlier.join)
+            self._pace["written"] = (timing.get("mb", 0.0), max(time.perf_counter() - t0 - timing.get("waited_s", 0), 1e-3))
             what = f"{checkpoint.BEST} (checkpoint-{step} itself is complete)"
             if new_best:
                 checkpoint.write_json_atomic(os.path.join(self.out, checkpoint.BEST), best)

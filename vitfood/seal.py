@@ -23,21 +23,24 @@ os.umask(_UMASK)
 _FILE_MODE = 0o666 & ~_UMASK
 
 
-def finish_files(folder, digest=True, timing=None, known=None):
+def finish_files(folder, digest=True, timing=None, known=None, only=None):
     """{name: (size, sha256)} of a folder's files, each fsynced and given the permissions the umask allows
     (safetensors writes its files private, 0600; an exported model is meant to be shared). The files are done
     side by side (fsync and hashlib let go of the GIL): a ViT-B checkpoint's two large files, 0.7 and 0.3 GB,
     take the time of the larger one. `digest` False: sizes alone (the SHA-256 reads every byte back).
     `timing`: a dict that gets the seconds of fsync and hashing, summed over the files. `known`: {name: sha256}
-    of files whose digest is known already (hard links to a sealed checkpoint's files: not read again)."""
+    of files whose digest is known already (hard links to a sealed checkpoint's files: not read again). `only`:
+    these files (and folders' files) of `folder` alone."""
     names = sorted(os.path.relpath(os.path.join(top, n), folder) for top, _, files in os.walk(folder) for n in files)
+    names = [n for n in names if only is None or n.split(os.sep)[0] in only]
     known = known or {}
     with ThreadPoolExecutor(max_workers=max(1, len(names))) as pool:
         done = list(pool.map(lambda name: _finish_file(os.path.join(folder, name), digest and name not in known,
                                                        known.get(name)), names))
-    if timing is not None:
-        timing.update(fsync_s=round(sum(d[2] for d in done), 3), sha256_s=round(sum(d[3] for d in done), 3),
-                      mb=round(sum(d[0] for d in done) / 2 ** 20, 1))
+    if timing is not None:  # added to what it holds (a folder finished in parts)
+        for key, value in (("fsync_s", sum(d[2] for d in done)), ("sha256_s", sum(d[3] for d in done)),
+                           ("mb", sum(d[0] for d in done) / 2 ** 20)):
+            timing[key] = round(timing.get(key, 0) + value, 3 if key != "mb" else 1)
     return {name: dict(size=size, sha256=sha) for name, (size, sha, _, _) in zip(names, done)}
 
 
