@@ -41,6 +41,7 @@ def test_kill_inside_a_save_window_then_resume_is_exact(tmp_path, reference, poi
     assert not [n for n in os.listdir(out) if n.startswith(".")]
 
 
+@pytest.mark.slow  # the default tier keeps one of its kind (a kill or a signal, then an exact resume)
 def test_kill_while_swapping_a_resaved_checkpoint(tmp_path, reference_run):
     out = tmp_path / "run"
     shutil.copytree(reference_run, out)  # checkpoint-10, -25 and -30
@@ -100,6 +101,7 @@ def test_preemption_saves_and_resumes_exactly(tmp_path, reference, sig, request)
     assert same(weights(out), reference)
 
 
+@pytest.mark.slow  # the default tier keeps one of its kind (a kill or a signal, then an exact resume)
 def test_second_ctrl_c_exits_at_once_without_harm(tmp_path):
     out = tmp_path / "run"
     p = start(out, env=HOLD)
@@ -268,6 +270,7 @@ def test_a_save_returns_before_its_write_and_keeps_the_weights_of_its_step(tmp_p
     assert torch.load(tmp_path / "checkpoint-7" / checkpoint.STATE, weights_only=True)["numbers"].tolist() == [0, 1, 2]
 
 
+@pytest.mark.slow  # the default tier keeps one of its kind (a kill or a signal, then an exact resume)
 def test_kill_while_a_background_write_is_in_flight_then_resume_is_exact(tmp_path, reference):
     out = tmp_path / "run"
     p = start(out, env={"VITFOOD_FAULT": "delay:weights_written:2", "VITFOOD_FAULT_DELAY": "2"})

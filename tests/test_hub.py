@@ -84,6 +84,7 @@ def test_offline_mode_stays_instant(tmp_path):
     assert "HF_HUB_OFFLINE=1" in line and seconds < 30, seconds
 
 
+@pytest.mark.slow  # the default tier keeps the silent Hub failing fast in one line
 def test_a_cached_hub_model_trains_while_the_hub_is_silent(silent_hub, tmp_path):
     from vitfood.config import Config
     from vitfood.model import build_model

@@ -167,6 +167,7 @@ def test_exif_orientation_is_applied_in_training_eval_and_predict(tmp_path):
             assert (sideways - b).abs().mean() > 30  # not turned: another picture entirely
 
 
+@pytest.mark.slow  # the default tier keeps one of its kind (a kill or a signal, then an exact resume)
 def test_a_closed_terminal_saves_and_stops_like_sigterm(tmp_path):
     """SIGHUP as the kernel sends it: the run's controlling terminal (a pty) goes away."""
     import fcntl
