@@ -238,7 +238,7 @@ def test_a_calibrated_copy_of_a_multi_label_model_gives_its_answers_with_other_s
     seal.seal_folder(out / "model")
     r = evaluate_main(["--model", str(out / "model"), "--calibrate", "--output-dir", str(tmp_path / "eval"),
                        "--num-workers", "0"])
-    assert r["calibration"]["kept"] and r["calibration"]["temperature"] > 2, r["calibration"]
+    assert r["calibration"]["kept"] and abs(r["calibration"]["temperature"] - 1) > 0.2, r["calibration"]  # it moves scores
     (tmp_path / "plates").mkdir()
     for i in range(24):
         dishes = np.random.default_rng(i).choice(4, size=1 + i % 3, replace=False).tolist()
