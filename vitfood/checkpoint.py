@@ -26,7 +26,7 @@ import torch
 
 from vitfood.common import UserError, first_line
 from vitfood import faults, seal
-from vitfood.seal import MARKER, finish_files, seal_folder, sha256
+from vitfood.seal import MARKER, finish_files, seal_folder
 
 STATE = "training_state.pt"
 BEST = "best_checkpoint.json"
@@ -296,9 +296,9 @@ def damage(path):
     if not is_complete(path):
         return f"no valid {MARKER}, or a file is missing or truncated"
     files = seal.listed(path)
-    for name, (_, expected) in files.items():
-        if expected and sha256(os.path.join(path, name)) != expected:
-            return f"{name} does not match its checksum (changed after it was written)"
+    changed = seal.changed_files(path, {name: sha for name, (_, sha) in files.items() if sha})
+    if changed:
+        return f"{changed[0]} does not match its checksum (changed after it was written)"
     if files.get(STATE, (0, None))[1]:
         return None  # byte for byte as written: readable (load_state reads it once, for the resume)
     try:  # an older checkpoint, sizes alone: read its state to be sure

@@ -50,7 +50,7 @@ from vitfood.config import RUN_CONFIG, OneLineParser, resolve, saved_run
 from vitfood.data import build_data
 from vitfood.images import normalize, transforms_for
 from vitfood.model import NAMED, build_model, hub_model, load_for_inference
-from vitfood.evalsplit import open_eval
+from vitfood.evalsplit import class_order, open_eval
 from vitfood.rundir import model_step
 from vitfood.seal import check_intact, seal_folder
 from vitfood.sources import hub_dataset
@@ -254,7 +254,7 @@ def outputs(models, processor, cfg, eval_ds, names, model_names, workers):
     # the run's eval batch, as vitfood.evaluate reads it: int8's activations are scaled per batch, so its
     # figures depend on the batch
     data = build_data(cfg, None, eval_ds, (None, eval_tf), len(names), CPU, workers, eval_batch=cfg.eval_batch(CPU),
-                      relabel=[model_names.index(n) for n in names])
+                      relabel=class_order(model_names, names))
     logits, labels = [[] for _ in models], []
     try:
         for raw, y, _ in data.eval_loader:

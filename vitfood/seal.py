@@ -96,6 +96,15 @@ def _sealed(folder):
     return None
 
 
+def changed_files(folder, sums):
+    """The names of `sums` ({name: sha256}) whose file in `folder` no longer has that SHA-256, in name order;
+    the files are hashed side by side (hashlib lets go of the GIL)."""
+    names = sorted(sums)
+    with ThreadPoolExecutor(max_workers=max(1, len(names))) as pool:
+        digests = list(pool.map(lambda n: sha256(os.path.join(folder, n)), names))
+    return [n for n, d in zip(names, digests) if d != sums[n]]
+
+
 EDITABLE = (".json", ".md", ".txt")  # a user may edit these by hand (labels, a threshold, the model card)
 
 
@@ -109,13 +118,10 @@ def damaged_file(folder, edited=None):
         return f"its list of checksums cannot be read ({first_line(e, 80)})"
     if not sums:
         return None
-    names = sorted(sums)
-    missing = next((n for n in names if not os.path.isfile(os.path.join(folder, n))), None)
+    missing = next((n for n in sorted(sums) if not os.path.isfile(os.path.join(folder, n))), None)
     if missing:
         return f"{missing} is missing"
-    with ThreadPoolExecutor(max_workers=len(names)) as pool:
-        digests = list(pool.map(lambda n: sha256(os.path.join(folder, n)), names))
-    changed = [n for n, d in zip(names, digests) if d != sums[n]]
+    changed = changed_files(folder, sums)
     if edited is not None:
         edited += [n for n in changed if n.endswith(EDITABLE)]
     damaged = [n for n in changed if not n.endswith(EDITABLE)]
