@@ -20,7 +20,7 @@ from vitfood import report
 
 
 def _texts(ea, tag):
-    return [(e.step, e.tensor_proto.string_val[0].decode()) for e in ea.Tensors(f"{tag}/text_summary")]
+    return [(e.step, e.tensor_proto.string_val[0].decode()) for e in ea.Tensors(tag)]
 
 
 def _end_status(ea):
@@ -35,14 +35,19 @@ def _end_status(ea):
 def test_text_records_and_the_status_of_a_finished_run(tiny_run):
     out, results = tiny_run
     ea = _events(out)
-    (step, config), = _texts(ea, "run/config")
+    (step, config), = _texts(ea, "setup/config")
     assert step == 0 and json.loads(config.strip("`").removeprefix("json")) == json.loads((out / "train_config.json").read_text())
-    assert "torch" in _texts(ea, "run/env")[0][1]
-    tables = _texts(ea, "predictions/per_class")
+    assert "torch" in _texts(ea, "setup/env")[0][1]
+    tables = _texts(ea, "tables/per_class")
     assert [s for s, _ in tables] == [40, 80, 120, 160, 200]
     assert tables[-1][1].startswith("| class | precision | recall | f1 | support |") and tables[-1][1].count("\n") == 5
     assert _end_status(ea) == "STATUS_SUCCESS"
-    assert _texts(ea, "run/status")[-1][1].startswith("**success** at step 200")
+    assert _texts(ea, "run/status")[-1][1].startswith("**success** at step 200: model/ (step 200")
+    summary = _texts(ea, "run/summary")[-1][1]
+    assert "| training images/s |" in summary and "| peak rss gb |" in summary
+    # text records under their own tags (no "/text_summary"), the run's own before the per-class tables
+    texts = sorted(ea.Tags()["tensors"])
+    assert texts.index("run/status") < texts.index("setup/config") < texts.index("tables/per_class"), texts
 
 
 def test_every_scalar_image_and_hparams(tiny_run):
@@ -51,10 +56,13 @@ def test_every_scalar_image_and_hparams(tiny_run):
     ea = _events(out)
     tags = ea.Tags()
     for tag in ("loss/train", "optim/lr", "optim/grad_norm", "speed/img_per_s", "speed/data_wait_percent",
-                "loss/eval", "accuracy/top1", "metrics/top5", "metrics/balanced_accuracy", "metrics/f1_macro"):
+                "loss/eval", "accuracy/top1", "metrics/top5", "metrics/balanced_accuracy", "metrics/f1_macro",
+                "train/epoch", "memory/peak_rss_gb", "speed/eval_runtime_s", "speed/eval_img_per_s"):
         values = [e.value for e in ea.Scalars(tag)]
         assert values and all(math.isfinite(v) for v in values), tag
     assert [int(e.step) for e in ea.Scalars("accuracy/top1")] == [40, 80, 120, 160, 200]
+    epochs = [e.value for e in ea.Scalars("train/epoch")]  # 192 train images in batches of 16: 12 steps an epoch
+    assert epochs[0] == pytest.approx(5 / 12) and epochs[-1] == pytest.approx(200 / 12)
     # the first logging window holds the start-up: no images/s for it, which would squash the chart's scale
     assert [int(e.step) for e in ea.Scalars("speed/img_per_s")][0] == 10
     assert all(0 <= e.value <= 100 for e in ea.Scalars("speed/data_wait_percent"))
@@ -62,18 +70,17 @@ def test_every_scalar_image_and_hparams(tiny_run):
     groups = sorted({t.split("/")[0] for t in tags["scalars"] + tags["images"]})
     assert groups[:2] == ["accuracy", "loss"], groups
     assert {"train/augmented_images", "predictions/confusion_matrix", "predictions/mistakes"} <= set(tags["images"])
-    # HParams: the experiment, the session's start with the run's values, and its end
+    # HParams: the session's start with the run's values, and its end; no experiment record, which TensorBoard
+    # would take for every run's: it compares the runs' values itself and shows first the options that differ
     records = ea.PluginTagToContent("hparams")
-    assert {metadata.EXPERIMENT_TAG, metadata.SESSION_START_INFO_TAG, metadata.SESSION_END_INFO_TAG} <= records.keys()
-    experiment = plugin_data_pb2.HParamsPluginData.FromString(records[metadata.EXPERIMENT_TAG]).experiment
-    columns = {m.name.tag: m.display_name for m in experiment.metric_infos}
-    # the same columns for every kind of run, the five TensorBoard shows by default first
-    assert list(columns)[:5] == ["run/end_status", "run/score", "loss/eval", "loss/train", "metrics/f1_macro"]
-    assert {"accuracy/top1", "metrics/balanced_accuracy", "accuracy/map", "metrics/exact_match"} <= columns.keys()
+    assert {metadata.SESSION_START_INFO_TAG, metadata.SESSION_END_INFO_TAG} <= records.keys()
+    assert metadata.EXPERIMENT_TAG not in records
     assert sorted(tags["scalars"])[:3] == ["accuracy/top1", "loss/eval", "loss/train"]  # what Time Series shows first
+    assert not {"run/end_status", "run/score"} & set(tags["scalars"])  # no one-point charts
     values = plugin_data_pb2.HParamsPluginData.FromString(records[metadata.SESSION_START_INFO_TAG]).session_start_info.hparams
     assert values["model"].string_value == "vit-micro" and values["lr"].number_value == 2e-3
     assert values["total_steps"].string_value == "200" and values["precision"].string_value == "fp32"
+    assert "output_dir" not in values and "resume" not in values  # different in every run, not hyperparameters
 
 
 def test_a_failed_run_is_marked_failed(tmp_path, monkeypatch, capsys):
@@ -82,14 +89,14 @@ def test_a_failed_run_is_marked_failed(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit):
         run_main(lambda: train("--max-steps", 20, "--save-steps", 5, "--eval-steps", 5, "--output-dir", tmp_path / "run"))
     ea = _events(tmp_path / "run")
-    assert _end_status(ea) == "STATUS_FAILURE"
-    assert "fault injected" in _texts(ea, "run/status")[-1][1]
+    assert _end_status(ea) is None  # a failed run is resumed to its end: HParams keeps the first status it sees
+    assert _texts(ea, "run/status")[-1][1].startswith("**failure** at step 7") and "fault injected" in \
+        _texts(ea, "run/status")[-1][1]
     monkeypatch.delenv("VITFOOD_FAULT")
     train("--max-steps", 20, "--save-steps", 5, "--eval-steps", 5, "--output-dir", tmp_path / "run", "--resume", "auto")
     ea = _events(tmp_path / "run")
-    assert _end_status(ea) == "STATUS_FAILURE"  # TensorBoard keeps the first: the status column tells the end
-    status = ea.Scalars("run/end_status")  # one step, 0: each segment's end replaces the last (TensorBoard keeps the
-    assert {e.step for e in status} == {0} and status[-1].value == 1.0  # last it reads at a step): no ramp
+    assert _end_status(ea) == "STATUS_SUCCESS"  # resumed to its end: the status its HParams row shows
+    assert [line.split(" at ")[0] for _, line in _texts(ea, "run/status")] == ["**failure**", "**success**"]
 
 
 def test_a_stopped_run_says_so_and_ends_as_success_once_resumed(sigterm_stopped, tmp_path):
@@ -103,7 +110,6 @@ def test_a_stopped_run_says_so_and_ends_as_success_once_resumed(sigterm_stopped,
     finish(out)
     ea = _events(out)
     assert _end_status(ea) == "STATUS_SUCCESS"
-    assert [(e.step, e.value) for e in ea.Scalars("run/end_status")] == [(0, 0.0), (0, 1.0)]  # stopped, then done
 
 
 def test_captions_wrap_at_word_ends_and_are_never_cut():
@@ -155,13 +161,21 @@ def test_confusion_card_fits_a_tensorboard_card(classes):
 
 def test_evaluate_logs_at_the_step_of_the_checkpoint_or_exported_model(tiny_run, tmp_path):
     from vitfood.evaluate import main as evaluate_main
-    out, _ = tiny_run
-    for folder, step in (("checkpoint-160", 160), ("model", 200)):  # model/: the run's exported step
+    out, results = tiny_run
+    calibrated = "eval_loss_uncalibrated" in results  # model/ holds a temperature: its loss is the calibrated one
+    run = _events(out)
+    if calibrated:  # the training run logs it too, under the same name, at the exported step
+        assert [(e.step, round(e.value, 4)) for e in run.Scalars("loss/eval_calibrated")] == [
+            (200, round(results["eval_loss"], 4))]
+    for folder, step, loss in (("checkpoint-160", 160, "loss/eval"),
+                               ("model", 200, "loss/eval_calibrated" if calibrated else "loss/eval")):
         evaluate_main(["--model", str(out / folder), "--output-dir", str(tmp_path / folder),
                        "--tensorboard", str(tmp_path / f"tb-{folder}")])
         ea = _events(tmp_path / f"tb-{folder}")
         assert [int(e.step) for e in ea.Scalars("accuracy/top1")] == [step]
-        assert [s for s, _ in _texts(ea, "predictions/per_class")] == [step]
+        assert [int(e.step) for e in ea.Scalars(loss)] == [step]
+        assert [s for s, _ in _texts(ea, "tables/per_class")] == [step]
+        assert _texts(ea, "run/status")[0][1].startswith(f"**evaluated** {out / folder} (step {step}")
 
 
 def test_curves_are_whole_after_a_kill_and_resume(tmp_path):

@@ -348,24 +348,25 @@ def thumbnail(sets, split, i, side=96):
                           Image.NEAREST if scale > 1 else Image.BICUBIC)
 
 
-def grid(tiles, columns=4, side=96, text_w=150):
-    """[(images, caption lines)] as one image: each tile its images side by side and the caption beside them."""
-    fnt = report.font(11)
+def grid(tiles, width=340, side=96):
+    """[(images, caption lines)] as one image `width` px wide, the width of a TensorBoard card (a wider one is
+    shrunk there until its captions cannot be read): a tile per row, its images side by side, the caption beside
+    them, each line whole or cut in the middle (a file name keeps its start and its end)."""
+    fnt, line_h = report.font(12), 15
     if not tiles:
-        img = Image.new("RGB", (300, 30), "white")
+        img = Image.new("RGB", (width, 30), "white")
         ImageDraw.Draw(img).text((8, 8), "nothing found", fill="black", font=fnt)
         return img
-    width = max(len(imgs) for imgs, _ in tiles) * (side + 4) + text_w
-    rows = (len(tiles) + columns - 1) // columns
-    out = Image.new("RGB", (columns * width, rows * (side + 8)), "white")
+    tile_h = max(side, line_h * max(len(lines) for _, lines in tiles)) + 8
+    out = Image.new("RGB", (width, len(tiles) * tile_h), "white")
     draw = ImageDraw.Draw(out)
     for n, (imgs, lines) in enumerate(tiles):
-        x, y = (n % columns) * width, (n // columns) * (side + 8)
+        y = n * tile_h
         for m, img in enumerate(imgs):
-            out.paste(img, (x + m * (side + 4), y + 4))
-        tx = x + len(imgs) * (side + 4) + 4
-        for j, line in enumerate(lines[:7]):
-            draw.text((tx, y + 4 + 13 * j), report.shorten(line, fnt, text_w - 8), fill="black", font=fnt)
+            out.paste(img, (m * (side + 4), y + 4))
+        tx = len(imgs) * (side + 4) + 4
+        for j, line in enumerate(lines):
+            draw.text((tx, y + 4 + line_h * j), report.middle(line, fnt, width - tx - 4), fill="black", font=fnt)
     return out
 
 

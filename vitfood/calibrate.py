@@ -20,7 +20,7 @@ and the run says why.
 import math
 
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from vitfood.common import UserError
 
@@ -181,7 +181,8 @@ def summary(cal):
 def diagram(cal, size=400):
     """The reliability diagram: per bin, the share right against the mean score, raw (grey) and calibrated out of
     fold (blue), with the diagonal a calibrated model follows."""
-    left, top, side = 40, 56, size - 90
+    fnt = ImageFont.load_default(size=13)  # the legend in black beside a swatch of each bar's colour, the axes alike: read at card size
+    left, top, side = 40, 66, size - 100
     img = Image.new("RGB", (size, size), "white")
     d = ImageDraw.Draw(img)
     x0, y0 = left, top + side  # the plot's bottom-left corner
@@ -197,13 +198,15 @@ def diagram(cal, size=400):
                 x = x0 + b * width + half * width / 2
                 d.rectangle([x + 1, at(0, acc)[1], x + width / 2 - 1, y0], fill=colour)
     for v in (0, 0.5, 1):
-        d.text((at(v, 0)[0], y0 + 4), f"{v:g}", fill="black", anchor="mt")
-        d.text((x0 - 6, at(0, v)[1]), f"{v:g}", fill="black", anchor="rm")
-    d.text((x0 + side / 2, y0 + 20), "score (15 bins)", fill="black", anchor="mt")
-    d.text((x0, top - 4), "share right", fill="black", anchor="ld")
-    d.text((4, 6), f"grey: raw scores, ECE {cal['ece_before']:.3f}", fill=(110, 110, 110))
-    d.text((4, 22), f"blue: divided by T = {cal['temperature']:.2f} out of fold, ECE {cal['ece_out_of_fold']:.3f}"
-                    f"{'' if cal['kept'] else ' (not kept)'}", fill=(40, 90, 200))
+        d.text((at(v, 0)[0], y0 + 4), f"{v:g}", fill="black", anchor="mt", font=fnt)
+        d.text((x0 - 6, at(0, v)[1]), f"{v:g}", fill="black", anchor="rm", font=fnt)
+    d.text((x0 + side / 2, y0 + 20), "score (15 bins)", fill="black", anchor="mt", font=fnt)
+    d.text((x0, top - 4), "share right", fill="black", anchor="ld", font=fnt)
+    for row, (colour, words) in enumerate((((170, 170, 170), f"raw scores, ECE {cal['ece_before']:.3f}"), (
+            (40, 90, 200), f"divided by T = {cal['temperature']:.2f} (out of fold), ECE {cal['ece_out_of_fold']:.3f}"
+                           f"{'' if cal['kept'] else ' (not kept)'}"))):
+        d.rectangle([6, 6 + 18 * row, 18, 18 + 18 * row], fill=colour)
+        d.text((24, 5 + 18 * row), words, fill="black", font=fnt)
     return img
 
 

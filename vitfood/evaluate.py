@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import shlex
+import time
 
 import transformers
 
@@ -35,7 +36,7 @@ from vitfood.data import build_data, eval_skip_warning
 from vitfood.onnxfile import is_onnx
 from vitfood.hub import is_path
 from vitfood.images import TTA, transforms_for
-from vitfood.logs import eval_records
+from vitfood.logs import eval_records, text
 from vitfood.evalsplit import open_eval
 from vitfood.model import hub_model, load_for_inference
 from vitfood.rundir import model_step
@@ -56,15 +57,20 @@ def main(argv=None):
     calibrate.check(multi, a.target_accuracy, a.target_coverage)
     step = model_step(a.model) if a.tensorboard else 0  # read before a rotation can take the checkpoint away
     threshold = a.threshold if a.threshold is not None else calibrate.label_threshold(model.config, cfg.threshold)
+    t0 = time.perf_counter()
     r, skipped_of = scored(a, split, device, precision, batch_size, threshold)
+    seconds = time.perf_counter() - t0
     cal, unknown = calibrate.fitted(r["logits"], r["labels"], multi, "temperature" if a.calibrate else "none",
                                     a.target_accuracy, a.target_coverage)
     out = output_dir(a)
     results, files = write_results(a, out, split, r, cal, unknown, precision, batch_size, threshold)
     if a.tensorboard:
         from torch.utils.tensorboard import SummaryWriter
+        calibrated = calibrate.kept(getattr(getattr(model, "config", None), calibrate.KEY, None)) != 1
         with SummaryWriter(a.tensorboard) as w:
-            eval_records(w, step, r, split.model_names, mistakes=4)
+            eval_records(w, step, r, split.model_names, mistakes=4, calibrated=calibrated, seconds=seconds)
+            text(w, "run/status", f"**evaluated** {a.model} (step {step}{', calibrated' if calibrated else ''}) in "
+                 f"{precision}: {r['samples']} images", step)
     summarize(a, out, split, r, results, files, cal, unknown, precision, threshold, skipped_of, own_run)
     return results
 

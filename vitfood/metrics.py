@@ -27,12 +27,11 @@ SINGLE = (Metric("loss", "eval_loss", "loss/eval", "loss", "loss"),
           Metric("acc5", "eval_top5", "metrics/top5", "acc5", "top-5"),
           Metric("balanced_acc", "eval_balanced_accuracy", "metrics/balanced_accuracy", "balanced", "balanced accuracy"),
           Metric("f1_macro", "eval_f1_macro", "metrics/f1_macro", "f1", "macro F1"))
-MULTI = (Metric("loss", "eval_loss", "loss/eval", "loss", "loss"),
+MULTI = (Metric("loss", "eval_loss", "loss/bce_eval", "loss", "loss"),  # its own tag: another scale
          Metric("map", "eval_map", "accuracy/map", "mAP", "mAP"),
          Metric("f1_micro", "eval_f1_micro", "metrics/f1_micro", "f1 micro", "micro F1"),
          Metric("f1_macro", "eval_f1_macro", "metrics/f1_macro", "f1 macro", "macro F1"),
          Metric("exact_match", "eval_exact_match", "metrics/exact_match", "exact match", "exact match"))
-SCORE_TAG = "run/score"  # the score under one tag for every kind of run: HParams' shared column
 
 
 def table(metrics):

@@ -413,6 +413,8 @@ def results(final, step, exported_step, ledger, startup, precision, ema=False, b
                   damaged_train_encounters=ledger["damaged_encounters"], damaged_eval_files=final["skipped"],
                   broken_links=broken_links,
                   startup_seconds=round(startup, 2), best_metric=best_metric, stopped_early=stopped_early)
+    if "loss_uncalibrated" in final:  # eval_loss is model/'s, its temperature folded in; this, the weights' before it
+        record["eval_loss_uncalibrated"] = final["loss_uncalibrated"]
     if calibration:  # of model/'s scores on the eval split: its temperature, ECE and NLL before and after
         record["calibration"] = {k: v for k, v in calibration.items() if not k.startswith("bins_")}
     if unknown:  # the unknown threshold: the share of the eval split answered above it, and their accuracy

@@ -247,10 +247,11 @@ def open_records(r, state):
                 rundir.clear_run(out)  # the user asked: the old run's checkpoints would outrank the new ones
             checkpoint.write_json_atomic(os.path.join(out, RUN_CONFIG), to_dict(cfg))
             checkpoint.write_json_atomic(os.path.join(out, "env.json"), env)
-        r.log = RunLog(out, r.step, r.max_steps, r.main, every=cfg.logging_steps)
+        r.log = RunLog(out, r.step, r.max_steps, r.main, every=cfg.logging_steps, multi_label=r.multi_label,
+                       device=r.device)
         if not state:
             r.log.start(report.hparams(cfg, r.precision, r.max_steps, r.world, r.global_batch * cfg.grad_accum_steps),
-                        dict(config=to_dict(cfg), env=env), r.multi_label)
+                        dict(config=to_dict(cfg), env=env))
 
 
 def announce(r, how, say):

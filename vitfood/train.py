@@ -24,7 +24,7 @@ import os
 import shlex
 import time
 
-from vitfood import adapt, calibrate, checkpoint, dist, faults, fsdp, metrics, report, rundir, sources, synthetic
+from vitfood import adapt, calibrate, checkpoint, dist, faults, fsdp, logs, metrics, report, rundir, sources, synthetic
 from vitfood.common import UserError, env_info, first_line, run_main, seconds_since_start, start_cuda
 from vitfood.data import check_damaged, eval_skip_warning
 from vitfood.logs import Window
@@ -115,15 +115,16 @@ def train_loop(r):
             train_loss = figures["loss"]
             bad_train = ledger.damaged_files()[0] if figures["any_damaged"] else set()  # a gather only when any
             log.train(r.step, train_loss, lrs, figures["grad_norm"], figures["img_s"], figures["data_wait"],
-                      r.scaler.get_scale() if r.scaler.is_enabled() else None, len(bad_train),
+                      r.step * accum / r.data.sampler.batches_per_epoch, r.scaler.get_scale() if r.scaler.is_enabled() else None, len(bad_train),
                       ledger.nonfinite.check(r.checkpoints.latest))
         t_pause = time.perf_counter()
         evaluated = r.progress.due(r.step, last_step)  # also when stopping: history and best stay whole
         if evaluated:  # eval
+            t_eval = time.perf_counter()
             with r.phases.span("eval", step=r.step) as info:  # the last one keeps its logits, for calibration
                 scores = evaluate(r, mistakes=8, keep=last_step and calibrates(cfg))
                 info["images"] = scores["samples"] * (2 if r.ema else 1)  # with an EMA, a second pass
-            log.eval(r.step, scores, r.class_names)
+            log.eval(r.step, scores, r.class_names, seconds=time.perf_counter() - t_eval)
             r.progress.evaluated(scores, train_loss)
         early = evaluated and not last_step and r.progress.stopped_early()  # the same on every rank
         if r.checkpoints.due(r.step, last_step) or stopped or early:  # save
@@ -192,10 +193,10 @@ def finish(r, stopped):
         stop(r, r.stopper.signal or "another rank")
     rows = metrics.table(final)  # what the eval measured: single-label or multi-label
     if r.main:
-        hand_over(r, staged, results, rows, ledger, early)
-    wind_down(r, "early stop" if early else "success", f"eval {metrics.scored(rows).heading} "
-              f"{metrics.score(final):.4f}, loss {final['loss']:.4f} (the exported model, step {export_step})"
-              + (f"; stopped early: {early}" if early else ""))
+        hand_over(r, staged, results, rows, ledger, early, export_step)
+    wind_down(r, "early stop" if early else "success", f"{model_words(export_step, results)}: eval "
+              f"{metrics.scored(rows).heading} {metrics.score(final):.4f}, loss {final['loss']:.4f}" +
+              (f"; stopped early: {early}" if early else ""), logs.run_summary(results, r.phases, r.device))
     dist.barrier()
     dist.close()
     r.stopper.close()  # nothing left to write: signals act as usual again
@@ -257,7 +258,8 @@ def calibration(r, final, export_step):
             log.say(f"warning: {len(seen['labels'])} eval image(s): too few to calibrate or set an unknown "
                     f"threshold on (at least {calibrate.FEWEST}); model/ keeps the raw scores")
     if cal and cal["kept"]:  # the exported model's loss: its scores are the calibrated ones (the rest is the same)
-        final = dict(final, loss=cal["nll_after"])
+        final = dict(final, loss=cal["nll_after"], loss_uncalibrated=final["loss"])
+        log.calibrated_loss(export_step, final["loss"])
     return cal, unknown, final
 
 
@@ -287,7 +289,12 @@ def stage_model(r, results, cal, unknown, export_step):
                                  own_config=cal is not None or unknown is not None)
 
 
-def hand_over(r, staged, results, rows, ledger, early):
+def model_words(export_step, results):
+    """What the final figures are of, in the same words on the console, in TensorBoard and in all_results.json."""
+    return f"model/ (step {export_step}{', calibrated' if 'eval_loss_uncalibrated' in results else ''})"
+
+
+def hand_over(r, staged, results, rows, ledger, early, export_step):
     """model/ sealed and renamed into place, all_results.json, and what the console says at the end."""
     out = r.cfg.output_dir
     with r.phases.span("export"):
@@ -295,22 +302,24 @@ def hand_over(r, staged, results, rows, ledger, early):
         checkpoint.write_json_atomic(os.path.join(out, "all_results.json"), results)
     print(f"\ndone: {out}")
     segments = f" in {ledger['segments']} segments" if ledger["segments"] > 1 else ""
-    print("  " + "  ".join(f"{m.result} {results[m.result]:.4f}" for m in rows[:3]) +
-          f"  ({r.step} steps, {ledger['train_runtime']:.0f} s{segments})")
+    before = (f" ({results['eval_loss_uncalibrated']:.4f} before calibration, TensorBoard's loss/eval)"
+              if "eval_loss_uncalibrated" in results else "")
+    print(f"  {model_words(export_step, results)}: " + "  ".join(f"{m.result} {results[m.result]:.4f}" for m in rows[:3])
+          + before + f"  ({r.step} steps, {ledger['train_runtime']:.0f} s{segments})")
     if early:
         print(f"  stopped early at step {r.step} of {r.max_steps}: {early}")
     print(f"  model: {model_dir}")
     if r.cfg.dataset == "synthetic":  # a few images to try the model on, where the next command finds them
         samples = synthetic.write_samples(out, r.data.eval_set, r.class_names)
         print(f"  try it: python -m vitfood.predict --model {shlex.quote(out)} {shlex.quote(samples)}")
-    print(f"  tensorboard --logdir {shlex.quote(out)}")
+    print(f"  tensorboard --logdir {shlex.quote(out)}, then open {logs.link(r.multi_label)}")
     print(f"  {r.phases.summary()}")
     r.phases.write(out, "success")
 
 
-def wind_down(r, status, summary):
+def wind_down(r, status, note, summary=None):
     """The run's end in the log (TensorBoard's HParams status, the console), then the log and the loader closed."""
-    r.log.end(status, r.step, summary)
+    r.log.end(status, r.step, note, summary)
     r.log.close()
     r.data.close()
 
