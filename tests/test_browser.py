@@ -127,6 +127,9 @@ def test_hparams_shows_first_the_options_that_differ(runs, browser):
         r"[a-z_]+/[a-z0-9_]+", n)]
     assert metrics[:2] == ["accuracy/map", "accuracy/top1"] and "loss/bce_eval" in metrics[:5], metrics
     assert not {"run/end_status", "run/score"} & set(metrics)
+    page.locator('paper-tab[view-id="parallel-coords-view"]').click()
+    time.sleep(3)
+    page.screenshot(path=os.path.join(shots, "hparams-parallel-coordinates.png"))
 
 
 def test_images_are_drawn_at_their_size_and_text_starts_with_the_runs_own(runs, browser):
