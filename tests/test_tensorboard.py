@@ -44,7 +44,7 @@ def test_text_records_and_the_status_of_a_finished_run(tiny_run):
     assert _end_status(ea) == "STATUS_SUCCESS"
     assert _texts(ea, "run/status")[-1][1].startswith("**success** at step 200: model/ (step 200")
     summary = _texts(ea, "run/summary")[-1][1]
-    assert "| training images/s |" in summary and "| peak rss gb |" in summary
+    assert "| training images/s |" in summary and "| peak resident memory (GB) |" in summary
     # text records under their own tags (no "/text_summary"), the run's own before the per-class tables
     texts = sorted(ea.Tags()["tensors"])
     assert texts.index("run/status") < texts.index("setup/config") < texts.index("tables/per_class"), texts

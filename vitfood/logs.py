@@ -162,7 +162,8 @@ def run_summary(results, phases, device):
             ("seconds to the first batch", f"{results['startup_seconds']:.1f}")]
     if phases.count("eval"):
         rows.append(("eval time (s), this segment", f"{phases.total('eval'):.1f} in {phases.count('eval')} evals"))
-    rows += [(tag.split("/")[1].replace("_", " "), f"{gb:.2f}") for tag, gb in peak_memory_gb(device).items()]
+    words = {"memory/peak_rss_gb": "peak resident memory (GB)", "memory/cuda_peak_gb": "peak CUDA memory (GB)"}
+    rows += [(words[tag], f"{gb:.2f}") for tag, gb in peak_memory_gb(device).items()]
     return "| | |\n| --- | --- |\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
 
 
