@@ -114,8 +114,9 @@ def train_loop(r):
             figures = window.close(r.step, len(ledger.damaged))
             train_loss = figures["loss"]
             bad_train = ledger.damaged_files()[0] if figures["any_damaged"] else set()  # a gather only when any
-            log.train(r.step, train_loss, lrs, figures["grad_norm"], figures["img_s"], figures["data_wait"],
-                      r.step * accum / r.data.sampler.batches_per_epoch, r.scaler.get_scale() if r.scaler.is_enabled() else None, len(bad_train),
+            epoch = r.step * accum / r.data.sampler.batches_per_epoch  # passes over the train split, fractional
+            log.train(r.step, train_loss, lrs, figures["grad_norm"], figures["img_s"], figures["data_wait"], epoch,
+                      r.scaler.get_scale() if r.scaler.is_enabled() else None, len(bad_train),
                       ledger.nonfinite.check(r.checkpoints.latest))
         t_pause = time.perf_counter()
         evaluated = r.progress.due(r.step, last_step)  # also when stopping: history and best stay whole
@@ -302,7 +303,7 @@ def hand_over(r, staged, results, rows, ledger, early, export_step):
         checkpoint.write_json_atomic(os.path.join(out, "all_results.json"), results)
     print(f"\ndone: {out}")
     segments = f" in {ledger['segments']} segments" if ledger["segments"] > 1 else ""
-    before = (f" ({results['eval_loss_uncalibrated']:.4f} before calibration, TensorBoard's loss/eval)"
+    before = (f" (eval_loss {results['eval_loss_uncalibrated']:.4f} before calibration)"
               if "eval_loss_uncalibrated" in results else "")
     print(f"  {model_words(export_step, results)}: " + "  ".join(f"{m.result} {results[m.result]:.4f}" for m in rows[:3])
           + before + f"  ({r.step} steps, {ledger['train_runtime']:.0f} s{segments})")
