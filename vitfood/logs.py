@@ -26,7 +26,8 @@ from vitfood.common import Console
 def loss_tags(multi_label):
     """(train, eval) loss tags. A multi-label run's loss is a binary cross-entropy, the mean over classes, a figure
     of another scale than a single-label cross-entropy: its own tags, so that no chart puts the two on one axis."""
-    return ("loss/bce_train", "loss/bce_eval") if multi_label else ("loss/train", "loss/eval")
+    eval_ = metrics.rows_for(multi_label)[0].tag  # the eval loss's tag is metrics' (loss/eval, loss/bce_eval)
+    return eval_.replace("eval", "train"), eval_
 
 
 def layout(multi_label=False):
