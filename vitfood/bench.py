@@ -170,6 +170,9 @@ def levers_mode(x):
     ema = f"; the EMA update alone {r['ema_ms']:.2f} ms ({r['ema_share']:.1%} of a plain step)" if r["ema_ms"] else ""
     print(f"\n[levers] {r['levers']}: step {r['levers_ms']:.1f} ms against {r['plain_ms']:.1f} ms plain "
           f"({r['cost']:+.1%}, range {r['cost_spread'][0]:+.1%} to {r['cost_spread'][1]:+.1%}){ema}")
+    if r["teacher"]:
+        print(f"[levers] with --teacher {r['teacher']}: step {r['teacher_ms']:.1f} ms ({r['teacher_cost']:+.1%} on the "
+              "plain step: the teacher's forward and the distillation loss)")
     return r
 
 

@@ -93,6 +93,10 @@ def eval_records(writer, step, result, class_names, mistakes=8, calibrated=False
         writer.add_scalar(tag, result[m.key], step)
         if f"ema_{m.key}" in result and i < 3:  # with --ema-decay: loss/eval_ema, accuracy/top1_ema (or map_ema), ...
             writer.add_scalar(ema_tag(m.tag), result[f"ema_{m.key}"], step)
+    if "agreement" in result:  # --teacher: the share of answers the student shares with it, and its own score
+        score = metrics.scored(metrics.table(result))
+        writer.add_scalar("distill/agreement", result["agreement"], step)
+        writer.add_scalar(f"distill/teacher_{score.tag.split('/')[1]}", result["teacher"][score.key], step)
     if seconds:
         writer.add_scalar("speed/eval_runtime_s", seconds, step)
         writer.add_scalar("speed/eval_img_per_s", result["samples"] / seconds, step)
@@ -258,12 +262,15 @@ class RunLog:
         if self.main:
             eval_records(self.writer, step, result, class_names, seconds=seconds)
             ema = f" | EMA {metrics.summary(result, 'ema_', rows=2)}" if "ema_loss" in result else ""
-            self.say(f"step {step}: eval {metrics.summary(result)}" + ema)
+            agree = f" | agrees with the teacher on {result['agreement']:.1%}" if "agreement" in result else ""
+            self.say(f"step {step}: eval {metrics.summary(result)}" + ema + agree)
 
-    def train(self, step, loss, lrs, grad_norm, img_s, data_wait, epoch, scale=None, damaged_files=0, skipped_steps=0):
+    def train(self, step, loss, lrs, grad_norm, img_s, data_wait, epoch, scale=None, damaged_files=0, skipped_steps=0,
+              distill=None):
         """A logging step's scalars; `lrs`: the learning rate of each parameter group (the head's is logged
         as optim/lr, and with --layer-decay the lowest as optim/lr_lowest); `epoch`: passes over the train split
-        so far, fractional (the Trainer's train/epoch)."""
+        so far, fractional (the Trainer's train/epoch); `distill`: --teacher's (soft, hard) terms, the loss being
+        (1 - alpha) x hard + alpha x soft."""
         lr = max(lrs)
         values = {loss_tags(self.multi_label)[0]: loss, "optim/lr": lr, "train/epoch": epoch}
         if grad_norm is not None:  # None: every step of the window was skipped (non-finite)
@@ -275,6 +282,8 @@ class RunLog:
             values.update({"speed/img_per_s": img_s, "speed/data_wait_percent": 100 * data_wait})
         if scale is not None:
             values["optim/amp_scale"] = scale
+        if distill:
+            values.update({"distill/soft_loss": distill[0], "distill/hard_loss": distill[1]})
         if skipped_steps:  # a running count: steps skipped for non-finite loss or gradients so far
             values["skipped/nonfinite_steps"] = skipped_steps
         if damaged_files:
@@ -307,7 +316,7 @@ class Window:
 
     def __init__(self, device, world, step):
         self.device, self.world, self.first = device, world, step
-        self.sums = torch.zeros(3, device=device)  # loss, grad norm of the steps taken, steps taken
+        self.sums = torch.zeros(5, device=device)  # loss, grad norm of the steps taken, steps taken; --teacher's terms
         self.reset()
 
     def reset(self):
@@ -320,9 +329,11 @@ class Window:
     def pause(self, seconds):
         self.paused += seconds
 
-    def stepped(self, loss, norm, finite):
+    def stepped(self, loss, norm, finite, terms=None):
         # a skipped step (non-finite) left the weights as they were: the norm is the mean over the steps taken
-        self.sums += torch.stack([loss, torch.where(finite, norm, 0.0), finite.float()])
+        self.sums[:3] += torch.stack([loss, torch.where(finite, norm, 0.0), finite.float()])
+        if terms is not None:  # --teacher: the distillation's soft and hard terms
+            self.sums[3:] += terms
 
     def close(self, step, damaged):
         """The window ending at optimizer step `step`: dict(loss, grad_norm (None when every step was skipped),
@@ -331,9 +342,11 @@ class Window:
         totals = dist.all_sum(torch.cat([self.sums / self.world, counts]))
         taken = totals[2].item()
         seconds = max(1e-9, time.perf_counter() - self.start - self.paused)
-        figures = dict(loss=round((totals[0] / (step - self.first)).item(), 6),
-                       grad_norm=(totals[1] / taken).item() if taken else None, img_s=int(totals[3].item()) / seconds,
-                       data_wait=min(1.0, self.wait / seconds), any_damaged=bool(totals[4].item()))
+        steps = step - self.first
+        figures = dict(loss=round((totals[0] / steps).item(), 6),
+                       grad_norm=(totals[1] / taken).item() if taken else None, img_s=int(totals[5].item()) / seconds,
+                       data_wait=min(1.0, self.wait / seconds), any_damaged=bool(totals[6].item()),
+                       terms=(totals[3:5] / steps).tolist())
         self.sums.zero_()
         self.first = step
         self.reset()

@@ -20,6 +20,7 @@ import transformers
 from vitfood import adapt, dist, fsdp
 from vitfood.common import mixed_precision, seed_everything
 from vitfood.config import Config
+from vitfood.distill import Teacher
 from vitfood.data import EpochBatchSampler, KeptBatches, make_loader, stop_workers
 from vitfood.images import normalize, transforms_for
 from vitfood.model import build_model, for_inference, make_optimizer, make_scheduler, resolve_attn, vit_flops_per_image
@@ -81,9 +82,11 @@ def training(cfg, names, device, precision, graph_batch=None, world=1):
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, 0, 10 ** 9)
     amp, scaler = mixed_precision(precision, device, sharded=cfg.fsdp)
+    size = (model.config.image_size,) * 2  # fixed_batch's
+    teacher = Teacher(cfg, names, False, device, precision, (mean, std), size) if cfg.teacher else None
     _, step = build_step(cfg, model, optimizer, scheduler, scaler, amp, precision, mean, std, device, world,
                          mixing=mixing_for(cfg, len(names), dist.rank()), graph_batch=graph_batch,
-                         divisor=graph_batch and graph_batch[1].shape[0])
+                         divisor=graph_batch and graph_batch[1].shape[0], teacher=teacher)
     return model, processor, step
 
 
@@ -170,8 +173,10 @@ def loop_rate(run_dir, batch_size):
 def bench_levers(cfg, names, device, precision, batch_size, steps, repeats):
     """The training step with the recipe levers that act in it (label smoothing, mixup/cutmix, layer decay,
     EMA) against the plain step, timed in alternation; and the EMA update alone. The levers are those asked
-    for, or --preset finetune's with an EMA when none were."""
-    plain = dataclasses.replace(cfg, label_smoothing=0.0, mixup=0.0, cutmix=0.0, layer_decay=1.0, ema_decay=0.0)
+    for, or --preset finetune's with an EMA when none were. With --teacher, the plain step with the teacher's
+    forward and loss too, in the same alternation."""
+    plain = dataclasses.replace(cfg, label_smoothing=0.0, mixup=0.0, cutmix=0.0, layer_decay=1.0, ema_decay=0.0,
+                                teacher=None)
     asked = cfg.label_smoothing or cfg.mixup or cfg.cutmix or cfg.ema_decay or cfg.layer_decay < 1
     levers = cfg if asked else dataclasses.replace(cfg, label_smoothing=0.1, mixup=0.8, cutmix=1.0, layer_decay=0.65,
                                                    ema_decay=0.9999)
@@ -187,9 +192,14 @@ def bench_levers(cfg, names, device, precision, batch_size, steps, repeats):
                 ema.update()
         return step, ema
 
+    levers = dataclasses.replace(levers, teacher=None)
     (plain_step, _), (lever_step, ema) = make(plain), make(levers)
-    pairs = [(timed(plain_step, device, steps, 1, warmup=2)[0], timed(lever_step, device, steps, 1, warmup=2)[0])
-             for _ in range(repeats)]
+    taught_step = make(dataclasses.replace(plain, teacher=cfg.teacher))[0] if cfg.teacher else None
+    pairs, taught = [], []
+    for _ in range(repeats):
+        pairs.append((timed(plain_step, device, steps, 1, warmup=2)[0], timed(lever_step, device, steps, 1, warmup=2)[0]))
+        if taught_step:
+            taught.append(timed(taught_step, device, steps, 1, warmup=2)[0] / pairs[-1][0])
     ratios = sorted(b / a for a, b in pairs)
     plain_s = statistics.median(a for a, _ in pairs)
     ema_s = timed(ema.update, device, steps, repeats, warmup=2)[0] if ema else None
@@ -197,7 +207,9 @@ def bench_levers(cfg, names, device, precision, batch_size, steps, repeats):
                 cost=statistics.median(ratios) - 1, cost_spread=[ratios[0] - 1, ratios[-1] - 1],
                 ema_ms=ema_s and 1000 * ema_s, ema_share=ema_s and ema_s / plain_s, batch_size=batch_size,
                 levers=dict(label_smoothing=levers.label_smoothing, mixup=levers.mixup, cutmix=levers.cutmix,
-                            layer_decay=levers.layer_decay, ema_decay=levers.ema_decay))
+                            layer_decay=levers.layer_decay, ema_decay=levers.ema_decay),
+                teacher=cfg.teacher, teacher_ms=taught and 1000 * plain_s * statistics.median(taught),
+                teacher_cost=taught and statistics.median(taught) - 1)
 
 
 # the ways to train that memory mode compares: LoRA as peft's image-classification guide sets it up

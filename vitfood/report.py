@@ -289,6 +289,17 @@ def augmentation(cfg):
     return "".join(", " + p for p in parts)
 
 
+def distilled(cfg, results, rows):
+    """The card's line on --teacher (a list of one line, or none): the teacher, its score, the agreement, the loss."""
+    if not results.get("teacher"):
+        return []
+    score = metrics.scored(rows)
+    return [f"- distilled from `{cfg.teacher}` (eval {score.heading} "
+            f"{results[score.result.replace('eval_', 'teacher_eval_')]:.4f} on the images this model sees; it agrees "
+            f"with it on {results['eval_agreement']:.1%} of the eval answers): --distill {cfg.distill}, alpha "
+            f"{cfg.distill_alpha:g}" + (f", temperature {cfg.distill_temperature:g}" if cfg.distill == "soft" else "")]
+
+
 def trained(cfg):
     if cfg.freeze_backbone:
         what = "the classification head only (frozen backbone: a linear probe)"
@@ -355,6 +366,7 @@ def model_card(cfg, results, history, sizes, names, precision, world, step_batch
         + (f"EMA of the weights, decay {cfg.ema_decay:g}; exported: the {'EMA' if cfg.export_ema else 'trained'} weights"
            if cfg.ema_decay else "no EMA") + f"; layer decay {cfg.layer_decay:g}; drop path {cfg.drop_path:g}",
         "- what trained: " + trained(cfg),
+        *distilled(cfg, results, rows),
         f"- class balance: loss weights {cfg.class_weights}, sampler {cfg.sampler}",
         "- augmentation: random resized crop (scale 0.08-1) and horizontal flip" + augmentation(cfg) +
         "; eval: the image processor's resize "
@@ -398,12 +410,13 @@ def model_card(cfg, results, history, sizes, names, precision, world, step_batch
 
 
 def results(final, step, exported_step, ledger, startup, precision, ema=False, best_metric=None, stopped_early=None,
-            calibration=None, unknown=None, broken_links=0):
+            calibration=None, unknown=None, broken_links=0, teacher=None):
     """all_results.json: the final eval (`final`, of the exported weights, in `precision`) under metrics' names, with
     how the run went (`ledger`: state.Ledger's state_dict over every segment; `startup`: seconds from process start to the
     first batch; `stopped_early`: why the run stopped before --max-steps, or None; `calibration` and `unknown`:
     calibrate.fitted's; `broken_links`: image files of the data set folder that are links leading nowhere, so in
-    no split); with `ema`, the EMA's loss and score too."""
+    no split); with `ema`, the EMA's loss and score too; with `teacher` (--teacher), its name, its score on the eval
+    split and the share of the eval answers the model shares with it."""
     rows = metrics.table(final)
     runtime = ledger["train_runtime"]
     record = dict({m.result: final[m.key] for m in rows}, eval_precision=precision, global_step=step,
@@ -419,6 +432,10 @@ def results(final, step, exported_step, ledger, startup, precision, ema=False, b
         record["calibration"] = {k: v for k, v in calibration.items() if not k.startswith("bins_")}
     if unknown:  # the unknown threshold: the share of the eval split answered above it, and their accuracy
         record.update(unknown_threshold=unknown[0], unknown_coverage=unknown[1], unknown_accuracy=unknown[2])
+    if teacher and "agreement" in final:  # teacher_eval_accuracy (or _map), eval_agreement
+        score = metrics.scored(rows)
+        record.update(teacher=teacher, **{score.result.replace("eval_", "teacher_eval_"): final["teacher"][score.key]},
+                      eval_agreement=final["agreement"])
     if ema:  # eval_ema_loss, and eval_ema_accuracy or eval_ema_map
         record.update({m.result.replace("eval_", "eval_ema_"): final[f"ema_{m.key}"] for m in rows[:2]})
     return record

@@ -18,6 +18,7 @@ from vitfood.data import Data, build_data
 from vitfood.images import transforms_for
 from vitfood.logs import RunLog
 from vitfood.model import build_model, hub_model, load_processor, make_optimizer, make_scheduler, skeleton
+from vitfood.distill import Teacher, check_labels
 from vitfood.phases import Phases
 from vitfood.sources import balanced_weights, hub_dataset, is_multi_label, is_shards, load_splits
 from vitfood.state import Ledger, Progress, RNGStreams
@@ -55,6 +56,7 @@ class Run:
     frozen: bool = False  # the backbone is frozen now
     ema: EMA | None = None  # --ema-decay: the moving average of the weights
     mixing: Mixing | None = None  # --mixup, --cutmix
+    teacher: Teacher | None = None  # --teacher: the frozen model the student learns from
     class_weight: torch.Tensor | None = None  # --class-weights balanced: each class's weight in the loss
     startup: float = 0.0  # seconds from process start to the loop
     train_model: torch.nn.Module | None = None  # what the forward calls: DDP around the model, compiled with --compile
@@ -79,6 +81,8 @@ def resumable(r):
     written with the weights, by every rank (checkpoint.save)."""
     parts = dict(progress=r.progress, ledger=r.ledger, data=r.data.batches, rng=r.rng,
                  optimizer=r.optimizer, scheduler=r.scheduler, scaler=r.scaler)
+    if r.teacher:  # first: another teacher is refused before anything else is restored
+        parts = dict(teacher=r.teacher, **parts)
     if r.cfg.fsdp:
         del parts["optimizer"]
     return dict(parts, ema=r.ema) if r.ema else parts
@@ -115,7 +119,8 @@ def preflight(cfg, resume, world, device, checkpoints, phases):
     """What is checked before any data is read: paths, the checkpoint resumed from, the batch arithmetic, the
     model's own limits. Returns (the checkpoint resumed from or None, the precision, its training state)."""
     with phases.span("open run"):
-        hub.check_local(dataset=None if is_shards(cfg.dataset) else cfg.dataset, model=cfg.model)  # a typo in a path is named before anything else
+        hub.check_local(dataset=None if is_shards(cfg.dataset) else cfg.dataset, model=cfg.model,
+                        teacher=cfg.teacher)  # a typo in a path is named before anything else
         hub_model(cfg.model)  # and a near miss of a named config
         resume_from = checkpoints.resume_point(resume, cfg.overwrite_output_dir)
         precision = resolve_precision(cfg.precision, device)
@@ -126,6 +131,8 @@ def preflight(cfg, resume, world, device, checkpoints, phases):
                         f"{cfg.grad_accum_steps} x {world} process(es); give two of them, or --batch-size auto")
     with phases.span("checks"):  # imports the model's code, as its skeleton is built
         hub.prepare(hub_dataset(cfg.dataset), hub_model(cfg.model), cfg.trust_remote_code)  # fails fast, before the data
+        if cfg.teacher:
+            hub.prepare(model=hub_model(cfg.teacher))
         if (shell := skeleton(cfg)) is not None:
             adapt.check_model(shell, cfg)  # a LoRA target or gradient checkpointing the model has not: before the data
     return resume_from, precision, state
@@ -144,6 +151,8 @@ def open_data(cfg, rank, phases):
         cfg = dataclasses.replace(cfg, multi_label=not streamed and is_multi_label(train_ds, cfg.label_column),
                                   train_samples=len(train_ds) if streamed else cfg.train_samples)
         calibrate.check(cfg.multi_label, cfg.target_accuracy, cfg.target_coverage)
+        if cfg.teacher:  # its config alone, before any image is decoded
+            check_labels(cfg.teacher, class_names, cfg.multi_label)
     return cfg, train_ds, eval_ds, class_names
 
 
@@ -201,6 +210,11 @@ def assemble(cfg, rank, world, device, precision, checkpoints, phases, data, cla
         optimizer = make_optimizer(model, cfg)  # every parameter, before a --freeze-epochs phase freezes some
         scheduler = make_scheduler(optimizer, cfg.warmup_steps, max_steps, freeze, (cfg.freeze_lr or 5 * cfg.lr) / cfg.lr)
         amp, scaler = mixed_precision(precision, device, sharded=cfg.fsdp)
+    teacher = None
+    if cfg.teacher:
+        with phases.span("teacher"):  # replicated on every rank, also with --fsdp: it holds no gradients or state
+            teacher = Teacher(cfg, class_names, multi_label, device, precision, normalization,
+                              data.train_set.transform.size)
     judge = metrics.Judge(cfg.best_metric, multi_label)  # a figure the run's kind of eval has
     progress = Progress(every=cfg.eval_steps, judge=judge, patience=cfg.early_stopping_patience,
                         min_delta=cfg.early_stopping_min_delta)
@@ -210,7 +224,7 @@ def assemble(cfg, rank, world, device, precision, checkpoints, phases, data, cla
                mean=normalization[0], std=normalization[1], max_steps=max_steps, progress=progress,
                ledger=Ledger(NonFiniteStreak(cfg.max_nonfinite_steps, device)), freeze_steps=freeze,
                rng=RNGStreams(rank, world, cfg.seed, progress), ema=EMA(model, cfg.ema_decay) if cfg.ema_decay else None,
-               mixing=steps.mixing_for(cfg, len(class_names), rank),
+               mixing=steps.mixing_for(cfg, len(class_names), rank), teacher=teacher,
                class_weight=balanced_weights(data.train_set.labels, len(class_names)).to(device)
                if cfg.class_weights == "balanced" else None)
 
@@ -283,7 +297,8 @@ def build_step(r, graphed, say=print):
     shapes = r.data.train_set.transform.size, len(r.class_names) if r.multi_label else None
     r.train_model, r.optimizer_step = steps.build_step(
         r.cfg, r.model, r.optimizer, r.scheduler, r.scaler, r.amp, r.precision, r.mean, r.std, r.device, r.world,
-        r.class_weight, r.mixing, example_batch(r.cfg.batch_size, *shapes) if graphed else None, r.global_batch, say)
+        r.class_weight, r.mixing, example_batch(r.cfg.batch_size, *shapes) if graphed else None, r.global_batch, say,
+        r.teacher)
 
 
 def step_mode(r):

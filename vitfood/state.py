@@ -37,7 +37,7 @@ class Progress:
 
     def evaluated(self, result, train_loss):
         keep = {m.key for rows in (metrics.SINGLE, metrics.MULTI) for m in rows}
-        keep |= {"samples", "skipped"} | {f"ema_{k}" for k in keep}
+        keep |= {"samples", "skipped", "teacher", "agreement"} | {f"ema_{k}" for k in keep}  # teacher: --teacher's
         self.metrics = {k: v for k, v in result.items() if k in keep}
         self.history.append(dict(step=self.step, train_loss=train_loss, **self.metrics))
 

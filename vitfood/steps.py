@@ -21,9 +21,10 @@ from vitfood.model import compiled, for_inference, unwrap
 
 
 def forward_backward(model, images, labels, amp, scaler, mean, std, divisor, label_smoothing=0.0, mix=None,
-                     class_weight=None):
+                     class_weight=None, teacher=None):
     """One micro-batch: uint8 images to the device, forward under autocast, backward of the summed loss
-    over `divisor` (scaled for fp16). Returns that loss. An empty micro-batch still runs a backward (of
+    over `divisor` (scaled for fp16). Returns (that loss, the distillation's (soft, hard) terms over `divisor`, or
+    None without a `teacher`: distill.Teacher, scoring the images the student sees). An empty micro-batch still runs a backward (of
     zero), so that DDP's all-reduce finds every rank. `mix`: a Mixing draw for this micro-batch, whose soft
     targets then replace the labels. `class_weight`: each class's weight in the loss (--class-weights).
     Labels as multi-hot rows (multi-label data): binary cross-entropy per class, each image's loss the mean
@@ -51,9 +52,13 @@ def forward_backward(model, images, labels, amp, scaler, mean, std, divisor, lab
         loss = -(targets * F.log_softmax(logits, dim=-1)).sum()
     else:
         loss = F.cross_entropy(logits, labels, weight=class_weight, reduction="sum", label_smoothing=label_smoothing)
+    terms = None
+    if teacher is not None:
+        loss, terms = teacher.loss(logits, teacher(images), loss)
+        terms = terms * weight / divisor
     loss = loss * weight / divisor
     scaler.scale(loss).backward()
-    return loss.detach()
+    return loss.detach(), terms
 
 
 def smoothed(labels, smoothing, num_classes=None):
@@ -71,8 +76,9 @@ class Step:
     torch.compile around the model)."""
 
     def __init__(self, model, optimizer, scheduler, scaler, amp, mean, std, max_grad_norm, label_smoothing=0.0,
-                 class_weight=None, mixing=None, ddp=None, train_model=None, world=1, graph=None):
+                 class_weight=None, mixing=None, ddp=None, train_model=None, world=1, graph=None, teacher=None):
         self.model, self.optimizer, self.scheduler, self.scaler, self.amp = model, optimizer, scheduler, scaler, amp
+        self.teacher, self.terms = teacher, None  # terms: the last step's distillation terms (soft, hard), or None
         self.mean, self.std, self.max_grad_norm, self.label_smoothing = mean, std, max_grad_norm, label_smoothing
         self.class_weight, self.mixing, self.world, self.graph = class_weight, mixing, world, graph
         self.ddp, self.train_model = ddp or model, train_model or ddp or model
@@ -80,24 +86,31 @@ class Step:
 
     def __call__(self, batches, step, samples):
         """Optimizer step `step` on `batches`, [(images, labels)] (one per micro-batch), whose loss is divided by
-        `samples`, the step's global sample count: (loss, grad norm, finite), device tensors, no sync."""
+        `samples`, the step's global sample count: (loss, grad norm, finite), device tensors, no sync; with a
+        teacher, the step's distillation terms in `terms`."""
         if self.graph is not None:  # one micro-batch per step, one process: GraphedStep's conditions
             (images, labels), = batches
-            return self.graph(images, labels, samples)
+            out = self.graph(images, labels, samples)
+            self.terms = self.graph.terms
+            return out
         loss = torch.zeros((), device=next(self.model.parameters()).device)
+        self.terms = None
         for micro, (images, labels) in enumerate(batches):
             sync = self.world == 1 or micro == len(batches) - 1  # all-reduce gradients once, on the last micro-batch
             if self.sharded:  # FSDP keeps unsharded gradients until the last one, then reduce-scatters
                 self.ddp.set_requires_gradient_sync(sync)
             with contextlib.nullcontext() if sync or self.sharded else self.ddp.no_sync():  # both average: / world
-                loss += forward_backward(self.train_model, images, labels, self.amp, self.scaler, self.mean, self.std,
-                                         samples / self.world, self.label_smoothing,
-                                         self.mixing and self.mixing.at(step, micro), self.class_weight)
+                part, terms = forward_backward(self.train_model, images, labels, self.amp, self.scaler, self.mean,
+                                               self.std, samples / self.world, self.label_smoothing,
+                                               self.mixing and self.mixing.at(step, micro), self.class_weight,
+                                               self.teacher)
+                loss += part
+                self.terms = terms if self.terms is None else self.terms + terms
         return (loss, *optimizer_step(self.model, self.optimizer, self.scaler, self.scheduler, self.max_grad_norm))
 
 
 def build_step(cfg, model, optimizer, scheduler, scaler, amp, precision, mean, std, device, world=1, class_weight=None,
-               mixing=None, graph_batch=None, divisor=None, say=print):
+               mixing=None, graph_batch=None, divisor=None, say=print, teacher=None):
     """(what the forward calls, the optimizer Step): the one way vitfood.train and the bench assemble a step.
     DDP around the model on several processes (not with --fsdp: the sharded model reduces its own gradients),
     compiled with --compile; with `graph_batch` (images, labels), the whole step one CUDA graph of those shapes,
@@ -109,9 +122,9 @@ def build_step(cfg, model, optimizer, scheduler, scaler, amp, precision, mean, s
     graph = None
     if graph_batch is not None:
         graph = GraphedStep(train_model, optimizer, scaler, scheduler, precision, mean, std, cfg.max_grad_norm,
-                            cfg.label_smoothing, class_weight, *graph_batch, divisor, say)
+                            cfg.label_smoothing, class_weight, *graph_batch, divisor, say, teacher)
     return train_model, Step(model, optimizer, scheduler, scaler, amp, mean, std, cfg.max_grad_norm,
-                             cfg.label_smoothing, class_weight, mixing, ddp, train_model, world, graph)
+                             cfg.label_smoothing, class_weight, mixing, ddp, train_model, world, graph, teacher)
 
 
 def mixing_for(cfg, num_classes, rank=0):
@@ -182,8 +195,9 @@ class GraphedStep:
     WARMUP = 3
 
     def __init__(self, model, optimizer, scaler, scheduler, precision, mean, std, max_grad_norm, label_smoothing,
-                 class_weight, images, labels, divisor, say=print):
+                 class_weight, images, labels, divisor, say=print, teacher=None):
         self.model, self.optimizer, self.scaler, self.scheduler = model, optimizer, scaler, scheduler
+        self.teacher, self.terms = teacher, None  # the teacher's forward is captured inside the step
         self.mean, self.std, self.max_grad_norm, self.label_smoothing = mean, std, max_grad_norm, label_smoothing
         self.class_weight, self.divisor, self.say = class_weight, divisor, say
         self.device = next(model.parameters()).device
@@ -195,9 +209,9 @@ class GraphedStep:
         self.graph, self.out, self.eager_steps, self.failed = None, None, 0, False
 
     def _step(self, images, labels, divisor):
-        loss = forward_backward(self.model, images, labels, self.amp, self.scaler, self.mean, self.std, divisor,
-                                self.label_smoothing, None, self.class_weight)
-        return (loss, *update(self.model, self.optimizer, self.scaler, self.max_grad_norm, self.lrs))
+        loss, terms = forward_backward(self.model, images, labels, self.amp, self.scaler, self.mean, self.std, divisor,
+                                       self.label_smoothing, None, self.class_weight, self.teacher)
+        return (loss, *update(self.model, self.optimizer, self.scaler, self.max_grad_norm, self.lrs), terms)
 
     def __call__(self, images, labels, samples):
         """One optimizer step on this micro-batch, whose loss is divided by `samples`: (loss, grad norm, finite),
@@ -221,7 +235,8 @@ class GraphedStep:
                 if self.eager_steps == self.WARMUP:
                     self._capture()
         self.scheduler.step()
-        return out
+        *out, self.terms = out
+        return tuple(out)
 
     def _capture(self):
         groups = self.optimizer.param_groups
@@ -395,13 +410,14 @@ class Idle:
 
 @torch.inference_mode()
 def eval_pass(model, loader, device, precision, mean, std, progress=True, num_classes=None, mistakes=0,
-              multi_label=False, threshold=0.5, tta="none", keep=False):
+              multi_label=False, threshold=0.5, tta="none", keep=False, teacher=None):
     """Metrics summed over every sample of `loader` (no sample dropped or repeated), and over ranks: those of
     metrics.SingleLabel (with its confusion matrix), or with `multi_label` of metrics.MultiLabel at
     `threshold`. `mistakes`: that many of the most confident wrong answers (images uint8, as the model saw
     them) with their labels. `num_classes`: the model's, unless given. `tta` (images.TTA): also the metrics of
     the probabilities averaged over the views of each image, under "tta". `keep`: also every image's logits (float32,
-    on the CPU) and labels, from every rank, under "logits" and "labels" (for calibration).
+    on the CPU) and labels, from every rank, under "logits" and "labels" (for calibration). `teacher` (distill.Teacher):
+    also its figures on the split, under "teacher", and the share of answers the model shares with it, "agreement".
     """
     was_training = model.training
     model.eval()
@@ -409,7 +425,8 @@ def eval_pass(model, loader, device, precision, mean, std, progress=True, num_cl
     k = num_classes or unwrap(model).config.num_labels
     meter = MultiLabel(k, device, threshold, mistakes) if multi_label else SingleLabel(k, device, mistakes)
     augmented = (MultiLabel(k, device, threshold) if multi_label else SingleLabel(k, device)) if tta != "none" else None
-    damaged, n, kept = [], 0, []
+    taught = (MultiLabel(k, device, threshold) if multi_label else SingleLabel(k, device)) if teacher else None
+    damaged, n, kept, agree = [], 0, [], torch.zeros((), device=device)
     idle = Idle(net, loader, device, amp, VIEWS[tta]) if is_sharded(net) else None  # --fsdp: forwards in step
     for raw, labels, bad in tqdm(loader, desc="eval", leave=False, disable=not progress or not sys.stderr.isatty(),
                                  dynamic_ncols=True, file=Console(sys.stderr)):  # off a terminal: no cursor moves
@@ -425,6 +442,10 @@ def eval_pass(model, loader, device, precision, mean, std, progress=True, num_cl
         if idle:
             idle.counted(raw)
         meter.add(logits[0], labels, raw)
+        if teacher:
+            scores = teacher(every[0])
+            taught.add(scores, labels, raw)
+            agree += teacher.agreement(logits[0], scores)
         if keep:
             kept.append((logits[0].cpu(), labels.cpu()))
         if augmented:
@@ -437,6 +458,10 @@ def eval_pass(model, loader, device, precision, mean, std, progress=True, num_cl
     n, skipped = (int(v) for v in dist.all_sum(torch.tensor([n, len(damaged)], dtype=torch.float64, device=device)).tolist())
     result = dict(meter.result(n), samples=n, skipped=skipped,
                   damaged=sorted(i for part in dist.gather(damaged) for i in part) if skipped else [])
+    if teacher:
+        figures = taught.result(n)  # its loss and score (the rest stays out of the run's history)
+        result.update(teacher={k: figures[k] for k in ("loss", "acc1", "map") if k in figures},
+                      agreement=dist.all_sum(agree).item() / max(n, 1))
     gathered = [m for part in dist.gather(meter.mistakes()) for m in part] if mistakes else []
     result["mistakes"] = sorted(gathered, key=lambda m: -m["confidence"])[:mistakes]
     if augmented:

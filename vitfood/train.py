@@ -101,7 +101,7 @@ def train_loop(r):
         ledger.stepped(step_samples)
         faults.at("step")
         log.stepped()
-        window.stepped(loss, norm, finite)
+        window.stepped(loss, norm, finite, r.optimizer_step.terms)
         ledger.nonfinite.update(finite, r.step)
         last_step = r.step == r.max_steps
         stop, write_failed = dist.any_rank((stopper.signal, r.checkpoints.failed), r.device)  # all ranks alike
@@ -117,7 +117,7 @@ def train_loop(r):
             epoch = r.step * accum / r.data.sampler.batches_per_epoch  # passes over the train split, fractional
             log.train(r.step, train_loss, lrs, figures["grad_norm"], figures["img_s"], figures["data_wait"], epoch,
                       r.scaler.get_scale() if r.scaler.is_enabled() else None, len(bad_train),
-                      ledger.nonfinite.check(r.checkpoints.latest))
+                      ledger.nonfinite.check(r.checkpoints.latest), figures["terms"] if r.teacher else None)
         t_pause = time.perf_counter()
         evaluated = r.progress.due(r.step, last_step)  # also when stopping: history and best stay whole
         if evaluated:  # eval
@@ -184,7 +184,8 @@ def finish(r, stopped):
     early = r.progress.stopped_early()
     results = report.results(final, r.step, export_step, ledger, r.startup, r.precision, ema=r.ema is not None,
                              best_metric=r.progress.judging().name, stopped_early=early, calibration=cal,
-                             unknown=unknown, broken_links=len(sources.broken_links(r.cfg.dataset)))
+                             unknown=unknown, broken_links=len(sources.broken_links(r.cfg.dataset)),
+                             teacher=r.cfg.teacher)
     staged = stage_model(r, results, cal, unknown, export_step)
     with r.phases.span("final wait"):
         r.checkpoints.wait()  # the last checkpoint is complete before its weights are linked or the process ends
@@ -349,7 +350,7 @@ def evaluate(r, keep=False, **details):
         if logits:
             r.kept = dict(step=r.step, logits=result.pop("logits"), labels=result.pop("labels"))
         return result
-    result = run(r.train_model, keep and not r.cfg.export_ema, **details)
+    result = run(r.train_model, keep and not r.cfg.export_ema, teacher=r.teacher, **details)
     if r.ema:
         ema = run(r.ema.model, keep and r.cfg.export_ema)
         result.update({f"ema_{m.key}": ema[m.key] for m in metrics.table(ema)})
