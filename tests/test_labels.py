@@ -46,7 +46,7 @@ def test_class_weights_weigh_each_samples_loss_by_its_class():
     mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     import contextlib
-    loss = forward_backward(net, images, labels, contextlib.nullcontext(), scaler, mean, std, 4, class_weight=w)
+    loss, _ = forward_backward(net, images, labels, contextlib.nullcontext(), scaler, mean, std, 4, class_weight=w)
     from vitfood.images import normalize
     logits = model(normalize(images, mean, std).flatten(1))
     expected = (w[labels] * torch.nn.functional.cross_entropy(logits, labels, reduction="none")).sum() / 4
