@@ -11,6 +11,9 @@
   (5 out-of-fold runs of the same fine-tune) on a copy of 5-9 whose training labels are 5% flipped to another
   digit, with 5 test images copied into train as they are and 5 as JPEG re-encodings: the precision and recall
   of the label issues on the flipped files, and how many of the 10 copies are reported as leakage.
+- distill: the path from a big model to a small served one, on all 10 digits from scratch: a ResNet teacher
+  (0.52 M parameters), then the vit-micro student (24 K) with --teacher and without one, each exported to int8 through
+  the parity gate: top-1, int8 file size and int8 images/s of each (students: mean of the seeds).
 - imbalance: the pretrained model fine-tuned on 5-9 made imbalanced (digit 5 keeps all its
   training images, each next digit fewer, digit 9 a tenth of them), evaluated on a balanced test split:
   plain, --class-weights balanced, --sampler balanced; balanced accuracy and macro F1.
@@ -25,6 +28,7 @@ values are the preset's (the published ViT fine-tunes'), not tuned here.
     python bench/learning.py imbalance --out /tmp/imbalance.json  # ~8 minutes
     python bench/learning.py unfreeze --out /tmp/unfreeze.json    # ~4 minutes
     python bench/learning.py trust --out /tmp/trust.json          # ~12 minutes
+    python bench/learning.py distill --out /tmp/distill.json      # ~10 minutes
     python bench/learning.py levers --steps 20 --seeds 0 --settings plain,preset   # a quick check
 """
 
@@ -189,9 +193,52 @@ def trust(root, tmp, pretrained, seeds, flags, out_path):
     print(json.dumps(doc["mean"]))
 
 
+def exported(run):
+    """vitfood.export --int8 of a run: (int8 top-1, int8 file MB, int8 images/s at batch 32) from its parity.json."""
+    import subprocess
+    import sys
+    p = subprocess.run([sys.executable, "-m", "vitfood.export", "--model", run, "--int8"], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-3000:]
+    with open(os.path.join(run, "export", "parity.json")) as fh:
+        int8 = json.load(fh)["models"]["onnx_int8"]
+    return int8["score"], int8["size_mb"], int8["img_s"]
+
+
+def distill(root, tmp, seeds, common, schedule, steps, out_path):
+    """A big model, a small one taught by it and the small one alone, each exported to int8 (the module's docstring)."""
+    from transformers import ConvNextImageProcessor, ResNetConfig, ResNetForImageClassification
+    data = write_digits(root, range(10), "all")
+    shape = os.path.join(tmp, "resnet-shape")  # the teacher's shape, randomly initialised: trained from scratch here
+    ResNetForImageClassification(ResNetConfig(embedding_size=32, hidden_sizes=[64, 128, 256, 512], depths=[1, 1, 1, 1],
+                                              num_labels=10)).save_pretrained(shape)
+    ConvNextImageProcessor(size={"shortest_edge": 32}, crop_pct=1.0).save_pretrained(shape)
+    teacher = os.path.join(tmp, "teacher")
+    t = train(["--dataset", data, "--model", shape, "--lr", "2e-3", "--seed", seeds[0], *common, *schedule(steps)],
+              teacher)
+    rows = dict(teacher=dict(top1=t["eval_accuracy"], int8=exported(teacher)))
+    print(f"teacher: top-1 {t['eval_accuracy']:.4f}, int8 {rows['teacher']['int8']}", flush=True)
+    for name, flags in (("student alone", []), ("student taught", ["--teacher", os.path.join(teacher, "model")])):
+        runs = []
+        for seed in seeds:
+            out = os.path.join(tmp, f"{name.replace(' ', '-')}-{seed}")
+            r = train(["--dataset", data, "--model", "vit-micro", "--image-size", "32", "--lr", "2e-3", "--seed", seed,
+                       *common, *schedule(steps), *flags], out)
+            runs.append(dict(seed=seed, top1=r["eval_accuracy"], agreement=r.get("eval_agreement"),
+                             int8=exported(out)))
+            print(f"{name}, seed {seed}: {runs[-1]}", flush=True)
+        rows[name] = dict(runs=runs, top1=statistics.mean(r["top1"] for r in runs),
+                          int8_top1=statistics.mean(r["int8"][0] for r in runs),
+                          int8_mb=runs[0]["int8"][1], int8_img_s=statistics.mean(r["int8"][2] for r in runs))
+    doc = dict(experiment="distill", steps=steps, seeds=seeds, results=rows)
+    if out_path:
+        with open(out_path, "w") as fh:
+            json.dump(doc, fh, indent=1)
+    print(json.dumps({k: {x: y for x, y in v.items() if x != "runs"} for k, v in rows.items()}))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("experiment", choices=["levers", "adapt", "imbalance", "unfreeze", "trust"])
+    p.add_argument("experiment", choices=["levers", "adapt", "imbalance", "unfreeze", "trust", "distill"])
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--steps", type=int, help="steps of every run (default: levers 1500, adapt 300)")
     p.add_argument("--settings", help="comma list of the experiment's settings (default: all)")
@@ -199,8 +246,8 @@ def main():
     p.add_argument("--image-size", default="32")
     p.add_argument("--out", help="also write the JSON document here")
     a = p.parse_args()
-    table = dict(levers=LEVERS, adapt=ADAPT, imbalance=IMBALANCE, unfreeze=UNFREEZE, trust={})[a.experiment]
-    steps = a.steps or dict(levers=1500, adapt=300, imbalance=600, unfreeze=300, trust=300)[a.experiment]
+    table = dict(levers=LEVERS, adapt=ADAPT, imbalance=IMBALANCE, unfreeze=UNFREEZE, trust={}, distill={})[a.experiment]
+    steps = a.steps or dict(levers=1500, adapt=300, imbalance=600, unfreeze=300, trust=300, distill=600)[a.experiment]
     seeds, names = [int(s) for s in a.seeds.split(",")], (a.settings.split(",") if a.settings else list(table))
     root = os.path.join(os.environ.get("VITFOOD_CACHE", os.path.expanduser("~/.cache/vitfood")), "digits")
     os.makedirs(root, exist_ok=True)
@@ -208,6 +255,8 @@ def main():
     common = ["--train-split", "train", "--eval-split", "test", "--batch-size", "32", "--num-workers", "1"]
     schedule = lambda n: ["--max-steps", n, "--eval-steps", n, "--save-steps", n, "--warmup-steps", n // 10]
     size = ["--image-size", a.image_size]  # a pretrained model keeps the size it was trained at
+    if a.experiment == "distill":
+        return distill(root, tmp, seeds, common, schedule, steps, a.out)
     pretrained = {}
     for seed in seeds:  # the transfer setting's models: the plain recipe on digits 0-4, 1,500 steps (kept)
         out = os.path.join(root, f"pretrained-{a.model}-{a.image_size}-{seed}")

@@ -122,7 +122,8 @@ def test_options_that_decide_the_weights_or_the_data_order_are_fixed_on_resume(t
                    freeze_backbone=True, lora_rank=4, lora_alpha=8.0, lora_dropout=0.2, lora_targets="q_proj",
                    gradient_checkpointing=True, class_weights="balanced", sampler="balanced", multi_label=True,
                    label_separator="|", synthetic_dishes=2, freeze_epochs=1.0, freeze_steps=5, freeze_lr=0.1,
-                   best_metric="loss", fold="1/3", streaming=True, shuffle_buffer=10, fsdp=True)
+                   best_metric="loss", fold="1/3", streaming=True, shuffle_buffer=10, fsdp=True, teacher="runs/big/model",
+                   distill="hard", distill_alpha=0.9, distill_temperature=4.0)
     assert set(changed) == set(FIXED_ON_RESUME)  # the marks in Config say what decides the weights and data order
     for name, value in changed.items():
         flag = f"--{name.replace('_', '-')}"
