@@ -197,7 +197,7 @@ def exported(run):
     """vitfood.export --int8 of a run: (int8 top-1, int8 file MB, int8 images/s at batch 32) from its parity.json."""
     import subprocess
     import sys
-    p = subprocess.run([sys.executable, "-m", "vitfood.export", "--model", run, "--int8"], capture_output=True, text=True)
+    p = subprocess.run([sys.executable, "-m", "vitfood.export", run, "--int8"], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr[-3000:]
     with open(os.path.join(run, "export", "parity.json")) as fh:
         int8 = json.load(fh)["models"]["onnx_int8"]

@@ -99,6 +99,9 @@ def test_other_families_precisions_and_multi_label_distil(tiny_run, tmp_path, ca
     r = train("--model", resnet, "--teacher", teacher / "model", "--precision", "bf16", "--max-steps", 10,
               "--eval-steps", 10, "--save-steps", 10, "--output-dir", tmp_path / "resnet-run")
     assert 0 <= r["eval_agreement"] <= 1 and r["teacher"] == str(teacher / "model")
+    # and a ResNet teacher (BatchNorm's step counter, a 0-d integer, among its weights) of a ViT student
+    r = train(*STUDENT, "--teacher", tmp_path / "resnet-run" / "model", "--output-dir", tmp_path / "from-resnet")
+    assert r["teacher"] == str(tmp_path / "resnet-run" / "model")
     plates = ["--synthetic-dishes", "3", "--max-steps", 10, "--eval-steps", 10, "--save-steps", 10]
     train(*plates, "--output-dir", tmp_path / "multi-teacher")
     for precision in ("bf16", "fp32"):

@@ -44,7 +44,7 @@ def fingerprint(model):
     digest = hashlib.sha256()
     for name, tensor in unwrap(model).state_dict().items():
         digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
