@@ -197,3 +197,20 @@ def test_distillation_learns_as_the_textbook_loop_does(tmp_path, cache_dir):
     noise = max(statistics.stdev(ours), statistics.stdev(plain), 0.05)
     assert min(statistics.mean(ours), statistics.mean(plain)) > 0.4, (ours, plain)  # chance: 1/4
     assert abs(statistics.mean(ours) - statistics.mean(plain)) <= 3 * noise, (ours, plain)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_a_teacher_under_torchrun_and_fsdp(tiny_run, tmp_path, fsdp):
+    """Two processes (gloo), the teacher replicated on each: the run ends and reports the agreement, which is over
+    every rank's share of the eval split."""
+    from conftest import TINY, cli
+    teacher, _ = tiny_run
+    out = tmp_path / "run"
+    p = cli("--standalone", "--nproc_per_node=2", "-m", "vitfood.train", *TINY, *STUDENT, "--teacher", teacher / "model",
+            *(["--fsdp"] if fsdp else []), "--output-dir", out, module="torch.distributed.run",
+            env={"OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    results = json.loads((out / "all_results.json").read_text())
+    assert 0 <= results["eval_agreement"] <= 1 and results["teacher"] == str(teacher / "model")
+    assert [e.step for e in events(out).Scalars("distill/agreement")] == [10, 20]
