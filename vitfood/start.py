@@ -64,6 +64,7 @@ class Run:
     kept: dict | None = None  # the last eval's logits and labels of the weights model/ gets, with its step
     log: RunLog | None = None
     stopper: dist.Stopper | None = None  # SIGTERM/SIGINT/SIGHUP: save and exit 75, until nothing is left to write
+    on_eval: object = None  # vitfood.tune's: after an eval, a reason to stop the run there, or None
 
     @property
     def main(self):

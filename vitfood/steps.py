@@ -24,8 +24,8 @@ def forward_backward(model, images, labels, amp, scaler, mean, std, divisor, lab
                      class_weight=None, teacher=None):
     """One micro-batch: uint8 images to the device, forward under autocast, backward of the summed loss
     over `divisor` (scaled for fp16). Returns (that loss, the distillation's (soft, hard) terms over `divisor`, or
-    None without a `teacher`: distill.Teacher, scoring the images the student sees). An empty micro-batch still runs a backward (of
-    zero), so that DDP's all-reduce finds every rank. `mix`: a Mixing draw for this micro-batch, whose soft
+    None without a `teacher`: distill.Teacher, which scores the images the student sees, mixed ones included). An
+    empty micro-batch still runs a backward (of zero), so that DDP's all-reduce finds every rank. `mix`: a Mixing draw for this micro-batch, whose soft
     targets then replace the labels. `class_weight`: each class's weight in the loss (--class-weights).
     Labels as multi-hot rows (multi-label data): binary cross-entropy per class, each image's loss the mean
     over its classes (as transformers computes it for problem_type multi_label_classification)."""

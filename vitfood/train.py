@@ -36,7 +36,10 @@ from vitfood.steps import eval_pass
 EXIT_STOPPED = 75  # stopped by SIGTERM/SIGHUP/SIGINT after saving a checkpoint (sysexits' EX_TEMPFAIL: run again)
 
 
-def main(argv=None):
+def main(argv=None, on_eval=None):
+    """A run from the command line `argv`; its all_results (None: it had finished already). `on_eval(step, score)`
+    (vitfood.tune's pruner): called after each eval but the last; a reason it returns stops the run there as a stop
+    signal does (saved, exit 75)."""
     phases = Phases()
     phases.add("imports", 0.0, seconds_since_start())  # the interpreter's start and the imports above
     with phases.span("arguments"):
@@ -51,6 +54,7 @@ def main(argv=None):
         r = setup(cfg, resume, rank, world, device, checkpoints, phases, cuda_ready)
         if r is None:
             return None  # the run had already finished
+        r.on_eval = on_eval
         return finish(r, train_loop(r))
     except (Exception, KeyboardInterrupt) as e:
         if r is not None and r.log is not None:  # TensorBoard's HParams marks the run failed
@@ -127,6 +131,8 @@ def train_loop(r):
                 info["images"] = scores["samples"] * (2 if r.ema else 1)  # with an EMA, a second pass
             log.eval(r.step, scores, r.class_names, seconds=time.perf_counter() - t_eval)
             r.progress.evaluated(scores, train_loss)
+            if r.on_eval and not last_step and not stopped:
+                stopped = r.on_eval(r.step, metrics.score(scores))
         early = evaluated and not last_step and r.progress.stopped_early()  # the same on every rank
         if r.checkpoints.due(r.step, last_step) or stopped or early:  # save
             with r.phases.span("save", step=r.step):
