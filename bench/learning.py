@@ -14,6 +14,9 @@
 - distill: the path from a big model to a small served one, on all 10 digits from scratch: a ResNet teacher
   (0.52 M parameters), then the vit-micro student (24 K) with --teacher and without one, each exported to int8 through
   the parity gate: top-1, int8 file size and int8 images/s of each (students: mean of the seeds).
+- tune: vitfood.tune on all 10 digits from scratch (vit-micro): a 12-trial search of the learning rate and label
+  smoothing with the median pruner, the same search without pruning, and the default options over the seeds: the
+  best accuracy of each, and the optimizer steps each search ran.
 - imbalance: the pretrained model fine-tuned on 5-9 made imbalanced (digit 5 keeps all its
   training images, each next digit fewer, digit 9 a tenth of them), evaluated on a balanced test split:
   plain, --class-weights balanced, --sampler balanced; balanced accuracy and macro F1.
@@ -29,6 +32,7 @@ values are the preset's (the published ViT fine-tunes'), not tuned here.
     python bench/learning.py unfreeze --out /tmp/unfreeze.json    # ~4 minutes
     python bench/learning.py trust --out /tmp/trust.json          # ~12 minutes
     python bench/learning.py distill --out /tmp/distill.json      # ~10 minutes
+    python bench/learning.py tune --out /tmp/tune.json            # ~20 minutes
     python bench/learning.py levers --steps 20 --seeds 0 --settings plain,preset   # a quick check
 """
 
@@ -236,9 +240,37 @@ def distill(root, tmp, seeds, common, schedule, steps, out_path):
     print(json.dumps({k: {x: y for x, y in v.items() if x != "runs"} for k, v in rows.items()}))
 
 
+def tune(root, tmp, seeds, common, schedule, steps, out_path):
+    """Two 12-trial searches, pruned and not, against the default options (the module's docstring)."""
+    import subprocess
+    import sys
+    data = write_digits(root, range(10), "all")
+    fixed = ["--dataset", data, "--model", "vit-micro", "--image-size", "32", *common, *schedule(steps)]
+    fixed[fixed.index("--eval-steps") + 1] = str(steps // 6)  # the pruner's evals
+    defaults = [train([*fixed, "--seed", seed], os.path.join(tmp, f"defaults-{seed}"))["eval_accuracy"] for seed in seeds]
+    print(f"default options: {statistics.mean(defaults):.4f} ({defaults})", flush=True)
+    doc = dict(experiment="tune", steps=steps, defaults=defaults, studies={})
+    for pruner in ("median", "none"):
+        folder = os.path.join(tmp, f"study-{pruner}")
+        p = subprocess.run([sys.executable, "-m", "vitfood.tune", "--study", pruner, "--trials", "12", "--study-dir",
+                            folder, "--pruner", pruner, "--search", "lr=1e-4:1e-2:log", "--search",
+                            "label_smoothing=0.0:0.2", *map(str, fixed)], capture_output=True, text=True)
+        assert p.returncode == 0, p.stderr[-3000:]
+        with open(os.path.join(folder, "summary.json")) as fh:
+            s = json.load(fh)
+        doc["studies"][pruner] = dict(best=s["best"]["score"], params=s["best"]["params"], states=s["states"],
+                                      steps_run=s["steps_run"], importance=s["importance"])
+        print(f"pruner {pruner}: {doc['studies'][pruner]}", flush=True)
+    doc["steps_saved"] = 1 - doc["studies"]["median"]["steps_run"] / doc["studies"]["none"]["steps_run"]
+    if out_path:
+        with open(out_path, "w") as fh:
+            json.dump(doc, fh, indent=1)
+    print(json.dumps({k: v for k, v in doc.items() if k != "studies"}))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("experiment", choices=["levers", "adapt", "imbalance", "unfreeze", "trust", "distill"])
+    p.add_argument("experiment", choices=["levers", "adapt", "imbalance", "unfreeze", "trust", "distill", "tune"])
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--steps", type=int, help="steps of every run (default: levers 1500, adapt 300)")
     p.add_argument("--settings", help="comma list of the experiment's settings (default: all)")
@@ -246,8 +278,8 @@ def main():
     p.add_argument("--image-size", default="32")
     p.add_argument("--out", help="also write the JSON document here")
     a = p.parse_args()
-    table = dict(levers=LEVERS, adapt=ADAPT, imbalance=IMBALANCE, unfreeze=UNFREEZE, trust={}, distill={})[a.experiment]
-    steps = a.steps or dict(levers=1500, adapt=300, imbalance=600, unfreeze=300, trust=300, distill=600)[a.experiment]
+    table = dict(levers=LEVERS, adapt=ADAPT, imbalance=IMBALANCE, unfreeze=UNFREEZE, trust={}, distill={}, tune={})[a.experiment]
+    steps = a.steps or dict(levers=1500, adapt=300, imbalance=600, unfreeze=300, trust=300, distill=600, tune=600)[a.experiment]
     seeds, names = [int(s) for s in a.seeds.split(",")], (a.settings.split(",") if a.settings else list(table))
     root = os.path.join(os.environ.get("VITFOOD_CACHE", os.path.expanduser("~/.cache/vitfood")), "digits")
     os.makedirs(root, exist_ok=True)
@@ -255,8 +287,8 @@ def main():
     common = ["--train-split", "train", "--eval-split", "test", "--batch-size", "32", "--num-workers", "1"]
     schedule = lambda n: ["--max-steps", n, "--eval-steps", n, "--save-steps", n, "--warmup-steps", n // 10]
     size = ["--image-size", a.image_size]  # a pretrained model keeps the size it was trained at
-    if a.experiment == "distill":
-        return distill(root, tmp, seeds, common, schedule, steps, a.out)
+    if a.experiment in ("distill", "tune"):
+        return dict(distill=distill, tune=tune)[a.experiment](root, tmp, seeds, common, schedule, steps, a.out)
     pretrained = {}
     for seed in seeds:  # the transfer setting's models: the plain recipe on digits 0-4, 1,500 steps (kept)
         out = os.path.join(root, f"pretrained-{a.model}-{a.image_size}-{seed}")

@@ -5,7 +5,8 @@ import ast
 import pathlib
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "vitfood"
-ENTRY = {"train", "bench", "evaluate", "predict", "export", "audit", "shards"}
+ENTRY = {"train", "bench", "evaluate", "predict", "export", "audit", "shards", "tune"}
+DRIVES = {"tune": {"train"}}  # the one entry point that runs another in its process: trials report each eval
 
 
 def _imports():
@@ -29,7 +30,8 @@ def test_entry_points_and_library_modules_import_in_one_direction():
     graph = _imports()
     assert ENTRY <= graph.keys()
     for module, deps in graph.items():
-        assert not deps & ENTRY, f"{module} imports the entry point(s) {deps & ENTRY}"
+        others = deps & ENTRY - DRIVES.get(module, set())
+        assert not others, f"{module} imports the entry point(s) {others}"
 
 
 def test_no_import_cycles():

@@ -127,3 +127,57 @@ def test_two_workers_share_one_study_each_trial_run_once(tmp_path):
     assert all(out.count(": --lr") >= 1 for out, _ in outs)  # both worked
     trials = [t for t in _study(folder).get_trials() if not t.user_attrs.get("surplus")]
     assert [t.number for t in trials] == list(range(6)) and all(t.state.name == "COMPLETE" for t in trials)
+
+
+@pytest.fixture
+def postgres():
+    """A PostgreSQL server of its own in a temporary folder (Debian's postgresql package), torn down after: its
+    SQLAlchemy URL. Skipped where the package or psycopg is missing."""
+    import glob
+    import shutil
+    import socket
+    pytest.importorskip("psycopg")  # SQLAlchemy's driver for postgresql:// URLs
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl")) or [shutil.which("pg_ctl")]
+    if not found[-1]:
+        pytest.skip("no PostgreSQL server (apt-get install postgresql)")
+    bin_dir = os.path.dirname(found[-1])
+    import pathlib
+    import tempfile
+    home = pathlib.Path(tempfile.mkdtemp(prefix="vitfood-pg-"))  # outside pytest's folder, which only root may enter
+    data = home / "pg"
+    data.mkdir()
+    as_user = []
+    if os.geteuid() == 0:  # the server refuses to run as root: as Debian's postgres user
+        os.chmod(home, 0o755)
+        shutil.chown(data, "postgres")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run = lambda *cmd: subprocess.run([*as_user, *cmd], check=True, capture_output=True, text=True)
+    run(f"{bin_dir}/initdb", "-D", str(data), "--auth=trust", "-U", "postgres")
+    # its log to a file: a server holding this process's pipes would keep subprocess.run waiting for their end
+    run(f"{bin_dir}/pg_ctl", "-D", str(data), "-w", "-l", str(data / "log"), "-o", f"-p {port} -k {data} -h 127.0.0.1",
+        "start")
+    try:
+        run(f"{bin_dir}/createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "study")
+        yield f"postgresql://postgres@127.0.0.1:{port}/study"
+    finally:
+        run(f"{bin_dir}/pg_ctl", "-D", str(data), "-m", "fast", "stop")
+        shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_two_workers_share_a_study_in_postgresql(postgres, tmp_path):
+    cmd = [sys.executable, "-m", "vitfood.tune", "--study", "s", "--trials", 4, "--storage", postgres, "--search",
+           "lr=1e-3:3e-3", "--pruner", "none", *TINY, *SHORT]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    workers = [subprocess.Popen(list(map(str, [*cmd, "--study-dir", tmp_path / "study"])), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+    outs = [w.communicate(timeout=900) for w in workers]
+    assert all(w.returncode == 0 for w in workers), [e[-2000:] for _, e in outs]
+    trials = [t for t in _study(None, postgres).get_trials() if not t.user_attrs.get("surplus")]
+    assert [t.number for t in trials] == [0, 1, 2, 3] and all(t.state.name == "COMPLETE" for t in trials)
+    ran = sorted(line.split(":")[0] for out, _ in outs for line in out.splitlines() if ": --lr" in line
+                 and line.startswith("trial "))
+    assert ran == [f"trial {n}" for n in range(4)]

@@ -150,7 +150,8 @@ def open_study(a, rest, space, folder):
             if ("already exists" in str(e) or "locked" in str(e)) and attempt < 9:  # another worker creating the tables
                 time.sleep(0.5)
                 continue
-            raise UserError(f"cannot open --storage {a.storage or url}: {first_line(e, 200)}")
+            hint = " (PostgreSQL: pip install 'psycopg[binary]')" if "DB access module" in str(e) else ""
+            raise UserError(f"cannot open --storage {a.storage or url}: {first_line(e, 200)}{hint}")
     sampler = optuna.samplers.RandomSampler() if a.sampler == "random" else optuna.samplers.TPESampler()
     pruner = {"median": optuna.pruners.MedianPruner(n_startup_trials=2), "none": optuna.pruners.NopPruner(),
               "hyperband": optuna.pruners.HyperbandPruner()}[a.pruner]
