@@ -38,8 +38,8 @@ EXIT_STOPPED = 75  # stopped by SIGTERM/SIGHUP/SIGINT after saving a checkpoint 
 
 def main(argv=None, on_eval=None):
     """A run from the command line `argv`; its all_results (None: it had finished already). `on_eval(step, score)`
-    (vitfood.tune's pruner): called after each eval but the last; a reason it returns stops the run there as a stop
-    signal does (saved, exit 75)."""
+    (vitfood.tune's pruner): called after each eval; a reason it returns (before the last step) stops the run there
+    as a stop signal does (saved, exit 75)."""
     phases = Phases()
     phases.add("imports", 0.0, seconds_since_start())  # the interpreter's start and the imports above
     with phases.span("arguments"):
@@ -131,8 +131,9 @@ def train_loop(r):
                 info["images"] = scores["samples"] * (2 if r.ema else 1)  # with an EMA, a second pass
             log.eval(r.step, scores, r.class_names, seconds=time.perf_counter() - t_eval)
             r.progress.evaluated(scores, train_loss)
-            if r.on_eval and not last_step and not stopped:
-                stopped = r.on_eval(r.step, metrics.score(scores))
+            if r.on_eval and not stopped:  # told every eval's score; a reason to stop counts before the last step
+                why = r.on_eval(r.step, metrics.score(scores))
+                stopped = None if last_step else why
         early = evaluated and not last_step and r.progress.stopped_early()  # the same on every rank
         if r.checkpoints.due(r.step, last_step) or stopped or early:  # save
             with r.phases.span("save", step=r.step):
