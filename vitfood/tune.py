@@ -26,6 +26,7 @@ vitfood.stack.require(__name__)
 
 import argparse
 import dataclasses
+import gc
 import json
 import os
 import shlex
@@ -273,6 +274,7 @@ def main(argv=None):
     study = open_study(a, rest, space, folder)
     while (nxt := next_trial(study, a.trials, folder)) is not None:
         run_trial(study, *nxt, rest, space, folder)
+        gc.collect()  # the trial's loader workers end with it, not at some later collection
     return summary(study, a.trials, folder)
 
 
